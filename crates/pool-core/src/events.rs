@@ -1,0 +1,393 @@
+//! Pool events, named by the moment they happen, delivered to an [`EventListener`].
+//!
+//! The adapters emit a [`PoolEvent`] when a connection is opened, checked out, checked in or
+//! closed, when the pool is invalidated, when an operation is retried and when a leak is
+//! suspected. [`LogListener`] writes them through the `log` facade; any
+//! `Fn(&PoolEvent<'_>) + Send + Sync + 'static` closure is a listener too.
+//!
+//! Strings in events (`error`, `reason`) are redacted by the emitter; [`LogListener`] redacts
+//! every string once more before logging it.
+
+use std::time::Duration;
+
+use crate::redact::redact;
+use crate::stats::CloseReason;
+
+/// The `log` target every line of [`LogListener`] is written under.
+pub const LOG_TARGET: &str = "resilient_diesel";
+
+/// Something that happened in a pool.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum PoolEvent<'a> {
+    /// A connection was opened.
+    Connected {
+        /// The pool's name.
+        pool: &'a str,
+        /// The connection's id, unique within the pool.
+        connection_id: u64,
+        /// How long connecting took.
+        took: Duration,
+    },
+    /// A connection attempt failed.
+    ConnectFailed {
+        /// The pool's name.
+        pool: &'a str,
+        /// The driver's message, already redacted.
+        error: &'a str,
+    },
+    /// A connection was handed out.
+    CheckedOut {
+        /// The pool's name.
+        pool: &'a str,
+        /// The connection's id.
+        connection_id: u64,
+        /// How long the caller waited for it.
+        waited: Duration,
+    },
+    /// A connection came back to the pool.
+    CheckedIn {
+        /// The pool's name.
+        pool: &'a str,
+        /// The connection's id.
+        connection_id: u64,
+        /// How long it was held.
+        held: Duration,
+    },
+    /// A connection was closed.
+    Closed {
+        /// The pool's name.
+        pool: &'a str,
+        /// The connection's id.
+        connection_id: u64,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// The pool was invalidated: every older connection is pinged before its next use.
+    Invalidated {
+        /// The pool's name.
+        pool: &'a str,
+        /// What triggered it, already redacted.
+        reason: &'a str,
+    },
+    /// An operation failed with a transient error and will be tried again.
+    Retry {
+        /// The pool's name.
+        pool: &'a str,
+        /// The attempt that failed, from 1.
+        attempt: u32,
+        /// The error's class (e.g. `serialization_failure`).
+        class: &'a str,
+        /// The wait before the next attempt.
+        delay: Duration,
+        /// The error's message, already redacted.
+        error: &'a str,
+    },
+    /// A connection has been held longer than the leak detection threshold (reported once
+    /// per checkout).
+    LeakSuspected {
+        /// The pool's name.
+        pool: &'a str,
+        /// The connection's id.
+        connection_id: u64,
+        /// How long it has been held.
+        held: Duration,
+        /// Where it was checked out: a backtrace.
+        checked_out_at: &'a str,
+    },
+}
+
+impl<'a> PoolEvent<'a> {
+    /// The name of the pool the event happened in.
+    pub fn pool(&self) -> &'a str {
+        match *self {
+            PoolEvent::Connected { pool, .. }
+            | PoolEvent::ConnectFailed { pool, .. }
+            | PoolEvent::CheckedOut { pool, .. }
+            | PoolEvent::CheckedIn { pool, .. }
+            | PoolEvent::Closed { pool, .. }
+            | PoolEvent::Invalidated { pool, .. }
+            | PoolEvent::Retry { pool, .. }
+            | PoolEvent::LeakSuspected { pool, .. } => pool,
+        }
+    }
+}
+
+/// Receives pool events. Called on the thread where the event happened, sometimes with pool
+/// locks held: return quickly and never call back into the pool.
+pub trait EventListener: Send + Sync + 'static {
+    /// Called for every event.
+    fn on_event(&self, event: &PoolEvent<'_>);
+}
+
+impl<F> EventListener for F
+where
+    F: Fn(&PoolEvent<'_>) + Send + Sync + 'static,
+{
+    fn on_event(&self, event: &PoolEvent<'_>) {
+        self(event)
+    }
+}
+
+/// Logs every event through the `log` facade under the target [`LOG_TARGET`]
+/// (`resilient_diesel`):
+///
+/// | event | level |
+/// |---|---|
+/// | `Connected`, `Closed` | debug |
+/// | `CheckedOut`, `CheckedIn` | trace |
+/// | `ConnectFailed`, `Invalidated`, `Retry`, `LeakSuspected` | warn |
+///
+/// Every string is passed through [`redact`] before it is logged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogListener;
+
+impl LogListener {
+    fn level(event: &PoolEvent<'_>) -> log::Level {
+        match event {
+            PoolEvent::Connected { .. } | PoolEvent::Closed { .. } => log::Level::Debug,
+            PoolEvent::CheckedOut { .. } | PoolEvent::CheckedIn { .. } => log::Level::Trace,
+            PoolEvent::ConnectFailed { .. }
+            | PoolEvent::Invalidated { .. }
+            | PoolEvent::Retry { .. }
+            | PoolEvent::LeakSuspected { .. } => log::Level::Warn,
+        }
+    }
+
+    fn message(event: &PoolEvent<'_>) -> String {
+        let pool = redact(event.pool());
+        match *event {
+            PoolEvent::Connected {
+                connection_id,
+                took,
+                ..
+            } => format!("pool {pool}: connection {connection_id} opened in {took:?}"),
+            PoolEvent::ConnectFailed { error, .. } => {
+                format!(
+                    "pool {pool}: could not open a connection: {}",
+                    redact(error)
+                )
+            }
+            PoolEvent::CheckedOut {
+                connection_id,
+                waited,
+                ..
+            } => format!(
+                "pool {pool}: connection {connection_id} checked out after waiting {waited:?}"
+            ),
+            PoolEvent::CheckedIn {
+                connection_id,
+                held,
+                ..
+            } => format!("pool {pool}: connection {connection_id} checked in after {held:?}"),
+            PoolEvent::Closed {
+                connection_id,
+                reason,
+                ..
+            } => format!("pool {pool}: connection {connection_id} closed ({reason})"),
+            PoolEvent::Invalidated { reason, .. } => format!(
+                "pool {pool}: invalidated, older connections will be checked before reuse: {}",
+                redact(reason)
+            ),
+            PoolEvent::Retry {
+                attempt,
+                class,
+                delay,
+                error,
+                ..
+            } => format!(
+                "pool {pool}: attempt {attempt} failed ({}), retrying in {delay:?}: {}",
+                redact(class),
+                redact(error)
+            ),
+            PoolEvent::LeakSuspected {
+                connection_id,
+                held,
+                checked_out_at,
+                ..
+            } => format!(
+                "pool {pool}: connection {connection_id} held for {held:?}, possibly leaked; \
+                 checked out at:\n{}",
+                redact(checked_out_at)
+            ),
+        }
+    }
+}
+
+impl EventListener for LogListener {
+    fn on_event(&self, event: &PoolEvent<'_>) {
+        let level = Self::level(event);
+        // Redacting costs a scan of every string: only for lines that will be written.
+        if log::log_enabled!(target: LOG_TARGET, level) {
+            log::log!(target: LOG_TARGET, level, "{}", Self::message(event));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::sync::{Arc, Mutex, Once};
+
+    thread_local! {
+        static LINES: RefCell<Vec<(log::Level, String, String)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Captures log lines per thread, so parallel tests do not see each other's lines.
+    struct Capture;
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let line = (
+                record.level(),
+                record.target().to_owned(),
+                record.args().to_string(),
+            );
+            LINES.with(|l| l.borrow_mut().push(line));
+        }
+        fn flush(&self) {}
+    }
+
+    fn captured(event: &PoolEvent<'_>) -> (log::Level, String, String) {
+        static INIT: Once = Once::new();
+        INIT.call_once(|| {
+            // Another logger may already be installed in this test binary; then we cannot
+            // capture, and the tests below would fail loudly rather than pass silently.
+            let _ = log::set_logger(&Capture);
+            log::set_max_level(log::LevelFilter::Trace);
+        });
+        LINES.with(|l| l.borrow_mut().clear());
+        LogListener.on_event(event);
+        LINES
+            .with(|l| l.borrow_mut().pop())
+            .expect("LogListener logged nothing")
+    }
+
+    const SECRET_URL: &str = "postgres://app:S3NT1NEL@db/app";
+
+    #[test]
+    fn log_listener_uses_the_documented_levels_and_target() {
+        let ms = Duration::from_millis(3);
+        for (event, level) in [
+            (
+                PoolEvent::Connected {
+                    pool: "p",
+                    connection_id: 1,
+                    took: ms,
+                },
+                log::Level::Debug,
+            ),
+            (
+                PoolEvent::CheckedOut {
+                    pool: "p",
+                    connection_id: 1,
+                    waited: ms,
+                },
+                log::Level::Trace,
+            ),
+            (
+                PoolEvent::CheckedIn {
+                    pool: "p",
+                    connection_id: 1,
+                    held: ms,
+                },
+                log::Level::Trace,
+            ),
+            (
+                PoolEvent::Closed {
+                    pool: "p",
+                    connection_id: 1,
+                    reason: CloseReason::Expired,
+                },
+                log::Level::Debug,
+            ),
+            (
+                PoolEvent::ConnectFailed {
+                    pool: "p",
+                    error: "refused",
+                },
+                log::Level::Warn,
+            ),
+            (
+                PoolEvent::Invalidated {
+                    pool: "p",
+                    reason: "restart",
+                },
+                log::Level::Warn,
+            ),
+            (
+                PoolEvent::Retry {
+                    pool: "p",
+                    attempt: 1,
+                    class: "deadlock",
+                    delay: ms,
+                    error: "40P01",
+                },
+                log::Level::Warn,
+            ),
+            (
+                PoolEvent::LeakSuspected {
+                    pool: "p",
+                    connection_id: 1,
+                    held: ms,
+                    checked_out_at: "main.rs:3",
+                },
+                log::Level::Warn,
+            ),
+        ] {
+            let (got, target, line) = captured(&event);
+            assert_eq!(got, level, "{event:?}");
+            assert_eq!(target, LOG_TARGET);
+            assert!(line.starts_with("pool p: "), "{line}");
+        }
+    }
+
+    #[test]
+    fn log_listener_redacts_every_string_again() {
+        let conninfo = "host=db password=S3NT1NEL";
+        for event in [
+            PoolEvent::ConnectFailed {
+                pool: "p",
+                error: SECRET_URL,
+            },
+            PoolEvent::Invalidated {
+                pool: "p",
+                reason: conninfo,
+            },
+            PoolEvent::Retry {
+                pool: SECRET_URL,
+                attempt: 2,
+                class: conninfo,
+                delay: Duration::ZERO,
+                error: SECRET_URL,
+            },
+            PoolEvent::LeakSuspected {
+                pool: "p",
+                connection_id: 7,
+                held: Duration::from_secs(60),
+                checked_out_at: "at connect(postgres://app:S3NT1NEL@db/app)",
+            },
+        ] {
+            let (_, _, line) = captured(&event);
+            assert!(!line.contains("S3NT1NEL"), "{line}");
+        }
+    }
+
+    #[test]
+    fn closures_are_listeners() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let listener: Arc<dyn EventListener> = Arc::new(move |e: &PoolEvent<'_>| {
+            sink.lock().unwrap().push(e.pool().to_owned());
+        });
+        listener.on_event(&PoolEvent::Invalidated {
+            pool: "jobs",
+            reason: "x",
+        });
+        assert_eq!(*seen.lock().unwrap(), ["jobs"]);
+    }
+}

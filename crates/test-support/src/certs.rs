@@ -1,0 +1,120 @@
+//! A throwaway CA and a server certificate signed by it (EC P-256, SHA-256).
+
+use openssl::asn1::{Asn1Integer, Asn1Time};
+use openssl::bn::{BigNum, MsbOption};
+use openssl::ec::{EcGroup, EcKey};
+use openssl::error::ErrorStack;
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::x509::extension::{
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+    SubjectKeyIdentifier,
+};
+use openssl::x509::{X509Builder, X509Name, X509NameBuilder, X509};
+
+/// PEM files for one test server.
+pub(crate) struct Certs {
+    /// The CA certificate (what clients put in `sslrootcert`).
+    pub(crate) ca_pem: Vec<u8>,
+    /// The server certificate: CN `localhost`, SAN `DNS:localhost`, `IP:127.0.0.1`.
+    pub(crate) server_cert_pem: Vec<u8>,
+    /// The server's private key (PKCS#8).
+    pub(crate) server_key_pem: Vec<u8>,
+}
+
+fn key() -> Result<PKey<Private>, ErrorStack> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+    PKey::from_ec_key(EcKey::generate(&group)?)
+}
+
+fn name(cn: &str) -> Result<X509Name, ErrorStack> {
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_text("O", "resilient-diesel tests")?;
+    name.append_entry_by_text("CN", cn)?;
+    Ok(name.build())
+}
+
+fn serial() -> Result<Asn1Integer, ErrorStack> {
+    let mut bn = BigNum::new()?;
+    bn.rand(64, MsbOption::MAYBE_ZERO, false)?;
+    bn.to_asn1_integer()
+}
+
+fn validity(builder: &mut X509Builder) -> Result<(), ErrorStack> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    // An hour back, so clock granularity never makes a fresh certificate "not yet valid".
+    let not_before = Asn1Time::from_unix((now - 3600) as libc::time_t)?;
+    let not_after = Asn1Time::days_from_now(3650)?;
+    builder.set_not_before(&not_before)?;
+    builder.set_not_after(&not_after)?;
+    Ok(())
+}
+
+/// Generates a fresh CA and a server certificate for `localhost` / `127.0.0.1`.
+pub(crate) fn generate() -> Result<Certs, ErrorStack> {
+    let ca_key = key()?;
+    let ca_name = name("resilient-diesel test CA")?;
+    let mut ca = X509Builder::new()?;
+    ca.set_version(2)?;
+    let ca_serial = serial()?;
+    ca.set_serial_number(&ca_serial)?;
+    ca.set_subject_name(&ca_name)?;
+    ca.set_issuer_name(&ca_name)?;
+    ca.set_pubkey(&ca_key)?;
+    validity(&mut ca)?;
+    ca.append_extension(BasicConstraints::new().critical().ca().build()?)?;
+    ca.append_extension(
+        KeyUsage::new()
+            .critical()
+            .key_cert_sign()
+            .crl_sign()
+            .build()?,
+    )?;
+    let ski = SubjectKeyIdentifier::new().build(&ca.x509v3_context(None, None))?;
+    ca.append_extension(ski)?;
+    ca.sign(&ca_key, MessageDigest::sha256())?;
+    let ca: X509 = ca.build();
+
+    let server_key = key()?;
+    let mut leaf = X509Builder::new()?;
+    leaf.set_version(2)?;
+    let leaf_serial = serial()?;
+    let leaf_name = name("localhost")?;
+    leaf.set_serial_number(&leaf_serial)?;
+    leaf.set_subject_name(&leaf_name)?;
+    leaf.set_issuer_name(ca.subject_name())?;
+    leaf.set_pubkey(&server_key)?;
+    validity(&mut leaf)?;
+    leaf.append_extension(BasicConstraints::new().build()?)?;
+    leaf.append_extension(
+        KeyUsage::new()
+            .critical()
+            .digital_signature()
+            .key_agreement()
+            .build()?,
+    )?;
+    leaf.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
+    let san = SubjectAlternativeName::new()
+        .dns("localhost")
+        .ip("127.0.0.1")
+        .build(&leaf.x509v3_context(Some(&ca), None))?;
+    leaf.append_extension(san)?;
+    let ski = SubjectKeyIdentifier::new().build(&leaf.x509v3_context(Some(&ca), None))?;
+    leaf.append_extension(ski)?;
+    let aki = AuthorityKeyIdentifier::new()
+        .keyid(false)
+        .build(&leaf.x509v3_context(Some(&ca), None))?;
+    leaf.append_extension(aki)?;
+    leaf.sign(&ca_key, MessageDigest::sha256())?;
+    let leaf = leaf.build();
+
+    Ok(Certs {
+        ca_pem: ca.to_pem()?,
+        server_cert_pem: leaf.to_pem()?,
+        server_key_pem: server_key.private_key_to_pem_pkcs8()?,
+    })
+}

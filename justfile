@@ -1,0 +1,23 @@
+# Shortcuts for developers; the README never requires `just`.
+
+# The demo (SQLite unless DATABASE_URL is set).
+demo:
+    cargo run --example quickstart
+
+# Everything CI runs.
+test:
+    cargo test --workspace
+
+# Lints as CI expects them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Model-check the budget under all interleavings (slow).
+loom:
+    RUSTFLAGS="--cfg loom" cargo test -p pool-core --test budget_loom --release
+
+# Benchmarks (compare against plain r2d2 / parking_lot / tokio in the same run).
+bench:
+    cargo bench -p pool-core --bench budget
+    cargo bench --bench retry
