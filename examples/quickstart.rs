@@ -58,7 +58,10 @@ macro_rules! workload {
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let dir = std::env::temp_dir().join(format!("resilient-diesel-quickstart-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "resilient-diesel-quickstart-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir)?;
     let fallback = format!("sqlite://{}", dir.join("quickstart.db").display());
     let config = PoolConfig::from_env_or(&fallback)?;

@@ -93,7 +93,10 @@ fn a_bad_duration_in_the_environment_names_the_variable() {
 fn a_server_that_never_answers_fails_within_the_connect_timeout() {
     test_support::capture_logs();
     let silent = SilentServer::start().expect("silent listener");
-    let url = format!("postgres://app:{SECRET}@127.0.0.1:{}/app?sslmode=disable", silent.port());
+    let url = format!(
+        "postgres://app:{SECRET}@127.0.0.1:{}/app?sslmode=disable",
+        silent.port()
+    );
     let started = Instant::now();
     let err = PgPool::builder(&url)
         .connect_timeout(Some(Duration::from_secs(1)))

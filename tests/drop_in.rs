@@ -115,10 +115,16 @@ fn the_sqlite_pool_applies_busy_timeout_wal_and_foreign_keys() {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         foreign_keys: i32,
     }
-    let t: Timeout = diesel::sql_query("PRAGMA busy_timeout").get_result(&mut conn).unwrap();
+    let t: Timeout = diesel::sql_query("PRAGMA busy_timeout")
+        .get_result(&mut conn)
+        .unwrap();
     assert_eq!(t.timeout, 5000);
-    let j: Journal = diesel::sql_query("PRAGMA journal_mode").get_result(&mut conn).unwrap();
+    let j: Journal = diesel::sql_query("PRAGMA journal_mode")
+        .get_result(&mut conn)
+        .unwrap();
     assert_eq!(j.journal_mode, "wal");
-    let f: Fk = diesel::sql_query("PRAGMA foreign_keys").get_result(&mut conn).unwrap();
+    let f: Fk = diesel::sql_query("PRAGMA foreign_keys")
+        .get_result(&mut conn)
+        .unwrap();
     assert_eq!(f.foreign_keys, 1);
 }

@@ -35,7 +35,12 @@ fn terminated_backends_never_reach_the_caller_even_inside_the_bypass_window() {
 fn control_plain_r2d2_surfaces_terminated_backends() {
     let Some(pg) = server() else { return };
     let app = "plain_terminate";
-    let pool = plain_pool(&pg, &format!("sslmode=disable&application_name={app}"), 4, false);
+    let pool = plain_pool(
+        &pg,
+        &format!("sslmode=disable&application_name={app}"),
+        4,
+        false,
+    );
     warm(&pool, 4);
     terminate_all(&pg, app);
     let errors = errors_over(&pool, 100);
@@ -61,18 +66,27 @@ fn a_fast_server_restart_is_invisible_to_callers() {
 #[test]
 fn control_plain_r2d2_surfaces_a_server_restart() {
     let Some(pg) = server() else { return };
-    let pool = plain_pool(&pg, "sslmode=disable&application_name=plain_restart", 4, false);
+    let pool = plain_pool(
+        &pg,
+        "sslmode=disable&application_name=plain_restart",
+        4,
+        false,
+    );
     warm(&pool, 4);
     pg.restart_fast().unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!errors_over(&pool, 100).is_empty(), "the fault must hurt a plain pool");
+    assert!(
+        !errors_over(&pool, 100).is_empty(),
+        "the fault must hurt a plain pool"
+    );
 }
 
 #[test]
 fn connections_closed_by_idle_session_timeout_are_replaced_silently() {
     let Some(pg) = server() else { return };
     let app = "ext_idle";
-    pg.set_idle_session_timeout("app", Duration::from_millis(500)).unwrap();
+    pg.set_idle_session_timeout("app", Duration::from_millis(500))
+        .unwrap();
     let pool = ext_pool(&pg, app, 4)
         .validation_bypass_window(HOUR)
         .build()
@@ -89,11 +103,20 @@ fn connections_closed_by_idle_session_timeout_are_replaced_silently() {
 fn control_plain_r2d2_surfaces_idle_session_timeouts() {
     let Some(pg) = server() else { return };
     let app = "plain_idle";
-    pg.set_idle_session_timeout("app", Duration::from_millis(500)).unwrap();
-    let pool = plain_pool(&pg, &format!("sslmode=disable&application_name={app}"), 4, false);
+    pg.set_idle_session_timeout("app", Duration::from_millis(500))
+        .unwrap();
+    let pool = plain_pool(
+        &pg,
+        &format!("sslmode=disable&application_name={app}"),
+        4,
+        false,
+    );
     warm(&pool, 4);
     pg.wait_backends_gone(app, Duration::from_secs(10)).unwrap();
-    assert!(!errors_over(&pool, 100).is_empty(), "the fault must hurt a plain pool");
+    assert!(
+        !errors_over(&pool, 100).is_empty(),
+        "the fault must hurt a plain pool"
+    );
 }
 
 #[test]
@@ -103,7 +126,10 @@ fn tls_connections_survive_a_killed_backend_under_sslmode_require_and_verify_ca(
         ("ext_ssl_require", "sslmode=require".to_string()),
         (
             "ext_ssl_verify",
-            format!("sslmode=verify-ca&sslrootcert={}", pg.ca_cert_path().display()),
+            format!(
+                "sslmode=verify-ca&sslrootcert={}",
+                pg.ca_cert_path().display()
+            ),
         ),
     ] {
         let pool = resilient_diesel::PgPool::builder(&pg.url_with(&params))
@@ -133,10 +159,18 @@ fn tls_connections_survive_a_killed_backend_under_sslmode_require_and_verify_ca(
 fn control_plain_r2d2_over_tls_surfaces_a_killed_backend() {
     let Some(pg) = server() else { return };
     let app = "plain_ssl";
-    let pool = plain_pool(&pg, &format!("sslmode=require&application_name={app}"), 3, false);
+    let pool = plain_pool(
+        &pg,
+        &format!("sslmode=require&application_name={app}"),
+        3,
+        false,
+    );
     warm(&pool, 3);
     terminate_all(&pg, app);
-    assert!(!errors_over(&pool, 100).is_empty(), "the fault must hurt a plain pool");
+    assert!(
+        !errors_over(&pool, 100).is_empty(),
+        "the fault must hurt a plain pool"
+    );
 }
 
 #[test]
@@ -178,13 +212,21 @@ fn validation_against_a_hung_backend_returns_within_its_timeout_and_recovers() {
 fn control_plain_r2d2_checkout_hangs_on_a_hung_backend_until_it_resumes() {
     let Some(pg) = server() else { return };
     let app = "plain_stall";
-    let pool = plain_pool(&pg, &format!("sslmode=disable&application_name={app}"), 1, true);
+    let pool = plain_pool(
+        &pg,
+        &format!("sslmode=disable&application_name={app}"),
+        1,
+        true,
+    );
     warm(&pool, 1);
     let pause = pg.pause_backends(app).unwrap();
     let p = pool.clone();
     // connection_timeout is 5 s; r2d2's validity check has no time limit of its own.
     let (outcome, handle) = within(Duration::from_secs(9), move || select_one(&p));
-    assert!(outcome.is_none(), "plain r2d2 was expected to hang, got {outcome:?}");
+    assert!(
+        outcome.is_none(),
+        "plain r2d2 was expected to hang, got {outcome:?}"
+    );
     pause.resume();
     handle.join().unwrap();
 }
@@ -214,7 +256,10 @@ fn a_disconnect_seen_by_a_query_invalidates_the_other_connections() {
     // The other two connections are hot (inside the bypass window) yet are pinged once.
     warm(&pool, 3);
     let after = pool.stats();
-    assert!(after.pings >= before.pings + 2, "before {before:?} after {after:?}");
+    assert!(
+        after.pings >= before.pings + 2,
+        "before {before:?} after {after:?}"
+    );
     assert!(errors_over(&pool, 20).is_empty());
 }
 
@@ -241,13 +286,17 @@ fn a_connection_left_inside_a_transaction_by_a_panic_is_never_reused() {
         .get_result(&mut *conn)
         .unwrap()
     };
-    assert_eq!(open, 0, "no session may stay inside the panicked transaction");
+    assert_eq!(
+        open, 0,
+        "no session may stay inside the panicked transaction"
+    );
 }
 
 #[test]
 fn idle_connections_kept_alive_by_pings_survive_an_idle_session_timeout() {
     let Some(pg) = server() else { return };
-    pg.set_idle_session_timeout("app", Duration::from_millis(1500)).unwrap();
+    pg.set_idle_session_timeout("app", Duration::from_millis(1500))
+        .unwrap();
     let app = "ext_keepalive";
     let pool = ext_pool(&pg, app, 2)
         .keepalive_ping(Some(Duration::from_millis(300)))
@@ -269,7 +318,8 @@ fn idle_connections_kept_alive_by_pings_survive_an_idle_session_timeout() {
 #[test]
 fn control_without_keepalive_pings_idle_sessions_are_dropped_by_the_server() {
     let Some(pg) = server() else { return };
-    pg.set_idle_session_timeout("app", Duration::from_millis(1500)).unwrap();
+    pg.set_idle_session_timeout("app", Duration::from_millis(1500))
+        .unwrap();
     let app = "ext_no_keepalive";
     let pool = ext_pool(&pg, app, 2).build().unwrap();
     warm(&pool, 2);
@@ -295,7 +345,8 @@ fn a_connection_held_past_the_leak_threshold_is_reported_once_with_its_checkout_
     assert_eq!(pool.stats().leaks, 1, "a returned connection is not a leak");
     let logs = test_support::captured_logs();
     assert!(
-        logs.iter().any(|l| l.contains("a_connection_held_past_the_leak_threshold")),
+        logs.iter()
+            .any(|l| l.contains("a_connection_held_past_the_leak_threshold")),
         "the report names where the connection was checked out"
     );
 }

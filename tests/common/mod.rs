@@ -50,7 +50,11 @@ where
 }
 
 /// An extended pool on `server` whose connections carry `app` as application_name.
-pub fn ext_pool(server: &PgServer, app: &str, size: u32) -> resilient_diesel::Builder<PgConnection> {
+pub fn ext_pool(
+    server: &PgServer,
+    app: &str,
+    size: u32,
+) -> resilient_diesel::Builder<PgConnection> {
     PgPool::builder(&server.url_with("sslmode=disable"))
         .application_name(app)
         .pool_size(size)
@@ -70,7 +74,9 @@ pub fn plain_pool(
         .min_idle(Some(size))
         .test_on_check_out(test_on_check_out)
         .connection_timeout(Duration::from_secs(5))
-        .build(diesel::r2d2::ConnectionManager::new(server.url_with(params)))
+        .build(diesel::r2d2::ConnectionManager::new(
+            server.url_with(params),
+        ))
         .expect("plain pool")
 }
 

@@ -272,7 +272,11 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
     }
 }
 
-fn ping_failed(start: Instant, timeout: std::time::Duration, e: &diesel::result::Error) -> ExtError {
+fn ping_failed(
+    start: Instant,
+    timeout: std::time::Duration,
+    e: &diesel::result::Error,
+) -> ExtError {
     ExtError::PingFailed {
         elapsed_ms: start.elapsed().as_millis(),
         timeout_ms: timeout.as_millis(),

@@ -226,7 +226,10 @@ impl<C: ExtConnection> Builder<C> {
     /// `pool_timeout`) and returns the pool.
     pub fn build(self) -> Result<ExtPool<C>, BuildError> {
         let config = self.config.build()?;
-        build(config, self.listener.unwrap_or_else(|| Arc::new(LogListener)))
+        build(
+            config,
+            self.listener.unwrap_or_else(|| Arc::new(LogListener)),
+        )
     }
 }
 

@@ -50,7 +50,11 @@ pub(crate) fn snapshot() -> Option<SocketSnapshot> {
     let dir = std::fs::read_dir("/proc/self/fd").ok()?;
     let mut set = HashSet::new();
     for entry in dir.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<RawFd>().ok())
+        else {
             continue;
         };
         if let Some(ino) = socket_inode(fd) {
@@ -92,14 +96,21 @@ fn peer_matches(fd: RawFd, hint: PeerHint) -> bool {
     // `len` bytes.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let rc = unsafe { libc::getpeername(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getpeername(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
     if rc != 0 {
         return false;
     }
     match (i32::from(addr.ss_family), hint) {
         (libc::AF_INET, PeerHint::Tcp(port)) => {
             // SAFETY: the family says this is a sockaddr_in.
-            let sin = unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin =
+                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             u16::from_be(sin.sin_port) == port
         }
         (libc::AF_INET6, PeerHint::Tcp(port)) => {

@@ -109,7 +109,9 @@ impl Tracker {
         let class = crate::classify::classify_diesel(err);
         let lost = matches!(
             class,
-            ErrorClass::ConnectionLost | ErrorClass::AdminShutdown | ErrorClass::ReadOnlyTransaction
+            ErrorClass::ConnectionLost
+                | ErrorClass::AdminShutdown
+                | ErrorClass::ReadOnlyTransaction
         );
         if lost && !self.state.broken {
             self.state.broken = true;

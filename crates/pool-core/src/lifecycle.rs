@@ -162,7 +162,8 @@ impl LifecyclePolicy {
             return CheckoutAction::Reuse;
         }
         let stale_epoch = state.validated_epoch < epoch;
-        let idle_long = now.saturating_duration_since(state.last_used) >= self.validation.bypass_window;
+        let idle_long =
+            now.saturating_duration_since(state.last_used) >= self.validation.bypass_window;
         if stale_epoch || idle_long || probe == ProbeResult::Unknown {
             CheckoutAction::Ping
         } else {
@@ -255,7 +256,10 @@ mod tests {
         let now = Instant::now();
         let st = p.new_connection(now, 0);
         let at = now + Duration::from_millis(100);
-        assert_eq!(p.on_checkout(&st, at, 0, ProbeResult::Alive), CheckoutAction::Reuse);
+        assert_eq!(
+            p.on_checkout(&st, at, 0, ProbeResult::Alive),
+            CheckoutAction::Reuse
+        );
     }
 
     #[test]
@@ -264,8 +268,14 @@ mod tests {
         let now = Instant::now();
         let st = p.new_connection(now, 0);
         let at = now + Duration::from_millis(600);
-        assert_eq!(p.on_checkout(&st, at, 0, ProbeResult::Alive), CheckoutAction::Ping);
-        assert_eq!(p.on_checkout(&st, at, 0, ProbeResult::Unavailable), CheckoutAction::Ping);
+        assert_eq!(
+            p.on_checkout(&st, at, 0, ProbeResult::Alive),
+            CheckoutAction::Ping
+        );
+        assert_eq!(
+            p.on_checkout(&st, at, 0, ProbeResult::Unavailable),
+            CheckoutAction::Ping
+        );
     }
 
     #[test]
@@ -284,8 +294,14 @@ mod tests {
         let p = policy();
         let now = Instant::now();
         let st = p.new_connection(now, 0);
-        assert_eq!(p.on_checkout(&st, now, 0, ProbeResult::Unknown), CheckoutAction::Ping);
-        assert_eq!(p.on_checkout(&st, now, 1, ProbeResult::Alive), CheckoutAction::Ping);
+        assert_eq!(
+            p.on_checkout(&st, now, 0, ProbeResult::Unknown),
+            CheckoutAction::Ping
+        );
+        assert_eq!(
+            p.on_checkout(&st, now, 1, ProbeResult::Alive),
+            CheckoutAction::Ping
+        );
     }
 
     #[test]
@@ -297,7 +313,9 @@ mod tests {
         let lifetimes: Vec<Duration> = (0..200)
             .map(|_| p.new_connection(now, 0).expires_at.unwrap() - now)
             .collect();
-        assert!(lifetimes.iter().all(|l| *l >= Duration::from_secs(80) && *l <= Duration::from_secs(100)));
+        assert!(lifetimes
+            .iter()
+            .all(|l| *l >= Duration::from_secs(80) && *l <= Duration::from_secs(100)));
         let distinct: std::collections::HashSet<_> = lifetimes.iter().collect();
         assert!(distinct.len() > 100, "lifetimes must differ");
     }
@@ -320,7 +338,10 @@ mod tests {
             p.on_checkout(&used, now + Duration::from_secs(10), 0, ProbeResult::Alive),
             CheckoutAction::Discard(CloseReason::Expired)
         );
-        assert_eq!(p.on_checkin(&used, now + Duration::from_secs(11)), Some(CloseReason::Expired));
+        assert_eq!(
+            p.on_checkin(&used, now + Duration::from_secs(11)),
+            Some(CloseReason::Expired)
+        );
     }
 
     #[test]
@@ -330,7 +351,10 @@ mod tests {
         let now = Instant::now();
         let st = p.new_connection(now, 0);
         let later = now + Duration::from_secs(1);
-        assert_eq!(p.on_checkout(&st, later, 3, ProbeResult::Alive), CheckoutAction::Reuse);
+        assert_eq!(
+            p.on_checkout(&st, later, 3, ProbeResult::Alive),
+            CheckoutAction::Reuse
+        );
         assert_eq!(
             p.on_checkout(&st, later, 3, ProbeResult::Dead),
             CheckoutAction::Discard(CloseReason::ProbeDead)
@@ -352,7 +376,11 @@ mod tests {
         assert!(p.validate().is_err());
         let mut p = policy();
         p.idle_timeout = Some(Duration::ZERO);
-        assert!(p.validate().unwrap_err().to_string().contains("idle_timeout"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("idle_timeout"));
         assert!(policy().validate().is_ok());
     }
 }
