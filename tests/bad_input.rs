@@ -92,7 +92,7 @@ fn a_bad_duration_in_the_environment_names_the_variable() {
 #[test]
 fn a_server_that_never_answers_fails_within_the_connect_timeout() {
     test_support::capture_logs();
-    let silent = SilentServer::start().expect("silent listener");
+    let silent = test_support::SilentServer::start().expect("silent listener");
     let url = format!(
         "postgres://app:{SECRET}@127.0.0.1:{}/app?sslmode=disable",
         silent.port()

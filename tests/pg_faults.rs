@@ -269,13 +269,13 @@ fn a_connection_left_inside_a_transaction_by_a_panic_is_never_reused() {
     let app = "ext_panic";
     let pool = ext_pool(&pg, app, 1).build().unwrap();
     let p = pool.clone();
-    let result = std::panic::catch_unwind(move || {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let mut conn = p.get().unwrap();
         let _ = conn.transaction::<(), diesel::result::Error, _>(|c| {
             diesel::sql_query("CREATE TEMP TABLE panicked (x int)").execute(c)?;
             panic!("handler bug inside a transaction");
         });
-    });
+    }));
     assert!(result.is_err());
     pg.wait_backends_gone(app, Duration::from_secs(5)).ok();
     let open: i64 = {

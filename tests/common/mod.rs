@@ -7,7 +7,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
 use resilient_diesel::PgPool;
-pub use test_support::{PgServer, SilentServer};
+pub use test_support::PgServer;
 
 /// A private server, or `None` (test skipped, reason printed) outside CI.
 pub fn server() -> Option<PgServer> {

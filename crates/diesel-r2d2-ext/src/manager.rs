@@ -24,45 +24,48 @@ use crate::watchdog::{Action, Watchdog};
 /// A Diesel connection type the extended pool can manage (PostgreSQL, SQLite).
 ///
 /// Sealed: implemented by this crate for the backends enabled by cargo features.
-pub trait ExtConnection: R2D2Connection + Send + Sized + 'static + sealed::Sealed {
-    /// The string handed to `establish`, and what the connection's socket looks like
-    /// (`None` for embedded databases).
-    #[doc(hidden)]
-    fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError>;
+pub trait ExtConnection: R2D2Connection + Send + Sized + 'static + sealed::Backend {}
 
-    /// Settings applied right after connecting.
-    #[doc(hidden)]
-    fn after_connect(&mut self, _config: &PoolConfig) -> diesel::QueryResult<()> {
-        Ok(())
+pub(crate) mod sealed {
+    use super::*;
+
+    /// What the manager needs to know about a backend; not nameable outside the crate.
+    pub trait Backend {
+        /// The string handed to `establish`, and what the connection's socket looks like
+        /// (`None` for embedded databases).
+        fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError>;
+
+        /// Settings applied right after connecting.
+        fn after_connect(&mut self, _config: &PoolConfig) -> diesel::QueryResult<()> {
+            Ok(())
+        }
     }
-}
 
-mod sealed {
-    pub trait Sealed {}
     #[cfg(feature = "postgres")]
-    impl Sealed for diesel::PgConnection {}
+    impl Backend for diesel::PgConnection {
+        fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError> {
+            let (url, hint) = crate::pg::render(config)?;
+            Ok((url, Some(hint)))
+        }
+    }
+
     #[cfg(feature = "sqlite")]
-    impl Sealed for diesel::SqliteConnection {}
+    impl Backend for diesel::SqliteConnection {
+        fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError> {
+            Ok((config.url.expose_secret().to_owned(), None))
+        }
+
+        fn after_connect(&mut self, config: &PoolConfig) -> diesel::QueryResult<()> {
+            crate::sqlite::apply(self, &config.sqlite)
+        }
+    }
 }
 
 #[cfg(feature = "postgres")]
-impl ExtConnection for diesel::PgConnection {
-    fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError> {
-        let (url, hint) = crate::pg::render(config)?;
-        Ok((url, Some(hint)))
-    }
-}
+impl ExtConnection for diesel::PgConnection {}
 
 #[cfg(feature = "sqlite")]
-impl ExtConnection for diesel::SqliteConnection {
-    fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError> {
-        Ok((config.url.expose_secret().to_owned(), None))
-    }
-
-    fn after_connect(&mut self, config: &PoolConfig) -> diesel::QueryResult<()> {
-        crate::sqlite::apply(self, &config.sqlite)
-    }
-}
+impl ExtConnection for diesel::SqliteConnection {}
 
 /// Why the manager refused to open or hand out a connection. Never contains a password.
 #[derive(Debug, thiserror::Error)]

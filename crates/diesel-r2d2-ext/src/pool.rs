@@ -112,6 +112,10 @@ impl<C: ExtConnection> ExtPool<C> {
         &self.shared.config
     }
 
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// The wrapped r2d2 pool.
     pub fn inner(&self) -> &r2d2::Pool<ExtManager<C>> {
         &self.inner

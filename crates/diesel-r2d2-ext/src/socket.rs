@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 
 /// What the peer of a connection should look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PeerHint {
+pub enum PeerHint {
     /// A TCP connection to this port (any address: the host may resolve to several).
     Tcp(u16),
     /// A Unix-domain socket.

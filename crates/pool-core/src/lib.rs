@@ -12,6 +12,8 @@
 //! | [`stats`] | [`PoolStats`]: counters and wait-time percentiles, read as a [`StatsSnapshot`] |
 //! | [`status`] | [`StatusReport`]: the snapshots as a report for people and as JSON |
 //! | [`events`] | [`PoolEvent`]s, the [`EventListener`] trait and the [`LogListener`] |
+//! | [`classify`] | [`ErrorClass`]: which errors are transient, which mean the pool is stale |
+//! | [`retry`] | [`RetryPolicy`] and the retry loop behind `with_retry` / `commit_with_retry` |
 //! | [`error`] | [`ConfigError`]: what was wrong, where, and what to do |
 //!
 //! ```
@@ -47,20 +49,24 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod classify;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
 pub mod redact;
+pub mod retry;
 pub mod stats;
 pub mod status;
 pub mod url;
 
+pub use crate::classify::ErrorClass;
 pub use crate::config::{parse_duration, PoolConfig, PoolConfigBuilder, SslMode};
 pub use crate::error::ConfigError;
 pub use crate::events::{EventListener, LogListener, PoolEvent};
 pub use crate::lifecycle::LifecyclePolicy;
 pub use crate::redact::{redact, redact_with};
+pub use crate::retry::{RetryError, RetryPolicy};
 pub use crate::stats::{CloseReason, Gauges, PoolStats, StatsSnapshot};
 pub use crate::status::StatusReport;
 pub use crate::url::{Backend, DatabaseUrl};

@@ -1,0 +1,329 @@
+//! Which database errors are worth another attempt, and which ones say the pool is stale.
+//!
+//! The adapters map their driver's errors to an [`ErrorClass`]; everything else here (the retry
+//! loop, disconnect detection, pool invalidation) works on the class alone. Two entry points do
+//! the backend-independent part:
+//!
+//! * [`classify_sqlstate`] for drivers that report the SQLSTATE (tokio-postgres, MySQL), and
+//! * [`classify_message`] for drivers that only hand over the server's or client library's
+//!   message — Diesel's `DatabaseErrorKind` has no variant for a deadlock, an administrator
+//!   shutdown or "too many clients", so these are recognised from the text PostgreSQL, libpq,
+//!   OpenSSL, SQLite and MariaDB really produce (the integration tests provoke each one on a
+//!   real server).
+//!
+//! Only the *primary* message is looked at, never the detail: a detail can quote user data
+//! (`Key (name)=(deadlock detected) already exists`), a primary message cannot.
+//!
+//! ```
+//! use pool_core::classify::{classify_message, classify_sqlstate, ErrorClass};
+//!
+//! assert_eq!(classify_sqlstate("40001"), ErrorClass::SerializationFailure);
+//! assert_eq!(classify_message("deadlock detected"), ErrorClass::Deadlock);
+//! assert!(classify_message("server closed the connection unexpectedly").is_transient());
+//! assert!(!classify_message("duplicate key value violates unique constraint \"ledger_pkey\"")
+//!     .is_transient());
+//! ```
+
+use serde::Serialize;
+
+/// What kind of failure an error is, as far as retrying and pool health are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorClass {
+    /// The transaction lost a serialization conflict (SQLSTATE 40001). Rerunning it is the
+    /// documented remedy.
+    SerializationFailure,
+    /// The transaction was chosen as a deadlock victim (40P01, MySQL 1213).
+    Deadlock,
+    /// The connection is gone: reset, closed by the server or a middlebox, TLS session ended,
+    /// idle-session timeout (SQLSTATE class 08, 57P05 and the client library's own messages).
+    ConnectionLost,
+    /// The server is shutting down, crashed or not yet accepting connections (57P01-57P03).
+    AdminShutdown,
+    /// The server has no connection slot left (53300).
+    TooManyConnections,
+    /// A write reached a read-only server, typically a former primary after a failover (25006).
+    /// The pool's connections all point at the wrong server, so it also invalidates the pool.
+    ReadOnlyTransaction,
+    /// A lock could not be taken in time (SQLite `database is locked`, MySQL 1205, 55P03).
+    LockTimeout,
+    /// The pool could not hand out a connection within its timeout.
+    PoolTimeout,
+    /// Anything else: constraint violations, syntax errors, bad input, application errors.
+    /// Rerunning would fail the same way.
+    Permanent,
+}
+
+impl ErrorClass {
+    /// Whether rerunning the whole operation on a fresh connection can succeed.
+    ///
+    /// [`ErrorClass::PoolTimeout`] counts as transient here; a [`RetryPolicy`] can opt out of
+    /// retrying it.
+    ///
+    /// [`RetryPolicy`]: crate::retry::RetryPolicy
+    pub fn is_transient(self) -> bool {
+        !matches!(self, ErrorClass::Permanent)
+    }
+
+    /// Whether the connection that saw this error must be closed instead of pooled again.
+    pub fn is_disconnect(self) -> bool {
+        matches!(
+            self,
+            ErrorClass::ConnectionLost
+                | ErrorClass::AdminShutdown
+                | ErrorClass::ReadOnlyTransaction
+        )
+    }
+
+    /// Whether the pool's other connections are suspect too: a disconnect seen on one
+    /// connection usually means a restart, failover or network event that hit them all, so
+    /// each is validated before its next use.
+    pub fn invalidates_pool(self) -> bool {
+        self.is_disconnect()
+    }
+
+    /// A short stable name, used in logs, events and stats (`serialization_failure`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::SerializationFailure => "serialization_failure",
+            ErrorClass::Deadlock => "deadlock",
+            ErrorClass::ConnectionLost => "connection_lost",
+            ErrorClass::AdminShutdown => "admin_shutdown",
+            ErrorClass::TooManyConnections => "too_many_connections",
+            ErrorClass::ReadOnlyTransaction => "read_only_transaction",
+            ErrorClass::LockTimeout => "lock_timeout",
+            ErrorClass::PoolTimeout => "pool_timeout",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Classifies a five-character SQLSTATE. Unknown codes are [`ErrorClass::Permanent`].
+pub fn classify_sqlstate(code: &str) -> ErrorClass {
+    match code {
+        "40001" => ErrorClass::SerializationFailure,
+        "40P01" => ErrorClass::Deadlock,
+        "57P01" | "57P02" | "57P03" => ErrorClass::AdminShutdown,
+        // idle_session_timeout: the server closed the session.
+        "57P05" => ErrorClass::ConnectionLost,
+        "53300" => ErrorClass::TooManyConnections,
+        "25006" => ErrorClass::ReadOnlyTransaction,
+        "55P03" => ErrorClass::LockTimeout,
+        // idle_in_transaction_session_timeout: the transaction was rolled back, the session
+        // closed.
+        "25P03" => ErrorClass::ConnectionLost,
+        c if c.starts_with("08") => ErrorClass::ConnectionLost,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// Message fragments (lower case) and what they mean. Order matters: the first match wins.
+const MESSAGES: &[(&str, ErrorClass)] = &[
+    // PostgreSQL server messages (primary message text).
+    (
+        "could not serialize access",
+        ErrorClass::SerializationFailure,
+    ),
+    ("deadlock detected", ErrorClass::Deadlock),
+    (
+        "terminating connection due to administrator command",
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        "terminating connection due to unexpected postmaster exit",
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        "terminating connection because of crash of another server process",
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        "the database system is shutting down",
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        "the database system is starting up",
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        "the database system is in recovery mode",
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        "the database system is not yet accepting connections",
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        "terminating connection due to idle-session timeout",
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        "terminating connection due to idle-in-transaction timeout",
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        "sorry, too many clients already",
+        ErrorClass::TooManyConnections,
+    ),
+    (
+        "remaining connection slots are reserved",
+        ErrorClass::TooManyConnections,
+    ),
+    (
+        "too many connections for role",
+        ErrorClass::TooManyConnections,
+    ),
+    (
+        "too many connections for database",
+        ErrorClass::TooManyConnections,
+    ),
+    (
+        "cannot execute insert in a read-only transaction",
+        ErrorClass::ReadOnlyTransaction,
+    ),
+    (
+        "cannot execute update in a read-only transaction",
+        ErrorClass::ReadOnlyTransaction,
+    ),
+    (
+        "cannot execute delete in a read-only transaction",
+        ErrorClass::ReadOnlyTransaction,
+    ),
+    (
+        "in a read-only transaction",
+        ErrorClass::ReadOnlyTransaction,
+    ),
+    ("could not obtain lock", ErrorClass::LockTimeout),
+    // libpq and OpenSSL, as libpq reports them.
+    (
+        "server closed the connection unexpectedly",
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        "ssl connection has been closed unexpectedly",
+        ErrorClass::ConnectionLost,
+    ),
+    ("ssl syscall error", ErrorClass::ConnectionLost),
+    ("ssl error: unexpected eof", ErrorClass::ConnectionLost),
+    (
+        "could not receive data from server",
+        ErrorClass::ConnectionLost,
+    ),
+    ("could not send data to server", ErrorClass::ConnectionLost),
+    ("no connection to the server", ErrorClass::ConnectionLost),
+    ("connection to server was lost", ErrorClass::ConnectionLost),
+    ("connection not open", ErrorClass::ConnectionLost),
+    (
+        "lost synchronization with server",
+        ErrorClass::ConnectionLost,
+    ),
+    ("broken pipe", ErrorClass::ConnectionLost),
+    ("connection reset by peer", ErrorClass::ConnectionLost),
+    ("connection refused", ErrorClass::ConnectionLost),
+    ("connection timed out", ErrorClass::ConnectionLost),
+    ("timeout expired", ErrorClass::ConnectionLost),
+    ("no route to host", ErrorClass::ConnectionLost),
+    ("network is unreachable", ErrorClass::ConnectionLost),
+    ("eof detected", ErrorClass::ConnectionLost),
+    // SQLite.
+    ("database is locked", ErrorClass::LockTimeout),
+    ("database table is locked", ErrorClass::LockTimeout),
+    // MySQL / MariaDB.
+    (
+        "deadlock found when trying to get lock",
+        ErrorClass::Deadlock,
+    ),
+    ("lock wait timeout exceeded", ErrorClass::LockTimeout),
+    ("mysql server has gone away", ErrorClass::ConnectionLost),
+    (
+        "lost connection to mysql server",
+        ErrorClass::ConnectionLost,
+    ),
+    ("too many connections", ErrorClass::TooManyConnections),
+    (
+        "running with the --read-only option",
+        ErrorClass::ReadOnlyTransaction,
+    ),
+];
+
+/// Classifies an error from its primary message alone, for drivers that expose no SQLSTATE
+/// (Diesel's `DatabaseErrorInformation::message()`, a libpq connection error, ...).
+///
+/// Recognises the messages PostgreSQL 12-17, libpq, OpenSSL, SQLite and MariaDB produce for
+/// the retryable classes; anything unrecognised is [`ErrorClass::Permanent`], so an unknown
+/// error is never retried.
+pub fn classify_message(message: &str) -> ErrorClass {
+    let lower = message.to_lowercase();
+    MESSAGES
+        .iter()
+        .find(|(needle, _)| lower.contains(needle))
+        .map_or(ErrorClass::Permanent, |&(_, class)| class)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_their_classes() {
+        assert_eq!(classify_sqlstate("40001"), ErrorClass::SerializationFailure);
+        assert_eq!(classify_sqlstate("40P01"), ErrorClass::Deadlock);
+        assert_eq!(classify_sqlstate("08006"), ErrorClass::ConnectionLost);
+        assert_eq!(classify_sqlstate("08000"), ErrorClass::ConnectionLost);
+        for c in ["57P01", "57P02", "57P03"] {
+            assert_eq!(classify_sqlstate(c), ErrorClass::AdminShutdown);
+        }
+        assert_eq!(classify_sqlstate("53300"), ErrorClass::TooManyConnections);
+        assert_eq!(classify_sqlstate("25006"), ErrorClass::ReadOnlyTransaction);
+        assert_eq!(classify_sqlstate("23505"), ErrorClass::Permanent);
+        assert_eq!(classify_sqlstate("42601"), ErrorClass::Permanent);
+        assert_eq!(classify_sqlstate(""), ErrorClass::Permanent);
+    }
+
+    #[test]
+    fn messages_are_matched_case_insensitively_and_unknown_ones_are_permanent() {
+        assert_eq!(
+            classify_message("FATAL:  terminating connection due to administrator command"),
+            ErrorClass::AdminShutdown
+        );
+        assert_eq!(
+            classify_message("SSL SYSCALL error: EOF detected"),
+            ErrorClass::ConnectionLost
+        );
+        assert_eq!(
+            classify_message("duplicate key value violates unique constraint \"k\""),
+            ErrorClass::Permanent
+        );
+        assert_eq!(classify_message(""), ErrorClass::Permanent);
+        assert_eq!(classify_message("🦀 é"), ErrorClass::Permanent);
+    }
+
+    #[test]
+    fn only_disconnects_invalidate_and_only_permanent_is_final() {
+        let all = [
+            ErrorClass::SerializationFailure,
+            ErrorClass::Deadlock,
+            ErrorClass::ConnectionLost,
+            ErrorClass::AdminShutdown,
+            ErrorClass::TooManyConnections,
+            ErrorClass::ReadOnlyTransaction,
+            ErrorClass::LockTimeout,
+            ErrorClass::PoolTimeout,
+            ErrorClass::Permanent,
+        ];
+        for class in all {
+            assert_eq!(class.is_transient(), class != ErrorClass::Permanent);
+            assert_eq!(class.to_string(), class.as_str());
+        }
+        assert!(ErrorClass::ReadOnlyTransaction.invalidates_pool());
+        assert!(!ErrorClass::SerializationFailure.invalidates_pool());
+        assert!(!ErrorClass::PoolTimeout.is_disconnect());
+    }
+}
