@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS resilient_diesel_idempotency_keys;
