@@ -53,48 +53,62 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// The URL handed to libpq, and what its socket's peer looks like.
+///
+/// The user's URL is kept byte for byte (libpq accepts forms a strict URL parser rejects, such
+/// as `postgres://app@/db?host=/run/postgresql`); missing parameters are appended,
+/// percent-encoded the way libpq decodes them.
 pub(crate) fn render(config: &PoolConfig) -> Result<(String, PeerHint), ConfigError> {
     let raw = config.url.expose_secret();
-    let mut url = url::Url::parse(raw).map_err(|e| ConfigError::InvalidUrl {
-        url: config.url.redacted(),
-        reason: e.to_string(),
-    })?;
-    let existing: Vec<(String, String)> = url
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
+    let existing = config.url.query_pairs();
     let has = |key: &str| existing.iter().any(|(k, _)| k == key);
-    let missing: Vec<(&str, String)> = libpq_params(&config.connect)
-        .into_iter()
-        .filter(|(k, _)| !has(k))
-        .collect();
-    if !missing.is_empty() {
-        let mut pairs = url.query_pairs_mut();
-        for (k, v) in &missing {
-            pairs.append_pair(k, v);
+    let (base, fragment) = match raw.find('#') {
+        Some(i) => raw.split_at(i),
+        None => (raw, ""),
+    };
+    let mut out = base.to_owned();
+    let mut sep = if base.contains('?') {
+        if base.ends_with('?') || base.ends_with('&') {
+            ""
+        } else {
+            "&"
+        }
+    } else {
+        "?"
+    };
+    for (k, v) in libpq_params(&config.connect) {
+        if !has(k) {
+            out.push_str(sep);
+            out.push_str(k);
+            out.push('=');
+            out.push_str(&percent_encode(&v));
+            sep = "&";
         }
     }
-    let host_param = existing
-        .iter()
-        .find(|(k, _)| k == "host")
-        .map(|(_, v)| v.clone());
-    let unix = match (&host_param, url.host_str()) {
-        (Some(h), _) => h.starts_with('/') || h.starts_with('@'),
-        (None, None) | (None, Some("")) => true,
-        (None, Some(h)) => h.starts_with("%2F") || h.starts_with("%2f"),
+    out.push_str(fragment);
+    let unix = match config.url.host() {
+        None => true,
+        Some(h) => h.is_empty() || h.starts_with('/') || h.starts_with('@'),
     };
-    let port = existing
-        .iter()
-        .find(|(k, _)| k == "port")
-        .and_then(|(_, v)| v.parse().ok())
-        .or(url.port())
-        .unwrap_or(DEFAULT_PORT);
     let hint = if unix {
         PeerHint::Unix
     } else {
-        PeerHint::Tcp(port)
+        PeerHint::Tcp(config.url.port().unwrap_or(DEFAULT_PORT))
     };
-    Ok((url.to_string(), hint))
+    Ok((out, hint))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters (libpq decodes `%XX` in
+/// URI parameters, but not `+`).
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -141,5 +155,26 @@ mod tests {
         assert_eq!(hint, PeerHint::Unix);
         let (_, hint) = render(&config("postgres://u@localhost/app?port=7000")).unwrap();
         assert_eq!(hint, PeerHint::Tcp(7000));
+        // A user but no host: libpq's default socket. url::Url rejects this form.
+        let (url, hint) = render(&config("postgres://app@/app?host=/run/postgresql")).unwrap();
+        assert_eq!(hint, PeerHint::Unix);
+        assert!(
+            url.starts_with("postgres://app@/app?host=/run/postgresql&connect_timeout=10&"),
+            "{url}"
+        );
+    }
+
+    #[test]
+    fn values_are_percent_encoded_as_libpq_decodes_them() {
+        let config = PoolConfig::builder("postgres://u@h/app")
+            .application_name("orders api/1 & co")
+            .build()
+            .unwrap();
+        let (url, _) = render(&config).unwrap();
+        assert!(
+            url.contains("application_name=orders%20api/1%20%26%20co"),
+            "{url}"
+        );
+        assert!(!url.contains('+'));
     }
 }
