@@ -39,6 +39,8 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(feature = "postgres")]
+pub mod capacity;
 pub mod classify;
 mod leak;
 mod manager;

@@ -31,11 +31,13 @@ pub enum CloseReason {
     Invalidated,
     /// The pool dropped it for another reason (shrinking, shutting down).
     Released,
+    /// It was closed to give its budget permit back to a class that needed it.
+    Reclaimed,
 }
 
 impl CloseReason {
     /// Every reason, in declaration order.
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Broken,
         CloseReason::ProbeDead,
         CloseReason::PingFailed,
@@ -43,10 +45,11 @@ impl CloseReason {
         CloseReason::IdleTimeout,
         CloseReason::Invalidated,
         CloseReason::Released,
+        CloseReason::Reclaimed,
     ];
 
     /// The reason in snake case, as serialized: `broken`, `probe_dead`, `ping_failed`,
-    /// `expired`, `idle_timeout`, `invalidated`, `released`.
+    /// `expired`, `idle_timeout`, `invalidated`, `released`, `reclaimed`.
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::Broken => "broken",
@@ -56,6 +59,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Invalidated => "invalidated",
             CloseReason::Released => "released",
+            CloseReason::Reclaimed => "reclaimed",
         }
     }
 
@@ -68,6 +72,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => 4,
             CloseReason::Invalidated => 5,
             CloseReason::Released => 6,
+            CloseReason::Reclaimed => 7,
         }
     }
 }
@@ -116,6 +121,9 @@ pub struct ClosedCounts {
     pub invalidated: u64,
     /// [`CloseReason::Released`].
     pub released: u64,
+    /// [`CloseReason::Reclaimed`].
+    #[serde(default)]
+    pub reclaimed: u64,
 }
 
 impl ClosedCounts {
@@ -129,6 +137,7 @@ impl ClosedCounts {
             CloseReason::IdleTimeout => self.idle_timeout,
             CloseReason::Invalidated => self.invalidated,
             CloseReason::Released => self.released,
+            CloseReason::Reclaimed => self.reclaimed,
         }
     }
 
@@ -296,7 +305,7 @@ pub struct PoolStats {
     timeouts: AtomicU64,
     connects: AtomicU64,
     connect_failures: AtomicU64,
-    closed: [AtomicU64; 7],
+    closed: [AtomicU64; CloseReason::ALL.len()],
     pings: AtomicU64,
     pings_failed: AtomicU64,
     probe_dead: AtomicU64,
@@ -447,6 +456,7 @@ impl PoolStats {
                 idle_timeout: closed_at(CloseReason::IdleTimeout),
                 invalidated: closed_at(CloseReason::Invalidated),
                 released: closed_at(CloseReason::Released),
+                reclaimed: closed_at(CloseReason::Reclaimed),
             },
             pings: self.pings.load(Relaxed),
             validations_failed: self.pings_failed.load(Relaxed),
