@@ -214,14 +214,29 @@ where
     F: FnMut(&mut P::Connection) -> Result<T, E>,
     E: Classify + Display,
 {
+    retry_checkouts(pool, policy, |_, mut conn| {
+        op(&mut conn).map_err(AttemptError::Op)
+    })
+}
+
+/// The retry loop with a fresh checkout per attempt, reported through the pool's hooks.
+fn retry_checkouts<P, T, E>(
+    pool: &P,
+    policy: &RetryPolicy,
+    mut attempt: impl FnMut(&RetryHooks<'_>, P::Guard) -> Result<T, AttemptError<E>>,
+) -> Result<T, RetryError<E>>
+where
+    P: RetryablePool,
+    E: Classify + Display,
+{
     let hooks = pool.hooks();
     run_sync(
         policy,
         &hooks,
         |e: &E| e.class(),
         |_attempt| {
-            let mut conn = pool.checkout().map_err(AttemptError::Pool)?;
-            op(&mut conn).map_err(AttemptError::Op)
+            let guard = pool.checkout().map_err(AttemptError::Pool)?;
+            attempt(&hooks, guard)
         },
     )
 }
@@ -243,33 +258,22 @@ where
     F: FnMut(&mut P::Connection) -> Result<T, E>,
     E: From<DieselError> + Classify + Display,
 {
-    let hooks = pool.hooks();
-    run_sync(
+    run_transactions(
+        pool,
         policy,
-        &hooks,
-        |e: &E| e.class(),
-        |_attempt| {
-            let mut guard = pool.checkout().map_err(AttemptError::Pool)?;
-            let conn = &mut *guard;
+        |conn| {
             let value = run_body(conn, &mut body)?;
             let txid = if policy.verify_commit() {
-                match conn.current_txid() {
-                    Ok(txid) => txid,
-                    Err(e) => return Err(abandon(conn, e.into())),
-                }
+                conn.current_txid().map_err(|e| abandon(conn, e.into()))?
             } else {
                 None
             };
-            let Err(commit_error) = commit(conn) else {
-                return Ok(value);
-            };
-            drop(guard);
-            let resolution = match txid {
-                None if !policy.verify_commit() => Err("commit verification is off".to_owned()),
-                None => Err("this backend has no transaction ids; use commit_with_key".to_owned()),
-                Some(txid) => resolve_by_txid(pool, policy, txid),
-            };
-            finish_ambiguous(&hooks, commit_error, txid, resolution, value)
+            Ok(Prepared::Commit { value, txid })
+        },
+        |txid| match txid {
+            None if !policy.verify_commit() => Err("commit verification is off".to_owned()),
+            None => Err("this backend has no transaction ids; use commit_with_key".to_owned()),
+            Some(txid) => resolve_by_txid(pool, policy, txid),
         },
     )
 }
@@ -302,14 +306,10 @@ where
     F: FnMut(&mut P::Connection) -> Result<T, E>,
     E: From<DieselError> + Classify + Display,
 {
-    let hooks = pool.hooks();
-    run_sync(
+    run_transactions(
+        pool,
         policy,
-        &hooks,
-        |e: &E| e.class(),
-        |_attempt| {
-            let mut guard = pool.checkout().map_err(AttemptError::Pool)?;
-            let conn = &mut *guard;
+        |conn| {
             let value = run_body(conn, &mut |conn: &mut P::Connection| match conn
                 .insert_idempotency_key(key)
             {
@@ -319,16 +319,51 @@ where
             })?;
             if matches!(value, Keyed::AlreadyCommitted) {
                 let _ = rollback(conn);
-                return Ok(Keyed::AlreadyCommitted);
+                return Ok(Prepared::Done(Keyed::AlreadyCommitted));
             }
-            let Err(commit_error) = commit(conn) else {
-                return Ok(value);
-            };
-            drop(guard);
-            let resolution = resolve_by_key(pool, policy, key);
-            finish_ambiguous(&hooks, commit_error, None, resolution, value)
+            Ok(Prepared::Commit { value, txid: None })
         },
+        |_| resolve_by_key(pool, policy, key),
     )
+}
+
+/// What an attempt's preparation left to do.
+enum Prepared<T> {
+    /// The body ran inside an open transaction: commit it.
+    Commit { value: T, txid: Option<i64> },
+    /// Nothing to commit (the transaction was rolled back); return this.
+    Done(T),
+}
+
+/// The retry loop around one transaction per attempt: `prepare` opens the transaction and
+/// runs the body; this commits, and if the connection is lost during `COMMIT`, asks `resolve`
+/// what became of the transaction.
+fn run_transactions<P, T, E>(
+    pool: &P,
+    policy: &RetryPolicy,
+    mut prepare: impl FnMut(&mut P::Connection) -> Result<Prepared<T>, AttemptError<E>>,
+    resolve: impl Fn(Option<i64>) -> Result<Resolved, String>,
+) -> Result<T, RetryError<E>>
+where
+    P: RetryablePool,
+    E: From<DieselError> + Classify + Display,
+{
+    retry_checkouts(pool, policy, |hooks, mut guard| {
+        let (value, txid) = match prepare(&mut guard)? {
+            Prepared::Done(value) => return Ok(value),
+            Prepared::Commit { value, txid } => (value, txid),
+        };
+        let Err(commit_error) = commit(&mut *guard) else {
+            return Ok(value);
+        };
+        // Only a lost connection leaves the outcome open; a serialization failure or
+        // deadlock reported by COMMIT itself is a definite rollback.
+        if !classify_diesel(&commit_error).is_disconnect() {
+            return Err(AttemptError::Op(commit_error.into()));
+        }
+        drop(guard);
+        finish_ambiguous(hooks, commit_error, txid, resolve(txid), value)
+    })
 }
 
 fn is_unique_violation(e: &DieselError) -> bool {
@@ -377,7 +412,7 @@ enum Resolved {
     Aborted,
 }
 
-/// Turns a failed `COMMIT` into the attempt's outcome.
+/// Turns a `COMMIT` cut off by a lost connection into the attempt's outcome.
 fn finish_ambiguous<T, E>(
     hooks: &RetryHooks<'_>,
     commit_error: DieselError,
@@ -388,11 +423,6 @@ fn finish_ambiguous<T, E>(
 where
     E: From<DieselError>,
 {
-    // Only a lost connection leaves the outcome open; a serialization failure or deadlock
-    // reported by COMMIT itself is a definite rollback.
-    if !classify_diesel(&commit_error).is_disconnect() {
-        return Err(AttemptError::Op(commit_error.into()));
-    }
     match resolution {
         Ok(Resolved::Committed) => {
             if let Some(stats) = hooks.stats {
