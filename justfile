@@ -15,7 +15,7 @@ lint:
 
 # Model-check the budget under all interleavings (slow).
 loom:
-    RUSTFLAGS="--cfg loom" cargo test -p pool-core --test budget_loom --release
+    RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p pool-core --release --lib budget
 
 # Benchmarks (compare against plain r2d2 / parking_lot / tokio in the same run).
 bench:

@@ -12,6 +12,7 @@
 //! | [`stats`] | [`PoolStats`]: counters and wait-time percentiles, read as a [`StatsSnapshot`] |
 //! | [`status`] | [`StatusReport`]: the snapshots as a report for people and as JSON |
 //! | [`events`] | [`PoolEvent`]s, the [`EventListener`] trait and the [`LogListener`] |
+//! | [`budget`] | [`Budget`]: a connection budget shared by classes with reserved floors |
 //! | [`classify`] | [`ErrorClass`]: which errors are transient, which mean the pool is stale |
 //! | [`retry`] | [`RetryPolicy`] and the retry loop behind `with_retry` / `commit_with_retry` |
 //! | [`error`] | [`ConfigError`]: what was wrong, where, and what to do |
@@ -49,6 +50,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod budget;
 pub mod classify;
 pub mod config;
 pub mod error;
@@ -60,6 +62,7 @@ pub mod stats;
 pub mod status;
 pub mod url;
 
+pub use crate::budget::{Budget, BudgetError, BudgetSnapshot, ClassId, Permit};
 pub use crate::classify::ErrorClass;
 pub use crate::config::{parse_duration, PoolConfig, PoolConfigBuilder, SslMode};
 pub use crate::error::ConfigError;
