@@ -41,6 +41,7 @@
 
 #[cfg(feature = "postgres")]
 pub mod capacity;
+pub mod classes;
 pub mod classify;
 mod leak;
 mod manager;
@@ -54,6 +55,7 @@ mod sqlite;
 mod tracker;
 mod watchdog;
 
+pub use classes::{Class, ClassPools};
 pub use manager::{ExtConnection, ExtError, ExtManager};
 #[cfg(feature = "postgres")]
 pub use pool::PgPool;

@@ -91,6 +91,9 @@ pub enum ExtError {
     /// another one.
     #[error("connection retired on checkout: {0:?}")]
     Retired(CloseReason),
+    /// The shared connection budget had no permit for this pool's class in time.
+    #[error("{0}")]
+    Budget(String),
     /// The validation ping failed or outlived its timeout.
     #[error("validation ping failed after {elapsed_ms} ms (timeout {timeout_ms} ms): {message}")]
     PingFailed {
@@ -163,8 +166,20 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
 
     fn connect(&self) -> Result<C, ExtError> {
         let started = Instant::now();
-        let (conn, sock) = self.establish();
         let shared = &self.shared;
+        // The permit comes first: no connection is opened beyond the budget, and nothing is
+        // locked while waiting for it. The wait ends a little before the checkout's, so that a
+        // checkout timing out on the budget reports the budget's state (r2d2 quotes the last
+        // connect error).
+        let permit = match &shared.budget {
+            Some((budget, class)) => Some(
+                budget
+                    .acquire(*class, shared.config.pool_timeout.mul_f64(0.8))
+                    .map_err(|e| ExtError::Budget(format!("pool {}: {e}", shared.name())))?,
+            ),
+            None => None,
+        };
+        let (conn, sock) = self.establish();
         let mut conn = conn.map_err(|e| {
             shared.stats.record_connect_failure();
             let message = redact(&e.to_string());
@@ -182,7 +197,8 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                 target: self.target_redacted(),
                 message: redact(&e.to_string()),
             })?;
-        let tracker = Tracker::new(shared.clone(), sock);
+        let mut tracker = Tracker::new(shared.clone(), sock);
+        tracker.permit = permit;
         let id = tracker.id;
         conn.set_instrumentation(tracker);
         shared.stats.record_connect();
@@ -210,6 +226,10 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
         let Some(tracker) = tracker_of(conn) else {
             return Ok(());
         };
+        if take_reclaim(&shared.reclaim) {
+            tracker.close_reason = Some(CloseReason::Reclaimed);
+            return Err(ExtError::Retired(CloseReason::Reclaimed));
+        }
         let probe = match tracker.socket.as_ref().map(socket::ConnSocket::probe) {
             Some(Probe::Alive) => ProbeResult::Alive,
             Some(Probe::Dead) => ProbeResult::Dead,
@@ -265,6 +285,14 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
             tracker.close_reason = Some(CloseReason::Broken);
             return true;
         }
+        // Borrowed budget headroom goes back as soon as its connection is returned, if another
+        // class is waiting for it.
+        if let Some((budget, class)) = &self.shared.budget {
+            if budget.reclaim_wanted(*class) > 0 {
+                tracker.close_reason = Some(CloseReason::Reclaimed);
+                return true;
+            }
+        }
         match self.shared.config.lifecycle.on_checkin(&tracker.state, now) {
             Some(reason) => {
                 tracker.close_reason = Some(reason);
@@ -273,6 +301,14 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
             None => false,
         }
     }
+}
+
+/// Takes one unit of a pending reclaim request, if any.
+fn take_reclaim(reclaim: &std::sync::atomic::AtomicU32) -> bool {
+    use std::sync::atomic::Ordering;
+    reclaim
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 fn ping_failed(

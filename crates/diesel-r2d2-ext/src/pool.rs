@@ -25,6 +25,9 @@ pub enum BuildError {
     /// A setting is invalid (bad URL, impossible size, ...).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The connection budget is impossible (reserved above the total, ...).
+    #[error(transparent)]
+    Budget(#[from] pool_core::budget::BudgetError),
     /// The pool could not open its initial connections in time.
     #[error("pool {pool}: could not open the initial {wanted} connection(s) within {timeout:?}: {message}")]
     Connect {
@@ -98,7 +101,7 @@ impl<C: ExtConnection> ExtPool<C> {
 
     /// Builds a pool from a finished configuration (for instance [`PoolConfig::from_env`]).
     pub fn from_config(config: PoolConfig) -> Result<ExtPool<C>, BuildError> {
-        build(config, Arc::new(LogListener))
+        build(config, Arc::new(LogListener), None)
     }
 
     /// Builds a pool from the environment (`DATABASE_URL`, `DB_POOL_SIZE`, ...; see
@@ -116,6 +119,21 @@ impl<C: ExtConnection> ExtPool<C> {
         &self.shared
     }
 
+    /// Closes up to `n` idle connections (giving their budget permits back); returns how many.
+    pub(crate) fn reclaim_idle(&self, n: u32) -> u32 {
+        use std::sync::atomic::Ordering;
+        let n = n.min(self.inner.state().idle_connections);
+        if n == 0 {
+            return 0;
+        }
+        // While the request lasts, each checkout retires the idle connection it would hand
+        // out (see `ExtManager::is_valid`); one `try_get` walks the idle list doing so and
+        // stops at the first connection it may keep, or when none is left.
+        self.shared.reclaim.store(n, Ordering::SeqCst);
+        drop(self.inner.try_get());
+        n - self.shared.reclaim.swap(0, Ordering::SeqCst)
+    }
+
     /// The wrapped r2d2 pool.
     pub fn inner(&self) -> &r2d2::Pool<ExtManager<C>> {
         &self.inner
@@ -131,14 +149,23 @@ impl<C: ExtConnection> ExtPool<C> {
     pub fn stats(&self) -> StatsSnapshot {
         let state = self.inner.state();
         let cfg = &self.shared.config;
+        // r2d2 does not count its waiters; with a budget, those waiting for a permit are known.
+        let (reserved, waiters) = match &self.shared.budget {
+            Some((budget, class)) => {
+                let snapshot = budget.snapshot();
+                let c = &snapshot.classes[class.index()];
+                (c.reserved, Some(c.waiters))
+            }
+            None => (0, None),
+        };
         self.shared.stats.snapshot(Gauges {
             name: cfg.name.clone(),
             in_use: state.connections.saturating_sub(state.idle_connections),
             idle: state.idle_connections,
             pool_size: cfg.pool_size,
             max_overflow: cfg.max_overflow,
-            reserved: 0,
-            waiters: None,
+            reserved,
+            waiters,
         })
     }
 
@@ -226,6 +253,13 @@ impl<C: ExtConnection> Builder<C> {
         self
     }
 
+    pub(crate) fn into_parts(self) -> (PoolConfigBuilder, Arc<dyn EventListener>) {
+        (
+            self.config,
+            self.listener.unwrap_or_else(|| Arc::new(LogListener)),
+        )
+    }
+
     /// Validates the settings, opens `pool_size` connections (waiting at most
     /// `pool_timeout`) and returns the pool.
     pub fn build(self) -> Result<ExtPool<C>, BuildError> {
@@ -233,39 +267,58 @@ impl<C: ExtConnection> Builder<C> {
         build(
             config,
             self.listener.unwrap_or_else(|| Arc::new(LogListener)),
+            None,
         )
     }
 }
 
-fn build<C: ExtConnection>(
+pub(crate) fn build<C: ExtConnection>(
     config: PoolConfig,
     listener: Arc<dyn EventListener>,
+    budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
 ) -> Result<ExtPool<C>, BuildError> {
     config.lifecycle.validate()?;
-    let shared = Arc::new(Shared::new(config, listener));
+    let shared = Arc::new(Shared::new(config, listener, budget));
     let manager = ExtManager::<C>::new(shared.clone())?;
     let cfg = &shared.config;
+    // r2d2 keeps `min_idle` connections idle *besides* those in use, opening them in the
+    // background. A class of a budget must not: such connects would queue for permits nobody
+    // asked for and make other classes give headroom back for nothing. It opens connections on
+    // demand only, and its reserved floor is warmed once below.
+    let (min_idle, warm) = match &shared.budget {
+        Some((budget, class)) => (0, budget.limits(*class).reserved),
+        None => (cfg.pool_size, 0),
+    };
     // r2d2's own lifetime check is only a backstop: the jittered per-connection lifetime is
     // enforced by the manager on checkout and checkin.
     let builder = r2d2::Pool::builder()
         .max_size(cfg.max_size())
-        .min_idle(Some(cfg.pool_size))
+        .min_idle(Some(min_idle))
         .connection_timeout(cfg.pool_timeout)
         .test_on_check_out(true)
         .max_lifetime(cfg.lifecycle.max_lifetime)
         .idle_timeout(cfg.lifecycle.idle_timeout)
         .error_handler(Box::new(ErrorHandler(Arc::downgrade(&shared))))
         .event_handler(Box::new(EventHandler(Arc::downgrade(&shared))));
-    let inner = if cfg.pool_size == 0 {
+    let inner = if min_idle == 0 {
         builder.build_unchecked(manager)
     } else {
         builder.build(manager).map_err(|e| BuildError::Connect {
             pool: cfg.name.clone(),
-            wanted: cfg.pool_size,
+            wanted: min_idle,
             timeout: cfg.pool_timeout,
             message: pool_core::redact::redact(&e.to_string()),
         })?
     };
+    if warm > 0 {
+        let held: Result<Vec<_>, _> = (0..warm).map(|_| inner.get()).collect();
+        held.map_err(|e| BuildError::Connect {
+            pool: cfg.name.clone(),
+            wanted: warm,
+            timeout: cfg.pool_timeout,
+            message: pool_core::redact::redact(&e.to_string()),
+        })?;
+    }
     let pool = ExtPool {
         inner,
         shared,

@@ -11,12 +11,13 @@
 //! The application's own default instrumentation (`diesel::connection::set_default_instrumentation`)
 //! keeps working: the tracker forwards every event to it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use parking_lot::Mutex;
+use pool_core::budget::{Budget, ClassId, Permit};
 use pool_core::classify::ErrorClass;
 use pool_core::config::PoolConfig;
 use pool_core::events::{EventListener, PoolEvent};
@@ -32,17 +33,27 @@ pub(crate) struct Shared {
     pub(crate) stats: PoolStats,
     pub(crate) epoch: Epoch,
     pub(crate) listener: Arc<dyn EventListener>,
+    /// The shared budget this pool's connections take permits from, and its class.
+    pub(crate) budget: Option<(Budget, ClassId)>,
+    /// Idle connections to close on their next checkout, to give permits back to the budget.
+    pub(crate) reclaim: AtomicU32,
     next_id: AtomicU64,
     last_invalidation_event: Mutex<Option<Instant>>,
 }
 
 impl Shared {
-    pub(crate) fn new(config: PoolConfig, listener: Arc<dyn EventListener>) -> Shared {
+    pub(crate) fn new(
+        config: PoolConfig,
+        listener: Arc<dyn EventListener>,
+        budget: Option<(Budget, ClassId)>,
+    ) -> Shared {
         Shared {
             config,
             stats: PoolStats::new(),
             epoch: Epoch::default(),
             listener,
+            budget,
+            reclaim: AtomicU32::new(0),
             next_id: AtomicU64::new(1),
             last_invalidation_event: Mutex::new(None),
         }
@@ -84,6 +95,9 @@ pub(crate) struct Tracker {
     pub(crate) close_reason: Option<CloseReason>,
     /// The leak timer of the current checkout.
     pub(crate) leak_timer: Option<Armed>,
+    /// The budget permit this connection holds; released when the connection is dropped
+    /// (after its socket is closed: the connection's fields drop before its instrumentation).
+    pub(crate) permit: Option<Permit>,
     inner: Option<Box<dyn Instrumentation>>,
 }
 
@@ -101,6 +115,7 @@ impl Tracker {
             socket,
             close_reason: None,
             leak_timer: None,
+            permit: None,
             inner: diesel::connection::get_default_instrumentation(),
         }
     }

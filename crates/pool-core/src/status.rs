@@ -16,6 +16,7 @@
 use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::budget::BudgetSnapshot;
 use crate::stats::StatsSnapshot;
 
 /// Pools at or above this share of `total_possible` in use are reported under high load.
@@ -32,6 +33,10 @@ pub struct StatusReport {
     pub budget_total: Option<u32>,
     /// Connections of the budget reserved for particular classes, if any.
     pub budget_reserved: Option<u32>,
+    /// The budget's own state (permits per class, waiters), when the pools share a
+    /// [`Budget`](crate::budget::Budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSnapshot>,
 }
 
 impl StatusReport {
@@ -42,7 +47,17 @@ impl StatusReport {
             pools,
             budget_total: None,
             budget_reserved: None,
+            budget: None,
         }
+    }
+
+    /// Adds a [`Budget`](crate::budget::Budget)'s state: its total, the sum of its reserved
+    /// floors, and per class the permits held and waiters.
+    pub fn with_budget_snapshot(mut self, snapshot: BudgetSnapshot) -> Self {
+        self.budget_total = Some(snapshot.total);
+        self.budget_reserved = Some(snapshot.classes.iter().map(|c| c.reserved).sum());
+        self.budget = Some(snapshot);
+        self
     }
 
     /// Adds the connection budget the pools share: `total` connections, `reserved` of them
@@ -56,7 +71,7 @@ impl StatusReport {
     /// Whether every pool can hand out a connection now (see
     /// [`StatsSnapshot::is_healthy`]).
     pub fn is_healthy(&self) -> bool {
-        self.pools.iter().all(|p| p.is_healthy)
+        self.pools.iter().all(|p| p.is_healthy) && self.budget.as_ref().is_none_or(|b| b.healthy)
     }
 
     /// The report as pretty-printed JSON (the fields of [`StatusReport`]).
@@ -70,6 +85,10 @@ impl StatusReport {
     fn health_line(&self) -> String {
         if self.pools.is_empty() {
             return "No pools to report.".to_owned();
+        }
+        if self.budget.as_ref().is_some_and(|b| !b.healthy) {
+            return "❌ Reserved capacity is NOT available: a class cannot get its floor"
+                .to_owned();
         }
         let exhausted: Vec<String> = self
             .pools
@@ -202,6 +221,25 @@ impl fmt::Display for StatusReport {
                 lines.push(format!("Reserved: {reserved}"));
             }
             lines.push(format!("In use across pools: {in_use}"));
+            if let Some(b) = &self.budget {
+                lines.push(format!(
+                    "Permits: {}/{} held, {} free; reserved floors {}",
+                    b.in_use,
+                    b.total,
+                    b.free,
+                    if b.healthy {
+                        "available"
+                    } else {
+                        "NOT available"
+                    }
+                ));
+                for c in &b.classes {
+                    lines.push(format!(
+                        "{}: {}/{} (reserved {}), {} waiting, {} timeouts",
+                        c.name, c.in_use, c.max, c.reserved, c.waiters, c.timeouts
+                    ));
+                }
+            }
             tree(f, &lines)?;
             writeln!(f)?;
         }

@@ -1,0 +1,318 @@
+//! The connection budget with reserved classes, on a real PostgreSQL server: automation can
+//! saturate its share and never lock out ad-hoc work; borrowed headroom comes back; the server
+//! never sees more connections than the budget. The control shows a plain r2d2 pool sized to
+//! the total locking ad-hoc work out under the same saturation.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+use diesel::prelude::*;
+use diesel::sql_types::Integer;
+use resilient_diesel::classes::{Class, ClassPools};
+use resilient_diesel::BuildError;
+use test_support::{PgOptions, PgServer};
+
+type Pools = ClassPools<PgConnection>;
+
+fn field_report_pools(pg: &PgServer, app: &str) -> Pools {
+    ClassPools::builder(&pg.url_with("sslmode=disable"), 60)
+        .class("automation", Class::new().pool_size(50).max_overflow(5))
+        .class("adhoc", Class::new().reserved(5))
+        .configure(|b| b.application_name(app).pool_timeout(Duration::from_secs(5)))
+        .build()
+        .expect("the field report's budget is valid")
+}
+
+fn query<C: std::ops::DerefMut<Target = PgConnection>>(conn: &mut C) -> i32 {
+    diesel::select(diesel::dsl::sql::<Integer>("1"))
+        .get_result(&mut **conn)
+        .expect("query on a checked-out connection")
+}
+
+/// Samples `pg_stat_activity` for `app` until stopped; returns the highest count seen.
+fn watch_backends(pg: &PgServer, app: &str, stop: &AtomicBool) -> i64 {
+    let mut max = 0;
+    while !stop.load(Ordering::Relaxed) {
+        max = max.max(pg.count_backends(app).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    max.max(pg.count_backends(app).unwrap_or(0))
+}
+
+/// `threads` workers each take a connection from `get` and hold it until `stop`; those that
+/// cannot get one keep trying. Returns once `holding` of them hold one.
+fn saturate<'scope, F, G>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    threads: usize,
+    holding: u32,
+    stop: &'static AtomicBool,
+    get: F,
+) where
+    F: Fn() -> Option<G> + Send + Sync + Copy + 'static,
+    G: Send,
+{
+    let held = Arc::new(AtomicU32::new(0));
+    for _ in 0..threads {
+        let held = held.clone();
+        scope.spawn(move || {
+            let conn = loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(c) = get() {
+                    break c;
+                }
+            };
+            held.fetch_add(1, Ordering::SeqCst);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(conn);
+        });
+    }
+    while held.load(Ordering::SeqCst) < holding {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn leak_flag() -> &'static AtomicBool {
+    Box::leak(Box::new(AtomicBool::new(false)))
+}
+
+#[test]
+fn adhoc_gets_its_reserved_connections_in_1000_of_1000_trials_while_automation_is_saturated() {
+    let Some(pg) = server() else { return };
+    let app = "budget_saturate";
+    let pools: &'static Pools = Box::leak(Box::new(field_report_pools(&pg, app)));
+    let stop = leak_flag();
+    let watching = AtomicBool::new(false);
+    let (max_seen, ok) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| watch_backends(&pg, app, &watching));
+        // 70 threads for automation's 55: all 55 held, 15 waiting.
+        saturate(s, 70, 55, stop, || {
+            pools
+                .class("automation")
+                .unwrap()
+                .get_timeout(Duration::from_millis(200))
+                .ok()
+        });
+        let adhoc = pools.class("adhoc").unwrap();
+        let mut ok = 0;
+        for trial in 0..1000 {
+            // Every tenth trial takes the whole floor at once.
+            let n = if trial % 10 == 0 { 5 } else { 1 };
+            let mut held: Vec<_> = (0..n)
+                .map(|_| adhoc.get().expect("adhoc is never locked out"))
+                .collect();
+            for c in &mut held {
+                assert_eq!(query(c), 1);
+            }
+            ok += 1;
+        }
+        let snapshot = pools.budget_snapshot();
+        assert!(snapshot.classes[0].waiters > 0 || snapshot.classes[0].in_use == 55);
+        assert!(
+            pools.status().to_string().contains("adhoc"),
+            "{}",
+            pools.status()
+        );
+        stop.store(true, Ordering::Relaxed);
+        watching.store(true, Ordering::Relaxed);
+        (watcher.join().unwrap(), ok)
+    });
+    assert_eq!(ok, 1000);
+    assert!(
+        max_seen <= 60,
+        "the server saw {max_seen} connections for a budget of 60"
+    );
+    assert!(
+        max_seen >= 56,
+        "the saturation reached the server ({max_seen})"
+    );
+    assert!(pools.budget().is_healthy());
+    assert_no_secret_in_logs();
+}
+
+#[test]
+fn control_a_plain_r2d2_pool_sized_to_the_total_locks_adhoc_out() {
+    let Some(pg) = server() else { return };
+    let app = "budget_control";
+    let pool: &'static r2d2::Pool<_> = Box::leak(Box::new(plain_pool(
+        &pg,
+        &format!("sslmode=disable&application_name={app}"),
+        60,
+        false,
+    )));
+    let stop = leak_flag();
+    let failures = std::thread::scope(|s| {
+        saturate(s, 70, 60, stop, || {
+            pool.get_timeout(Duration::from_millis(200)).ok()
+        });
+        let failures = (0..10)
+            .filter(|_| pool.get_timeout(Duration::from_millis(300)).is_err())
+            .count();
+        stop.store(true, Ordering::Relaxed);
+        failures
+    });
+    assert_eq!(
+        failures, 10,
+        "ad-hoc work got in: the control did not reproduce the lock-out"
+    );
+}
+
+#[test]
+fn borrowed_headroom_goes_back_to_automation_when_it_needs_it() {
+    let Some(pg) = server() else { return };
+    let app = "budget_borrow";
+    let pools: &'static Pools = Box::leak(Box::new(field_report_pools(&pg, app)));
+    let automation = pools.class("automation").unwrap();
+    let adhoc = pools.class("adhoc").unwrap();
+    let stop = leak_flag();
+    let taken = std::thread::scope(|s| {
+        saturate(s, 35, 35, stop, || {
+            automation.get_timeout(Duration::from_millis(200)).ok()
+        });
+        // adhoc borrows 20 beyond its floor, then returns them: they stay open, idle.
+        let borrowed: Vec<_> = (0..25).map(|_| adhoc.get().unwrap()).collect();
+        assert_eq!(pools.budget_snapshot().free, 0);
+        drop(borrowed);
+        assert_eq!(adhoc.state().idle_connections, 25);
+        // Now automation demands 20 more.
+        let barrier = Arc::new(Barrier::new(21));
+        let started = Instant::now();
+        let waits: Vec<_> = (0..20)
+            .map(|_| {
+                let barrier = barrier.clone();
+                s.spawn(move || {
+                    let conn = automation.get();
+                    let took = started.elapsed();
+                    barrier.wait();
+                    (conn.is_ok(), took)
+                })
+            })
+            .collect();
+        // How fast the permits come back (what the budget controls), apart from how long
+        // opening 20 connections takes (what the server and libpq control).
+        while pools.budget_snapshot().classes[1].in_use == 25 {
+            std::thread::yield_now();
+        }
+        let first_back = started.elapsed();
+        while pools.budget_snapshot().classes[1].in_use > 5 {
+            std::thread::yield_now();
+        }
+        let given_back = started.elapsed();
+        eprintln!("adhoc gave its first borrowed permit back after {first_back:?}");
+        barrier.wait();
+        let results: Vec<_> = waits.into_iter().map(|w| w.join().unwrap()).collect();
+        eprintln!("adhoc gave its 20 borrowed permits back in {given_back:?}");
+        stop.store(true, Ordering::Relaxed);
+        results
+    });
+    let slowest = taken.iter().map(|(_, t)| *t).max().unwrap();
+    eprintln!("automation held 20 more connections (permits + connects) after {slowest:?}");
+    assert!(taken.iter().all(|(ok, _)| *ok), "automation was refused");
+    let stats = adhoc.stats();
+    assert_eq!(stats.closed.reclaimed, 20, "{stats:?}");
+    assert!(pools.budget().is_healthy());
+}
+
+#[test]
+fn a_budget_timeout_names_the_class_and_the_budget_state() {
+    let Some(pg) = server() else { return };
+    let app = "budget_timeout";
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 6)
+        .class("automation", Class::new().pool_size(0).max_overflow(4))
+        .class(
+            "adhoc",
+            Class::new()
+                .reserved(2)
+                .pool_timeout(Duration::from_millis(300)),
+        )
+        .configure(|b| b.application_name(app))
+        .build()
+        .unwrap();
+    let automation = pools.class("automation").unwrap();
+    let adhoc = pools.class("adhoc").unwrap();
+    let _auto: Vec<_> = (0..4).map(|_| automation.get().unwrap()).collect();
+    let _floor: Vec<_> = (0..2).map(|_| adhoc.get().unwrap()).collect();
+    let Err(err) = adhoc.get() else {
+        panic!("adhoc got a connection beyond the budget")
+    };
+    let err = err.to_string();
+    assert!(err.contains("class \"adhoc\" waited"), "{err}");
+    assert!(err.contains("automation: 4/4 in use"), "{err}");
+    assert!(err.contains("adhoc: 2/"), "{err}");
+    let report = pools.status();
+    let text = report.to_string();
+    assert!(text.contains("Connection budget: 6 connections"), "{text}");
+    assert!(
+        text.contains("Permits: 6/6 held, 0 free; reserved floors available"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["budget"]["classes"][1]["name"], "adhoc");
+    assert!(json["budget"]["classes"][1]["timeouts"].as_u64().unwrap() >= 1);
+    assert_no_secret_in_logs();
+}
+
+#[test]
+fn impossible_budgets_are_rejected_when_built() {
+    let url = "postgres://app:s3cret@127.0.0.1:1/app";
+    let err = ClassPools::<PgConnection>::builder(url, 10)
+        .class("a", Class::new().reserved(6))
+        .class("b", Class::new().reserved(6))
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, BuildError::Budget(_)), "{err}");
+    assert!(err.to_string().contains("reserve 12 in all"), "{err}");
+    let err = ClassPools::<PgConnection>::builder(url, 10)
+        .class("a", Class::new().pool_size(10).max_overflow(5))
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("more than the total of 10"),
+        "{err}"
+    );
+    let err = ClassPools::<PgConnection>::builder(url, 0)
+        .class("a", Class::new())
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("at least 1"), "{err}");
+    assert!(!err.to_string().contains("s3cret"));
+}
+
+#[test]
+fn the_server_capacity_check_warns_when_the_budget_cannot_fit() {
+    test_support::capture_logs();
+    let pg = match PgServer::start_with(PgOptions::new().conf("max_connections = 50")) {
+        Ok(pg) => pg,
+        Err(e) if !test_support::ci_mode() => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 60)
+        .class("automation", Class::new().max_overflow(55))
+        .class("adhoc", Class::new().reserved(5))
+        .configure(|b| b.application_name("budget_capacity"))
+        .build()
+        .unwrap();
+    let capacity = pools.check_server_capacity().unwrap();
+    assert_eq!(capacity.max_connections, 50);
+    assert!(!capacity.fits(), "{capacity}");
+    assert!(
+        capacity.to_string().contains("cannot be opened"),
+        "{capacity}"
+    );
+    let small = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 20)
+        .class("adhoc", Class::new().reserved(2))
+        .configure(|b| b.application_name("budget_capacity_small"))
+        .build()
+        .unwrap();
+    assert!(small.check_server_capacity().unwrap().fits());
+}
