@@ -9,6 +9,18 @@ use std::fmt;
 use diesel::sql_types::{Array, Integer, Text};
 use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl};
 
+/// Why the capacity check could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CapacityError {
+    /// No connection to ask with (the pool's error, redacted).
+    #[error("no connection for the capacity check: {0}")]
+    Pool(String),
+    /// The query failed.
+    #[error("the capacity query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
 /// What the server can give the budget, read from its settings and `pg_stat_activity`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ServerCapacity {

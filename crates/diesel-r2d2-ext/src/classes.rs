@@ -196,14 +196,16 @@ impl ClassPools<diesel::PgConnection> {
     /// it does not fit. Uses a connection of the first class.
     pub fn check_server_capacity(
         &self,
-    ) -> Result<crate::capacity::ServerCapacity, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<crate::capacity::ServerCapacity, crate::capacity::CapacityError> {
         let (_, pool) = &self.pools[0];
         let ours: Vec<String> = self
             .pools
             .iter()
             .filter_map(|(_, p)| p.config().connect.application_name.clone())
             .collect();
-        let mut conn = pool.get()?;
+        let mut conn = pool.get().map_err(|e| {
+            crate::capacity::CapacityError::Pool(pool_core::redact::redact(&e.to_string()))
+        })?;
         Ok(crate::capacity::check_server_capacity(
             &mut conn,
             self.budget.total(),
