@@ -364,3 +364,62 @@ fn the_status_report_reads_like_the_field_reports_and_serializes_to_json() {
     assert!(!text.contains(PgServer::PASSWORD));
     assert!(!format!("{pool:?}").contains(PgServer::PASSWORD));
 }
+
+#[test]
+fn validation_through_a_stalled_proxy_returns_within_its_timeout_and_recovers() {
+    let Some(pg) = server() else { return };
+    let proxy = test_support::FaultProxy::start(pg.addr()).expect("fault proxy");
+    let validation_timeout = Duration::from_secs(1);
+    let pool_timeout = Duration::from_secs(3);
+    let pool = resilient_diesel::PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name("ext_proxy_stall")
+        .pool_size(1)
+        .max_overflow(0)
+        .validation_bypass_window(Duration::from_millis(1))
+        .validation_timeout(validation_timeout)
+        .pool_timeout(pool_timeout)
+        .build()
+        .unwrap();
+    warm(&pool, 1);
+    std::thread::sleep(Duration::from_millis(20));
+    proxy.stall(true);
+    let p = pool.clone();
+    let started = Instant::now();
+    let limit = validation_timeout + pool_timeout + Duration::from_secs(5);
+    let (outcome, handle) = within(limit, move || select_one(&p));
+    assert!(
+        outcome.is_some(),
+        "checkout hung for {:?} behind a stalled proxy",
+        started.elapsed()
+    );
+    assert!(pool.stats().validations_failed >= 1, "{:?}", pool.stats());
+    proxy.stall(false);
+    handle.join().unwrap();
+    let errors = errors_over(&pool, 10);
+    assert!(errors.is_empty(), "pool must serve again: {errors:?}");
+}
+
+#[test]
+fn control_plain_r2d2_checkout_hangs_behind_a_stalled_proxy_until_it_resumes() {
+    let Some(pg) = server() else { return };
+    let proxy = test_support::FaultProxy::start(pg.addr()).expect("fault proxy");
+    let pool = r2d2::Pool::builder()
+        .max_size(1)
+        .test_on_check_out(true)
+        .connection_timeout(Duration::from_secs(5))
+        .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
+            pg.url_via(proxy.port(), "sslmode=disable"),
+        ))
+        .unwrap();
+    warm(&pool, 1);
+    proxy.stall(true);
+    let p = pool.clone();
+    // connection_timeout is 5 s; r2d2's validity check has no time limit of its own.
+    let (outcome, handle) = within(Duration::from_secs(9), move || select_one(&p));
+    assert!(
+        outcome.is_none(),
+        "plain r2d2 was expected to hang, got {outcome:?}"
+    );
+    proxy.stall(false);
+    handle.join().unwrap();
+}
