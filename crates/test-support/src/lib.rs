@@ -21,6 +21,7 @@
 mod certs;
 mod error;
 mod logs;
+mod netns;
 mod pg;
 mod proxy;
 mod silent;
@@ -34,6 +35,7 @@ use parking_lot::Mutex;
 
 pub use error::TestSupportError;
 pub use logs::{capture_logs, captured_logs};
+pub use netns::NetNs;
 pub use pg::{BackendPause, PgOptions, PgServer};
 pub use proxy::FaultProxy;
 pub use silent::SilentServer;
