@@ -1,4 +1,5 @@
-//! Quickstart: build the extended pool, run a small concurrent workload, print the status.
+//! Quickstart: build the extended pool, run a small concurrent workload (each insert in
+//! `commit_with_retry`), print the status.
 //!
 //! ```text
 //! cargo run --example quickstart                      # SQLite in a temp file
@@ -12,6 +13,7 @@ use std::error::Error;
 use std::thread;
 
 use diesel::prelude::*;
+use resilient_diesel::retry::{commit_with_retry, RetryPolicy};
 use resilient_diesel::{PgPool, PoolConfig, SqlitePool};
 
 diesel::table! {
@@ -34,15 +36,19 @@ macro_rules! workload {
             .map(|w| {
                 let pool = pool.clone();
                 thread::spawn(move || -> Result<(), String> {
+                    let policy = RetryPolicy::default();
                     for i in 0..25 {
-                        let mut conn = pool.get().map_err(|e| e.to_string())?;
-                        diesel::insert_into(events::table)
-                            .values((
-                                events::id.eq(format!("{run}-{w}-{i}")),
-                                events::payload.eq("webhook received"),
-                            ))
-                            .execute(&mut conn)
-                            .map_err(|e| e.to_string())?;
+                        // One transaction per event, retried on transient errors, never
+                        // committed twice.
+                        commit_with_retry(&pool, &policy, |conn| {
+                            diesel::insert_into(events::table)
+                                .values((
+                                    events::id.eq(format!("{run}-{w}-{i}")),
+                                    events::payload.eq("webhook received"),
+                                ))
+                                .execute(conn)
+                        })
+                        .map_err(|e| e.to_string())?;
                     }
                     Ok(())
                 })
