@@ -114,3 +114,25 @@ pub fn assert_no_secret_in_logs() {
         );
     }
 }
+
+/// Runs a checkout + query on a thread and asserts it *returns* (with an error or not) within
+/// `limit` instead of hanging until `fault` is lifted. Returns the thread, to be joined after
+/// the fault is lifted.
+pub fn assert_checkout_returns<M>(
+    pool: &r2d2::Pool<M>,
+    limit: Duration,
+    fault: &str,
+) -> std::thread::JoinHandle<()>
+where
+    M: r2d2::ManageConnection<Connection = PgConnection>,
+{
+    let p = pool.clone();
+    let started = std::time::Instant::now();
+    let (outcome, handle) = within(limit, move || select_one(&p));
+    assert!(
+        outcome.is_some(),
+        "checkout hung for {:?} {fault}",
+        started.elapsed()
+    );
+    handle
+}
