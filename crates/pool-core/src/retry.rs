@@ -7,8 +7,8 @@
 //! (`diesel_r2d2_ext::retry`) build `with_retry` and `commit_with_retry` on top, including the
 //! resolution of ambiguous commits.
 //!
-//! Delays follow an exponential schedule built with [`backon`]'s
-//! [`ExponentialBuilder`](backon::ExponentialBuilder) (`base`, `2 * base`, `4 * base`, ...,
+//! Delays follow an exponential schedule built with
+//! [`backon::ExponentialBuilder`] (`base`, `2 * base`, `4 * base`, ...,
 //! capped at `max_delay`) with **full jitter**: each wait is drawn uniformly from
 //! `[0, scheduled delay]`, so that many clients failing together (a restart, a hot row) do not
 //! come back together. A seed makes the draws repeatable in tests.

@@ -19,7 +19,11 @@ use crate::TestSupportError;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A network namespace of this process's own; see the [module documentation](self).
+/// A private network namespace whose loopback can be blackholed.
+///
+/// Network namespaces belong to threads on Linux: the namespace lives on a runner thread, and
+/// [`NetNs::spawn`] starts threads inside it (they, and the processes they start, inherit it).
+/// Needs `CAP_SYS_ADMIN`.
 pub struct NetNs {
     jobs: Option<mpsc::Sender<Job>>,
     runner: Option<JoinHandle<()>>,
