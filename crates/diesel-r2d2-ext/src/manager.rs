@@ -141,7 +141,7 @@ impl<C: ExtConnection> ExtManager<C> {
         let Some(hint) = self.hint else {
             return (C::establish(&self.conninfo), None);
         };
-        let lock = socket::connect_lock(&self.conninfo);
+        let lock = socket::connect_lock(&format!("{hint:?}"));
         let _serialized = lock.lock();
         let before = socket::snapshot();
         let conn = C::establish(&self.conninfo);

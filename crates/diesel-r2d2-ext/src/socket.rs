@@ -18,10 +18,11 @@
 //! stream sockets whose peer is the server's port (or a Unix socket), and `dup()` the one that
 //! remains. The duplicate is ours: its number can never be reused by another socket while we
 //! hold it, and `shutdown()` on it acts on the very same socket libpq uses. Connects to one
-//! target are serialized within the process (see [`connect_lock`]) so that two of our own
-//! connects cannot confuse each other; if code outside the pool opens a socket to the same
-//! port at the same moment, the candidates stay ambiguous and the connection simply gets no
-//! probe (it is then validated by full pings, as a plain pool would).
+//! peer (port, or Unix socket) are serialized within the process, across all pools (see
+//! [`connect_lock`]), so that two of our own connects cannot confuse each other; if code
+//! outside the pools opens a socket to the same port at the same moment, the candidates stay
+//! ambiguous and the connection simply gets no probe (it is then pinged on every checkout, as
+//! a plain pool with `test_on_check_out` would).
 //!
 //! Everything here is Linux-specific (`/proc/self/fd`, `POLLRDHUP`); elsewhere
 //! [`identify`] returns `None` and the pool falls back to pings.
@@ -202,9 +203,10 @@ impl ConnSocket {
     }
 }
 
-/// The lock that serializes connects to one target within the process, so that the socket
-/// each connect opened can be told apart (see the module docs). Connects to different targets
-/// never wait for each other.
+/// The lock that serializes connects to one peer within the process, so that the socket each
+/// connect opened can be told apart (see the module docs). The key is the peer as the socket
+/// is matched (`Tcp(port)` / `Unix`), not the URL: two pools with different settings for the
+/// same server must not connect at the same moment. Connects to other peers never wait.
 pub(crate) fn connect_lock(target: &str) -> Arc<Mutex<()>> {
     static LOCKS: OnceLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
     let locks = LOCKS.get_or_init(|| Mutex::new(HashMap::new()));

@@ -135,7 +135,8 @@ impl LifecyclePolicy {
     /// `epoch` is the pool's current invalidation epoch and `probe` what the zero-round-trip
     /// liveness probe saw. A dead or expired connection is discarded; a full ping is asked
     /// for when the connection was idle longer than the bypass window, when the pool was
-    /// invalidated since it was last validated, or when the probe could not tell.
+    /// invalidated since it was last validated, or when the probe could not tell or was not
+    /// available.
     pub fn on_checkout(
         &self,
         state: &ConnectionState,
@@ -164,7 +165,10 @@ impl LifecyclePolicy {
         let stale_epoch = state.validated_epoch < epoch;
         let idle_long =
             now.saturating_duration_since(state.last_used) >= self.validation.bypass_window;
-        if stale_epoch || idle_long || probe == ProbeResult::Unknown {
+        // Without a probe (the socket could not be identified) every checkout is pinged, as a
+        // plain pool with `test_on_check_out` does: nothing else would notice a dead socket.
+        let unclear = matches!(probe, ProbeResult::Unknown | ProbeResult::Unavailable);
+        if stale_epoch || idle_long || unclear {
             CheckoutAction::Ping
         } else {
             CheckoutAction::Reuse
@@ -301,6 +305,11 @@ mod tests {
         assert_eq!(
             p.on_checkout(&st, now, 1, ProbeResult::Alive),
             CheckoutAction::Ping
+        );
+        assert_eq!(
+            p.on_checkout(&st, now, 0, ProbeResult::Unavailable),
+            CheckoutAction::Ping,
+            "no probe: a hot connection is pinged too"
         );
     }
 
