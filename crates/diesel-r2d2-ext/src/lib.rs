@@ -63,3 +63,4 @@ pub use pool::PgPool;
 pub use pool::SqlitePool;
 pub use pool::{BuildError, Builder, ExtPool};
 pub use pool_core;
+pub use retry::{commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy};
