@@ -136,3 +136,33 @@ where
     );
     handle
 }
+
+/// The control's half of a fault test: after the fault, 100 checkouts + queries on a plain
+/// pool surface at least one error (so the test can fail).
+pub fn assert_fault_hurts<M>(pool: &r2d2::Pool<M>)
+where
+    M: r2d2::ManageConnection<Connection = PgConnection>,
+{
+    assert!(
+        !errors_over(pool, 100).is_empty(),
+        "the fault must hurt a plain pool"
+    );
+}
+
+/// The control's half of a stall test: a checkout + query is still running after `limit`.
+/// Returns the thread, to be joined after the fault is lifted.
+pub fn assert_checkout_hangs<M>(
+    pool: &r2d2::Pool<M>,
+    limit: Duration,
+) -> std::thread::JoinHandle<()>
+where
+    M: r2d2::ManageConnection<Connection = PgConnection>,
+{
+    let p = pool.clone();
+    let (outcome, handle) = within(limit, move || select_one(&p));
+    assert!(
+        outcome.is_none(),
+        "plain r2d2 was expected to hang, got {outcome:?}"
+    );
+    handle
+}

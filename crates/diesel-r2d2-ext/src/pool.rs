@@ -151,11 +151,7 @@ impl<C: ExtConnection> ExtPool<C> {
         let cfg = &self.shared.config;
         // r2d2 does not count its waiters; with a budget, those waiting for a permit are known.
         let (reserved, waiters) = match &self.shared.budget {
-            Some((budget, class)) => {
-                let snapshot = budget.snapshot();
-                let c = &snapshot.classes[class.index()];
-                (c.reserved, Some(c.waiters))
-            }
+            Some((budget, class)) => (budget.limits(*class).reserved, Some(budget.waiters(*class))),
             None => (0, None),
         };
         self.shared.stats.snapshot(Gauges {

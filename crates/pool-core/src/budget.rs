@@ -398,6 +398,11 @@ impl Inner {
         borrowed.min(u32::try_from(blocked).unwrap_or(u32::MAX))
     }
 
+    fn waiters(st: &State, class: usize) -> u32 {
+        let n = st.queue.iter().filter(|w| w.class == class).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     fn notify_pressure(&self) {
         #[cfg(not(loom))]
         {
@@ -631,6 +636,12 @@ impl Budget {
         }
     }
 
+    /// Requests of `class` waiting for a permit now.
+    pub fn waiters(&self, class: ClassId) -> u32 {
+        let st = self.inner.state.lock();
+        Inner::waiters(&st, class.0)
+    }
+
     /// The budget's state now.
     pub fn snapshot(&self) -> BudgetSnapshot {
         let inner = &*self.inner;
@@ -649,8 +660,7 @@ impl Budget {
                     reserved: inner.limits[c].reserved,
                     max: inner.limits[c].max,
                     in_use: st.in_use[c],
-                    waiters: u32::try_from(st.queue.iter().filter(|w| w.class == c).count())
-                        .unwrap_or(u32::MAX),
+                    waiters: Inner::waiters(&st, c),
                     acquired: st.acquired[c],
                     timeouts: st.timeouts[c],
                     reclaim_wanted: inner.reclaim_wanted(&st, c),

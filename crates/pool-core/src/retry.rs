@@ -489,24 +489,72 @@ impl<'p> Loop<'p> {
     ) -> Next<E> {
         let attempts = self.attempt.number;
         let elapsed = self.started.elapsed();
-        let (class, message) = match error {
-            AttemptError::AmbiguousCommit {
-                error,
-                txid,
-                reason,
-            } => {
-                return Next::Stop(RetryError::AmbiguousCommit {
-                    attempts,
-                    elapsed,
-                    txid,
-                    reason,
-                    error,
-                })
+        let class = match &error {
+            AttemptError::Op(e) => classify(e),
+            AttemptError::Pool(_) => ErrorClass::PoolTimeout,
+            // Never retried, whatever cut the commit off.
+            AttemptError::AmbiguousCommit { .. } => {
+                return Next::Stop(error.into_retry_error(ErrorClass::Permanent, attempts, elapsed))
             }
-            AttemptError::Op(ref e) => (classify(e), e.to_string()),
-            AttemptError::Pool(ref p) => (ErrorClass::PoolTimeout, p.message.clone()),
         };
-        let stop = |error: AttemptError<E>| match error {
+        if !self.policy.retries(class) {
+            return Next::Stop(error.into_retry_error(class, attempts, elapsed));
+        }
+        let delay = self.schedule.next().filter(|delay| {
+            self.policy
+                .max_elapsed
+                .is_none_or(|limit| elapsed + *delay < limit)
+        });
+        let Some(delay) = delay else {
+            if let Some(stats) = hooks.stats {
+                stats.record_retry_exhausted();
+            }
+            log::warn!(
+                target: crate::events::LOG_TARGET,
+                "pool {}: giving up after attempt {attempts} ({class}): {}",
+                hooks.pool,
+                error.redacted_message()
+            );
+            return Next::Stop(error.into_retry_error(class, attempts, elapsed));
+        };
+        if let Some(stats) = hooks.stats {
+            stats.record_retry();
+        }
+        hooks.listener.on_event(&PoolEvent::Retry {
+            pool: hooks.pool,
+            attempt: attempts,
+            class: class.as_str(),
+            delay,
+            error: &error.redacted_message(),
+        });
+        self.attempt = Attempt {
+            number: attempts + 1,
+            previous: Some(class),
+        };
+        Next::Wait(delay)
+    }
+}
+
+impl<E: fmt::Display> AttemptError<E> {
+    /// The error's text with any password masked, for logs and events.
+    fn redacted_message(&self) -> String {
+        match self {
+            AttemptError::Op(e) | AttemptError::AmbiguousCommit { error: e, .. } => {
+                redact(&e.to_string())
+            }
+            // Already redacted when it was made.
+            AttemptError::Pool(p) => p.message.clone(),
+        }
+    }
+
+    /// The final error once the loop stops on this attempt's failure of `class`.
+    fn into_retry_error(
+        self,
+        class: ErrorClass,
+        attempts: u32,
+        elapsed: Duration,
+    ) -> RetryError<E> {
+        match self {
             AttemptError::Op(e) if !class.is_transient() => RetryError::Permanent(e),
             AttemptError::Op(last) => RetryError::Exhausted {
                 attempts,
@@ -519,47 +567,18 @@ impl<'p> Loop<'p> {
                 elapsed,
                 error,
             },
-            AttemptError::AmbiguousCommit { .. } => unreachable!("handled above"),
-        };
-        if !self.policy.retries(class) {
-            return Next::Stop(stop(error));
+            AttemptError::AmbiguousCommit {
+                error,
+                txid,
+                reason,
+            } => RetryError::AmbiguousCommit {
+                attempts,
+                elapsed,
+                txid,
+                reason,
+                error,
+            },
         }
-        let out_of_time = |delay: Duration| {
-            self.policy
-                .max_elapsed
-                .is_some_and(|limit| elapsed + delay >= limit)
-        };
-        let delay = match self.schedule.next() {
-            Some(delay) if !out_of_time(delay) => delay,
-            _ => {
-                if let Some(stats) = hooks.stats {
-                    stats.record_retry_exhausted();
-                }
-                log::warn!(
-                    target: crate::events::LOG_TARGET,
-                    "pool {}: giving up after attempt {attempts} ({class}): {}",
-                    hooks.pool,
-                    redact(&message)
-                );
-                return Next::Stop(stop(error));
-            }
-        };
-        if let Some(stats) = hooks.stats {
-            stats.record_retry();
-        }
-        let shown = redact(&message);
-        hooks.listener.on_event(&PoolEvent::Retry {
-            pool: hooks.pool,
-            attempt: attempts,
-            class: class.as_str(),
-            delay,
-            error: &shown,
-        });
-        self.attempt = Attempt {
-            number: attempts + 1,
-            previous: Some(class),
-        };
-        Next::Wait(delay)
     }
 }
 
