@@ -19,12 +19,21 @@ use test_support::{PgOptions, PgServer};
 type Pools = ClassPools<PgConnection>;
 
 fn field_report_pools(pg: &PgServer, app: &str) -> Pools {
+    pools_with(
+        pg,
+        app,
+        Class::new().pool_size(50).max_overflow(5),
+        Class::new().reserved(5),
+    )
+}
+
+fn pools_with(pg: &PgServer, app: &str, automation: Class, adhoc: Class) -> Pools {
     ClassPools::builder(&pg.url_with("sslmode=disable"), 60)
-        .class("automation", Class::new().pool_size(50).max_overflow(5))
-        .class("adhoc", Class::new().reserved(5))
+        .class("automation", automation)
+        .class("adhoc", adhoc)
         .configure(|b| b.application_name(app).pool_timeout(Duration::from_secs(5)))
         .build()
-        .expect("the field report's budget is valid")
+        .expect("the budget is valid")
 }
 
 fn query<C: std::ops::DerefMut<Target = PgConnection>>(conn: &mut C) -> i32 {
@@ -86,12 +95,41 @@ fn leak_flag() -> &'static AtomicBool {
 #[test]
 fn adhoc_gets_its_reserved_connections_in_1000_of_1000_trials_while_automation_is_saturated() {
     let Some(pg) = server() else { return };
-    let app = "budget_saturate";
-    let pools: &'static Pools = Box::leak(Box::new(field_report_pools(&pg, app)));
+    saturated_automation_never_locks_adhoc_out(
+        &pg,
+        "budget_saturate",
+        field_report_pools(&pg, "budget_saturate"),
+    );
+}
+
+/// Here automation's cap is the whole budget: only the reserved floor stands between it and
+/// the last five connections.
+#[test]
+fn the_reserved_floor_alone_keeps_adhoc_in_when_automation_may_take_the_whole_budget() {
+    let Some(pg) = server() else { return };
+    let app = "budget_floor_only";
+    let pools = pools_with(
+        &pg,
+        app,
+        Class::new().pool_size(0).max_overflow(60),
+        Class::new().reserved(5),
+    );
+    assert_eq!(
+        pools
+            .budget()
+            .limits(pools.budget().class_id("automation").unwrap())
+            .max,
+        60
+    );
+    saturated_automation_never_locks_adhoc_out(&pg, app, pools);
+}
+
+fn saturated_automation_never_locks_adhoc_out(pg: &PgServer, app: &str, pools: Pools) {
+    let pools: &'static Pools = Box::leak(Box::new(pools));
     let stop = leak_flag();
     let watching = AtomicBool::new(false);
     let (max_seen, ok) = std::thread::scope(|s| {
-        let watcher = s.spawn(|| watch_backends(&pg, app, &watching));
+        let watcher = s.spawn(|| watch_backends(pg, app, &watching));
         // 70 threads for automation's 55: all 55 held, 15 waiting.
         saturate(s, 70, 55, stop, || {
             pools
@@ -141,12 +179,15 @@ fn adhoc_gets_its_reserved_connections_in_1000_of_1000_trials_while_automation_i
 fn control_a_plain_r2d2_pool_sized_to_the_total_locks_adhoc_out() {
     let Some(pg) = server() else { return };
     let app = "budget_control";
-    let pool: &'static r2d2::Pool<_> = Box::leak(Box::new(plain_pool(
-        &pg,
-        &format!("sslmode=disable&application_name={app}"),
-        60,
-        false,
-    )));
+    // As people size it: one pool for the whole plan, r2d2's defaults otherwise.
+    let pool: &'static r2d2::Pool<_> = Box::leak(Box::new(
+        r2d2::Pool::builder()
+            .max_size(60)
+            .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
+                pg.url_with(&format!("sslmode=disable&application_name={app}")),
+            ))
+            .unwrap(),
+    ));
     let stop = leak_flag();
     let failures = std::thread::scope(|s| {
         saturate(s, 70, 60, stop, || {
@@ -168,7 +209,13 @@ fn control_a_plain_r2d2_pool_sized_to_the_total_locks_adhoc_out() {
 fn borrowed_headroom_goes_back_to_automation_when_it_needs_it() {
     let Some(pg) = server() else { return };
     let app = "budget_borrow";
-    let pools: &'static Pools = Box::leak(Box::new(field_report_pools(&pg, app)));
+    // adhoc may keep 25 open: what it borrows stays open (idle) after it is returned.
+    let pools: &'static Pools = Box::leak(Box::new(pools_with(
+        &pg,
+        app,
+        Class::new().pool_size(50).max_overflow(5),
+        Class::new().reserved(5).pool_size(25),
+    )));
     let automation = pools.class("automation").unwrap();
     let adhoc = pools.class("adhoc").unwrap();
     let stop = leak_flag();
@@ -315,4 +362,67 @@ fn the_server_capacity_check_warns_when_the_budget_cannot_fit() {
         .build()
         .unwrap();
     assert!(small.check_server_capacity().unwrap().fits());
+}
+
+#[test]
+fn the_capacity_check_counts_a_replicas_connections_as_other_clients() {
+    let Some(pg) = server() else { return };
+    // Two replicas of one service: same URL, same application_name.
+    let replica = || {
+        ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 10)
+            .class("adhoc", Class::new().reserved(3))
+            .configure(|b| b.application_name("budget_replicas"))
+            .build()
+            .unwrap()
+    };
+    let a = replica();
+    let b = replica();
+    assert_eq!(pg.count_backends("budget_replicas").unwrap(), 6);
+    let capacity = a.check_server_capacity().unwrap();
+    assert!(
+        (3..=4).contains(&capacity.other_clients),
+        "the other replica's 3 connections are not ours: {capacity}"
+    );
+    drop(b);
+}
+
+#[test]
+fn a_checkout_that_gave_up_on_the_budget_leaves_no_connect_waiting_for_a_permit() {
+    let Some(pg) = server() else { return };
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 4)
+        .class("automation", Class::new().pool_size(4).max_overflow(0))
+        .class(
+            "adhoc",
+            Class::new()
+                .pool_size(0)
+                .max_overflow(4)
+                .pool_timeout(Duration::from_millis(300)),
+        )
+        .configure(|b| b.application_name("budget_phantom"))
+        .build()
+        .unwrap();
+    let automation = pools.class("automation").unwrap();
+    let adhoc = pools.class("adhoc").unwrap();
+    let mut held: Vec<_> = (0..4).map(|_| automation.get().unwrap()).collect();
+    assert!(adhoc.get().is_err(), "the budget is spent");
+    // Automation's work ends; its connections go back to its pool, idle. A connect of
+    // adhoc's still queued for a permit (r2d2 retries failed connects) would now make
+    // automation close them, for nobody.
+    held.truncate(2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let snapshot = pools.budget_snapshot();
+    assert_eq!(snapshot.classes[1].waiters, 0, "{snapshot}");
+    assert_eq!(
+        automation.stats().closed.reclaimed,
+        0,
+        "{:?}",
+        automation.stats()
+    );
+    assert_eq!(
+        adhoc.stats().connects,
+        0,
+        "adhoc opened a connection nobody asked for"
+    );
+    drop(held);
+    assert!(adhoc.get().is_ok(), "a new checkout is served");
 }

@@ -322,11 +322,9 @@ fn a_unique_violation_is_tried_once_and_returned_as_permanent() {
 fn with_retry_rides_over_terminated_backends_even_on_a_plain_r2d2_pool() {
     let Some(pg) = server() else { return };
     let app = "retry_plain";
-    let pool = plain_pool(
-        &pg,
-        &format!("sslmode=disable&application_name={app}"),
-        3,
-        false,
+    // Without r2d2's checkout test, dead connections are handed out: only the retry helps.
+    let pool = plain_pool_without_checkout_test(
+        &pg.url_with(&format!("sslmode=disable&application_name={app}")),
     );
     warm(&pool, 3);
     terminate_all(&pg, app);
@@ -461,4 +459,74 @@ fn errors_from_a_real_server_are_classified() {
     std::thread::sleep(Duration::from_millis(900));
     let idle = diesel::sql_query("SELECT 1").execute(&mut c).unwrap_err();
     assert_eq!(classify_diesel(&idle), ErrorClass::ConnectionLost, "{idle}");
+}
+
+#[test]
+fn resolving_a_cut_keyed_commit_waits_on_the_key_lock_no_longer_than_the_resolution_timeout() {
+    let Some(pg) = server() else { return };
+    setup(&pg, LEDGER);
+    pg.execute(&format!(
+        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
+        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
+    ))
+    .unwrap();
+    let proxy = proxied(&pg);
+    let app = "retry_key_locked";
+    // One connection: resolution opens a fresh one (not paused) that meets the key's lock.
+    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name(app)
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .verify_commit(false)
+        .commit_resolution_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    proxy.sever_after_forwarding(b"COMMIT", Duration::from_millis(100));
+    let (to_main, from_body) = std::sync::mpsc::channel::<()>();
+    let (to_body, from_main) = std::sync::mpsc::channel::<()>();
+    let (p, pol) = (pool.clone(), policy.clone());
+    let (result_tx, result_rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let out = commit_with_key(&p, &pol, "order-7", |conn| {
+            diesel::sql_query("INSERT INTO ledger (note) VALUES ('locked')").execute(conn)?;
+            // The backend is stopped here, holding the key's row lock, before COMMIT.
+            to_main.send(()).unwrap();
+            from_main.recv().unwrap();
+            Ok::<_, DieselError>(())
+        });
+        let _ = result_tx.send(out.map_err(|e| format!("{e:?}")));
+    });
+    from_body.recv().unwrap();
+    let pause = pg.pause_backends(app).unwrap();
+    to_body.send(()).unwrap();
+    // While the backend still holds the lock, resolution must give up on its own.
+    let outcome = result_rx.recv_timeout(Duration::from_secs(30));
+    pause.resume();
+    worker.join().unwrap();
+    let outcome = outcome.expect("resolution waited for the lock instead of giving up in time");
+    assert!(
+        matches!(&outcome, Err(e) if e.starts_with("AmbiguousCommit")),
+        "with the lock still held the outcome cannot be known: {outcome:?}"
+    );
+    // Once the backend runs again it commits: exactly one row, never a duplicate.
+    let mut conn = pool.get().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count(
+        &mut conn,
+        "SELECT count(*) FROM ledger WHERE note = 'locked'",
+    ) == 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM ledger WHERE note = 'locked'"
+        ),
+        1
+    );
 }

@@ -15,33 +15,47 @@ pub fn server() -> Option<PgServer> {
     test_support::pg_or_skip()
 }
 
+/// A pool the helpers can check out from: the extended pool through its own `get` (served
+/// in order, counted), a plain r2d2 pool through r2d2's.
+pub trait Checkout: Clone + Send + 'static {
+    /// The r2d2 manager of the connections handed out.
+    type M: r2d2::ManageConnection<Connection = PgConnection>;
+    /// Checks out a connection, as an application would.
+    fn checkout(&self) -> Result<r2d2::PooledConnection<Self::M>, r2d2::Error>;
+}
+
+impl<M: r2d2::ManageConnection<Connection = PgConnection>> Checkout for r2d2::Pool<M> {
+    type M = M;
+    fn checkout(&self) -> Result<r2d2::PooledConnection<M>, r2d2::Error> {
+        self.get()
+    }
+}
+
+impl Checkout for PgPool {
+    type M = resilient_diesel::ExtManager<PgConnection>;
+    fn checkout(&self) -> Result<r2d2::PooledConnection<Self::M>, r2d2::Error> {
+        self.get()
+    }
+}
+
 /// `SELECT 1` through a fresh checkout.
-pub fn select_one<M>(pool: &r2d2::Pool<M>) -> Result<i32, String>
-where
-    M: r2d2::ManageConnection<Connection = PgConnection>,
-{
-    let mut conn = pool.get().map_err(|e| e.to_string())?;
+pub fn select_one<P: Checkout>(pool: &P) -> Result<i32, String> {
+    let mut conn = pool.checkout().map_err(|e| e.to_string())?;
     diesel::select(diesel::dsl::sql::<Integer>("1"))
         .get_result::<i32>(&mut *conn)
         .map_err(|e| e.to_string())
 }
 
 /// Runs `n` checkouts + queries one after another; returns the errors seen.
-pub fn errors_over<M>(pool: &r2d2::Pool<M>, n: usize) -> Vec<String>
-where
-    M: r2d2::ManageConnection<Connection = PgConnection>,
-{
+pub fn errors_over<P: Checkout>(pool: &P, n: usize) -> Vec<String> {
     (0..n).filter_map(|_| select_one(pool).err()).collect()
 }
 
 /// Checks out `n` connections at once (so the pool really holds `n`), uses and returns them.
-pub fn warm<M>(pool: &r2d2::Pool<M>, n: usize)
-where
-    M: r2d2::ManageConnection<Connection = PgConnection>,
-{
+pub fn warm<P: Checkout>(pool: &P, n: usize) {
     let mut held = Vec::new();
     for _ in 0..n {
-        let mut conn = pool.get().expect("warm-up checkout");
+        let mut conn = pool.checkout().expect("warm-up checkout");
         diesel::select(diesel::dsl::sql::<Integer>("1"))
             .get_result::<i32>(&mut *conn)
             .expect("warm-up query");
@@ -62,22 +76,29 @@ pub fn ext_pool(
         .pool_timeout(Duration::from_secs(10))
 }
 
-/// A plain r2d2 pool as applications build it today (the control case).
-pub fn plain_pool(
-    server: &PgServer,
-    params: &str,
-    size: u32,
-    test_on_check_out: bool,
+/// The control: a plain r2d2 pool exactly as applications build it, at r2d2's defaults
+/// (`test_on_check_out(true)`: a `SELECT 1` before every checkout; 10 connections;
+/// 30 s timeout).
+pub fn plain_pool_defaults(url: &str) -> r2d2::Pool<diesel::r2d2::ConnectionManager<PgConnection>> {
+    r2d2::Pool::new(diesel::r2d2::ConnectionManager::new(url)).expect("plain pool")
+}
+
+/// The second, weakened control: plain r2d2 with `test_on_check_out(false)` (what people turn
+/// off to save the round trip), everything else at r2d2's defaults.
+pub fn plain_pool_without_checkout_test(
+    url: &str,
 ) -> r2d2::Pool<diesel::r2d2::ConnectionManager<PgConnection>> {
     r2d2::Pool::builder()
-        .max_size(size)
-        .min_idle(Some(size))
-        .test_on_check_out(test_on_check_out)
-        .connection_timeout(Duration::from_secs(5))
-        .build(diesel::r2d2::ConnectionManager::new(
-            server.url_with(params),
-        ))
+        .test_on_check_out(false)
+        .build(diesel::r2d2::ConnectionManager::new(url))
         .expect("plain pool")
+}
+
+/// A counting fault proxy in front of `server`, and the URL through it with `params`.
+pub fn proxied(server: &PgServer, params: &str) -> (test_support::FaultProxy, String) {
+    let proxy = test_support::FaultProxy::start(server.addr()).expect("fault proxy");
+    let url = server.url_via(proxy.port(), params);
+    (proxy, url)
 }
 
 /// Kills every backend of `app` and waits until the server has let them go.
@@ -118,14 +139,11 @@ pub fn assert_no_secret_in_logs() {
 /// Runs a checkout + query on a thread and asserts it *returns* (with an error or not) within
 /// `limit` instead of hanging until `fault` is lifted. Returns the thread, to be joined after
 /// the fault is lifted.
-pub fn assert_checkout_returns<M>(
-    pool: &r2d2::Pool<M>,
+pub fn assert_checkout_returns<P: Checkout>(
+    pool: &P,
     limit: Duration,
     fault: &str,
-) -> std::thread::JoinHandle<()>
-where
-    M: r2d2::ManageConnection<Connection = PgConnection>,
-{
+) -> std::thread::JoinHandle<()> {
     let p = pool.clone();
     let started = std::time::Instant::now();
     let (outcome, handle) = within(limit, move || select_one(&p));
@@ -139,10 +157,7 @@ where
 
 /// The control's half of a fault test: after the fault, 100 checkouts + queries on a plain
 /// pool surface at least one error (so the test can fail).
-pub fn assert_fault_hurts<M>(pool: &r2d2::Pool<M>)
-where
-    M: r2d2::ManageConnection<Connection = PgConnection>,
-{
+pub fn assert_fault_hurts<P: Checkout>(pool: &P) {
     assert!(
         !errors_over(pool, 100).is_empty(),
         "the fault must hurt a plain pool"
@@ -151,13 +166,10 @@ where
 
 /// The control's half of a stall test: a checkout + query is still running after `limit`.
 /// Returns the thread, to be joined after the fault is lifted.
-pub fn assert_checkout_hangs<M>(
-    pool: &r2d2::Pool<M>,
+pub fn assert_checkout_hangs<P: Checkout>(
+    pool: &P,
     limit: Duration,
-) -> std::thread::JoinHandle<()>
-where
-    M: r2d2::ManageConnection<Connection = PgConnection>,
-{
+) -> std::thread::JoinHandle<()> {
     let p = pool.clone();
     let (outcome, handle) = within(limit, move || select_one(&p));
     assert!(
@@ -165,4 +177,30 @@ where
         "plain r2d2 was expected to hang, got {outcome:?}"
     );
     handle
+}
+
+/// Polls `pg_stat_activity` until `app` has exactly `n` backends (a closed connection's
+/// backend exits asynchronously); returns the last count seen, `n` on success.
+pub fn settle_backends(server: &PgServer, app: &str, n: i64) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = server.count_backends(app).expect("count backends");
+        if seen == n || std::time::Instant::now() >= deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Checks out `n` connections at once and runs a query on each; returns them held.
+pub fn hold<P: Checkout>(pool: &P, n: usize) -> Vec<r2d2::PooledConnection<P::M>> {
+    (0..n)
+        .map(|_| {
+            let mut conn = pool.checkout().expect("checkout");
+            diesel::select(diesel::dsl::sql::<Integer>("1"))
+                .get_result::<i32>(&mut *conn)
+                .expect("query");
+            conn
+        })
+        .collect()
 }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use diesel::sql_types::{Array, Integer, Text};
+use diesel::sql_types::Integer;
 use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl};
 
 /// Why the capacity check could not run.
@@ -30,7 +30,9 @@ pub struct ServerCapacity {
     pub superuser_reserved: u32,
     /// `reserved_connections` (PostgreSQL 16+; 0 before).
     pub reserved_connections: u32,
-    /// Client connections of other applications right now (not ours, not this check's).
+    /// Client connections that are not ours right now: every client backend the server has,
+    /// minus the connections our pools hold (this check's included). Replicas of the same
+    /// service count here, whatever their `application_name`.
     pub other_clients: u32,
     /// What is left for the budget: `max - superuser_reserved - reserved - other_clients`.
     pub available: u32,
@@ -77,37 +79,36 @@ struct Row {
     #[diesel(sql_type = Integer)]
     reserved_connections: i32,
     #[diesel(sql_type = Integer)]
-    other_clients: i32,
+    clients: i32,
 }
 
-/// Compares a budget of `total` connections with what the server has left, counting as
-/// "other clients" every client backend whose `application_name` is not in `ours` (so give
-/// your pools an `application_name` for an exact count). Logs a warning when it does not fit.
+/// Compares a budget of `total` connections with what the server has left. `ours` is how
+/// many connections our pools hold now, `conn` (the one asking) among them: every other
+/// client backend counts as another client, whatever its `application_name` (replicas of
+/// the same service included). Logs a warning when it does not fit.
 ///
-/// Reading `pg_stat_activity` of other roles needs `pg_read_all_stats` for the exact
-/// application names; without it, other roles' sessions still count (their names read as
-/// empty), which errs on the safe side.
+/// Connections opened or closed while the check runs can make it off by those; run it at
+/// start. `pg_stat_activity` lists every backend to every role (their details need
+/// `pg_read_all_stats`, their count does not).
 pub fn check_server_capacity(
     conn: &mut PgConnection,
     total: u32,
-    ours: &[String],
+    ours: u32,
 ) -> QueryResult<ServerCapacity> {
     let row: Row = diesel::sql_query(
         "SELECT current_setting('max_connections')::int AS max_connections, \
                 current_setting('superuser_reserved_connections')::int AS superuser_reserved, \
                 COALESCE(current_setting('reserved_connections', true), '0')::int AS reserved_connections, \
                 (SELECT count(*) FROM pg_stat_activity \
-                  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-                    AND NOT (COALESCE(application_name, '') = ANY($1)))::int AS other_clients",
+                  WHERE backend_type = 'client backend')::int AS clients",
     )
-    .bind::<Array<Text>, _>(ours)
     .get_result(conn)?;
     let n = |v: i32| u32::try_from(v).unwrap_or(0);
     let (max, su, reserved, others) = (
         n(row.max_connections),
         n(row.superuser_reserved),
         n(row.reserved_connections),
-        n(row.other_clients),
+        n(row.clients).saturating_sub(ours),
     );
     let capacity = ServerCapacity {
         max_connections: max,

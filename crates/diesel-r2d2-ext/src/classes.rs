@@ -46,10 +46,9 @@
 //! supported with a budget: the permit lives there; use
 //! `diesel::connection::set_default_instrumentation`, which the pool forwards to.
 
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use pool_core::budget::{Budget, BudgetSnapshot, ClassId};
+use pool_core::budget::{Budget, BudgetSnapshot};
 use pool_core::status::StatusReport;
 
 use crate::manager::ExtConnection;
@@ -123,8 +122,6 @@ pub struct ClassPoolsBuilder<C> {
 pub struct ClassPools<C: ExtConnection> {
     budget: Budget,
     pools: Vec<(String, ExtPool<C>)>,
-    /// Held here only; reclaim threads stop when it is gone.
-    _alive: Arc<()>,
 }
 
 impl<C: ExtConnection> std::fmt::Debug for ClassPools<C> {
@@ -198,18 +195,18 @@ impl ClassPools<diesel::PgConnection> {
         &self,
     ) -> Result<crate::capacity::ServerCapacity, crate::capacity::CapacityError> {
         let (_, pool) = &self.pools[0];
-        let ours: Vec<String> = self
+        let mut conn = pool.get().map_err(|e| {
+            crate::capacity::CapacityError::Pool(pool.state().redact(&e.to_string()))
+        })?;
+        let ours = self
             .pools
             .iter()
-            .filter_map(|(_, p)| p.config().connect.application_name.clone())
-            .collect();
-        let mut conn = pool.get().map_err(|e| {
-            crate::capacity::CapacityError::Pool(pool_core::redact::redact(&e.to_string()))
-        })?;
+            .map(|(_, p)| p.state().open_connections())
+            .sum();
         Ok(crate::capacity::check_server_capacity(
             &mut conn,
             self.budget.total(),
-            &ours,
+            ours,
         )?)
     }
 }
@@ -244,7 +241,6 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
             sizes.push((pool_size, max_overflow));
         }
         let budget = budget.build()?;
-        let alive = Arc::new(());
         let (base_config, listener) = self.base.into_parts();
         let mut pools = Vec::with_capacity(self.classes.len());
         for ((name, class), (pool_size, max_overflow)) in self.classes.iter().zip(sizes) {
@@ -262,43 +258,8 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
                 listener.clone(),
                 Some((budget.clone(), class_id)),
             )?;
-            if budget.limits(class_id).max > class.reserved {
-                spawn_reclaimer(&pool, budget.clone(), class_id, Arc::downgrade(&alive));
-            }
             pools.push((name.clone(), pool));
         }
-        Ok(ClassPools {
-            budget,
-            pools,
-            _alive: alive,
-        })
-    }
-}
-
-/// Closes idle borrowed connections of `class` whenever another class waits for the budget.
-fn spawn_reclaimer<C: ExtConnection>(
-    pool: &ExtPool<C>,
-    budget: Budget,
-    class: ClassId,
-    alive: Weak<()>,
-) {
-    let pool = pool.clone();
-    let name = format!("resilient-diesel-reclaim-{}", budget.class_name(class));
-    let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
-        let wanted = budget.wait_for_pressure(class, Duration::from_millis(200));
-        if alive.strong_count() == 0 {
-            return;
-        }
-        if wanted == 0 {
-            continue;
-        }
-        let closed = pool.reclaim_idle(wanted);
-        if closed == 0 {
-            // Everything borrowed is in use; it goes back at checkin. Do not spin meanwhile.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
-    if let Err(e) = spawned {
-        log::warn!(target: pool_core::events::LOG_TARGET, "could not start a reclaim thread: {e}");
+        Ok(ClassPools { budget, pools })
     }
 }

@@ -1,15 +1,16 @@
 //! Diesel's and r2d2's errors mapped to [`ErrorClass`].
 //!
 //! Diesel reports a few SQLSTATEs as [`DatabaseErrorKind`] variants (serialization failure,
-//! read-only transaction, closed connection, constraint violations); everything else arrives as
-//! `DatabaseErrorKind::Unknown` with the server's or libpq's message, which
-//! [`classify_message`] recognises.
+//! read-only transaction, closed connection, constraint violations); other server errors
+//! arrive as `DatabaseErrorKind::Unknown` with the server's primary message, matched whole
+//! against the server's own forms ([`classify_server_message`]); libpq's own failures
+//! (`UnableToSendCommand`) carry libpq's text ([`classify_message`]).
 //!
 //! Your own error types take part through [`Classify`]: implement it by delegating to the
 //! `diesel::result::Error` inside, and `with_retry` / `commit_with_retry` accept them.
 
 use diesel::result::{DatabaseErrorKind, Error};
-use pool_core::classify::{classify_message, ErrorClass};
+use pool_core::classify::{classify_message, classify_server_message, ErrorClass};
 
 /// Classifies a Diesel error.
 pub fn classify_diesel(err: &Error) -> ErrorClass {
@@ -24,6 +25,7 @@ pub fn classify_diesel(err: &Error) -> ErrorClass {
             | DatabaseErrorKind::CheckViolation
             | DatabaseErrorKind::RestrictViolation
             | DatabaseErrorKind::ExclusionViolation => ErrorClass::Permanent,
+            DatabaseErrorKind::Unknown => classify_server_message(info.message()),
             _ => classify_message(info.message()),
         },
         // A commit that failed, followed by a failed rollback: what cut the commit off decides.

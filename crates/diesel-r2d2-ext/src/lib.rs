@@ -43,7 +43,7 @@
 pub mod capacity;
 pub mod classes;
 pub mod classify;
-mod leak;
+mod demand;
 mod manager;
 #[cfg(feature = "postgres")]
 mod pg;
@@ -53,7 +53,6 @@ mod socket;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod tracker;
-mod watchdog;
 
 pub use classes::{Class, ClassPools};
 pub use manager::{ExtConnection, ExtError, ExtManager};

@@ -1,25 +1,24 @@
-//! The r2d2 `ManageConnection` implementation: connect, checkout check, checkin check.
+//! The r2d2 `ManageConnection` implementation: r2d2's hooks mapped onto the engine.
 //!
 //! The pool is always built with `test_on_check_out(true)`, so r2d2 calls
 //! [`ExtManager::is_valid`] on every checkout and [`ExtManager::has_broken`] on every checkin;
-//! those two are where the [`LifecyclePolicy`](pool_core::lifecycle::LifecyclePolicy) is
-//! applied. Validation is bounded by its timeout even when the server hangs: the ping runs
-//! under the [watchdog](crate::watchdog), which shuts the socket down at the deadline.
+//! the decisions are the engine's ([`ConnState`]), this file performs them: the socket probe,
+//! a ping bounded by the [`Watchdog`] (which shuts the socket down at the deadline, so even a
+//! hung server cannot hold a checkout), and libpq/SQLite specifics.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use diesel::r2d2::R2D2Connection;
 use pool_core::config::PoolConfig;
+use pool_core::engine::{CheckoutStep, ConnState, PoolState, Watchdog};
 use pool_core::error::ConfigError;
-use pool_core::events::PoolEvent;
-use pool_core::lifecycle::{CheckoutAction, CloseReason, ProbeResult};
-use pool_core::redact::redact;
+use pool_core::lifecycle::{CloseReason, ProbeResult};
 
-use crate::socket::{self, PeerHint, Probe};
-use crate::tracker::{tracker_of, Shared, Tracker};
-use crate::watchdog::{Action, Watchdog};
+use crate::demand::Demand;
+use crate::socket::{self, PeerFilter, Probe, SocketClaim};
+use crate::tracker::{tracker_of, SocketSlot, Tracker};
 
 /// A Diesel connection type the extended pool can manage (PostgreSQL, SQLite).
 ///
@@ -30,28 +29,44 @@ pub(crate) mod sealed {
     use super::*;
 
     /// What the manager needs to know about a backend; not nameable outside the crate.
-    pub trait Backend {
-        /// The string handed to `establish`, and what the connection's socket looks like
-        /// (`None` for embedded databases).
-        fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError>;
+    pub trait Backend: Sized {
+        /// The string handed to `establish`, and which sockets it may open (`None` for
+        /// embedded databases).
+        fn target(config: &PoolConfig) -> Result<(String, Option<PeerFilter>), ConfigError>;
 
         /// Settings applied right after connecting.
         fn after_connect(&mut self, _config: &PoolConfig) -> diesel::QueryResult<()> {
             Ok(())
         }
+
+        /// After a "read-only transaction" error: is the server a standby now (a failover)?
+        /// An error answering counts as yes.
+        fn is_standby(&mut self) -> bool {
+            false
+        }
     }
 
     #[cfg(feature = "postgres")]
     impl Backend for diesel::PgConnection {
-        fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError> {
-            let (url, hint) = crate::pg::render(config)?;
-            Ok((url, Some(hint)))
+        fn target(config: &PoolConfig) -> Result<(String, Option<PeerFilter>), ConfigError> {
+            let url = crate::pg::render(config)?;
+            let filter = PeerFilter::from_conninfo(&url, &|var| std::env::var(var).ok());
+            Ok((url, Some(filter)))
+        }
+
+        fn is_standby(&mut self) -> bool {
+            use diesel::prelude::*;
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "pg_is_in_recovery()",
+            ))
+            .get_result::<bool>(self)
+            .unwrap_or(true)
         }
     }
 
     #[cfg(feature = "sqlite")]
     impl Backend for diesel::SqliteConnection {
-        fn target(config: &PoolConfig) -> Result<(String, Option<PeerHint>), ConfigError> {
+        fn target(config: &PoolConfig) -> Result<(String, Option<PeerFilter>), ConfigError> {
             Ok((config.url.expose_secret().to_owned(), None))
         }
 
@@ -89,7 +104,7 @@ pub enum ExtError {
     },
     /// The connection was retired on checkout (dead, expired, idle too long); r2d2 takes
     /// another one.
-    #[error("connection retired on checkout: {0:?}")]
+    #[error("connection retired on checkout: {0}")]
     Retired(CloseReason),
     /// The shared connection budget had no permit for this pool's class in time.
     #[error("{0}")]
@@ -111,52 +126,116 @@ pub enum ExtError {
 /// Built by [`ExtPool`](crate::ExtPool); you rarely name it except in type aliases such as
 /// `r2d2::PooledConnection<ExtManager<PgConnection>>`.
 pub struct ExtManager<C> {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) pool: Arc<PoolState>,
+    pub(crate) demand: Arc<Demand>,
     conninfo: String,
-    hint: Option<PeerHint>,
+    peers: Option<PeerFilter>,
     _conn: PhantomData<fn() -> C>,
 }
 
 impl<C> std::fmt::Debug for ExtManager<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExtManager")
-            .field("pool", &self.shared.name())
-            .field("url", &self.shared.config.url)
+            .field("pool", &self.pool.name())
+            .field("url", &self.pool.config().url)
             .finish()
     }
 }
 
+thread_local! {
+    /// Set while the pool's maintenance walks the idle connections (see `ExtPool::sweep`).
+    static SWEEPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with checkouts on this thread in maintenance mode: no reclaim, ping or leak
+/// timer; only dead, broken, expired and idle-too-long connections are retired.
+pub(crate) fn sweeping<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SWEEPING.with(|s| s.set(false));
+        }
+    }
+    SWEEPING.with(|s| s.set(true));
+    let _reset = Reset;
+    f()
+}
+
 impl<C: ExtConnection> ExtManager<C> {
-    pub(crate) fn new(shared: Arc<Shared>) -> Result<ExtManager<C>, ConfigError> {
-        let (conninfo, hint) = C::target(&shared.config)?;
+    pub(crate) fn new(
+        pool: Arc<PoolState>,
+        demand: Arc<Demand>,
+    ) -> Result<ExtManager<C>, ConfigError> {
+        let (conninfo, peers) = C::target(pool.config())?;
+        if peers.is_some() && !socket::supported() {
+            pool.set_probe_available(false, "sockets cannot be identified on this platform");
+        }
         Ok(ExtManager {
-            shared,
+            pool,
+            demand,
             conninfo,
-            hint,
+            peers,
             _conn: PhantomData,
         })
     }
 
-    fn establish(&self) -> (diesel::ConnectionResult<C>, Option<socket::ConnSocket>) {
-        let Some(hint) = self.hint else {
-            return (C::establish(&self.conninfo), None);
+    /// Opens the connection and finds its socket (no lock: see [`socket`]).
+    fn establish(&self) -> Result<(C, SocketSlot), diesel::ConnectionError> {
+        let Some(peers) = self.peers.as_ref().filter(|_| socket::supported()) else {
+            return Ok((C::establish(&self.conninfo)?, SocketSlot::None));
         };
-        let lock = socket::connect_lock(&format!("{hint:?}"));
-        let _serialized = lock.lock();
-        let before = socket::snapshot();
-        let conn = C::establish(&self.conninfo);
-        let sock = match (&conn, before, socket::snapshot()) {
-            (Ok(_), Some(before), Some(after)) => socket::identify(&before, &after, hint),
-            _ => None,
+        let window = socket::begin_connect();
+        let mut conn = C::establish(&self.conninfo)?;
+        let slot = match window.finish(peers, &mut || conn.ping().is_ok()) {
+            SocketClaim::Found(sock) => SocketSlot::Known(sock),
+            SocketClaim::Ambiguous(candidates) => SocketSlot::Pending(candidates),
+            SocketClaim::Unavailable => {
+                log::debug!(target: pool_core::events::LOG_TARGET, "pool {}: could not identify the new connection's socket; it will be validated by pings only", self.pool.name());
+                SocketSlot::None
+            }
         };
-        if conn.is_ok() && sock.is_none() {
-            log::debug!(target: "resilient_diesel", "pool {}: could not identify the new connection's socket; it will be validated by pings only", self.shared.name());
-        }
-        (conn, sock)
+        Ok((conn, slot))
     }
 
     fn target_redacted(&self) -> String {
-        self.shared.config.url.redacted()
+        self.pool.config().url.redacted()
+    }
+
+    /// Pings `conn` within `timeout`: the watchdog shuts its socket down at the deadline, so
+    /// a hung server cannot hold the ping. A ping that succeeded just as the deadline fired
+    /// counts as failed (the socket is shut down).
+    pub(crate) fn bounded_ping(conn: &mut C, timeout: Duration) -> Result<(), ExtError> {
+        let started = Instant::now();
+        let socket = tracker_of(conn).and_then(|t| t.socket.get().cloned());
+        let deadline = socket
+            .map(|s| Watchdog::global().arm_critical(started + timeout, move || s.shutdown()));
+        let result = conn.ping();
+        let fired = deadline.is_some_and(|d| d.disarm());
+        let ok = result.is_ok() && !fired;
+        if let Some(t) = tracker_of(conn) {
+            t.state.finish_ping(ok);
+        }
+        if ok {
+            return Ok(());
+        }
+        let message = match result {
+            Err(e) => e.to_string(),
+            Ok(()) => "the validation timeout passed; the socket was shut down".to_owned(),
+        };
+        Err(ExtError::PingFailed {
+            elapsed_ms: started.elapsed().as_millis(),
+            timeout_ms: timeout.as_millis(),
+            message,
+        })
+    }
+}
+
+fn probe_of(slot: &mut SocketSlot) -> ProbeResult {
+    match slot.get().map(socket::ConnSocket::probe) {
+        Some(Probe::Alive) => ProbeResult::Alive,
+        Some(Probe::Dead) => ProbeResult::Dead,
+        Some(Probe::Unknown) => ProbeResult::Unknown,
+        None => ProbeResult::Unavailable,
     }
 }
 
@@ -166,159 +245,82 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
 
     fn connect(&self) -> Result<C, ExtError> {
         let started = Instant::now();
-        let shared = &self.shared;
+        let pool = &self.pool;
         // The permit comes first: no connection is opened beyond the budget, and nothing is
         // locked while waiting for it. The wait ends a little before the checkout's, so that a
         // checkout timing out on the budget reports the budget's state (r2d2 quotes the last
         // connect error).
-        let permit = match &shared.budget {
+        let permit = match pool.budget() {
             Some((budget, class)) => Some(
-                budget
-                    .acquire(*class, shared.config.pool_timeout.mul_f64(0.8))
-                    .map_err(|e| ExtError::Budget(format!("pool {}: {e}", shared.name())))?,
+                self.demand
+                    .permit(budget, class, pool.config().pool_timeout.mul_f64(0.8))
+                    .map_err(|e| ExtError::Budget(format!("pool {}: {e}", pool.name())))?,
             ),
             None => None,
         };
-        let (conn, sock) = self.establish();
-        let mut conn = conn.map_err(|e| {
-            shared.stats.record_connect_failure();
-            let message = redact(&e.to_string());
-            shared.listener.on_event(&PoolEvent::ConnectFailed {
-                pool: shared.name(),
-                error: &message,
-            });
-            ExtError::Connect {
-                target: self.target_redacted(),
-                message,
-            }
+        let (mut conn, socket) = self.establish().map_err(|e| ExtError::Connect {
+            target: self.target_redacted(),
+            message: pool.connect_failed(&e.to_string()),
         })?;
-        conn.after_connect(&shared.config)
+        conn.after_connect(pool.config())
             .map_err(|e| ExtError::Setup {
                 target: self.target_redacted(),
-                message: redact(&e.to_string()),
+                message: pool.redact(&e.to_string()),
             })?;
-        let mut tracker = Tracker::new(shared.clone(), sock);
-        tracker.permit = permit;
-        let id = tracker.id;
-        conn.set_instrumentation(tracker);
-        shared.stats.record_connect();
-        shared.listener.on_event(&PoolEvent::Connected {
-            pool: shared.name(),
-            connection_id: id,
-            took: started.elapsed(),
-        });
+        let state = ConnState::opened(pool, started.elapsed(), permit);
+        conn.set_instrumentation(Tracker::new(state, socket));
         Ok(conn)
     }
 
     fn is_valid(&self, conn: &mut C) -> Result<(), ExtError> {
-        let shared = &self.shared;
-        let policy = &shared.config.lifecycle;
-        let now = Instant::now();
-        let epoch = shared.epoch.current();
         if tracker_of(conn).is_none() {
             // The application replaced the connection's instrumentation: we know nothing of
-            // this connection any more, so treat it as new but unvalidated.
-            let mut tracker = Tracker::new(shared.clone(), None);
-            tracker.state.validated_epoch = epoch.saturating_sub(1);
-            tracker.state.last_used = now - policy.validation.bypass_window;
-            conn.set_instrumentation(tracker);
+            // this connection any more, so treat it as unvalidated.
+            conn.set_instrumentation(Tracker::new(
+                ConnState::adopted(&self.pool),
+                SocketSlot::None,
+            ));
         }
-        let Some(tracker) = tracker_of(conn) else {
+        let Some(Tracker { state, socket, .. }) = tracker_of(conn) else {
             return Ok(());
         };
-        if take_reclaim(&shared.reclaim) {
-            tracker.close_reason = Some(CloseReason::Reclaimed);
-            return Err(ExtError::Retired(CloseReason::Reclaimed));
+        let now = Instant::now();
+        if SWEEPING.with(|s| s.get()) {
+            return match state.sweep(|| probe_of(socket), now) {
+                Some(reason) => Err(ExtError::Retired(reason)),
+                None => Ok(()),
+            };
         }
-        let probe = match tracker.socket.as_ref().map(socket::ConnSocket::probe) {
-            Some(Probe::Alive) => ProbeResult::Alive,
-            Some(Probe::Dead) => ProbeResult::Dead,
-            Some(Probe::Unknown) => ProbeResult::Unknown,
-            None => ProbeResult::Unavailable,
-        };
-        match policy.on_checkout(&tracker.state, now, epoch, probe) {
-            CheckoutAction::Reuse => {}
-            CheckoutAction::Discard(reason) => {
-                tracker.close_reason = Some(reason);
-                if reason == CloseReason::ProbeDead {
-                    shared.stats.record_probe_dead();
-                    shared.invalidate("liveness probe found a connection closed by the server");
-                }
-                return Err(ExtError::Retired(reason));
-            }
-            CheckoutAction::Ping => {
-                let timeout = policy.validation.timeout;
-                let deadline = tracker
-                    .socket
-                    .clone()
-                    .map(|s| Watchdog::global().arm(now + timeout, Action::Shutdown(s)));
-                let result = conn.ping();
-                drop(deadline);
-                shared.stats.record_ping(result.is_ok());
-                let Some(tracker) = tracker_of(conn) else {
-                    return result.map_err(|e| ping_failed(now, timeout, &e));
-                };
-                match result {
-                    Ok(()) => tracker.state.validated_epoch = epoch,
-                    Err(e) => {
-                        tracker.close_reason = Some(CloseReason::PingFailed);
-                        return Err(ping_failed(now, timeout, &e));
-                    }
-                }
+        match state.begin_checkout(|| probe_of(socket), now) {
+            CheckoutStep::Reuse => Ok(()),
+            CheckoutStep::Discard(reason) => Err(ExtError::Retired(reason)),
+            CheckoutStep::Ping { timeout } => {
+                Self::bounded_ping(conn, timeout).map_err(|e| match e {
+                    ExtError::PingFailed {
+                        elapsed_ms,
+                        timeout_ms,
+                        message,
+                    } => ExtError::PingFailed {
+                        elapsed_ms,
+                        timeout_ms,
+                        message: self.pool.redact(&message),
+                    },
+                    other => other,
+                })
             }
         }
-        if let Some(threshold) = policy.leak_detection_threshold {
-            crate::leak::arm(tracker_of(conn), threshold);
-        }
-        Ok(())
     }
 
     fn has_broken(&self, conn: &mut C) -> bool {
-        let panicking_or_open_txn = std::thread::panicking() || conn.is_broken();
+        let dirty = std::thread::panicking() || conn.is_broken();
+        let suspect = tracker_of(conn).is_some_and(|t| t.state.take_read_only_suspect());
+        let standby = suspect && !dirty && conn.is_standby();
         let Some(tracker) = tracker_of(conn) else {
-            return panicking_or_open_txn;
+            return dirty;
         };
-        tracker.leak_timer = None;
-        let now = Instant::now();
-        tracker.state.last_used = now;
-        if panicking_or_open_txn {
-            tracker.close_reason = Some(CloseReason::Broken);
-            return true;
+        if standby {
+            tracker.state.failover_detected();
         }
-        // Borrowed budget headroom goes back as soon as its connection is returned, if another
-        // class is waiting for it.
-        if let Some((budget, class)) = &self.shared.budget {
-            if budget.reclaim_wanted(*class) > 0 {
-                tracker.close_reason = Some(CloseReason::Reclaimed);
-                return true;
-            }
-        }
-        match self.shared.config.lifecycle.on_checkin(&tracker.state, now) {
-            Some(reason) => {
-                tracker.close_reason = Some(reason);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// Takes one unit of a pending reclaim request, if any.
-fn take_reclaim(reclaim: &std::sync::atomic::AtomicU32) -> bool {
-    use std::sync::atomic::Ordering;
-    reclaim
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .is_ok()
-}
-
-fn ping_failed(
-    start: Instant,
-    timeout: std::time::Duration,
-    e: &diesel::result::Error,
-) -> ExtError {
-    ExtError::PingFailed {
-        elapsed_ms: start.elapsed().as_millis(),
-        timeout_ms: timeout.as_millis(),
-        message: redact(&e.to_string()),
+        tracker.state.checkin(dirty).is_some()
     }
 }

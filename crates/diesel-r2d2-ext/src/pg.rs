@@ -9,11 +9,6 @@ use std::time::Duration;
 use pool_core::config::{ConnectSettings, PoolConfig};
 use pool_core::error::ConfigError;
 
-use crate::socket::PeerHint;
-
-/// libpq's default port.
-const DEFAULT_PORT: u16 = 5432;
-
 /// The libpq parameters our settings stand for, in libpq's units.
 pub(crate) fn libpq_params(s: &ConnectSettings) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
@@ -52,19 +47,17 @@ fn ceil_secs(d: Duration) -> u64 {
     }
 }
 
-/// The URL handed to libpq, and what its socket's peer looks like.
+/// The URL handed to libpq.
 ///
 /// The user's URL is kept byte for byte (libpq accepts forms a strict URL parser rejects, such
 /// as `postgres://app@/db?host=/run/postgresql`); missing parameters are appended,
 /// percent-encoded the way libpq decodes them.
-pub(crate) fn render(config: &PoolConfig) -> Result<(String, PeerHint), ConfigError> {
+pub(crate) fn render(config: &PoolConfig) -> Result<String, ConfigError> {
     let raw = config.url.expose_secret();
     let existing = config.url.query_pairs();
     let has = |key: &str| existing.iter().any(|(k, _)| k == key);
-    let (base, fragment) = match raw.find('#') {
-        Some(i) => raw.split_at(i),
-        None => (raw, ""),
-    };
+    // A raw `#` never gets here: `DatabaseUrl::parse` refuses it (libpq has no fragments).
+    let base = raw;
     let mut out = base.to_owned();
     let mut sep = if base.contains('?') {
         if base.ends_with('?') || base.ends_with('&') {
@@ -84,17 +77,7 @@ pub(crate) fn render(config: &PoolConfig) -> Result<(String, PeerHint), ConfigEr
             sep = "&";
         }
     }
-    out.push_str(fragment);
-    let unix = match config.url.host() {
-        None => true,
-        Some(h) => h.is_empty() || h.starts_with('/') || h.starts_with('@'),
-    };
-    let hint = if unix {
-        PeerHint::Unix
-    } else {
-        PeerHint::Tcp(config.url.port().unwrap_or(DEFAULT_PORT))
-    };
-    Ok((out, hint))
+    Ok(out)
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters (libpq decodes `%XX` in
@@ -125,19 +108,18 @@ mod tests {
 
     #[test]
     fn settings_become_libpq_parameters_in_libpq_units() {
-        let (url, hint) = render(&config("postgres://u:pw@db.example:6543/app")).unwrap();
+        let url = render(&config("postgres://u:pw@db.example:6543/app")).unwrap();
         assert!(url.contains("keepalives=1"));
         assert!(url.contains("keepalives_idle=30"));
         assert!(url.contains("keepalives_count=3"));
         assert!(url.contains("tcp_user_timeout=3000"), "{url}");
         assert!(url.contains("connect_timeout=10"));
         assert!(url.contains("application_name=orders-api"));
-        assert_eq!(hint, PeerHint::Tcp(6543));
     }
 
     #[test]
     fn parameters_written_by_the_user_win_and_are_kept() {
-        let (url, _) = render(&config(
+        let url = render(&config(
             "postgres://u:pw@h/app?keepalives_idle=7&application_name=mine&sslmode=require",
         ))
         .unwrap();
@@ -150,14 +132,9 @@ mod tests {
     }
 
     #[test]
-    fn unix_socket_targets_are_recognised() {
-        let (_, hint) = render(&config("postgres:///app?host=/var/run/postgresql")).unwrap();
-        assert_eq!(hint, PeerHint::Unix);
-        let (_, hint) = render(&config("postgres://u@localhost/app?port=7000")).unwrap();
-        assert_eq!(hint, PeerHint::Tcp(7000));
+    fn host_less_urls_are_kept_as_written() {
         // A user but no host: libpq's default socket. url::Url rejects this form.
-        let (url, hint) = render(&config("postgres://app@/app?host=/run/postgresql")).unwrap();
-        assert_eq!(hint, PeerHint::Unix);
+        let url = render(&config("postgres://app@/app?host=/run/postgresql")).unwrap();
         assert!(
             url.starts_with("postgres://app@/app?host=/run/postgresql&connect_timeout=10&"),
             "{url}"
@@ -170,7 +147,7 @@ mod tests {
             .application_name("orders api/1 & co")
             .build()
             .unwrap();
-        let (url, _) = render(&config).unwrap();
+        let url = render(&config).unwrap();
         assert!(
             url.contains("application_name=orders%20api/1%20%26%20co"),
             "{url}"

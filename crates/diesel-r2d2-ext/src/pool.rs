@@ -6,17 +6,21 @@
 
 use std::ops::Deref;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use std::time::Duration;
-
+use parking_lot::{Condvar, Mutex};
 use pool_core::config::{PoolConfig, PoolConfigBuilder};
+use pool_core::engine::PoolState;
 use pool_core::error::ConfigError;
-use pool_core::events::{EventListener, LogListener, PoolEvent};
-use pool_core::stats::{Gauges, StatsSnapshot};
+use pool_core::events::{EventListener, LogListener};
+use pool_core::lifecycle::CloseReason;
+use pool_core::stats::StatsSnapshot;
 use pool_core::status::StatusReport;
+use r2d2::PooledConnection;
 
-use crate::manager::{ExtConnection, ExtError, ExtManager};
-use crate::tracker::Shared;
+use crate::demand::Demand;
+use crate::manager::{sweeping, ExtConnection, ExtError, ExtManager};
+use crate::tracker::tracker_of;
 
 /// Why a pool could not be built. Never contains a password.
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +48,47 @@ pub enum BuildError {
 
 /// A Diesel connection pool with validation, lifetimes, keepalives and stats.
 ///
-/// Dereferences to the [`r2d2::Pool`] it wraps: `pool.get()`, `pool.state()`, `&*pool` as
-/// `&r2d2::Pool<_>` all work as before. Cloning is cheap and shares the pool.
+/// Dereferences to the [`r2d2::Pool`] it wraps: `pool.state()`, `&*pool` as
+/// `&r2d2::Pool<_>` work as before. [`ExtPool::get`] returns r2d2's own `PooledConnection`;
+/// check out through it (not through the wrapped pool) to be served in arrival order and
+/// counted by the budget, stats and leak detection. Cloning is cheap and shares the pool.
 pub struct ExtPool<C: ExtConnection> {
+    parts: Parts<C>,
+    /// Held by every clone; when the last one goes, background work stops.
+    life: Arc<Lifeline>,
+}
+
+/// What the pool and its maintenance thread share (the thread never holds the lifeline).
+struct Parts<C: ExtConnection> {
     inner: r2d2::Pool<ExtManager<C>>,
-    shared: Arc<Shared>,
-    /// Held by every clone; background threads stop when it dies.
-    alive: Arc<()>,
+    state: Arc<PoolState>,
+    demand: Arc<Demand>,
+}
+
+impl<C: ExtConnection> Clone for Parts<C> {
+    fn clone(&self) -> Self {
+        Parts {
+            inner: self.inner.clone(),
+            state: self.state.clone(),
+            demand: self.demand.clone(),
+        }
+    }
+}
+
+/// Dropped with the last clone of a pool: stops its maintenance thread and its connects
+/// waiting for demand.
+struct Lifeline {
+    demand: Arc<Demand>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        self.demand.close();
+        let (lock, cv) = &*self.stop;
+        *lock.lock() = true;
+        cv.notify_all();
+    }
 }
 
 /// The extended pool for PostgreSQL.
@@ -64,9 +102,8 @@ pub type SqlitePool = ExtPool<diesel::SqliteConnection>;
 impl<C: ExtConnection> Clone for ExtPool<C> {
     fn clone(&self) -> Self {
         ExtPool {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-            alive: self.alive.clone(),
+            parts: self.parts.clone(),
+            life: self.life.clone(),
         }
     }
 }
@@ -75,16 +112,16 @@ impl<C: ExtConnection> Deref for ExtPool<C> {
     type Target = r2d2::Pool<ExtManager<C>>;
 
     fn deref(&self) -> &Self::Target {
-        &self.inner
+        &self.parts.inner
     }
 }
 
 impl<C: ExtConnection> std::fmt::Debug for ExtPool<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExtPool")
-            .field("name", &self.shared.name())
-            .field("url", &self.shared.config.url)
-            .field("state", &self.inner.state())
+            .field("name", &self.parts.state.name())
+            .field("url", &self.parts.state.config().url)
+            .field("state", &self.parts.inner.state())
             .finish()
     }
 }
@@ -99,7 +136,8 @@ impl<C: ExtConnection> ExtPool<C> {
         }
     }
 
-    /// Builds a pool from a finished configuration (for instance [`PoolConfig::from_env`]).
+    /// Builds a pool from a configuration (for instance [`PoolConfig::from_env`]); it is
+    /// validated again here, since its fields may have been edited.
     pub fn from_config(config: PoolConfig) -> Result<ExtPool<C>, BuildError> {
         build(config, Arc::new(LogListener), None)
     }
@@ -112,62 +150,154 @@ impl<C: ExtConnection> ExtPool<C> {
 
     /// The configuration the pool was built with.
     pub fn config(&self) -> &PoolConfig {
-        &self.shared.config
+        self.parts.state.config()
     }
 
-    pub(crate) fn shared(&self) -> &Shared {
-        &self.shared
+    /// The engine state shared with the pool's connections.
+    pub(crate) fn state(&self) -> &Arc<PoolState> {
+        &self.parts.state
     }
 
-    /// Closes up to `n` idle connections (giving their budget permits back); returns how many.
-    pub(crate) fn reclaim_idle(&self, n: u32) -> u32 {
-        use std::sync::atomic::Ordering;
-        let n = n.min(self.inner.state().idle_connections);
-        if n == 0 {
-            return 0;
+    /// Checks out a connection, waiting at most `pool_timeout`. Same signature and result
+    /// as r2d2's `get`, plus: callers are served in arrival order (a returned connection
+    /// goes to the one that waited longest), and the wait counts in the stats.
+    pub fn get(&self) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
+        self.get_timeout(self.parts.state.config().pool_timeout)
+    }
+
+    /// [`ExtPool::get`] with another timeout for this checkout.
+    pub fn get_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
+        let started = Instant::now();
+        let _wanting = self.parts.demand.want();
+        let gate = match self.parts.state.gate().enter(timeout) {
+            Ok(permit) => permit,
+            // r2d2's error type can only be made by r2d2: ask it, without waiting. (If a
+            // connection came back at this very moment, it is handed out after all.)
+            Err(_) => {
+                return self.checked_out(
+                    self.parts.inner.get_timeout(Duration::ZERO),
+                    started,
+                    None,
+                )
+            }
+        };
+        let remaining = timeout.saturating_sub(started.elapsed());
+        self.checked_out(self.parts.inner.get_timeout(remaining), started, Some(gate))
+    }
+
+    /// A connection if one can be had at once: an idle one, with nobody waiting before us.
+    pub fn try_get(&self) -> Option<PooledConnection<ExtManager<C>>> {
+        let gate = self.parts.state.gate().try_enter()?;
+        self.checked_out(
+            self.parts.inner.try_get().ok_or(()),
+            Instant::now(),
+            Some(gate),
+        )
+        .ok()
+    }
+
+    fn checked_out<E>(
+        &self,
+        result: Result<PooledConnection<ExtManager<C>>, E>,
+        started: Instant,
+        gate: Option<pool_core::budget::Permit>,
+    ) -> Result<PooledConnection<ExtManager<C>>, E> {
+        let mut conn = result?;
+        if let Some(tracker) = tracker_of(&mut *conn) {
+            tracker.state.handed_out(started.elapsed(), gate);
         }
-        // While the request lasts, each checkout retires the idle connection it would hand
-        // out (see `ExtManager::is_valid`); one `try_get` walks the idle list doing so and
-        // stops at the first connection it may keep, or when none is left.
-        self.shared.reclaim.store(n, Ordering::SeqCst);
-        drop(self.inner.try_get());
-        n - self.shared.reclaim.swap(0, Ordering::SeqCst)
+        Ok(conn)
     }
 
     /// The wrapped r2d2 pool.
     pub fn inner(&self) -> &r2d2::Pool<ExtManager<C>> {
-        &self.inner
+        &self.parts.inner
     }
 
     /// Marks every connection opened or validated so far as suspect: each is pinged before
     /// its next use. The pool does this by itself when it sees a disconnect.
     pub fn invalidate(&self) {
-        self.shared.invalidate("invalidated by the application");
+        self.parts
+            .state
+            .invalidate("invalidated by the application");
     }
 
     /// Counters and gauges of this pool.
     pub fn stats(&self) -> StatsSnapshot {
-        let state = self.inner.state();
-        let cfg = &self.shared.config;
-        // r2d2 does not count its waiters; with a budget, those waiting for a permit are known.
-        let (reserved, waiters) = match &self.shared.budget {
-            Some((budget, class)) => (budget.limits(*class).reserved, Some(budget.waiters(*class))),
-            None => (0, None),
-        };
-        self.shared.stats.snapshot(Gauges {
-            name: cfg.name.clone(),
-            in_use: state.connections.saturating_sub(state.idle_connections),
-            idle: state.idle_connections,
-            pool_size: cfg.pool_size,
-            max_overflow: cfg.max_overflow,
-            reserved,
-            waiters,
-        })
+        let state = self.parts.inner.state();
+        self.parts.state.snapshot(
+            state.connections.saturating_sub(state.idle_connections),
+            state.idle_connections,
+        )
     }
 
     /// A status report (human-readable through `Display`, JSON through `to_json`).
     pub fn status(&self) -> StatusReport {
         StatusReport::new(vec![self.stats()])
+    }
+}
+
+impl<C: ExtConnection> Parts<C> {
+    /// Holds `n` connections at once (opening what is missing) in maintenance mode, then
+    /// returns them: warms the pool, or brings a budget class back to its floor.
+    fn hold(&self, n: u32, timeout: Duration) -> Result<(), r2d2::Error> {
+        let _wanting = self.demand.want();
+        let held: Result<Vec<_>, _> = (0..n)
+            .map(|_| sweeping(|| self.inner.get_timeout(timeout)))
+            .collect();
+        held.map(drop)
+    }
+
+    /// Closes up to `n` idle connections (giving their budget permits back); returns how many.
+    fn reclaim_idle(&self, n: u32) -> u32 {
+        let n = n.min(self.inner.state().idle_connections);
+        if n == 0 {
+            return 0;
+        }
+        // While the request lasts, each checkout retires the idle connection it would hand
+        // out (see `ConnState::begin_checkout`); one `try_get` walks the idle list doing so and
+        // stops at the first connection it may keep, or when none is left.
+        self.state.request_reclaim(n);
+        drop(self.inner.try_get());
+        n - self.state.request_reclaim(0)
+    }
+
+    /// Walks the idle connections: retires the dead, broken, expired and (above the floor)
+    /// idle-too-long ones, pings those due a keepalive ping. Every idle connection is out of
+    /// the idle list only for the walk itself (microseconds), except those being pinged.
+    fn sweep(&self) {
+        let mut held = Vec::new();
+        sweeping(|| {
+            while let Some(conn) = self.inner.try_get() {
+                held.push(conn);
+            }
+        });
+        let now = Instant::now();
+        let keepalive = self.state.config().lifecycle.keepalive_ping;
+        let mut due = Vec::new();
+        // Back in the order they came out, so the idle list keeps its order.
+        while let Some(mut conn) = held.pop() {
+            let ping = keepalive.is_some_and(|every| {
+                tracker_of(&mut *conn).is_some_and(|t| t.state.keepalive_due(every, now))
+            });
+            if ping {
+                due.push(conn);
+            } else {
+                drop(conn);
+            }
+        }
+        let timeout = self.state.config().lifecycle.validation.timeout;
+        for mut conn in due {
+            // A failed ping marks the connection; it is closed when it goes back.
+            if ExtManager::<C>::bounded_ping(&mut conn, timeout).is_err() {
+                if let Some(t) = tracker_of(&mut *conn) {
+                    t.state.set_close_reason(CloseReason::PingFailed);
+                }
+            }
+        }
     }
 }
 
@@ -179,69 +309,10 @@ pub struct Builder<C> {
     _conn: std::marker::PhantomData<fn() -> C>,
 }
 
-macro_rules! forward {
-    ($($(#[$doc:meta])* $name:ident($ty:ty);)*) => {$(
-        $(#[$doc])*
-        pub fn $name(mut self, value: $ty) -> Self {
-            self.config = self.config.$name(value);
-            self
-        }
-    )*};
-}
-
 impl<C: ExtConnection> Builder<C> {
-    forward! {
-        /// Connections kept open (r2d2's `min_idle`). Default: 10.
-        pool_size(u32);
-        /// Extra connections opened under load and closed once idle; the pool's maximum is
-        /// `pool_size + max_overflow`. Default: 10.
-        max_overflow(u32);
-        /// How long `get()` waits for a connection. Default: 30 s.
-        pool_timeout(Duration);
-        /// Retire connections after this long (`pool_recycle`); `None` keeps them. Default: 30 min.
-        max_lifetime(Option<Duration>);
-        /// Spread of lifetimes, a fraction in `[0, 1)`. Default: 0.1.
-        lifetime_jitter(f64);
-        /// Close connections idle this long; `None` never does. Default: 10 min.
-        idle_timeout(Option<Duration>);
-        /// Validate connections on checkout (`pool_pre_ping`). Default: true.
-        validate_on_checkout(bool);
-        /// Connections used more recently than this skip the validation ping (the liveness
-        /// probe still runs). Default: 500 ms.
-        validation_bypass_window(Duration);
-        /// Longest a validation ping may take, even against a hung server. Default: 5 s.
-        validation_timeout(Duration);
-        /// Ping idle connections this often; `None` disables it. Default: `None`.
-        keepalive_ping(Option<Duration>);
-        /// Report connections held longer than this; `None` disables it. Default: `None`.
-        leak_detection_threshold(Option<Duration>);
-        /// Connect timeout (libpq `connect_timeout`); `None` waits for the OS. Default: 10 s.
-        connect_timeout(Option<Duration>);
-        /// TCP keepalives on or off. Default: on.
-        keepalives(bool);
-        /// Idle time before the first keepalive probe. Default: 30 s.
-        keepalives_idle(Duration);
-        /// Time between keepalive probes. Default: 10 s.
-        keepalives_interval(Duration);
-        /// Unanswered probes before the connection is dead. Default: 3.
-        keepalives_count(u32);
-        /// Give up on unacknowledged data after this long (`tcp_user_timeout`). Default: 30 s.
-        tcp_user_timeout(Option<Duration>);
-        /// TLS mode (`sslmode`). Default: the URL's, else libpq's (`prefer`).
-        ssl_mode(pool_core::config::SslMode);
-        /// Root certificate for `verify-ca` / `verify-full`. Default: none.
-        ssl_root_cert(std::path::PathBuf);
-        /// `application_name` shown in `pg_stat_activity`. Default: none.
-        application_name(&str);
-        /// SQLite `busy_timeout`. Default: 5 s.
-        sqlite_busy_timeout(Duration);
-        /// SQLite WAL journaling. Default: on.
-        sqlite_wal(bool);
-        /// SQLite foreign key enforcement. Default: on.
-        sqlite_foreign_keys(bool);
-        /// Name of the pool in stats, events and errors. Default: "default".
-        name(&str);
-    }
+    // One setter per row of pool-core's settings table (same names, docs and defaults as
+    // `PoolConfigBuilder`'s).
+    pool_core::with_settings!(pool_core::forward_settings);
 
     /// Sends pool events to `listener` instead of the `log` facade.
     pub fn event_listener(mut self, listener: impl EventListener) -> Self {
@@ -273,125 +344,149 @@ pub(crate) fn build<C: ExtConnection>(
     listener: Arc<dyn EventListener>,
     budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
 ) -> Result<ExtPool<C>, BuildError> {
-    config.lifecycle.validate()?;
-    let shared = Arc::new(Shared::new(config, listener, budget));
-    let manager = ExtManager::<C>::new(shared.clone())?;
-    let cfg = &shared.config;
-    // r2d2 keeps `min_idle` connections idle *besides* those in use, opening them in the
-    // background. A class of a budget must not: such connects would queue for permits nobody
-    // asked for and make other classes give headroom back for nothing. It opens connections on
-    // demand only, and its reserved floor is warmed once below.
-    let (min_idle, warm) = match &shared.budget {
-        Some((budget, class)) => (0, budget.limits(*class).reserved),
-        None => (cfg.pool_size, 0),
-    };
-    // r2d2's own lifetime check is only a backstop: the jittered per-connection lifetime is
-    // enforced by the manager on checkout and checkin.
-    let builder = r2d2::Pool::builder()
+    let state = Arc::new(PoolState::new(config, listener, budget)?);
+    let demand = Arc::new(Demand::default());
+    let manager = ExtManager::<C>::new(state.clone(), demand.clone())?;
+    let cfg = state.config();
+    // r2d2 keeps `min_idle` connections idle *besides* those in use and has its own reaper;
+    // both are off: `pool_size` is the most kept open (overflow closes on return, see
+    // `ConnState::checkin`), and idle timeouts, lifetimes, keepalives and budget floors are
+    // the maintenance thread's.
+    let inner = r2d2::Pool::builder()
         .max_size(cfg.max_size())
-        .min_idle(Some(min_idle))
+        .min_idle(Some(0))
         .connection_timeout(cfg.pool_timeout)
         .test_on_check_out(true)
-        .max_lifetime(cfg.lifecycle.max_lifetime)
-        .idle_timeout(cfg.lifecycle.idle_timeout)
-        .error_handler(Box::new(ErrorHandler(Arc::downgrade(&shared))))
-        .event_handler(Box::new(EventHandler(Arc::downgrade(&shared))));
-    let inner = if min_idle == 0 {
-        builder.build_unchecked(manager)
-    } else {
-        builder.build(manager).map_err(|e| BuildError::Connect {
-            pool: cfg.name.clone(),
-            wanted: min_idle,
-            timeout: cfg.pool_timeout,
-            message: pool_core::redact::redact(&e.to_string()),
-        })?
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .error_handler(Box::new(ErrorHandler(Arc::downgrade(&state))))
+        .event_handler(Box::new(EventHandler(Arc::downgrade(&state))))
+        .build_unchecked(manager);
+    let stop = Arc::new((Mutex::new(false), Condvar::new()));
+    let pool = ExtPool {
+        parts: Parts {
+            inner,
+            state: state.clone(),
+            demand: demand.clone(),
+        },
+        life: Arc::new(Lifeline {
+            demand,
+            stop: stop.clone(),
+        }),
+    };
+    // Opening the first connections here reports a wrong URL, password or host at once.
+    let warm = match state.budget() {
+        Some(_) => state.floor(),
+        None => cfg.pool_size,
     };
     if warm > 0 {
-        let held: Result<Vec<_>, _> = (0..warm).map(|_| inner.get()).collect();
-        held.map_err(|e| BuildError::Connect {
-            pool: cfg.name.clone(),
-            wanted: warm,
-            timeout: cfg.pool_timeout,
-            message: pool_core::redact::redact(&e.to_string()),
-        })?;
+        pool.parts
+            .hold(warm, cfg.pool_timeout)
+            .map_err(|e| BuildError::Connect {
+                pool: cfg.name.clone(),
+                wanted: warm,
+                timeout: cfg.pool_timeout,
+                message: state.redact(&e.to_string()),
+            })?;
     }
-    let pool = ExtPool {
-        inner,
-        shared,
-        alive: Arc::new(()),
-    };
-    if let Some(every) = pool.shared.config.lifecycle.keepalive_ping {
-        spawn_keepalive(&pool, every);
-    }
+    spawn_maintenance(&pool, stop);
     Ok(pool)
 }
 
-/// Pings idle connections periodically: every `every`, all idle connections are checked out
-/// at once (each checkout runs the validation, which pings a connection idle longer than the
-/// bypass window) and returned. The thread stops once the application dropped every clone of
-/// the pool.
-fn spawn_keepalive<C: ExtConnection>(pool: &ExtPool<C>, every: Duration) {
-    let alive = Arc::downgrade(&pool.alive);
-    let inner = pool.inner.clone();
-    let spawned = std::thread::Builder::new()
-        .name("resilient-diesel-keepalive".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            if alive.strong_count() == 0 {
+/// How often the maintenance thread walks the idle connections: often enough for the
+/// keepalive interval, the idle timeout and lifetimes, never more than every 30 s (a walk
+/// costs microseconds per idle connection).
+fn sweep_interval(cfg: &PoolConfig) -> Option<Duration> {
+    let l = &cfg.lifecycle;
+    [
+        l.keepalive_ping.map(|d| d / 2),
+        l.idle_timeout.map(|d| d / 4),
+        l.max_lifetime.map(|d| d / 8),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .map(|d| d.clamp(Duration::from_millis(20), Duration::from_secs(30)))
+}
+
+/// The pool's one background thread: gives borrowed budget headroom back the moment another
+/// class waits (woken by the budget, no polling), walks the idle connections every
+/// [`sweep_interval`], and keeps a budget class's reserved floor open. Stops when the last
+/// clone of the pool is dropped.
+fn spawn_maintenance<C: ExtConnection>(pool: &ExtPool<C>, stop: Arc<(Mutex<bool>, Condvar)>) {
+    let weak = Arc::downgrade(&pool.life);
+    let worker = pool.parts.clone();
+    let sweep_every = sweep_interval(worker.state.config());
+    let borrows = worker
+        .state
+        .budget()
+        .is_some_and(|(budget, class)| budget.limits(class).max > budget.limits(class).reserved);
+    let name = format!("resilient-diesel-{}", worker.state.name());
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let mut next_sweep = sweep_every.map(|every| Instant::now() + every);
+        loop {
+            let tick = next_sweep
+                .map_or(Duration::from_secs(1), |at| {
+                    at.saturating_duration_since(Instant::now())
+                })
+                .min(Duration::from_millis(200));
+            let wanted = match worker.state.budget() {
+                Some((budget, class)) if borrows => budget.wait_for_pressure(class, tick),
+                _ => {
+                    let (lock, cv) = &*stop;
+                    let mut stopped = lock.lock();
+                    if !*stopped {
+                        cv.wait_for(&mut stopped, tick);
+                    }
+                    0
+                }
+            };
+            if weak.strong_count() == 0 {
                 return;
             }
-            let idle = inner.state().idle_connections;
-            let held: Vec<_> = (0..idle).map_while(|_| inner.try_get()).collect();
-            drop(held);
-        });
+            if wanted > 0 && worker.reclaim_idle(wanted) == 0 {
+                // Everything borrowed is in use; it goes back at checkin. Do not spin.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if next_sweep.is_some_and(|at| Instant::now() >= at) {
+                worker.sweep();
+                next_sweep = sweep_every.map(|every| Instant::now() + every);
+            }
+            let floor = worker.state.floor();
+            if worker.state.open_connections() < floor {
+                let _ = worker.hold(floor, worker.state.config().pool_timeout);
+            }
+        }
+    });
     if let Err(e) = spawned {
-        log::warn!(target: "resilient_diesel", "could not start the keepalive thread: {e}");
+        log::warn!(target: pool_core::events::LOG_TARGET, "could not start the pool's maintenance thread: {e}; idle timeouts, keepalive pings and budget reclaim will not run");
     }
 }
 
 #[derive(Debug)]
-struct ErrorHandler(Weak<Shared>);
+struct ErrorHandler(Weak<PoolState>);
 
 impl r2d2::HandleError<ExtError> for ErrorHandler {
     fn handle_error(&self, error: ExtError) {
         // Connect failures were reported as events where they happened; retirements on
         // checkout are routine. Only failed pings are worth a line of their own.
         if let ExtError::PingFailed { .. } = error {
-            if let Some(shared) = self.0.upgrade() {
-                log::info!(target: "resilient_diesel", "pool {}: {error}", shared.name());
+            if let Some(state) = self.0.upgrade() {
+                log::info!(target: pool_core::events::LOG_TARGET, "pool {}: {}", state.name(), state.redact(&error.to_string()));
             }
         }
     }
 }
 
+/// r2d2's events carry r2d2's connection ids; ours are reported by the engine with the pool's
+/// own ids. Only timeouts are taken from r2d2 (it is the one that gives up).
 #[derive(Debug)]
-struct EventHandler(Weak<Shared>);
+struct EventHandler(Weak<PoolState>);
 
 impl r2d2::HandleEvent for EventHandler {
-    fn handle_checkout(&self, event: r2d2::event::CheckoutEvent) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.stats.record_checkout(event.duration());
-            shared.listener.on_event(&PoolEvent::CheckedOut {
-                pool: shared.name(),
-                connection_id: event.connection_id(),
-                waited: event.duration(),
-            });
-        }
-    }
-
     fn handle_timeout(&self, _event: r2d2::event::TimeoutEvent) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.stats.record_checkout_timeout();
-        }
-    }
-
-    fn handle_checkin(&self, event: r2d2::event::CheckinEvent) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.listener.on_event(&PoolEvent::CheckedIn {
-                pool: shared.name(),
-                connection_id: event.connection_id(),
-                held: event.duration(),
-            });
+        if let Some(state) = self.0.upgrade() {
+            state.stats().record_checkout_timeout();
         }
     }
 }

@@ -67,6 +67,10 @@ pub trait RetryablePool {
     /// Checks a connection out.
     fn checkout(&self) -> Result<Self::Guard, PoolError>;
 
+    /// Checks a connection out, waiting at most `timeout` (resolving an ambiguous commit
+    /// must end within its own time limit).
+    fn checkout_within(&self, timeout: Duration) -> Result<Self::Guard, PoolError>;
+
     /// Where attempts are reported (pool name, stats, listener).
     fn hooks(&self) -> RetryHooks<'_> {
         RetryHooks::default()
@@ -84,6 +88,10 @@ where
     fn checkout(&self) -> Result<Self::Guard, PoolError> {
         self.get().map_err(PoolError::new)
     }
+
+    fn checkout_within(&self, timeout: Duration) -> Result<Self::Guard, PoolError> {
+        self.get_timeout(timeout).map_err(PoolError::new)
+    }
 }
 
 impl<C: ExtConnection> RetryablePool for ExtPool<C> {
@@ -91,16 +99,25 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
     type Guard = r2d2::PooledConnection<crate::ExtManager<C>>;
 
     fn checkout(&self) -> Result<Self::Guard, PoolError> {
-        self.get()
-            .map_err(|e| PoolError::new(format_args!("pool {}: {e}", self.config().name)))
+        self.checkout_within(self.config().pool_timeout)
+    }
+
+    fn checkout_within(&self, timeout: Duration) -> Result<Self::Guard, PoolError> {
+        self.get_timeout(timeout).map_err(|e| {
+            PoolError::new(format_args!(
+                "pool {}: {}",
+                self.config().name,
+                self.state().redact(&e.to_string())
+            ))
+        })
     }
 
     fn hooks(&self) -> RetryHooks<'_> {
-        let shared = self.shared();
+        let state = self.state();
         RetryHooks {
-            pool: &shared.config.name,
-            stats: Some(&shared.stats),
-            listener: &*shared.listener,
+            pool: state.name(),
+            stats: Some(state.stats()),
+            listener: &**state,
         }
     }
 }
@@ -129,6 +146,13 @@ pub trait RetryConnection: Connection {
 
     /// Inserts `key` into the idempotency table ([`IDEMPOTENCY_TABLE_SQL`]).
     fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()>;
+
+    /// Inside a transaction: waiting for a lock longer than `limit` fails the statement
+    /// instead (PostgreSQL `SET LOCAL lock_timeout`). Backends without a per-transaction
+    /// limit rely on their own (SQLite's `busy_timeout`).
+    fn limit_lock_wait(&mut self, _limit: Duration) -> diesel::QueryResult<()> {
+        Ok(())
+    }
 }
 
 /// The idempotency table, as `migrations/` creates it (PostgreSQL, SQLite and MySQL accept it).
@@ -179,6 +203,12 @@ impl RetryConnection for diesel::PgConnection {
         .bind::<diesel::sql_types::Text, _>(key)
         .execute(self)
         .map(drop)
+    }
+
+    fn limit_lock_wait(&mut self, limit: Duration) -> diesel::QueryResult<()> {
+        use diesel::connection::SimpleConnection;
+        let ms = limit.as_millis().clamp(1, i32::MAX as u128);
+        self.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))
     }
 }
 
@@ -453,7 +483,7 @@ where
 {
     poll_until(
         policy,
-        |conn: &mut P::Connection| match conn.txid_status(txid)? {
+        |conn: &mut P::Connection, _left: Duration| match conn.txid_status(txid)? {
             TxStatus::Committed => Ok(Some(Resolved::Committed)),
             TxStatus::Aborted => Ok(Some(Resolved::Aborted)),
             TxStatus::InProgress => Ok(None),
@@ -474,9 +504,13 @@ where
 {
     poll_until(
         policy,
-        |conn: &mut P::Connection| {
+        |conn: &mut P::Connection, left: Duration| {
             begin(conn)?;
-            let probe = conn.insert_idempotency_key(key);
+            // The cut-off transaction may still hold the key's lock: wait for it only as
+            // long as the resolution may take.
+            let probe = conn
+                .limit_lock_wait(left)
+                .and_then(|()| conn.insert_idempotency_key(key));
             let _ = rollback(conn);
             match probe {
                 Ok(()) => Ok(Some(Resolved::Aborted)),
@@ -502,7 +536,7 @@ impl From<DieselError> for ProbeError {
 
 fn poll_until<P, R>(
     policy: &RetryPolicy,
-    mut probe: impl FnMut(&mut P::Connection) -> Result<Option<R>, ProbeError>,
+    mut probe: impl FnMut(&mut P::Connection, Duration) -> Result<Option<R>, ProbeError>,
     pool: &P,
 ) -> Result<R, String>
 where
@@ -512,8 +546,9 @@ where
     let mut wait = Duration::from_millis(20);
     let mut last;
     loop {
-        match pool.checkout() {
-            Ok(mut conn) => match probe(&mut conn) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match pool.checkout_within(left.max(Duration::from_millis(1))) {
+            Ok(mut conn) => match probe(&mut conn, left) {
                 Ok(Some(answer)) => return Ok(answer),
                 Ok(None) => last = "the transaction was still in progress".into(),
                 Err(ProbeError::Final(reason)) => return Err(reason),

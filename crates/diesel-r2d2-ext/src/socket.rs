@@ -13,146 +13,187 @@
 //!   libpq call from outside is `shutdown(2)` on its socket from another thread: the blocked
 //!   `poll()` wakes up, `recv()` returns end-of-file and libpq reports a closed connection.
 //!
-//! **Finding the socket.** Right after a connection is established we compare the process's
-//! open sockets (file descriptor + inode, from `/proc/self/fd`) before and after, keep the new
-//! stream sockets whose peer is the server's port (or a Unix socket), and `dup()` the one that
-//! remains. The duplicate is ours: its number can never be reused by another socket while we
-//! hold it, and `shutdown()` on it acts on the very same socket libpq uses. Connects to one
-//! peer (port, or Unix socket) are serialized within the process, across all pools (see
-//! [`connect_lock`]), so that two of our own connects cannot confuse each other; if code
-//! outside the pools opens a socket to the same port at the same moment, the candidates stay
-//! ambiguous and the connection simply gets no probe (it is then pinged on every checkout, as
-//! a plain pool with `test_on_check_out` would).
+//! # Finding the socket, with no lock held across a connect
 //!
-//! Everything here is Linux-specific (`/proc/self/fd`, `POLLRDHUP`); elsewhere
-//! [`identify`] returns `None` and the pool falls back to pings.
+//! ```text
+//! let window = begin_connect();              // snapshot: (fd, inode) of every open socket
+//! let mut conn = PgConnection::establish(..)?;
+//! match window.finish(&filter, &mut || conn.ping().is_ok()) {
+//!     SocketClaim::Found(sock) => ..,        // ours: probe and watchdog from now on
+//!     SocketClaim::Ambiguous(candidates) => .., // call candidates.resolve() at checkouts
+//!     SocketClaim::Unavailable => ..,        // pings only
+//! }
+//! ```
+//!
+//! * **Candidates.** [`ConnectWindow::finish`] lists the process's sockets again
+//!   (`/proc/self/fd` + `fstat`) and keeps those that are new since [`begin_connect`] (a
+//!   different `(fd, inode)` pair), are connected `SOCK_STREAM` sockets whose peer the
+//!   [`PeerFilter`] accepts (derived from the connection string as libpq reads it, see
+//!   [`peer`]), and are not claimed. The connection's own socket is always among them: it
+//!   was opened inside the window and is still open.
+//! * **The registry.** A process-wide set holds the inode of every socket claimed by a live
+//!   connection of ours; its mutex is held only for set operations, never across I/O or a
+//!   connect. Claiming inserts the inode into the set, so two connections can never claim
+//!   the same socket; the inode is removed when the last clone of the [`ConnSocket`] is
+//!   dropped (after our duplicate is closed). Our duplicates are themselves sockets other
+//!   windows see, and are excluded the same way.
+//! * **Elimination.** Exactly one candidate: it is ours. We `dup()` it (`F_DUPFD_CLOEXEC`),
+//!   check that the duplicate has the candidate's inode (the fd number may have been closed
+//!   and reused meanwhile) and register it. The duplicate is ours: its number can never be
+//!   reused by another socket while we hold it, and `shutdown()` on it acts on the very socket
+//!   libpq uses.
+//! * **Tiebreak.** Several candidates (connects of ours that overlapped, or sockets opened by
+//!   other code to the same port): for TCP candidates we read `TCP_INFO`'s byte counters
+//!   (`tcpi_bytes_sent`, `tcpi_bytes_received`), let the caller run one tiny round trip on
+//!   the new connection, and read them again. Our socket's counters both advanced; a
+//!   candidate whose counters did not is not ours and is dropped. When others advanced too
+//!   (their own round trip at the same moment), the round is repeated on the survivors after
+//!   a random pause of up to two round trips (at most 20 ms) that breaks the lockstep, up to
+//!   [`TIEBREAK_ROUNDS`] rounds in all, also dropping whatever was claimed or closed meanwhile.
+//!   Unix-domain candidates have no counters and can only be eliminated.
+//! * **Ambiguous.** Still several after that (other code's sockets to the same port that
+//!   keep busy, or a tiebreak that failed): [`SocketClaim::Ambiguous`] hands back the
+//!   [`Candidates`]; [`Candidates::resolve`], called at later checkouts, drops those claimed
+//!   or closed since and claims the last one. It does not scan `/proc/self/fd`: one registry
+//!   lookup and one `fstat` per candidate.
+//! * **Unknown.** The socket stays unknown (the connection is then pinged on every checkout,
+//!   as a plain pool with `test_on_check_out` would) when identification is not supported
+//!   here ([`supported`]), when no candidate is left, or while it stays ambiguous. A filter
+//!   that rejected the connection's socket costs nothing when that socket is the only new
+//!   unclaimed stream socket: it is taken anyway.
+//!
+//! Soundness rests on the connection's own socket being among its candidates (it is new,
+//! open, and nobody else can have claimed it): a claim by elimination is then always right,
+//! and a tiebreak only drops sockets that are not ours. A wrong claim therefore needs a
+//! [`PeerFilter`] that rejects the connection's socket while accepting another new one, or a
+//! tiebreak closure that reports success without a round trip (when nothing advanced, the
+//! result is [`SocketClaim::Unavailable`]). One caveat for [`Candidates::resolve`]: it
+//! assumes the connection's socket is still open; libpq closes it only when the connection
+//! is lost, which surfaces as a connection error that gets the connection dropped.
+//!
+//! **Costs** (`identification_cost_with_many_fds` in the tests prints them): the snapshot and
+//! the rescan each read `/proc/self/fd` and `fstat` every entry, about 1 µs per open
+//! descriptor (release build, 2 shared cores: 15 µs + 20 µs with 8 descriptors, 1.0 ms +
+//! 1.0 ms with 1000, mostly in the kernel); new sockets also cost `getsockopt` +
+//! `getpeername`. A tiebreak costs one round trip per round; most connects need none.
+//!
+//! Everything here is Linux-specific (`/proc/self/fd`, `TCP_INFO`, `POLLRDHUP`); elsewhere
+//! [`supported`] is false and [`ConnectWindow::finish`] returns
+//! [`SocketClaim::Unavailable`].
 
-use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, OnceLock};
+#[path = "peer.rs"]
+pub(crate) mod peer;
 
-use parking_lot::Mutex;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
-/// What the peer of a connection should look like.
+pub(crate) use peer::PeerFilter;
+
+/// How many tiebreak round trips [`ConnectWindow::finish`] runs at most (one, then up to
+/// three retries while several candidates advanced).
+pub(crate) const TIEBREAK_ROUNDS: usize = 4;
+
+/// Whether sockets can be identified here at all: Linux with a readable `/proc/self/fd`.
+/// Checked once per process.
+pub(crate) fn supported() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SUPPORTED.get_or_init(|| sys::scan().is_some())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// Opens a connect window: snapshots the process's sockets. Call right before establishing
+/// the connection, then [`ConnectWindow::finish`] right after it succeeded.
+pub(crate) fn begin_connect() -> ConnectWindow {
+    #[cfg(target_os = "linux")]
+    let before = if supported() { sys::scan() } else { None };
+    #[cfg(not(target_os = "linux"))]
+    let before = None;
+    ConnectWindow { before }
+}
+
+/// The process's sockets before a connect (see [`begin_connect`]).
+#[derive(Debug)]
+#[must_use = "call finish() once the connection is established"]
+pub(crate) struct ConnectWindow {
+    /// `(fd, inode)` of every socket, sorted; `None` where unsupported.
+    before: Option<Vec<(RawFd, u64)>>,
+}
+
+/// What [`ConnectWindow::finish`] found.
+#[derive(Debug)]
+pub(crate) enum SocketClaim {
+    /// The connection's socket, claimed.
+    Found(ConnSocket),
+    /// Several sockets may be the connection's; [`Candidates::resolve`] may tell later.
+    Ambiguous(Candidates),
+    /// No socket can be the connection's, or identification is not supported here.
+    Unavailable,
+}
+
+impl ConnectWindow {
+    /// Finds and claims the socket the connection established since [`begin_connect`] uses.
+    ///
+    /// `filter` narrows the candidates to the peers the connection string allows.
+    /// `tiebreak` is called only when several TCP candidates remain: it must run one round
+    /// trip on the new connection (e.g. `SELECT 1`) and return whether it succeeded; it is
+    /// called at most [`TIEBREAK_ROUNDS`] times. No lock is held while it runs.
+    pub(crate) fn finish(
+        self,
+        filter: &PeerFilter,
+        tiebreak: &mut dyn FnMut() -> bool,
+    ) -> SocketClaim {
+        #[cfg(target_os = "linux")]
+        if let Some(before) = self.before {
+            return sys::finish(&before, filter, tiebreak);
+        }
+        let _ = (filter, tiebreak);
+        SocketClaim::Unavailable
+    }
+}
+
+/// One socket that may be a connection's: its fd number in the process (not ours) and its
+/// inode, which tells whether the fd still holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerHint {
-    /// A TCP connection to this port (any address: the host may resolve to several).
-    Tcp(u16),
-    /// A Unix-domain socket.
-    Unix,
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+struct Candidate {
+    fd: RawFd,
+    ino: u64,
+    /// TCP (has byte counters) rather than Unix-domain.
+    tcp: bool,
 }
 
-/// The (fd, inode) pairs of the process's open sockets at one instant.
-#[derive(Debug, Default)]
-pub(crate) struct SocketSnapshot(HashSet<(RawFd, u64)>);
+/// Sockets of which one is a connection's, left by an ambiguous [`ConnectWindow::finish`].
+#[derive(Debug)]
+pub(crate) struct Candidates(Vec<Candidate>);
 
-/// Lists the process's open sockets. `None` where `/proc/self/fd` is not available.
-pub(crate) fn snapshot() -> Option<SocketSnapshot> {
-    let dir = std::fs::read_dir("/proc/self/fd").ok()?;
-    let mut set = HashSet::new();
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        if let Some(ino) = socket_inode(fd) {
-            set.insert((fd, ino));
+impl Candidates {
+    /// Drops the candidates claimed by other connections or closed since, and claims the
+    /// one left, if only one is. Cheap enough for every checkout: one registry lookup and
+    /// one `fstat` per candidate, no scan of the process's descriptors.
+    ///
+    /// Assumes the connection's own socket is still open (see the module docs).
+    pub(crate) fn resolve(&mut self) -> Option<ConnSocket> {
+        #[cfg(target_os = "linux")]
+        {
+            sys::prune(&mut self.0);
+            if let [only] = self.0[..] {
+                return sys::claim(&only);
+            }
         }
+        None
     }
-    Some(SocketSnapshot(set))
-}
 
-/// The inode of `fd` if it is a socket.
-fn socket_inode(fd: RawFd) -> Option<u64> {
-    // SAFETY: fstat only writes into the zeroed struct we own; a stale fd yields EBADF.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::fstat(fd, &mut st) };
-    if rc != 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFSOCK {
-        return None;
+    /// How many sockets are still candidates.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
     }
-    Some(st.st_ino)
-}
-
-/// Whether `fd` is a connected stream socket whose peer matches `hint`.
-fn peer_matches(fd: RawFd, hint: PeerHint) -> bool {
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `ty`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || ty != libc::SOCK_STREAM {
-        return false;
-    }
-    // SAFETY: sockaddr_storage is large enough for any address; getpeername writes at most
-    // `len` bytes.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getpeername(
-            fd,
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return false;
-    }
-    match (i32::from(addr.ss_family), hint) {
-        (libc::AF_INET, PeerHint::Tcp(port)) => {
-            // SAFETY: the family says this is a sockaddr_in.
-            let sin =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            u16::from_be(sin.sin_port) == port
-        }
-        (libc::AF_INET6, PeerHint::Tcp(port)) => {
-            // SAFETY: the family says this is a sockaddr_in6.
-            let sin6 =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            u16::from_be(sin6.sin6_port) == port
-        }
-        (libc::AF_UNIX, PeerHint::Unix) => true,
-        _ => false,
-    }
-}
-
-/// Finds the one socket opened between `before` and `after` that talks to the server, and
-/// returns our own duplicate of it. `None` when there is not exactly one candidate.
-pub(crate) fn identify(
-    before: &SocketSnapshot,
-    after: &SocketSnapshot,
-    hint: PeerHint,
-) -> Option<ConnSocket> {
-    let mut candidates = after
-        .0
-        .difference(&before.0)
-        .filter(|(fd, _)| peer_matches(*fd, hint));
-    let (fd, ino) = *candidates.next()?;
-    if candidates.next().is_some() {
-        return None;
-    }
-    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        return None;
-    }
-    // SAFETY: `dup` is a fresh descriptor owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
-    // The fd number may have been closed and reused between the snapshot and the dup: make
-    // sure we duplicated the very socket we identified.
-    if socket_inode(owned.as_raw_fd()) != Some(ino) {
-        return None;
-    }
-    Some(ConnSocket(Arc::new(owned)))
 }
 
 /// What a zero-timeout look at the socket says.
@@ -167,24 +208,55 @@ pub(crate) enum Probe {
     Unknown,
 }
 
-/// Our duplicate of a connection's socket.
+/// Our duplicate of a connection's socket, registered as claimed. Clones share it; the
+/// duplicate is closed and the claim released when the last clone is dropped.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnSocket(Arc<OwnedFd>);
+pub(crate) struct ConnSocket(Arc<Claimed>);
+
+/// The registered duplicate behind a [`ConnSocket`].
+#[derive(Debug)]
+struct Claimed {
+    /// `Some` until dropped: closed before the claim is released, so that no duplicate of
+    /// ours is ever seen unclaimed.
+    fd: Option<OwnedFd>,
+    ino: u64,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        drop(self.fd.take());
+        registry::release(self.ino);
+    }
+}
 
 impl ConnSocket {
+    fn raw(&self) -> RawFd {
+        self.0.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// The socket's inode (tests compare it with the connection's own descriptor).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn inode(&self) -> u64 {
+        self.0.ino
+    }
+
     /// Looks at the socket without reading from it and without blocking.
     pub(crate) fn probe(&self) -> Probe {
+        #[cfg(target_os = "linux")]
+        const RDHUP: libc::c_short = libc::POLLRDHUP;
+        #[cfg(not(target_os = "linux"))]
+        const RDHUP: libc::c_short = 0;
         let mut pfd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
+            fd: self.raw(),
+            events: libc::POLLIN | RDHUP,
             revents: 0,
         };
-        // SAFETY: one valid pollfd, zero timeout.
+        // SAFETY: one valid, initialized pollfd that outlives the call; zero timeout.
         let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
         if rc < 0 {
             return Probe::Unknown;
         }
-        if pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP | libc::POLLNVAL) != 0 {
+        if pfd.revents & (libc::POLLHUP | libc::POLLERR | RDHUP | libc::POLLNVAL) != 0 {
             Probe::Dead
         } else if pfd.revents & libc::POLLIN != 0 {
             Probe::Unknown
@@ -196,79 +268,382 @@ impl ConnSocket {
     /// Shuts the socket down in both directions: a libpq call blocked on it returns at once
     /// with a closed-connection error.
     pub(crate) fn shutdown(&self) {
-        // SAFETY: shutdown on a descriptor we own; errors (already closed) are irrelevant.
+        // SAFETY: shutdown takes no pointers; the descriptor is ours and open for as long as
+        // `self` lives. Errors (already shut down) are irrelevant.
         unsafe {
-            libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR);
+            libc::shutdown(self.raw(), libc::SHUT_RDWR);
         }
     }
 }
 
-/// The lock that serializes connects to one peer within the process, so that the socket each
-/// connect opened can be told apart (see the module docs). The key is the peer as the socket
-/// is matched (`Tcp(port)` / `Unix`), not the URL: two pools with different settings for the
-/// same server must not connect at the same moment. Connects to other peers never wait.
-pub(crate) fn connect_lock(target: &str) -> Arc<Mutex<()>> {
-    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
-    let locks = LOCKS.get_or_init(|| Mutex::new(HashMap::new()));
-    locks
-        .lock()
-        .entry(target.to_owned())
-        .or_insert_with(|| Arc::new(Mutex::new(())))
-        .clone()
+/// The process-wide set of claimed sockets (inodes). Its lock is held for one set operation
+/// at a time, never across I/O.
+mod registry {
+    use std::collections::BTreeSet;
+
+    use parking_lot::Mutex;
+
+    static CLAIMED: Mutex<BTreeSet<u64>> = parking_lot::const_mutex(BTreeSet::new());
+
+    /// Claims `ino`; false if it already is claimed.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    pub(super) fn try_claim(ino: u64) -> bool {
+        CLAIMED.lock().insert(ino)
+    }
+
+    pub(super) fn release(ino: u64) {
+        CLAIMED.lock().remove(&ino);
+    }
+
+    /// Removes from `items` those whose inode is claimed.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    pub(super) fn retain_unclaimed<T>(items: &mut Vec<T>, ino: impl Fn(&T) -> u64) {
+        let claimed = CLAIMED.lock();
+        if !claimed.is_empty() {
+            items.retain(|item| !claimed.contains(&ino(item)));
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::peer::Peer;
+    use super::TIEBREAK_ROUNDS;
+    use super::{registry, Candidate, Candidates, Claimed, ConnSocket, PeerFilter, SocketClaim};
+
+    /// `(fd, inode)` of every socket the process has open, sorted by fd. `None` when
+    /// `/proc/self/fd` cannot be read.
+    pub(super) fn scan() -> Option<Vec<(RawFd, u64)>> {
+        let dir = std::fs::read_dir("/proc/self/fd").ok()?;
+        let mut out = Vec::new();
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(fd) = name.to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
+                continue;
+            };
+            if let Some(ino) = socket_inode(fd) {
+                out.push((fd, ino));
+            }
+        }
+        out.sort_unstable();
+        Some(out)
+    }
+
+    /// The inode of `fd` if it is an open socket.
+    pub(super) fn socket_inode(fd: RawFd) -> Option<u64> {
+        // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes only into `st`, which we own; a closed fd yields EBADF.
+        let rc = unsafe { libc::fstat(fd, &mut st) };
+        if rc != 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFSOCK {
+            return None;
+        }
+        Some(st.st_ino)
+    }
+
+    /// A new stream socket: its candidate entry and its peer's address.
+    struct NewSocket {
+        cand: Candidate,
+        addr: PeerAddr,
+    }
+
+    /// An owned copy of a peer address.
+    enum PeerAddr {
+        Tcp(u16),
+        Unix(Vec<u8>),
+    }
+
+    impl PeerAddr {
+        fn as_peer(&self) -> Peer<'_> {
+            match self {
+                PeerAddr::Tcp(port) => Peer::Tcp(*port),
+                PeerAddr::Unix(path) => Peer::Unix(path),
+            }
+        }
+    }
+
+    /// The peer of `fd` if it is a connected stream socket (TCP or Unix-domain).
+    fn stream_peer(fd: RawFd) -> Option<PeerAddr> {
+        let mut ty: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `ty`, which we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut ty as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || ty != libc::SOCK_STREAM {
+            return None;
+        }
+        // SAFETY: an all-zero `sockaddr_storage` is a valid value of this plain C struct.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: sockaddr_storage is large enough for any address; getpeername writes at
+        // most `len` bytes into it and stores the real length in `len`.
+        let rc = unsafe {
+            libc::getpeername(
+                fd,
+                (&mut addr as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return None; // not connected
+        }
+        let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        let base = (&addr as *const libc::sockaddr_storage).cast::<u8>();
+        match i32::from(addr.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in, which it is large
+                // and aligned enough for.
+                let sin = unsafe { &*base.cast::<libc::sockaddr_in>() };
+                Some(PeerAddr::Tcp(u16::from_be(sin.sin_port)))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: as above, for sockaddr_in6.
+                let sin6 = unsafe { &*base.cast::<libc::sockaddr_in6>() };
+                Some(PeerAddr::Tcp(u16::from_be(sin6.sin6_port)))
+            }
+            libc::AF_UNIX => {
+                let offset = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+                let n = len.saturating_sub(offset);
+                // SAFETY: `offset + n <= len <= size_of::<sockaddr_storage>()`: the bytes are
+                // inside `addr`, initialized (zeroed, then written by getpeername).
+                let path = unsafe { std::slice::from_raw_parts(base.add(offset), n) };
+                let path = if path.first() == Some(&0) {
+                    path // abstract namespace: the length is exact
+                } else {
+                    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+                    &path[..end]
+                };
+                Some(PeerAddr::Unix(path.to_vec()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The new, unclaimed, connected stream sockets since `before`, one per inode.
+    fn new_stream_sockets(before: &[(RawFd, u64)]) -> Option<Vec<NewSocket>> {
+        let after = scan()?;
+        let mut found: Vec<NewSocket> = Vec::new();
+        for (fd, ino) in after {
+            if before.binary_search(&(fd, ino)).is_ok() || found.iter().any(|s| s.cand.ino == ino) {
+                continue;
+            }
+            let Some(addr) = stream_peer(fd) else {
+                continue;
+            };
+            // The fd may have been closed and reused while we looked at it.
+            if socket_inode(fd) != Some(ino) {
+                continue;
+            }
+            let tcp = matches!(addr, PeerAddr::Tcp(_));
+            found.push(NewSocket {
+                cand: Candidate { fd, ino, tcp },
+                addr,
+            });
+        }
+        registry::retain_unclaimed(&mut found, |s| s.cand.ino);
+        Some(found)
+    }
+
+    pub(super) fn finish(
+        before: &[(RawFd, u64)],
+        filter: &PeerFilter,
+        tiebreak: &mut dyn FnMut() -> bool,
+    ) -> SocketClaim {
+        let Some(new) = new_stream_sockets(before) else {
+            return SocketClaim::Unavailable;
+        };
+        let mut set: Vec<Candidate> = new
+            .iter()
+            .filter(|s| filter.matches(&s.addr.as_peer()))
+            .map(|s| s.cand)
+            .collect();
+        if set.is_empty() {
+            // The filter rejected every new socket; our own is among them. When it is the
+            // only one, it is ours whatever the filter said.
+            return match new[..] {
+                [ref only] => found(claim(&only.cand)),
+                _ => SocketClaim::Unavailable,
+            };
+        }
+        let mut last_round_trip = None;
+        for _ in 0..TIEBREAK_ROUNDS {
+            if let Some(rtt) = last_round_trip {
+                // Several advanced: another connect of ours ran its round trip at the same
+                // moment. Step out of its rhythm before trying again (and let it claim its
+                // socket meanwhile).
+                std::thread::sleep(jitter(rtt));
+                prune(&mut set);
+            }
+            if set.len() <= 1 {
+                break;
+            }
+            let before: Vec<Option<Counters>> = set.iter().map(counters).collect();
+            if before.iter().all(Option::is_none) {
+                break; // nothing to compare: elimination only
+            }
+            let started = Instant::now();
+            if !tiebreak() {
+                break;
+            }
+            last_round_trip = Some(started.elapsed());
+            let mut i = 0;
+            set.retain(|c| {
+                let was = before[i];
+                i += 1;
+                match (was, counters(c)) {
+                    (Some(was), Some(now)) => now.sent > was.sent && now.received > was.received,
+                    // Counters readable before, not now: closed, not ours.
+                    (Some(_), None) => false,
+                    // No counters (Unix-domain): cannot be told apart this way.
+                    (None, _) => true,
+                }
+            });
+            prune(&mut set);
+        }
+        match set[..] {
+            [] => SocketClaim::Unavailable,
+            [only] => found(claim(&only)),
+            _ => SocketClaim::Ambiguous(Candidates(set)),
+        }
+    }
+
+    /// A random pause between nothing and two round trips (at most 20 ms).
+    fn jitter(rtt: Duration) -> Duration {
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let max = rtt.saturating_mul(2).min(Duration::from_millis(20));
+        max.mul_f64((random >> 11) as f64 / (1u64 << 53) as f64)
+    }
+
+    fn found(sock: Option<ConnSocket>) -> SocketClaim {
+        sock.map_or(SocketClaim::Unavailable, SocketClaim::Found)
+    }
+
+    /// Drops the candidates that were claimed, or whose fd no longer holds their socket.
+    pub(super) fn prune(set: &mut Vec<Candidate>) {
+        registry::retain_unclaimed(set, |c| c.ino);
+        set.retain(|c| socket_inode(c.fd) == Some(c.ino));
+    }
+
+    /// Claims the candidate: registers its inode, then keeps a close-on-exec duplicate of
+    /// the very socket. `None` if it is claimed already or no longer open.
+    pub(super) fn claim(c: &Candidate) -> Option<ConnSocket> {
+        if !registry::try_claim(c.ino) {
+            return None;
+        }
+        // SAFETY: F_DUPFD_CLOEXEC takes no pointers and returns a new descriptor, or -1.
+        let dup = unsafe { libc::fcntl(c.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        let owned = (dup >= 0).then(|| {
+            // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(dup) }
+        });
+        match owned {
+            Some(fd) if socket_inode(fd.as_raw_fd()) == Some(c.ino) => {
+                Some(ConnSocket(Arc::new(Claimed {
+                    fd: Some(fd),
+                    ino: c.ino,
+                })))
+            }
+            other => {
+                drop(other);
+                registry::release(c.ino);
+                None
+            }
+        }
+    }
+
+    /// A TCP socket's byte counters.
+    #[derive(Debug, Clone, Copy)]
+    struct Counters {
+        sent: u64,
+        received: u64,
+    }
+
+    /// The head of the kernel's `struct tcp_info` (`include/uapi/linux/tcp.h`), up to
+    /// `tcpi_bytes_sent` (Linux 4.19). Declared here because not every libc binding has
+    /// the later fields; the layout is the kernel's ABI and only ever grows at the end.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TcpInfoHead {
+        /// `tcpi_state` .. the two bitfield bytes.
+        _bytes: [u8; 8],
+        /// `tcpi_rto` .. `tcpi_total_retrans`.
+        _u32s: [u32; 24],
+        /// `tcpi_pacing_rate`, `tcpi_max_pacing_rate`.
+        _u64s: [u64; 2],
+        tcpi_bytes_acked: u64,
+        tcpi_bytes_received: u64,
+        /// `tcpi_segs_out` .. `tcpi_data_segs_out`.
+        _u32s_2: [u32; 6],
+        /// `tcpi_delivery_rate` .. `tcpi_sndbuf_limited`.
+        _u64s_2: [u64; 4],
+        /// `tcpi_delivered`, `tcpi_delivered_ce`.
+        _u32s_3: [u32; 2],
+        tcpi_bytes_sent: u64,
+    }
+
+    const _: () = {
+        use std::mem::{offset_of, size_of};
+        assert!(offset_of!(TcpInfoHead, _u64s) == 104);
+        assert!(offset_of!(TcpInfoHead, tcpi_bytes_acked) == 120);
+        assert!(offset_of!(TcpInfoHead, tcpi_bytes_received) == 128);
+        assert!(offset_of!(TcpInfoHead, tcpi_bytes_sent) == 200);
+        assert!(size_of::<TcpInfoHead>() == 208);
+    };
+
+    /// The candidate's byte counters; `None` if it is not TCP, or its fd no longer holds it.
+    /// On kernels older than 4.19 (no `tcpi_bytes_sent`), the bytes acknowledged by the peer
+    /// stand for the bytes sent: a completed round trip advances both.
+    fn counters(c: &Candidate) -> Option<Counters> {
+        if !c.tcp {
+            return None;
+        }
+        let mut info = TcpInfoHead::default();
+        let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, which we own, and
+        // stores how many it wrote in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                c.fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut TcpInfoHead).cast(),
+                &mut len,
+            )
+        };
+        let len = len as usize;
+        if rc != 0 || len < std::mem::offset_of!(TcpInfoHead, tcpi_bytes_received) + 8 {
+            return None;
+        }
+        let sent = if len >= std::mem::size_of::<TcpInfoHead>() {
+            info.tcpi_bytes_sent
+        } else {
+            info.tcpi_bytes_acked
+        };
+        // The fd may have been closed and reused by another socket.
+        if socket_inode(c.fd) != Some(c.ino) {
+            return None;
+        }
+        Some(Counters {
+            sent,
+            received: info.tcpi_bytes_received,
+        })
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::net::{TcpListener, TcpStream};
-
-    #[test]
-    fn identifies_the_new_socket_and_probes_it_alive_then_dead() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let before = snapshot().unwrap();
-        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let after = snapshot().unwrap();
-        let sock = identify(&before, &after, PeerHint::Tcp(port)).expect("one candidate");
-        let (mut server, _) = listener.accept().unwrap();
-        assert_eq!(sock.probe(), Probe::Alive);
-        server.write_all(b"E").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(sock.probe(), Probe::Unknown);
-        drop(server);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(sock.probe(), Probe::Dead);
-        drop(client);
-    }
-
-    #[test]
-    fn two_new_sockets_to_the_same_port_are_ambiguous() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let before = snapshot().unwrap();
-        let _a = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let _b = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let after = snapshot().unwrap();
-        assert!(identify(&before, &after, PeerHint::Tcp(port)).is_none());
-    }
-
-    #[test]
-    fn shutdown_wakes_a_blocked_reader() {
-        use std::io::Read;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let before = snapshot().unwrap();
-        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let after = snapshot().unwrap();
-        let sock = identify(&before, &after, PeerHint::Tcp(port)).unwrap();
-        let _server = listener.accept().unwrap();
-        let t = std::thread::spawn(move || {
-            let mut buf = [0u8; 1];
-            client.read(&mut buf)
-        });
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        sock.shutdown();
-        assert_eq!(t.join().unwrap().unwrap(), 0, "reader sees end-of-file");
-    }
-}
+#[path = "socket_tests.rs"]
+mod tests;

@@ -269,7 +269,7 @@ impl BudgetBuilder {
                 #[cfg(not(loom))]
                 pressure: parking_lot::Condvar::new(),
                 #[cfg(not(loom))]
-                pressure_lock: parking_lot::Mutex::new(()),
+                pressure_lock: parking_lot::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -318,8 +318,9 @@ struct Inner {
     state: Mutex<State>,
     #[cfg(not(loom))]
     pressure: parking_lot::Condvar,
+    /// Also holds the wakers of [`Pressure`] futures, woken with the condvar.
     #[cfg(not(loom))]
-    pressure_lock: parking_lot::Mutex<()>,
+    pressure_lock: parking_lot::Mutex<Vec<Waker>>,
 }
 
 impl Inner {
@@ -406,8 +407,10 @@ impl Inner {
     fn notify_pressure(&self) {
         #[cfg(not(loom))]
         {
-            let _guard = self.pressure_lock.lock();
+            let mut wakers = self.pressure_lock.lock();
             self.pressure.notify_all();
+            let wakers = std::mem::take(&mut *wakers);
+            wakers.into_iter().for_each(Waker::wake);
         }
     }
 }
@@ -468,6 +471,20 @@ pub enum AcquireError {
         /// The budget when it gave up.
         snapshot: BudgetSnapshot,
     },
+    /// The caller stopped wanting the permit while it waited
+    /// ([`Budget::acquire_while`]).
+    #[error("budget: class {class:?} stopped waiting for a permit: nobody wants the connection any more")]
+    Abandoned {
+        /// The class that waited.
+        class: String,
+    },
+}
+
+/// What [`Budget::collect`] found.
+enum Collected {
+    Permit(Permit),
+    Waiting,
+    Left,
 }
 
 /// Result of trying to get a permit without waiting.
@@ -554,6 +571,21 @@ impl Budget {
     /// Waits up to `timeout` for a permit for `class`, blocking the thread.
     #[cfg(not(loom))]
     pub fn acquire(&self, class: ClassId, timeout: Duration) -> Result<Permit, AcquireError> {
+        self.acquire_while(class, timeout, &|| true)
+    }
+
+    /// Like [`Budget::acquire`], but gives up as soon as `still_wanted()` is false (checked
+    /// whenever the thread wakes: unpark it after making it false) with
+    /// [`AcquireError::Abandoned`]. A connect started for a checkout that has since given up
+    /// leaves the queue this way instead of waiting, and looking like demand, for a permit
+    /// nobody wants.
+    #[cfg(not(loom))]
+    pub fn acquire_while(
+        &self,
+        class: ClassId,
+        timeout: Duration,
+        still_wanted: &dyn Fn() -> bool,
+    ) -> Result<Permit, AcquireError> {
         let started = std::time::Instant::now();
         let deadline = started + timeout;
         let ticket = match self.enter(class.0, || Wake::Thread(std::thread::current()), true) {
@@ -562,30 +594,47 @@ impl Budget {
             None => unreachable!("queueing was asked for"),
         };
         loop {
-            {
-                let mut st = self.inner.state.lock();
-                if Inner::take_grant(&mut st, ticket) {
-                    return Ok(self.permit(class.0));
+            let timed_out = std::time::Instant::now() >= deadline;
+            let abandoned = !timed_out && !still_wanted();
+            match self.collect(class.0, ticket, timed_out || abandoned) {
+                Collected::Permit(permit) => return Ok(permit),
+                Collected::Left if abandoned => {
+                    return Err(AcquireError::Abandoned {
+                        class: self.inner.names[class.0].clone(),
+                    })
                 }
-                let now = std::time::Instant::now();
-                if now >= deadline {
-                    // Still queued (the grant check above ran under this same lock).
-                    if let Some(i) = st.queue.iter().position(|w| w.ticket == ticket) {
-                        st.queue.remove(i);
-                    }
-                    st.timeouts[class.0] += 1;
-                    drop(st);
+                Collected::Left => {
                     return Err(AcquireError::Timeout {
                         class: self.inner.names[class.0].clone(),
                         waited: started.elapsed(),
                         snapshot: self.snapshot(),
-                    });
+                    })
                 }
+                Collected::Waiting => std::thread::park_timeout(
+                    deadline.saturating_duration_since(std::time::Instant::now()),
+                ),
             }
-            std::thread::park_timeout(
-                deadline.saturating_duration_since(std::time::Instant::now()),
-            );
         }
+    }
+
+    /// One look at a queued request, under the lock: its permit if one was handed to it;
+    /// otherwise, if `give_up`, it leaves the queue (counted as a timeout). The core of the
+    /// blocking path, model-checked with loom.
+    fn collect(&self, class: usize, ticket: u64, give_up: bool) -> Collected {
+        let mut st = self.inner.state.lock();
+        if Inner::take_grant(&mut st, ticket) {
+            drop(st);
+            return Collected::Permit(self.permit(class));
+        }
+        if !give_up {
+            return Collected::Waiting;
+        }
+        // Still queued (the grant check above ran under this same lock).
+        if let Some(i) = st.queue.iter().position(|w| w.ticket == ticket) {
+            st.queue.remove(i);
+        }
+        st.timeouts[class] += 1;
+        Collected::Left
     }
 
     /// A future resolving to a permit for `class`; runtime-agnostic. Wrap it in the runtime's
@@ -633,6 +682,17 @@ impl Budget {
             {
                 return self.reclaim_wanted(class);
             }
+        }
+    }
+
+    /// The async form of [`Budget::wait_for_pressure`], runtime-agnostic: resolves to
+    /// [`reclaim_wanted`](Self::reclaim_wanted) for `class` once it is above zero. Woken by
+    /// every waiter that queues — no polling. Wrap it in the runtime's timeout.
+    #[cfg(not(loom))]
+    pub fn pressure_async(&self, class: ClassId) -> Pressure {
+        Pressure {
+            budget: self.clone(),
+            class,
         }
     }
 
@@ -745,6 +805,43 @@ impl Drop for Acquire {
                 self.budget.inner.release(self.class);
             }
         }
+    }
+}
+
+/// The future of [`Budget::pressure_async`].
+#[cfg(not(loom))]
+#[must_use = "futures do nothing unless polled"]
+pub struct Pressure {
+    budget: Budget,
+    class: ClassId,
+}
+
+#[cfg(not(loom))]
+impl fmt::Debug for Pressure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pressure")
+            .field("class", &self.budget.inner.names[self.class.0])
+            .finish()
+    }
+}
+
+#[cfg(not(loom))]
+impl Future for Pressure {
+    type Output = u32;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
+        let this = self.get_mut();
+        // Checked under the wakers' lock, as `wait_for_pressure` does: a waiter that queues
+        // after the check notifies after the waker is registered.
+        let mut wakers = this.budget.inner.pressure_lock.lock();
+        let wanted = this.budget.reclaim_wanted(this.class);
+        if wanted > 0 {
+            return Poll::Ready(wanted);
+        }
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -940,6 +1037,49 @@ mod tests {
     }
 
     #[test]
+    fn the_async_pressure_future_is_woken_by_a_waiter_of_another_class() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let b = field_report();
+        let (auto, adhoc) = ids(&b);
+        let _auto_held: Vec<_> = (0..35).map(|_| b.try_acquire(auto).unwrap()).collect();
+        let mut borrowed: Vec<_> = (0..25).map(|_| b.try_acquire(adhoc).unwrap()).collect();
+        let flag = std::sync::Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut pressure = std::pin::pin!(b.pressure_async(adhoc));
+        assert_eq!(
+            pressure.as_mut().poll(&mut cx),
+            Poll::Pending,
+            "nobody waits"
+        );
+        assert_eq!(
+            pressure.as_mut().poll(&mut cx),
+            Poll::Pending,
+            "registered once"
+        );
+        let mut waiter = std::pin::pin!(b.acquire_async(auto));
+        assert!(waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending());
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "queueing woke the pressure future"
+        );
+        assert_eq!(pressure.as_mut().poll(&mut cx), Poll::Ready(1));
+        borrowed.pop();
+        assert!(waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready());
+    }
+
+    #[test]
     fn a_dropped_future_gives_back_a_permit_handed_to_it() {
         let b = Budget::builder(1).class("a", 0, 1).build().unwrap();
         let a = b.class_id("a").unwrap();
@@ -1127,6 +1267,44 @@ mod loom_tests {
                     },
                 };
                 drop(fut);
+                invariant(&b1);
+                got.is_some()
+            });
+            drop(held);
+            invariant(&b);
+            let _ = waiter.join().unwrap();
+            let s = b.snapshot();
+            assert_eq!(s.free, 1, "{s}");
+            assert_eq!(s.classes[0].waiters, 0);
+            assert!(b.try_acquire(a).is_some());
+        });
+    }
+
+    /// The blocking path (`acquire_while`, which the sync adapter's connects and the
+    /// checkout gate use) is `enter` then `collect` between parks; its parks and timeouts
+    /// are the only part loom cannot run, so the model drives the same two steps: a waiter
+    /// that queues, looks once, then gives up, against a release at any point.
+    #[test]
+    fn the_blocking_path_giving_up_while_a_permit_is_released_neither_leaks_nor_doubles() {
+        loom::model(|| {
+            let b = Budget::builder(1).class("a", 0, 1).build().unwrap();
+            let a = b.class_id("a").unwrap();
+            let held = b.try_acquire(a).unwrap();
+            let b1 = b.clone();
+            let waiter = loom::thread::spawn(move || {
+                let got = match b1.enter(a.0, || Wake::Nobody, true) {
+                    Some(Entry::Granted) => Some(b1.permit(a.0)),
+                    Some(Entry::Queued(ticket)) => match b1.collect(a.0, ticket, false) {
+                        Collected::Permit(p) => Some(p),
+                        Collected::Waiting => match b1.collect(a.0, ticket, true) {
+                            Collected::Permit(p) => Some(p),
+                            Collected::Left => None,
+                            Collected::Waiting => unreachable!("give_up leaves"),
+                        },
+                        Collected::Left => unreachable!("not giving up"),
+                    },
+                    None => unreachable!("queueing was asked for"),
+                };
                 invariant(&b1);
                 got.is_some()
             });

@@ -66,19 +66,19 @@ impl ErrorClass {
         !matches!(self, ErrorClass::Permanent)
     }
 
-    /// Whether the connection that saw this error must be closed instead of pooled again.
+    /// Whether the connection that saw this error is gone: it must be closed instead of
+    /// pooled again, and a `COMMIT` cut off this way may or may not have happened.
     pub fn is_disconnect(self) -> bool {
-        matches!(
-            self,
-            ErrorClass::ConnectionLost
-                | ErrorClass::AdminShutdown
-                | ErrorClass::ReadOnlyTransaction
-        )
+        matches!(self, ErrorClass::ConnectionLost | ErrorClass::AdminShutdown)
     }
 
     /// Whether the pool's other connections are suspect too: a disconnect seen on one
     /// connection usually means a restart, failover or network event that hit them all, so
     /// each is validated before its next use.
+    ///
+    /// A read-only-transaction error does not by itself: an application's deliberate write in
+    /// a `READ ONLY` transaction raises it too. The adapters ask the server whether it became
+    /// a standby (a failover) before invalidating.
     pub fn invalidates_pool(self) -> bool {
         self.is_disconnect()
     }
@@ -124,84 +124,140 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
     }
 }
 
-/// Message fragments (lower case) and what they mean. Order matters: the first match wins.
-const MESSAGES: &[(&str, ErrorClass)] = &[
-    // PostgreSQL server messages (primary message text).
+/// How a server message is matched: the whole primary message, or its fixed start (the rest
+/// names a relation or role), or its fixed start and end.
+#[derive(Clone, Copy)]
+enum Form {
+    Exact(&'static str),
+    Prefix(&'static str),
+    Around(&'static str, &'static str),
+}
+
+impl Form {
+    fn matches(self, message: &str) -> bool {
+        match self {
+            Form::Exact(text) => message == text,
+            Form::Prefix(start) => message.starts_with(start),
+            Form::Around(start, end) => {
+                message.len() >= start.len() + end.len()
+                    && message.starts_with(start)
+                    && message.ends_with(end)
+            }
+        }
+    }
+}
+
+/// The primary messages servers send for the retryable classes, as they send them (lower
+/// case; matched against the whole message, never a fragment of it, so that an application's
+/// own `RAISE EXCEPTION 'deadlock detected in job 7'` is not taken for a deadlock).
+const SERVER_MESSAGES: &[(Form, ErrorClass)] = &[
+    // PostgreSQL 12-17.
     (
-        "could not serialize access",
+        Form::Prefix("could not serialize access due to "),
         ErrorClass::SerializationFailure,
     ),
-    ("deadlock detected", ErrorClass::Deadlock),
+    (Form::Exact("deadlock detected"), ErrorClass::Deadlock),
     (
-        "terminating connection due to administrator command",
+        Form::Exact("terminating connection due to administrator command"),
         ErrorClass::AdminShutdown,
     ),
     (
-        "terminating connection due to unexpected postmaster exit",
+        Form::Exact("terminating connection due to unexpected postmaster exit"),
         ErrorClass::AdminShutdown,
     ),
     (
-        "terminating connection because of crash of another server process",
+        Form::Exact("terminating connection because of crash of another server process"),
         ErrorClass::AdminShutdown,
     ),
     (
-        "the database system is shutting down",
+        Form::Exact("terminating connection due to conflict with recovery"),
         ErrorClass::AdminShutdown,
     ),
     (
-        "the database system is starting up",
+        Form::Exact("the database system is shutting down"),
         ErrorClass::AdminShutdown,
     ),
     (
-        "the database system is in recovery mode",
+        Form::Exact("the database system is starting up"),
         ErrorClass::AdminShutdown,
     ),
     (
-        "the database system is not yet accepting connections",
+        Form::Exact("the database system is in recovery mode"),
         ErrorClass::AdminShutdown,
     ),
     (
-        "terminating connection due to idle-session timeout",
+        Form::Exact("the database system is not yet accepting connections"),
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        Form::Exact("terminating connection due to idle-session timeout"),
         ErrorClass::ConnectionLost,
     ),
     (
-        "terminating connection due to idle-in-transaction timeout",
+        Form::Exact("terminating connection due to idle-in-transaction timeout"),
         ErrorClass::ConnectionLost,
     ),
     (
-        "sorry, too many clients already",
+        Form::Exact("sorry, too many clients already"),
         ErrorClass::TooManyConnections,
     ),
     (
-        "remaining connection slots are reserved",
+        Form::Prefix("remaining connection slots are reserved for "),
         ErrorClass::TooManyConnections,
     ),
     (
-        "too many connections for role",
+        Form::Prefix("too many connections for role \""),
         ErrorClass::TooManyConnections,
     ),
     (
-        "too many connections for database",
+        Form::Prefix("too many connections for database \""),
         ErrorClass::TooManyConnections,
     ),
     (
-        "cannot execute insert in a read-only transaction",
+        Form::Around("cannot execute ", " in a read-only transaction"),
         ErrorClass::ReadOnlyTransaction,
     ),
     (
-        "cannot execute update in a read-only transaction",
-        ErrorClass::ReadOnlyTransaction,
+        Form::Prefix("could not obtain lock on "),
+        ErrorClass::LockTimeout,
     ),
     (
-        "cannot execute delete in a read-only transaction",
-        ErrorClass::ReadOnlyTransaction,
+        Form::Exact("canceling statement due to lock timeout"),
+        ErrorClass::LockTimeout,
+    ),
+    // SQLite.
+    (Form::Exact("database is locked"), ErrorClass::LockTimeout),
+    (
+        Form::Prefix("database table is locked"),
+        ErrorClass::LockTimeout,
+    ),
+    // MySQL / MariaDB.
+    (
+        Form::Exact("deadlock found when trying to get lock; try restarting transaction"),
+        ErrorClass::Deadlock,
     ),
     (
-        "in a read-only transaction",
+        Form::Exact("lock wait timeout exceeded; try restarting transaction"),
+        ErrorClass::LockTimeout,
+    ),
+    (
+        Form::Exact("too many connections"),
+        ErrorClass::TooManyConnections,
+    ),
+    (
+        Form::Around(
+            "the mysql server is running with the --read-only option",
+            "",
+        ),
         ErrorClass::ReadOnlyTransaction,
     ),
-    ("could not obtain lock", ErrorClass::LockTimeout),
-    // libpq and OpenSSL, as libpq reports them.
+];
+
+/// What client libraries (libpq, OpenSSL, tokio-postgres, the MySQL client) say when the
+/// connection itself failed: matched anywhere in the text (lower case), since they wrap it in
+/// context (`connection to server at "db" (10.0.0.5), port 5432 failed: Connection refused`).
+/// Never applied to a server's message.
+const CLIENT_MESSAGES: &[(&str, ErrorClass)] = &[
     (
         "server closed the connection unexpectedly",
         ErrorClass::ConnectionLost,
@@ -232,39 +288,61 @@ const MESSAGES: &[(&str, ErrorClass)] = &[
     ("no route to host", ErrorClass::ConnectionLost),
     ("network is unreachable", ErrorClass::ConnectionLost),
     ("eof detected", ErrorClass::ConnectionLost),
-    // SQLite.
-    ("database is locked", ErrorClass::LockTimeout),
-    ("database table is locked", ErrorClass::LockTimeout),
-    // MySQL / MariaDB.
+    // tokio-postgres.
+    ("connection closed", ErrorClass::ConnectionLost),
     (
-        "deadlock found when trying to get lock",
-        ErrorClass::Deadlock,
+        "error communicating with the server",
+        ErrorClass::ConnectionLost,
     ),
-    ("lock wait timeout exceeded", ErrorClass::LockTimeout),
+    // MySQL client.
     ("mysql server has gone away", ErrorClass::ConnectionLost),
     (
         "lost connection to mysql server",
         ErrorClass::ConnectionLost,
     ),
-    ("too many connections", ErrorClass::TooManyConnections),
-    (
-        "running with the --read-only option",
-        ErrorClass::ReadOnlyTransaction,
-    ),
 ];
 
-/// Classifies an error from its primary message alone, for drivers that expose no SQLSTATE
-/// (Diesel's `DatabaseErrorInformation::message()`, a libpq connection error, ...).
-///
-/// Recognises the messages PostgreSQL 12-17, libpq, OpenSSL, SQLite and MariaDB produce for
-/// the retryable classes; anything unrecognised is [`ErrorClass::Permanent`], so an unknown
-/// error is never retried.
-pub fn classify_message(message: &str) -> ErrorClass {
+/// Classifies a server's primary error message (what `DatabaseErrorInformation::message()`
+/// holds for a server error): the whole message must be one the server sends for a retryable
+/// class, otherwise the error is [`ErrorClass::Permanent`].
+pub fn classify_server_message(message: &str) -> ErrorClass {
+    let lower = message.trim().to_lowercase();
+    SERVER_MESSAGES
+        .iter()
+        .find(|(form, _)| form.matches(&lower))
+        .map_or(ErrorClass::Permanent, |&(_, class)| class)
+}
+
+/// Classifies a client library's text about a failed connection (libpq's error message, an
+/// I/O error): the phrases libraries use for a lost or refused connection, anywhere in it.
+pub fn classify_client_message(message: &str) -> ErrorClass {
     let lower = message.to_lowercase();
-    MESSAGES
+    CLIENT_MESSAGES
         .iter()
         .find(|(needle, _)| lower.contains(needle))
         .map_or(ErrorClass::Permanent, |&(_, class)| class)
+}
+
+/// Classifies an error from its text alone, for drivers that expose no SQLSTATE and do not
+/// say where the text came from (a libpq connection error, ...): each line, with a severity
+/// prefix (`FATAL:  `, `ERROR:  `) removed, as a server message; else the text as a client
+/// library's.
+///
+/// Recognises the messages PostgreSQL 12-17, libpq, OpenSSL, tokio-postgres, SQLite and
+/// MariaDB produce for the retryable classes; anything unrecognised is
+/// [`ErrorClass::Permanent`], so an unknown error is never retried.
+pub fn classify_message(message: &str) -> ErrorClass {
+    for line in message.lines() {
+        let line = ["FATAL:", "ERROR:", "PANIC:"]
+            .iter()
+            .find_map(|sev| line.find(sev).map(|i| &line[i + sev.len()..]))
+            .unwrap_or(line);
+        match classify_server_message(line) {
+            ErrorClass::Permanent => {}
+            class => return class,
+        }
+    }
+    classify_client_message(message)
 }
 
 #[cfg(test)]
@@ -306,6 +384,58 @@ mod tests {
     }
 
     #[test]
+    fn only_the_servers_own_message_forms_count_not_an_applications_text() {
+        assert_eq!(
+            classify_server_message("deadlock detected"),
+            ErrorClass::Deadlock
+        );
+        assert_eq!(
+            classify_server_message("deadlock detected in job 7, please retry"),
+            ErrorClass::Permanent,
+            "a RAISE EXCEPTION quoting the words is the application's error"
+        );
+        assert_eq!(
+            classify_server_message("could not serialize access due to concurrent update"),
+            ErrorClass::SerializationFailure
+        );
+        assert_eq!(
+            classify_server_message("cannot execute INSERT in a read-only transaction"),
+            ErrorClass::ReadOnlyTransaction
+        );
+        assert_eq!(
+            classify_server_message(
+                "job failed: cannot execute INSERT in a read-only transaction!"
+            ),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify_server_message("too many connections for role \"app\""),
+            ErrorClass::TooManyConnections
+        );
+        assert_eq!(
+            classify_server_message("server closed the connection unexpectedly"),
+            ErrorClass::Permanent,
+            "client phrases are not server messages"
+        );
+        assert_eq!(
+            classify_client_message(
+                "connection to server at \"127.0.0.1\", port 1 failed: Connection refused"
+            ),
+            ErrorClass::ConnectionLost
+        );
+        assert_eq!(
+            classify_message(
+                "connection to server at \"h\", port 5432 failed: FATAL:  the database system is starting up\n"
+            ),
+            ErrorClass::AdminShutdown
+        );
+        assert_eq!(
+            classify_message("ERROR:  deadlock detected in my function"),
+            ErrorClass::Permanent
+        );
+    }
+
+    #[test]
     fn only_disconnects_invalidate_and_only_permanent_is_final() {
         let all = [
             ErrorClass::SerializationFailure,
@@ -322,7 +452,10 @@ mod tests {
             assert_eq!(class.is_transient(), class != ErrorClass::Permanent);
             assert_eq!(class.to_string(), class.as_str());
         }
-        assert!(ErrorClass::ReadOnlyTransaction.invalidates_pool());
+        assert!(
+            !ErrorClass::ReadOnlyTransaction.invalidates_pool(),
+            "a deliberate write in a READ ONLY transaction is no reason to distrust the pool"
+        );
         assert!(!ErrorClass::SerializationFailure.invalidates_pool());
         assert!(!ErrorClass::PoolTimeout.is_disconnect());
     }

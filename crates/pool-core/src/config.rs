@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use env::{parse_duration, ENV_VARS};
+pub use env::{env_vars, parse_duration};
 
 use crate::error::ConfigError;
 use crate::lifecycle::LifecyclePolicy;
@@ -288,6 +288,14 @@ impl PoolConfig {
     pub fn max_size(&self) -> u32 {
         self.pool_size.saturating_add(self.max_overflow)
     }
+
+    /// Masks every secret of this pool in `text` (a driver's error message, a log line): the
+    /// URL's password and secret parameters in any encoding and any quoted piece of them (see
+    /// [`Redactor`](crate::redact::Redactor)), then every pattern [`redact`](crate::redact())
+    /// finds. Idempotent; never panics.
+    pub fn redact(&self, text: &str) -> String {
+        self.url.redactor().redact(text)
+    }
 }
 
 impl fmt::Debug for PoolConfig {
@@ -352,163 +360,6 @@ impl PoolConfigBuilder {
         }
     }
 
-    /// Connections kept open even when idle (r2d2's `min_idle`). May be 0 when
-    /// `max_overflow` is not. Default: 10.
-    pub fn pool_size(mut self, n: u32) -> Self {
-        self.pool_size = n;
-        self
-    }
-
-    /// Extra connections opened under load and closed when idle; the pool opens at most
-    /// `pool_size + max_overflow`. Default: 10.
-    pub fn max_overflow(mut self, n: u32) -> Self {
-        self.max_overflow = n;
-        self
-    }
-
-    /// How long a checkout waits for a connection before failing. Default: 30 s.
-    pub fn pool_timeout(mut self, timeout: Duration) -> Self {
-        self.pool_timeout = timeout;
-        self
-    }
-
-    /// Retire connections after this long (SQLAlchemy's `pool_recycle`); `None` keeps them
-    /// forever. Default: 30 minutes.
-    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
-        self.lifecycle.max_lifetime = lifetime;
-        self
-    }
-
-    /// Spread of lifetimes, a fraction in `[0, 1)`: each connection lives between
-    /// `max_lifetime * (1 - jitter)` and `max_lifetime`. Default: 0.1.
-    pub fn lifetime_jitter(mut self, jitter: f64) -> Self {
-        self.lifecycle.lifetime_jitter = jitter;
-        self
-    }
-
-    /// Close connections idle this long (overflow first; `pool_size` are kept); `None` never
-    /// does. Default: 10 minutes.
-    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.lifecycle.idle_timeout = timeout;
-        self
-    }
-
-    /// Validate connections on checkout (SQLAlchemy's `pool_pre_ping`, done cheaply: a
-    /// zero-round-trip probe, and a ping only outside the bypass window). Default: `true`.
-    pub fn validate_on_checkout(mut self, validate: bool) -> Self {
-        self.lifecycle.validation.on_checkout = validate;
-        self
-    }
-
-    /// A connection used less than this long ago skips the ping on checkout (the probe still
-    /// runs); zero pings on every checkout. Default: 500 ms.
-    pub fn validation_bypass_window(mut self, window: Duration) -> Self {
-        self.lifecycle.validation.bypass_window = window;
-        self
-    }
-
-    /// The longest a validation ping may take, even against a hung server. Default: 5 s.
-    pub fn validation_timeout(mut self, timeout: Duration) -> Self {
-        self.lifecycle.validation.timeout = timeout;
-        self
-    }
-
-    /// Ping idle connections this often so NATs and proxies keep them (HikariCP's
-    /// `keepaliveTime`); `None` disables it. Default: `None`.
-    pub fn keepalive_ping(mut self, every: Option<Duration>) -> Self {
-        self.lifecycle.keepalive_ping = every;
-        self
-    }
-
-    /// Report a connection held longer than this, once, with where it was checked out;
-    /// `None` disables it. Default: `None`.
-    pub fn leak_detection_threshold(mut self, threshold: Option<Duration>) -> Self {
-        self.lifecycle.leak_detection_threshold = threshold;
-        self
-    }
-
-    /// The longest a connection attempt may take; `None` waits as long as the driver does.
-    /// Default: 10 s.
-    pub fn connect_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.connect.connect_timeout = timeout;
-        self
-    }
-
-    /// Send TCP keepalive probes on idle connections. Default: `true`.
-    pub fn keepalives(mut self, enabled: bool) -> Self {
-        self.connect.keepalives.enabled = enabled;
-        self
-    }
-
-    /// Idle time before the first keepalive probe. Default: 30 s.
-    pub fn keepalives_idle(mut self, idle: Duration) -> Self {
-        self.connect.keepalives.idle = idle;
-        self
-    }
-
-    /// Time between keepalive probes. Default: 10 s.
-    pub fn keepalives_interval(mut self, interval: Duration) -> Self {
-        self.connect.keepalives.interval = interval;
-        self
-    }
-
-    /// Unanswered keepalive probes before the connection is declared dead. Default: 3.
-    pub fn keepalives_count(mut self, count: u32) -> Self {
-        self.connect.keepalives.count = count;
-        self
-    }
-
-    /// How long sent data may stay unacknowledged (`TCP_USER_TIMEOUT`); set it together with
-    /// keepalives. `None` leaves the OS default (minutes). Default: 30 s.
-    pub fn tcp_user_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.connect.tcp_user_timeout = timeout;
-        self
-    }
-
-    /// TLS mode (libpq `sslmode`). A `sslmode` written in the URL wins. Default: unset (the
-    /// URL's or the driver's default).
-    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
-        self.connect.ssl_mode = Some(mode);
-        self
-    }
-
-    /// Root certificates to verify the server with (libpq `sslrootcert`). Default: unset.
-    pub fn ssl_root_cert(mut self, path: impl Into<PathBuf>) -> Self {
-        self.connect.ssl_root_cert = Some(path.into());
-        self
-    }
-
-    /// The name shown in `pg_stat_activity` (printable ASCII, at most 63 bytes). An
-    /// `application_name` written in the URL wins. Default: unset.
-    pub fn application_name(mut self, name: impl Into<String>) -> Self {
-        self.connect.application_name = Some(name.into());
-        self
-    }
-
-    /// How long a SQLite writer waits for a lock. Default: 5 s.
-    pub fn sqlite_busy_timeout(mut self, timeout: Duration) -> Self {
-        self.sqlite.busy_timeout = timeout;
-        self
-    }
-
-    /// Journal SQLite databases in WAL mode. Default: `true`.
-    pub fn sqlite_wal(mut self, wal: bool) -> Self {
-        self.sqlite.wal = wal;
-        self
-    }
-
-    /// Enforce SQLite foreign keys. Default: `true`.
-    pub fn sqlite_foreign_keys(mut self, enforce: bool) -> Self {
-        self.sqlite.foreign_keys = enforce;
-        self
-    }
-
-    /// The pool's name in stats, reports and logs. Default: `"default"`.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
-        self
-    }
-
     /// Checks the settings and builds the configuration.
     ///
     /// # Errors
@@ -518,7 +369,53 @@ impl PoolConfigBuilder {
     /// `lifetime_jitter` outside `[0, 1)`, an empty name or certificate path, an
     /// `application_name` PostgreSQL would mangle.
     pub fn build(self) -> Result<PoolConfig, ConfigError> {
-        let url = DatabaseUrl::parse(&self.url)?;
+        let config = PoolConfig {
+            url: DatabaseUrl::parse(&self.url)?,
+            pool_size: self.pool_size,
+            max_overflow: self.max_overflow,
+            pool_timeout: self.pool_timeout,
+            lifecycle: self.lifecycle,
+            connect: self.connect,
+            sqlite: self.sqlite,
+            name: self.name,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Callback of [`with_settings!`](crate::with_settings): the builder's setters, one per row
+/// of the settings table.
+macro_rules! builder_setters {
+    ($( $(#[doc = $doc:literal])* $name:ident($v:ident : $ty:ty) env $env:tt kind $kind:ident default $default:literal
+        set |$b:ident| $set:expr; get |$c:ident| $get:expr; )*) => {
+        impl PoolConfigBuilder {
+            $(
+                $(#[doc = $doc])*
+                #[doc = ""]
+                #[doc = concat!("Default: ", $default, ".")]
+                pub fn $name(mut self, $v: $ty) -> Self {
+                    {
+                        let $b = &mut self;
+                        $set;
+                    }
+                    self
+                }
+            )*
+        }
+    };
+}
+pub(crate) use builder_setters;
+
+crate::with_settings!(crate::config::builder_setters);
+
+impl PoolConfig {
+    /// Checks every setting; [`PoolConfigBuilder::build`] calls it, and so does every pool
+    /// built from a `PoolConfig` (whose fields are public and may have been edited since).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first setting that cannot be used.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |setting: &'static str, reason: &str| ConfigError::Invalid {
             setting,
             reason: reason.to_owned(),
@@ -617,16 +514,7 @@ impl PoolConfigBuilder {
                 "is empty; give the pool a name to tell it apart in stats and logs, e.g. \"default\"",
             ));
         }
-        Ok(PoolConfig {
-            url,
-            pool_size: self.pool_size,
-            max_overflow: self.max_overflow,
-            pool_timeout: self.pool_timeout,
-            lifecycle: self.lifecycle,
-            connect: self.connect,
-            sqlite: self.sqlite,
-            name: self.name,
-        })
+        Ok(())
     }
 }
 

@@ -15,6 +15,8 @@
 //! | [`budget`] | [`Budget`]: a connection budget shared by classes with reserved floors |
 //! | [`classify`] | [`ErrorClass`]: which errors are transient, which mean the pool is stale |
 //! | [`retry`] | [`RetryPolicy`] and the retry loop behind `with_retry` / `commit_with_retry` |
+//! | [`engine`] | the checkout engine both adapters run: pool and connection state, checkout and checkin decisions, the FIFO gate, the watchdog, leak timers |
+//! | [`settings`] | the one table of settings: name, environment variable, default, kind, doc |
 //! | [`error`] | [`ConfigError`]: what was wrong, where, and what to do |
 //!
 //! ```
@@ -53,11 +55,13 @@
 pub mod budget;
 pub mod classify;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
 pub mod redact;
 pub mod retry;
+pub mod settings;
 pub mod stats;
 pub mod status;
 pub mod url;
@@ -144,7 +148,7 @@ mod no_secret_leaks {
         };
         let errors: Vec<ConfigError> = vec![
             DatabaseUrl::parse("postgres://app:S3NT1NEL@db:port/app").unwrap_err(),
-            DatabaseUrl::parse("postgres://app:S3NT1NEL@h1,h2/app").unwrap_err(),
+            DatabaseUrl::parse("postgres://app:S3NT1NEL@h1,h2:x/app").unwrap_err(),
             DatabaseUrl::parse("postgres://app:pass/S3NT1NEL@db/app").unwrap_err(),
             DatabaseUrl::parse("host=db password=S3NT1NEL").unwrap_err(),
             DatabaseUrl::parse("redis://app:S3NT1NEL@cache/0").unwrap_err(),

@@ -25,6 +25,9 @@ pub struct ValidationPolicy {
     /// The longest a full ping may take; a ping that takes longer fails and the connection is
     /// discarded, even when the server hangs. Default: 5 s.
     pub timeout: Duration,
+    /// Run the zero-round-trip liveness probe on every checkout. Off, every checkout pings
+    /// when `on_checkout` is on (as a plain pool testing on checkout does). Default: `true`.
+    pub probe: bool,
 }
 
 impl Default for ValidationPolicy {
@@ -33,6 +36,7 @@ impl Default for ValidationPolicy {
             on_checkout: true,
             bypass_window: Duration::from_millis(500),
             timeout: Duration::from_secs(5),
+            probe: true,
         }
     }
 }
@@ -125,6 +129,7 @@ impl LifecyclePolicy {
             created_at: now,
             expires_at,
             last_used: now,
+            last_validated: now,
             validated_epoch: epoch,
             broken: false,
         }
@@ -163,8 +168,9 @@ impl LifecyclePolicy {
             return CheckoutAction::Reuse;
         }
         let stale_epoch = state.validated_epoch < epoch;
+        let last_known_good = state.last_used.max(state.last_validated);
         let idle_long =
-            now.saturating_duration_since(state.last_used) >= self.validation.bypass_window;
+            now.saturating_duration_since(last_known_good) >= self.validation.bypass_window;
         // Without a probe (the socket could not be identified) every checkout is pinged, as a
         // plain pool with `test_on_check_out` does: nothing else would notice a dead socket.
         let unclear = matches!(probe, ProbeResult::Unknown | ProbeResult::Unavailable);
@@ -197,8 +203,13 @@ pub struct ConnectionState {
     pub created_at: Instant,
     /// When it must be retired (its jittered max lifetime), if ever.
     pub expires_at: Option<Instant>,
-    /// When it was last handed back to the pool (or opened).
+    /// When it was last handed back to the pool (or opened). The idle timeout counts from
+    /// here.
     pub last_used: Instant,
+    /// When a ping last succeeded on it (or it was opened). The bypass window counts from
+    /// the later of this and `last_used`: a keepalive ping vouches for a connection as much
+    /// as a recent use, but does not make it less idle.
+    pub last_validated: Instant,
     /// The pool's invalidation epoch when the connection was last known good.
     pub validated_epoch: u64,
     /// It saw a connection-class error and must never be reused.

@@ -727,7 +727,9 @@ mod tests {
         let out = run_sync(&fast(5), &hooks, class_of, |attempt| {
             seen.push(attempt);
             if attempt.number < 3 {
-                Err(AttemptError::Op("could not serialize access".to_owned()))
+                Err(AttemptError::Op(
+                    "could not serialize access due to concurrent update".to_owned(),
+                ))
             } else {
                 Ok("done")
             }
@@ -757,7 +759,10 @@ mod tests {
     #[test]
     fn attempts_run_out_with_the_last_error_kept() {
         let out: Result<(), _> = run_sync(&fast(3), &RetryHooks::default(), class_of, |a| {
-            Err(AttemptError::Op(format!("deadlock detected #{}", a.number)))
+            Err(AttemptError::Op(format!(
+                "deadlock detected\n(attempt {})",
+                a.number
+            )))
         });
         match out {
             Err(RetryError::Exhausted {
@@ -768,7 +773,7 @@ mod tests {
             }) => {
                 assert_eq!(attempts, 3);
                 assert_eq!(class, ErrorClass::Deadlock);
-                assert_eq!(last, "deadlock detected #3");
+                assert_eq!(last, "deadlock detected\n(attempt 3)");
             }
             other => panic!("unexpected {other:?}"),
         }

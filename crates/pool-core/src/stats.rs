@@ -33,11 +33,13 @@ pub enum CloseReason {
     Released,
     /// It was closed to give its budget permit back to a class that needed it.
     Reclaimed,
+    /// It was returned while the pool held more than `pool_size` connections (overflow).
+    Overflow,
 }
 
 impl CloseReason {
     /// Every reason, in declaration order.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Broken,
         CloseReason::ProbeDead,
         CloseReason::PingFailed,
@@ -46,10 +48,11 @@ impl CloseReason {
         CloseReason::Invalidated,
         CloseReason::Released,
         CloseReason::Reclaimed,
+        CloseReason::Overflow,
     ];
 
     /// The reason in snake case, as serialized: `broken`, `probe_dead`, `ping_failed`,
-    /// `expired`, `idle_timeout`, `invalidated`, `released`, `reclaimed`.
+    /// `expired`, `idle_timeout`, `invalidated`, `released`, `reclaimed`, `overflow`.
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::Broken => "broken",
@@ -60,6 +63,7 @@ impl CloseReason {
             CloseReason::Invalidated => "invalidated",
             CloseReason::Released => "released",
             CloseReason::Reclaimed => "reclaimed",
+            CloseReason::Overflow => "overflow",
         }
     }
 
@@ -73,6 +77,7 @@ impl CloseReason {
             CloseReason::Invalidated => 5,
             CloseReason::Released => 6,
             CloseReason::Reclaimed => 7,
+            CloseReason::Overflow => 8,
         }
     }
 }
@@ -124,6 +129,9 @@ pub struct ClosedCounts {
     /// [`CloseReason::Reclaimed`].
     #[serde(default)]
     pub reclaimed: u64,
+    /// [`CloseReason::Overflow`].
+    #[serde(default)]
+    pub overflow: u64,
 }
 
 impl ClosedCounts {
@@ -138,6 +146,7 @@ impl ClosedCounts {
             CloseReason::Invalidated => self.invalidated,
             CloseReason::Released => self.released,
             CloseReason::Reclaimed => self.reclaimed,
+            CloseReason::Overflow => self.overflow,
         }
     }
 
@@ -218,6 +227,15 @@ pub struct StatsSnapshot {
     /// caller to return one (`available > 0`: an idle connection or room to open one).
     /// A pool with nothing available is exhausted; its callers queue and may time out.
     pub is_healthy: bool,
+    /// Whether connections get the zero-round-trip liveness probe and pings are bounded by
+    /// the stall watchdog. `false` where the adapter cannot find connections' sockets (not
+    /// Linux): every checkout then pings, and a hung server can block that ping.
+    #[serde(default = "yes")]
+    pub probe_available: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Sub-buckets per power of two in the wait histogram (relative error at most 1/8).
@@ -457,6 +475,7 @@ impl PoolStats {
                 invalidated: closed_at(CloseReason::Invalidated),
                 released: closed_at(CloseReason::Released),
                 reclaimed: closed_at(CloseReason::Reclaimed),
+                overflow: closed_at(CloseReason::Overflow),
             },
             pings: self.pings.load(Relaxed),
             validations_failed: self.pings_failed.load(Relaxed),
@@ -471,6 +490,7 @@ impl PoolStats {
             wait_p99_ms: p99,
             wait_max_ms: max,
             is_healthy: available > 0,
+            probe_available: true,
         }
     }
 }

@@ -205,6 +205,13 @@ fn pool_lines(p: &StatsSnapshot) -> Vec<String> {
         "Retries: {} ({} exhausted), ambiguous commits resolved: {}, leaks: {}",
         p.retries, p.retries_exhausted, p.commits_resolved, p.leaks
     ));
+    if !p.probe_available {
+        lines.push(
+            "Liveness probe: UNAVAILABLE on this platform (every checkout pings; a hung \
+             server can block the ping)"
+                .to_owned(),
+        );
+    }
     lines
 }
 

@@ -1,16 +1,42 @@
 //! Database URLs: which backend, where, and the secret kept out of every printout.
 //!
 //! [`DatabaseUrl::parse`] accepts the forms Diesel users write: `postgres://` and
-//! `postgresql://` (host-less URLs mean a Unix socket, as in libpq), `mysql://` and
-//! `mariadb://`, and SQLite as `sqlite://path`, `sqlite:path`, `file:path`, `:memory:` or a
-//! plain path ending in `.db`, `.sqlite` or `.sqlite3`. `Debug` and `Display` print only
-//! [`DatabaseUrl::redacted`]; the text with the password is reachable only through
-//! [`DatabaseUrl::expose_secret`], to hand to the driver.
+//! `postgresql://` (host-less URLs mean a Unix socket, as in libpq; multi-host lists as libpq
+//! takes them), `mysql://` and `mariadb://`, and SQLite as `sqlite://path`, `sqlite:path`,
+//! `file:path`, `:memory:` or a plain path ending in `.db`, `.sqlite` or `.sqlite3`. `Debug`
+//! and `Display` print only [`DatabaseUrl::redacted`]; the text with the password is reachable
+//! only through [`DatabaseUrl::expose_secret`], to hand to the driver.
+//!
+//! # The rule: one reading of every URL
+//!
+//! libpq splits `postgres://app:p@ss@host/db` at the *first* `@` (its password is `p`, its host
+//! `ss@host`, and its error quotes that host); URL parsers split at the *last*. A URL that two
+//! parsers could read differently leaks pieces of its password through the driver's errors, so
+//! PostgreSQL and MySQL URLs are refused ([`ConfigError::InvalidUrl`], saying what to
+//! percent-encode, the URL redacted) when they contain:
+//! - a space or other whitespace, or a control character, anywhere (libpq quotes the text
+//!   around a space);
+//! - a `%` not followed by two hex digits, or `%00`, anywhere;
+//! - a raw `#` anywhere (libpq has no fragments; URL parsers cut the URL there);
+//! - more than one raw `@`, or an `@` with a `/` or `?` before it: the only raw `@` is the one
+//!   ending the user info (tokio-postgres even takes the first `@` anywhere in the URL for it).
+//!   A password with a raw `@`, `/`, `?` or `#` always breaks one of these, as the user info's
+//!   `@` follows it;
+//! - PostgreSQL only: a scheme other than exactly `postgres://` or `postgresql://` (libpq's
+//!   test is case-sensitive, and it would read `POSTGRES://...` as a keyword/value string and
+//!   quote it whole), and a query parameter that is not `key=value` with exactly one `=` and a
+//!   non-empty key (libpq refuses those).
+//!
+//! In the user info, `:` in the password is fine (every parser ends the user name at the first
+//! `:`), and so are `& = ' " \ , ;` and non-ASCII characters, raw or percent-encoded: libpq
+//! decodes `%XX` to bytes and takes other bytes as they are (in a `password=` parameter, `&`
+//! and `=` must be encoded too). A `%` followed by two hex digits is always read as an escape,
+//! by every parser alike: a password holding `%41` must be written `%2541`.
 
 use std::fmt;
 
 use crate::error::ConfigError;
-use crate::redact::{self, Scope, MASK};
+use crate::redact::{self, Redactor, Scope, MASK};
 
 /// The kind of database a URL points to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -40,6 +66,33 @@ impl fmt::Display for Backend {
     }
 }
 
+/// One host a PostgreSQL URL names, as libpq pairs its `host`, `hostaddr` and `port` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HostSpec {
+    /// The host name or IP address (IPv6 without brackets), or a Unix socket directory (it
+    /// starts with `/`, or `@` for an abstract socket), percent-decoded. `None`: libpq's
+    /// default (its socket directory), or only `hostaddr` is given.
+    pub host: Option<String>,
+    /// The numeric address to connect to instead of resolving `host` (`hostaddr=`).
+    pub hostaddr: Option<String>,
+    /// The port; `None` for the driver's default (5432).
+    pub port: Option<u16>,
+}
+
+impl HostSpec {
+    /// Whether libpq connects to this host through a Unix socket: no `hostaddr`, and a host
+    /// that is a socket directory or not given at all (libpq's default is its socket
+    /// directory).
+    pub fn is_unix_socket(&self) -> bool {
+        self.hostaddr.is_none()
+            && self
+                .host
+                .as_deref()
+                .is_none_or(|h| h.starts_with('/') || h.starts_with('@'))
+    }
+}
+
 /// A validated database URL. Prints (`Debug`, `Display`) only its redacted form.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseUrl {
@@ -47,26 +100,31 @@ pub struct DatabaseUrl {
     raw: String,
     backend: Backend,
     redacted: String,
-    host: Option<String>,
-    port: Option<u16>,
+    /// The hosts, in libpq's order (one for MySQL, none for SQLite).
+    hosts: Vec<HostSpec>,
     /// Query parameters, decoded, secrets included.
     query: Vec<(String, String)>,
     /// The user-info password, decoded.
     password: Option<String>,
+    /// Masks the password and secret parameters, in every form.
+    redactor: Redactor,
 }
 
 impl DatabaseUrl {
     /// Parses and validates a database URL. Surrounding whitespace is ignored.
     ///
-    /// PostgreSQL and MySQL URLs are checked with a URL parser: the port must be a number from
-    /// 1 to 65535 (also a `port=` parameter), a password with `@ : / ? #` must be
-    /// percent-encoded, and multi-host URLs (`postgres://h1,h2/db`) are rejected as not
-    /// supported yet. A PostgreSQL URL without a host (`postgres:///db`,
-    /// `postgres://user@/db?host=/run/postgresql`) is accepted: libpq reads it as a Unix socket.
+    /// PostgreSQL and MySQL URLs must follow the [module's rule](self#the-rule-one-reading-of-every-url):
+    /// no URL is accepted that libpq and a URL parser could split differently. Ports must be
+    /// numbers from 1 to 65535 (also in `port=`). PostgreSQL URLs are split exactly as libpq
+    /// splits them, multi-host lists included (`postgres://h1:5433,h2:5434/db`,
+    /// `?host=h1,h2&port=5433,5434`, `hostaddr=` lists, `[::1]` literals; see
+    /// [`hosts`](Self::hosts)); a URL without a host (`postgres:///db`,
+    /// `postgres://user@/db?host=/run/postgresql`) means a Unix socket, as in libpq.
     ///
     /// # Errors
-    /// [`ConfigError::InvalidUrl`] (with the URL redacted) for an empty or malformed URL,
-    /// [`ConfigError::UnsupportedScheme`] for any other kind of URL.
+    /// [`ConfigError::InvalidUrl`] (with the URL redacted, so that no part of the password
+    /// shows) for an empty or malformed URL, [`ConfigError::UnsupportedScheme`] for any other
+    /// kind of URL.
     ///
     /// ```
     /// use pool_core::url::{Backend, DatabaseUrl};
@@ -74,6 +132,10 @@ impl DatabaseUrl {
     /// assert_eq!(url.backend(), Backend::Postgres);
     /// assert_eq!(url.port(), Some(6543));
     /// assert_eq!(url.to_string(), "postgres://app:***@db.internal:6543/app");
+    ///
+    /// let err = DatabaseUrl::parse("postgres://app:p@ssw0rd@db.internal/app").unwrap_err();
+    /// assert!(err.to_string().contains("@ as %40"));
+    /// assert!(!err.to_string().contains("ssw0rd"));
     /// # Ok::<(), pool_core::ConfigError>(())
     /// ```
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
@@ -131,16 +193,40 @@ impl DatabaseUrl {
         self.redacted.clone()
     }
 
-    /// The host: the URL's (percent-decoded, IPv6 without brackets) or else its `host=`
-    /// parameter (a socket directory for PostgreSQL). `None` for SQLite and host-less URLs.
+    /// The first host: its name, address or socket directory (percent-decoded, IPv6 without
+    /// brackets), else its `hostaddr`. As libpq reads it, a `host=` parameter replaces the
+    /// URL's hosts. `None` for SQLite and URLs without a host (libpq's default socket).
     pub fn host(&self) -> Option<String> {
-        self.host.clone()
+        let first = self.hosts.first()?;
+        first.host.clone().or_else(|| first.hostaddr.clone())
     }
 
-    /// The port: the URL's or else its `port=` parameter. `None` when not given (the driver's
-    /// default applies) and for SQLite.
+    /// The first host's port: the URL's or, replacing it as in libpq, its `port=` parameter.
+    /// `None` when not given (the driver's default applies) and for SQLite.
     pub fn port(&self) -> Option<u16> {
-        self.port
+        self.hosts.first().and_then(|h| h.port)
+    }
+
+    /// Every host, in the order libpq tries them (one for MySQL, none for SQLite).
+    ///
+    /// As libpq pairs them: the `host` list (the URL's, or a `host=` parameter, which replaces
+    /// it) and the `hostaddr=` list have the same length when both are given; a `port` list
+    /// (the URL's or `port=`) has one entry for all hosts or one per host. Empty entries are
+    /// libpq's defaults (`None`).
+    ///
+    /// ```
+    /// use pool_core::url::DatabaseUrl;
+    /// let url = DatabaseUrl::parse("postgres://app:pw@db1:5433,[::1]:5434/app")?;
+    /// let hosts = url.hosts();
+    /// assert_eq!(hosts.len(), 2);
+    /// assert_eq!(hosts[1].host.as_deref(), Some("::1"));
+    /// assert_eq!(hosts[1].port, Some(5434));
+    /// let url = DatabaseUrl::parse("postgres:///app?host=h1,h2&port=6432")?;
+    /// assert!(url.hosts().iter().all(|h| h.port == Some(6432)));
+    /// # Ok::<(), pool_core::ConfigError>(())
+    /// ```
+    pub fn hosts(&self) -> Vec<HostSpec> {
+        self.hosts.clone()
     }
 
     /// The query parameters, decoded, in order (PostgreSQL and MySQL; empty for SQLite).
@@ -161,6 +247,23 @@ impl DatabaseUrl {
             .collect()
     }
 
+    /// A [`Redactor`] that knows this URL's secrets: the user-info password and the values of
+    /// secret-named parameters (`password=`, `sslpassword=`, ...), each as written and
+    /// decoded. Apply it to every driver message before it is shown.
+    ///
+    /// ```
+    /// use pool_core::url::DatabaseUrl;
+    /// let url = DatabaseUrl::parse("postgres://app:s3cr%40t-Pw@db/app")?;
+    /// assert_eq!(
+    ///     url.redactor().redact("auth failed for s3cr@t-Pw (s3cr%40t-Pw)"),
+    ///     "auth failed for *** (***)"
+    /// );
+    /// # Ok::<(), pool_core::ConfigError>(())
+    /// ```
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
     /// The user-info password, decoded, to mask it wherever else it shows up.
     pub(crate) fn password(&self) -> Option<&str> {
         self.password.as_deref()
@@ -171,10 +274,10 @@ impl DatabaseUrl {
             redacted: redact::redact_url(&raw, Scope::Whole),
             raw,
             backend: Backend::Sqlite,
-            host: None,
-            port: None,
+            hosts: Vec::new(),
             query: Vec::new(),
             password: None,
+            redactor: Redactor::new(),
         }
     }
 }
@@ -240,7 +343,12 @@ fn invalid(s: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// PostgreSQL and MySQL: validated with the `url` crate.
+/// What to percent-encode, said in every refusal that a special character can cause.
+const ENCODE: &str = "percent-encode them in the password (and anywhere else in the URL): \
+                      @ as %40, / as %2F, ? as %3F, # as %23, space as %20, % as %25";
+
+/// PostgreSQL and MySQL: the checks of the module's rule, then the URL split as the driver
+/// splits it.
 fn parse_network(s: &str, backend: Backend) -> Result<DatabaseUrl, ConfigError> {
     let Some(sep) = s.find("://") else {
         return Err(invalid(
@@ -255,19 +363,337 @@ fn parse_network(s: &str, backend: Backend) -> Result<DatabaseUrl, ConfigError> 
             ),
         ));
     };
+    check_characters(s).map_err(|reason| invalid(s, reason))?;
+    let at = user_info_end(&s[sep + 3..]).map_err(|reason| invalid(s, reason))?;
+    match backend {
+        Backend::Postgres => {
+            let scheme = &s[..sep];
+            if scheme != "postgres" && scheme != "postgresql" {
+                return Err(invalid(
+                    s,
+                    "write the scheme in lower case, postgres:// or postgresql://: libpq does not \
+                     recognise any other spelling and would read the whole URL, password \
+                     included, as a keyword/value string",
+                ));
+            }
+            parse_postgres(s, sep + 3, at)
+        }
+        _ => parse_mysql(s, sep, at),
+    }
+}
+
+/// Whitespace, control characters, `%` without two hex digits, `%00` and `#`: refused
+/// anywhere in the URL.
+fn check_characters(s: &str) -> Result<(), String> {
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "the URL contains a space, tab, line break or other control character; drivers \
+             cut the URL there differently, and libpq quotes the text around it in its error; \
+             {ENCODE}"
+        ));
+    }
+    let b = s.as_bytes();
+    let hex = |i: usize| b.get(i).is_some_and(u8::is_ascii_hexdigit);
+    for (i, _) in s.match_indices('%') {
+        if !(hex(i + 1) && hex(i + 2)) {
+            return Err(format!(
+                "a % is not followed by two hex digits, so it is not a percent-encoded \
+                 character; a % in the password must be written %25; {ENCODE}"
+            ));
+        }
+        if &b[i + 1..i + 3] == b"00" {
+            return Err("%00 (a NUL byte) cannot be part of a database URL".to_owned());
+        }
+    }
+    if s.contains('#') {
+        return Err(format!(
+            "the URL contains a raw #: libpq has no URL fragments and takes it as part of the \
+             password, database name or a parameter, while URL parsers cut the URL there; \
+             {ENCODE}"
+        ));
+    }
+    Ok(())
+}
+
+/// The position of the `@` ending the user info in `rest` (what follows `scheme://`), if any:
+/// the URL may hold one raw `@`, and no `/` or `?` may come before it.
+fn user_info_end(rest: &str) -> Result<Option<usize>, String> {
+    let mut ats = rest.match_indices('@').map(|(i, _)| i);
+    let Some(at) = ats.next() else {
+        return Ok(None);
+    };
+    if ats.next().is_some() {
+        return Err(format!(
+            "the URL has more than one @; only the @ ending the user name and password may be \
+             written as is, and libpq splits at the first @ where URL parsers split at the last \
+             (quoting the rest of the password as a host name); {ENCODE}"
+        ));
+    }
+    if rest[..at].contains(['/', '?']) {
+        return Err(format!(
+            "the URL has an @ after a / or ?: a password with / or ? in it makes libpq and URL \
+             parsers disagree on where the host is; {ENCODE} (an @ in a database name or a \
+             parameter also as %40)"
+        ));
+    }
+    Ok(Some(at))
+}
+
+/// PostgreSQL, split exactly as libpq splits it (`conninfo_uri_parse_options`).
+fn parse_postgres(s: &str, start: usize, at: Option<usize>) -> Result<DatabaseUrl, ConfigError> {
+    let r = &s[start..];
+    let mut masked_spans = Vec::new();
+    let mut redactor = Redactor::new();
+    let mut password = None;
+    let rest = match at {
+        Some(at) => {
+            if let Some(colon) = r[..at].find(':') {
+                let written = &r[colon + 1..at];
+                masked_spans.push((start + colon + 1, start + at));
+                let decoded = percent_decode(written);
+                redactor.add(written);
+                redactor.add(&decoded);
+                password = Some(decoded);
+            }
+            &r[at + 1..]
+        }
+        None => r,
+    };
+    let netloc_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (host_list, port_list) =
+        split_netloc(&rest[..netloc_end]).map_err(|reason| invalid(s, reason))?;
+    let tail = &rest[netloc_end..];
+    let query_text = tail.find('?').map(|q| &tail[q + 1..]);
+    let mut query = Vec::new();
+    if let Some(q) = query_text {
+        let mut offset = s.len() - q.len();
+        let pieces: Vec<&str> = q.split('&').collect();
+        for (k, piece) in pieces.iter().enumerate() {
+            if piece.is_empty() && k + 1 == pieces.len() {
+                break; // `?` alone or a trailing `&`: libpq accepts both.
+            }
+            let reason = match piece.matches('=').count() {
+                0 => Some(
+                    "a query parameter is not written key=value (libpq refuses it); write & \
+                     inside a value as %26",
+                ),
+                1 if piece.starts_with('=') => Some("a query parameter has an empty name"),
+                1 => None,
+                _ => Some(
+                    "a query parameter has more than one = (libpq refuses it); write = inside a \
+                     value as %3D",
+                ),
+            };
+            if let Some(reason) = reason {
+                return Err(invalid(s, reason));
+            }
+            let eq = piece.find('=').unwrap_or(piece.len());
+            let key = percent_decode(&piece[..eq]);
+            let value_written = piece.get(eq + 1..).unwrap_or("");
+            let value = percent_decode(value_written);
+            if redact::is_secret_key(&key) {
+                masked_spans.push((offset + eq + 1, offset + piece.len()));
+                redactor.add(value_written);
+                redactor.add(&value);
+            }
+            query.push((key, value));
+            offset += piece.len() + 1;
+        }
+    }
+    let param = |key: &str| {
+        query
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let host =
+        param("host").or_else(|| (!host_list.is_empty()).then(|| percent_decode(&host_list)));
+    let port =
+        param("port").or_else(|| (!port_list.is_empty()).then(|| percent_decode(&port_list)));
+    let hosts = pair_hosts(
+        host.as_deref(),
+        param("hostaddr").as_deref(),
+        port.as_deref(),
+    )
+    .map_err(|reason| invalid(s, reason))?;
+    Ok(DatabaseUrl {
+        raw: s.to_owned(),
+        backend: Backend::Postgres,
+        redacted: redact::redact_url(&mask_spans(s, &mut masked_spans), Scope::Authority),
+        hosts,
+        query,
+        password,
+        redactor,
+    })
+}
+
+/// `s` with each byte span replaced by [`MASK`].
+fn mask_spans(s: &str, spans: &mut [(usize, usize)]) -> String {
+    spans.sort_unstable();
+    let mut out = String::with_capacity(s.len());
+    let mut copied = 0;
+    for &mut (start, end) in spans {
+        if start < copied || !s.is_char_boundary(start) || !s.is_char_boundary(end) {
+            continue;
+        }
+        out.push_str(&s[copied..start]);
+        out.push_str(MASK);
+        copied = end;
+    }
+    out.push_str(&s[copied..]);
+    out
+}
+
+/// libpq's reading of `host1:port1,[v6]:port2,...` (still percent-encoded): the host list and
+/// the port list, each comma-separated as libpq builds them (`"h1,h2"`, `"5433,"`).
+fn split_netloc(netloc: &str) -> Result<(String, String), String> {
+    let mut hosts = String::new();
+    let mut ports = String::new();
+    let mut rest = netloc;
+    loop {
+        let after = if let Some(inner) = rest.strip_prefix('[') {
+            let Some(close) = inner.find(']') else {
+                return Err("an IPv6 address is missing its closing ]".to_owned());
+            };
+            if close == 0 {
+                return Err("an IPv6 address between [ and ] is empty".to_owned());
+            }
+            hosts.push_str(&inner[..close]);
+            let after = &inner[close + 1..];
+            if !(after.is_empty() || after.starts_with([':', ','])) {
+                return Err(
+                    "after an IPv6 address in [ ] only :port or a comma and the next host may \
+                     follow"
+                        .to_owned(),
+                );
+            }
+            after
+        } else {
+            let end = rest.find([':', ',']).unwrap_or(rest.len());
+            hosts.push_str(&rest[..end]);
+            &rest[end..]
+        };
+        let after = match after.strip_prefix(':') {
+            Some(port) => {
+                let end = port.find(',').unwrap_or(port.len());
+                ports.push_str(&port[..end]);
+                &port[end..]
+            }
+            None => after,
+        };
+        match after.strip_prefix(',') {
+            Some(next) => {
+                hosts.push(',');
+                ports.push(',');
+                rest = next;
+            }
+            None => return Ok((hosts, ports)),
+        }
+    }
+}
+
+/// libpq's pairing of the `host`, `hostaddr` and `port` lists (`pqConnectOptions2`): as many
+/// hosts as `hostaddr` entries (else `host` entries, else one); `host` and `hostaddr` lists of
+/// the same length; one port for all hosts or one per host. Empty entries mean libpq's default.
+fn pair_hosts(
+    host: Option<&str>,
+    hostaddr: Option<&str>,
+    port: Option<&str>,
+) -> Result<Vec<HostSpec>, String> {
+    let list = |v: Option<&str>| {
+        v.filter(|v| !v.is_empty())
+            .map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>())
+    };
+    let (hosts, addrs, ports) = (list(host), list(hostaddr), list(port));
+    let n = match (&addrs, &hosts) {
+        (Some(a), Some(h)) if a.len() != h.len() => {
+            return Err(format!(
+                "{} host names but {} hostaddr values; libpq pairs them in order, so give as \
+                 many of each",
+                h.len(),
+                a.len()
+            ))
+        }
+        (Some(a), _) => a.len(),
+        (None, Some(h)) => h.len(),
+        (None, None) => 1,
+    };
+    let ports = match ports {
+        None => vec![None; n],
+        Some(p) if p.len() == 1 || p.len() == n => {
+            let parsed = p
+                .iter()
+                .map(|p| parse_port(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            if parsed.len() == n {
+                parsed
+            } else {
+                vec![parsed[0]; n]
+            }
+        }
+        Some(p) => {
+            return Err(format!(
+                "{} ports for {n} hosts; give one port for all hosts or one per host",
+                p.len()
+            ))
+        }
+    };
+    let entry = |l: &Option<Vec<String>>, i: usize| {
+        l.as_ref()
+            .and_then(|l| l.get(i))
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    Ok(ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, port)| HostSpec {
+            host: entry(&hosts, i),
+            hostaddr: entry(&addrs, i),
+            port,
+        })
+        .collect())
+}
+
+/// A port as libpq takes it: empty for the default, else a number from 1 to 65535. The value
+/// is not quoted in the error: without its `@`, a password stands where the port belongs.
+fn parse_port(p: &str) -> Result<Option<u16>, String> {
+    if p.is_empty() {
+        return Ok(None);
+    }
+    match p.parse::<u16>() {
+        Ok(0) => Err("port 0 is not a port; use e.g. 5432".to_owned()),
+        Ok(port) if p.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(port)),
+        _ => Err(bad_port()),
+    }
+}
+
+fn bad_port() -> String {
+    format!(
+        "the port is not a number from 1 to 65535 (if the text after the host's : is the \
+         password, the URL lacks the @ before the host, or special characters in the password \
+         are not encoded: {ENCODE})"
+    )
+}
+
+/// MySQL / MariaDB: split with the `url` crate, as Diesel's MySQL backend does. One host.
+fn parse_mysql(s: &str, sep: usize, at: Option<usize>) -> Result<DatabaseUrl, ConfigError> {
     let after = &s[sep + 3..];
-    let authority = &after[..after.find(['/', '?', '#']).unwrap_or(after.len())];
-    let (userinfo_len, host_port) = match authority.rfind('@') {
-        Some(at) => (Some(at), &authority[at + 1..]),
-        None => (None, authority),
+    let authority = &after[..after.find(['/', '?']).unwrap_or(after.len())];
+    let host_port = match at {
+        Some(at) => &after[at + 1..authority.len().max(at + 1)],
+        None => authority,
     };
     if host_port.contains(',') {
-        return Err(multi_host(s));
+        return Err(invalid(
+            s,
+            "MySQL URLs take a single host; give the primary's or a proxy's address",
+        ));
     }
-    // The `url` crate rejects user info without a host; libpq reads it as a Unix socket.
-    // Parse a copy with a placeholder host, and remember there was none.
+    // The `url` crate rejects user info without a host: parse a copy with a placeholder host.
     let host_less = host_port.is_empty() || host_port.starts_with(':');
-    let parse_text = match userinfo_len {
+    let parse_text = match at {
         Some(at) if host_less => {
             let insert_at = sep + 3 + at + 1;
             format!("{}localhost{}", &s[..insert_at], &s[insert_at..])
@@ -276,15 +702,8 @@ fn parse_network(s: &str, backend: Backend) -> Result<DatabaseUrl, ConfigError> 
     };
     let parsed = ::url::Url::parse(&parse_text).map_err(|e| {
         let reason = match e {
-            ::url::ParseError::InvalidPort if after.contains('@') && userinfo_len.is_none() => {
-                "the part after the host is not a port number; if the password contains any of \
-                 @ : / ? # % percent-encode them (@ as %40, / as %2F, ? as %3F, # as %23)"
-                    .to_owned()
-            }
-            ::url::ParseError::InvalidPort => {
-                "the port is not a number from 1 to 65535".to_owned()
-            }
-            other => format!("{other}; check the URL's syntax (and percent-encode special characters in the password)"),
+            ::url::ParseError::InvalidPort => bad_port(),
+            other => format!("{other}; check the URL's syntax ({ENCODE})"),
         };
         invalid(s, reason)
     })?;
@@ -299,22 +718,9 @@ fn parse_network(s: &str, backend: Backend) -> Result<DatabaseUrl, ConfigError> 
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     };
-    if param("host").is_some_and(|h| h.contains(',')) {
-        return Err(multi_host(s));
-    }
-    let port = match (parsed.port(), param("port")) {
-        (Some(0), _) => return Err(invalid(s, "port 0 is not a port; use e.g. 5432")),
-        (Some(p), _) => Some(p),
-        (None, Some(p)) => match p.trim().parse::<u16>() {
-            Ok(p) if p > 0 => Some(p),
-            _ => {
-                return Err(invalid(
-                    s,
-                    format!("port={p:?} is not a number from 1 to 65535"),
-                ))
-            }
-        },
-        (None, None) => None,
+    let port = match parsed.port() {
+        Some(0) => return Err(invalid(s, "port 0 is not a port; use e.g. 3306")),
+        p => p,
     };
     let host = if host_less {
         None
@@ -327,23 +733,35 @@ fn parse_network(s: &str, backend: Backend) -> Result<DatabaseUrl, ConfigError> 
         }
     }
     .or_else(|| param("host").filter(|h| !h.is_empty()).map(str::to_owned));
+    let mut redactor = Redactor::new();
+    if let Some(written) = parsed.password() {
+        redactor.add(written);
+        redactor.add(&percent_decode(written));
+    }
+    if let Some(at) = at {
+        // The password as written in the URL (the `url` crate re-encodes some characters).
+        if let Some(colon) = after[..at].find(':') {
+            redactor.add(&after[colon + 1..at]);
+        }
+    }
+    for (k, v) in &query {
+        if redact::is_secret_key(k) {
+            redactor.add(v);
+        }
+    }
     Ok(DatabaseUrl {
         raw: s.to_owned(),
-        backend,
+        backend: Backend::Mysql,
         redacted: redact::redact_url(s, Scope::Authority),
-        host,
-        port,
+        hosts: vec![HostSpec {
+            host,
+            hostaddr: None,
+            port,
+        }],
         query,
         password: parsed.password().map(percent_decode),
+        redactor,
     })
-}
-
-fn multi_host(s: &str) -> ConfigError {
-    invalid(
-        s,
-        "multi-host URLs (host1,host2) are not supported yet; give a single host, e.g. the \
-         primary's or a pooler's address",
-    )
 }
 
 /// Decodes `%XX` escapes (e.g. a Unix socket directory written as `%2Fvar%2Frun%2Fpostgresql`).
@@ -405,7 +823,9 @@ mod tests {
             parse("  postgres://h/db \n").expose_secret(),
             "postgres://h/db"
         );
-        assert_eq!(parse("POSTGRES://h/db").backend(), Backend::Postgres);
+        assert!(reason("POSTGRES://u:pw@h/db").contains("lower case"));
+        assert!(reason("Postgresql://h/db").contains("lower case"));
+        assert_eq!(parse("MySQL://h/db").backend(), Backend::Mysql);
         assert_eq!(
             parse("postgres://[::1]:5433/db").host().as_deref(),
             Some("::1")
@@ -440,11 +860,210 @@ mod tests {
         assert!(!msg.contains("S3NT1NEL"), "{msg}");
     }
 
+    fn host(host: Option<&str>, hostaddr: Option<&str>, port: Option<u16>) -> HostSpec {
+        HostSpec {
+            host: host.map(str::to_owned),
+            hostaddr: hostaddr.map(str::to_owned),
+            port,
+        }
+    }
+
     #[test]
-    fn multi_host_urls_are_refused_clearly() {
-        assert!(reason("postgres://h1,h2/db").contains("multi-host"));
-        assert!(reason("postgres://u:pw@h1:5432,h2:5433/db").contains("multi-host"));
-        assert!(reason("postgres:///db?host=h1,h2").contains("multi-host"));
+    fn multi_host_urls_are_read_as_libpq_reads_them() {
+        let u = parse("postgres://u:pw@h1:5433,h2:5434/db");
+        assert_eq!(
+            u.hosts(),
+            vec![
+                host(Some("h1"), None, Some(5433)),
+                host(Some("h2"), None, Some(5434))
+            ]
+        );
+        assert_eq!((u.host().as_deref(), u.port()), (Some("h1"), Some(5433)));
+        assert_eq!(u.redacted(), "postgres://u:***@h1:5433,h2:5434/db");
+        // One port for all hosts, or one per host; a missing one is the default.
+        let u = parse("postgres://h1,h2/db?port=5433,5434");
+        assert_eq!(u.hosts()[1], host(Some("h2"), None, Some(5434)));
+        let u = parse("postgres://h1,h2,h3/db?port=6432");
+        assert!(u.hosts().iter().all(|h| h.port == Some(6432)));
+        let u = parse("postgres://h1:5433,h2/db");
+        assert_eq!(u.hosts()[1], host(Some("h2"), None, None));
+        // host= replaces the URL's hosts, as in libpq.
+        let u = parse("postgres:///db?host=h1,h2");
+        assert_eq!(u.hosts().len(), 2);
+        let u = parse("postgres://ignored:1/db?host=/run/pg,h2&port=5432");
+        assert_eq!(
+            u.hosts(),
+            vec![
+                host(Some("/run/pg"), None, Some(5432)),
+                host(Some("h2"), None, Some(5432))
+            ]
+        );
+        assert!(u.hosts()[0].is_unix_socket() && !u.hosts()[1].is_unix_socket());
+        // hostaddr lists: paired with host names, or alone.
+        let u = parse("postgres://h1,h2/db?hostaddr=10.0.0.1,10.0.0.2");
+        assert_eq!(u.hosts()[1], host(Some("h2"), Some("10.0.0.2"), None));
+        let u = parse("postgres:///db?hostaddr=10.0.0.1,::1&port=1,2");
+        assert_eq!(u.hosts()[1], host(None, Some("::1"), Some(2)));
+        assert_eq!(u.host().as_deref(), Some("10.0.0.1"));
+        assert!(!u.hosts()[0].is_unix_socket());
+        // IPv6 literals in lists, empty entries (libpq's default host).
+        let u = parse("postgres://[::1]:5433,[fe80::1%25eth0],h3:5435/db");
+        assert_eq!(
+            u.hosts(),
+            vec![
+                host(Some("::1"), None, Some(5433)),
+                host(Some("fe80::1%eth0"), None, None),
+                host(Some("h3"), None, Some(5435))
+            ]
+        );
+        let u = parse("postgres://,h2/db");
+        assert_eq!(u.hosts()[0], host(None, None, None));
+        assert!(u.hosts()[0].is_unix_socket());
+        // libpq decodes the list before splitting it.
+        assert_eq!(parse("postgres://h1%2Ch2/db").hosts().len(), 2);
+        // The pairing rules.
+        assert!(reason("postgres://h1,h2,h3/db?port=1,2").contains("2 ports for 3 hosts"));
+        assert!(reason("postgres://h1,h2/db?hostaddr=10.0.0.1").contains("hostaddr"));
+        assert!(reason("postgres://h1:5432,h2:x/db").contains("port"));
+        assert!(reason("postgres://[::1/db").contains("]"));
+        assert!(reason("postgres://[]/db").contains("empty"));
+        assert!(reason("postgres://[::1]x/db").contains("IPv6"));
+        assert!(reason("mysql://h1,h2/db").contains("single host"));
+    }
+
+    const ENCODE_ADVICE: [&str; 6] = [
+        "@ as %40",
+        "/ as %2F",
+        "? as %3F",
+        "# as %23",
+        "space as %20",
+        "% as %25",
+    ];
+
+    /// The URL is refused, its reason gives the percent-encoding advice, and no piece of
+    /// `password` (4 characters or more) shows in the error's `Display` or `Debug`.
+    fn refused_hiding(url: &str, password: &str) -> String {
+        let err = DatabaseUrl::parse(url).unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidUrl { .. }), "{err:?}");
+        let (shown, debug) = (err.to_string(), format!("{err:?}"));
+        for advice in ENCODE_ADVICE {
+            assert!(shown.contains(advice), "{url}: no {advice:?} in {shown}");
+        }
+        let chars: Vec<char> = password.chars().collect();
+        for len in 4..=chars.len() {
+            for piece in chars.windows(len) {
+                let piece: String = piece.iter().collect();
+                assert!(
+                    !shown.contains(&piece) && !debug.contains(&piece),
+                    "{url}: {piece:?} shows in {shown} / {debug}"
+                );
+            }
+        }
+        shown
+    }
+
+    #[test]
+    fn urls_that_parsers_split_differently_are_refused_without_the_password() {
+        // The brief's example: every special character at once.
+        refused_hiding("postgres://app:p@ss/w?rd#x y@host", "p@ss/w?rd#x y");
+        for (password, what) in [
+            ("Kq7@Wz9Pm", "more than one @"),
+            ("Kq7/Wz9Pm", "after a / or ?"),
+            ("Kq7?Wz9Pm", "after a / or ?"),
+            ("Kq7#Wz9Pm", "raw #"),
+            ("Kq7 Wz9Pm", "space"),
+            ("Kq7\tWz9Pm", "space"),
+            ("Kq7%zzWz9Pm", "two hex digits"),
+            ("Kq7%4", "two hex digits"),
+            ("Kq7/Wz9?Pm@x", "more than one @"),
+        ] {
+            for url in [
+                format!("postgres://app:{password}@db.example.com:5432/app"),
+                format!("postgresql://app:{password}@db/app?sslmode=require"),
+                format!("postgres://app:{password}@/app?host=/run/postgresql"),
+                format!("postgres://app:{password}@h1,h2/app"),
+                format!("mysql://root:{password}@db/app"),
+            ] {
+                let shown = refused_hiding(&url, password);
+                assert!(shown.contains(what), "{url}: {shown}");
+            }
+        }
+        // An @ where libpq and URL parsers disagree, with no password involved.
+        assert!(reason("postgres://h?application_name=a@b").contains("after a / or ?"));
+        assert!(reason("postgres://h/db?application_name=a@b").contains("@"));
+        assert!(reason("postgres://h/my@db").contains("@"));
+        // libpq refuses %00 and parameters that are not key=value.
+        assert!(reason("postgres://u:pw%00@h/db").contains("%00"));
+        assert!(reason("postgres://h/db?sslmode").contains("key=value"));
+        assert!(reason("postgres://h/db?a=1&&b=2").contains("key=value"));
+        assert!(reason("postgres://h/db?options=-c%20x=1").contains("%3D"));
+        assert!(reason("postgres://h/db?=x").contains("empty name"));
+        assert!(parse("postgres://h/db?").query_pairs().is_empty());
+        assert_eq!(parse("postgres://h/db?a=1&").query_pairs().len(), 1);
+    }
+
+    #[test]
+    fn password_parameters_refused_with_raw_characters_stay_hidden() {
+        for url in [
+            "postgres://app@db/app?password=Kq7 Wz9Pm&sslmode=require",
+            "postgres://app@db/app?sslpassword=Kq7 Wz9Pm",
+            "postgres://app@db/app?password=Kq7#Wz9Pm",
+            "postgres://app@db/app?password=Kq7%zzWz9Pm",
+            "postgres://app@db/app?password=Kq7&Wz9Pm",
+            "postgres://app@db/app?password=Kq7@Wz9Pm&sslmode=require",
+            "postgres://app:Kq7@db/app?password=Wz9@Pm",
+        ] {
+            let err = DatabaseUrl::parse(url).unwrap_err();
+            let (shown, debug) = (err.to_string(), format!("{err:?}"));
+            for piece in ["Kq7", "Wz9Pm"] {
+                assert!(!shown.contains(piece) && !debug.contains(piece), "{shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn colons_quotes_and_non_ascii_in_the_password_are_fine_raw_or_encoded() {
+        for (written, decoded) in [
+            ("p:ss:w0rd", "p:ss:w0rd"),
+            ("p&s=s'w\"0\\rd,;", "p&s=s'w\"0\\rd,;"),
+            ("pé密ss", "pé密ss"),
+            ("p%C3%A9%E5%AF%86ss", "pé密ss"),
+            ("p%40s%2Fs%3Fw%23o%20r%25d", "p@s/s?w#o r%d"),
+            ("p%40s%2fs", "p@s/s"),
+        ] {
+            let u = parse(&format!("postgres://app:{written}@db:5432/app"));
+            assert_eq!(u.password(), Some(decoded), "{written}");
+            assert_eq!(u.redacted(), "postgres://app:***@db:5432/app");
+            assert_eq!(u.host().as_deref(), Some("db"));
+            assert_eq!(
+                format!("{u:?}"),
+                "DatabaseUrl(\"postgres://app:***@db:5432/app\")"
+            );
+            let msg = format!("auth failed: {decoded} / {written} / \"{}\"", &decoded[1..]);
+            let masked = u.redactor().redact(&msg);
+            assert!(!masked.contains(&decoded[1..]), "{masked}");
+            assert!(!masked.contains(&written[1..]), "{masked}");
+        }
+    }
+
+    #[test]
+    fn secret_parameters_are_known_to_the_redactor_as_libpq_decodes_them() {
+        let u =
+            parse("postgres://db/app?password=Kq7%2BWz9+Pm&sslpassword=Xy8%27Vb2&sslmode=require");
+        // libpq does not read + as a space.
+        assert_eq!(u.query[0].1, "Kq7+Wz9+Pm");
+        assert_eq!(
+            u.redacted(),
+            "postgres://db/app?password=***&sslpassword=***&sslmode=require"
+        );
+        let masked = u
+            .redactor()
+            .redact("x Kq7+Wz9+Pm y Xy8'Vb2 z Kq7%2bWz9%2BPm 'Wz9+'");
+        assert_eq!(masked, "x *** y *** z *** '***'");
+        // An encoded key is still a secret key.
+        let u = parse("postgres://db/app?pass%77ord=Kq7Wz9Pm");
+        assert!(!u.redacted().contains("Kq7"), "{}", u.redacted());
+        assert_eq!(u.redactor().redact("Kq7Wz9Pm"), "***");
     }
 
     #[test]
@@ -518,7 +1137,11 @@ mod tests {
                 ("sslmode".into(), "verify-full".into())
             ]
         );
-        let u = parse("postgres://app:S3NT1NEL@db/app?options=-c%20x=a@b");
-        assert_eq!(u.redacted(), "postgres://app:***@db/app?options=-c%20x=a@b");
+        let u = parse("postgres://app:S3NT1NEL@db/app?options=-c%20x%3Da%40b");
+        assert_eq!(
+            u.redacted(),
+            "postgres://app:***@db/app?options=-c%20x%3Da%40b"
+        );
+        assert_eq!(u.query_pairs()[0].1, "-c x=a@b");
     }
 }

@@ -17,7 +17,8 @@ use openssl::x509::{X509Builder, X509Name, X509NameBuilder, X509};
 pub(crate) struct Certs {
     /// The CA certificate (what clients put in `sslrootcert`).
     pub(crate) ca_pem: Vec<u8>,
-    /// The server certificate: CN `localhost`, SAN `DNS:localhost`, `IP:127.0.0.1`.
+    /// The server certificate: by default CN `localhost`, SAN `DNS:localhost`, `IP:127.0.0.1`
+    /// (see [`generate_for`]).
     pub(crate) server_cert_pem: Vec<u8>,
     /// The server's private key (PKCS#8).
     pub(crate) server_key_pem: Vec<u8>,
@@ -54,8 +55,16 @@ fn validity(builder: &mut X509Builder) -> Result<(), ErrorStack> {
     Ok(())
 }
 
-/// Generates a fresh CA and a server certificate for `localhost` / `127.0.0.1`.
-pub(crate) fn generate() -> Result<Certs, ErrorStack> {
+/// Generates a fresh CA and a server certificate for `names` (each an IP address SAN if it
+/// parses as one, else a DNS SAN; the first is also the CN). Empty `names` means `localhost`
+/// and `127.0.0.1`.
+pub(crate) fn generate_for(names: &[String]) -> Result<Certs, ErrorStack> {
+    let default_names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let names = if names.is_empty() {
+        &default_names[..]
+    } else {
+        names
+    };
     let ca_key = key()?;
     let ca_name = name("resilient-diesel test CA")?;
     let mut ca = X509Builder::new()?;
@@ -83,7 +92,7 @@ pub(crate) fn generate() -> Result<Certs, ErrorStack> {
     let mut leaf = X509Builder::new()?;
     leaf.set_version(2)?;
     let leaf_serial = serial()?;
-    let leaf_name = name("localhost")?;
+    let leaf_name = name(&names[0])?;
     leaf.set_serial_number(&leaf_serial)?;
     leaf.set_subject_name(&leaf_name)?;
     leaf.set_issuer_name(ca.subject_name())?;
@@ -98,10 +107,15 @@ pub(crate) fn generate() -> Result<Certs, ErrorStack> {
             .build()?,
     )?;
     leaf.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
-    let san = SubjectAlternativeName::new()
-        .dns("localhost")
-        .ip("127.0.0.1")
-        .build(&leaf.x509v3_context(Some(&ca), None))?;
+    let mut san = SubjectAlternativeName::new();
+    for n in names {
+        if n.parse::<std::net::IpAddr>().is_ok() {
+            san.ip(n);
+        } else {
+            san.dns(n);
+        }
+    }
+    let san = san.build(&leaf.x509v3_context(Some(&ca), None))?;
     leaf.append_extension(san)?;
     let ski = SubjectKeyIdentifier::new().build(&leaf.x509v3_context(Some(&ca), None))?;
     leaf.append_extension(ski)?;
@@ -117,4 +131,33 @@ pub(crate) fn generate() -> Result<Certs, ErrorStack> {
         server_cert_pem: leaf.to_pem()?,
         server_key_pem: server_key.private_key_to_pem_pkcs8()?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sans(pem: &[u8]) -> Vec<String> {
+        let cert = X509::from_pem(pem).unwrap();
+        cert.subject_alt_names()
+            .unwrap()
+            .iter()
+            .map(|n| match (n.dnsname(), n.ipaddress()) {
+                (Some(d), _) => d.to_owned(),
+                (None, Some(ip)) => format!("{ip:?}"),
+                _ => String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn default_names_are_localhost_and_loopback_and_others_can_be_asked_for() {
+        let certs = generate_for(&[]).unwrap();
+        assert_eq!(
+            sans(&certs.server_cert_pem),
+            ["localhost", "[127, 0, 0, 1]"]
+        );
+        let certs = generate_for(&["db.example.invalid".to_owned()]).unwrap();
+        assert_eq!(sans(&certs.server_cert_pem), ["db.example.invalid"]);
+    }
 }

@@ -37,7 +37,7 @@ pub use error::TestSupportError;
 pub use logs::{capture_logs, captured_logs};
 pub use netns::NetNs;
 pub use pg::{BackendPause, PgOptions, PgServer};
-pub use proxy::FaultProxy;
+pub use proxy::{FaultProxy, MessageCounts};
 pub use silent::SilentServer;
 pub use sys::process_alive;
 

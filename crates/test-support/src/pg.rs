@@ -34,6 +34,9 @@ pub struct PgOptions {
     pub extra_conf: Vec<String>,
     /// Whether the server offers TLS (default `true`). Without it, `sslmode=require` fails.
     pub ssl: bool,
+    /// The names the server certificate is issued for (DNS names or IP addresses). Empty (the
+    /// default) means `localhost` and `127.0.0.1`.
+    pub cert_names: Vec<String>,
 }
 
 impl Default for PgOptions {
@@ -41,6 +44,7 @@ impl Default for PgOptions {
         PgOptions {
             extra_conf: Vec::new(),
             ssl: true,
+            cert_names: Vec::new(),
         }
     }
 }
@@ -60,6 +64,15 @@ impl PgOptions {
     /// Turns TLS on or off.
     pub fn ssl(mut self, on: bool) -> Self {
         self.ssl = on;
+        self
+    }
+
+    /// Issues the server certificate for these names instead of `localhost` and `127.0.0.1`
+    /// (each an IP address SAN if it parses as one, else a DNS SAN), e.g.
+    /// `cert_names(&["db.example.invalid"])` for a certificate that does not match the host
+    /// clients connect to. Still signed by [`PgServer::ca_cert_path`]'s CA.
+    pub fn cert_names(mut self, names: &[&str]) -> Self {
+        self.cert_names = names.iter().map(|n| (*n).to_owned()).collect();
         self
     }
 }
@@ -538,7 +551,7 @@ impl PgServer {
             .map_err(|e| TestSupportError::io(format!("creating {}", sock.display()), e))?;
         run_as.chown(&sock)?;
 
-        let certs = certs::generate()?;
+        let certs = certs::generate_for(&opts.cert_names)?;
         write_file(&ca_cert, &certs.ca_pem, 0o644, run_as)?;
         write_file(
             &data.join("server.crt"),

@@ -39,6 +39,87 @@ struct Shared {
     conns: Mutex<HashMap<u64, Arc<ConnCtl>>>,
     conn_gone: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Client-to-server protocol messages seen, by type byte.
+    messages: Mutex<[u64; 256]>,
+    accepted: AtomicU64,
+}
+
+/// Client-to-server PostgreSQL protocol messages the proxy saw, by kind (see
+/// [`FaultProxy::messages`]). Counted on plaintext connections only (`sslmode=disable`); a
+/// connection that asks for TLS is not counted past its request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageCounts {
+    /// Startup messages (one per connection opened through the proxy).
+    pub startups: u64,
+    /// Simple queries (`Q`): a ping (`SELECT 1` through `batch_execute`), `BEGIN`, `COMMIT`.
+    pub queries: u64,
+    /// Extended-protocol syncs (`S`): one per prepared-statement exchange.
+    pub syncs: u64,
+    /// Parse messages (`P`): statements prepared.
+    pub parses: u64,
+    /// Terminate messages (`X`): connections closed politely.
+    pub terminates: u64,
+}
+
+impl MessageCounts {
+    /// Round trips: each simple query and each sync is answered by one `ReadyForQuery`.
+    pub fn round_trips(&self) -> u64 {
+        self.queries + self.syncs
+    }
+}
+
+/// Splits a client's byte stream into protocol messages and counts them.
+#[derive(Default)]
+struct MessageCounter {
+    /// Header bytes of the message being read (1 type byte + 4 length bytes, or 4 length
+    /// bytes and 4 code bytes for the untyped startup-phase messages).
+    header: Vec<u8>,
+    /// Payload bytes of the current message still to skip.
+    skip: usize,
+    started: bool,
+    /// Gave up (TLS or an unexpected form).
+    off: bool,
+}
+
+impl MessageCounter {
+    fn feed(&mut self, mut bytes: &[u8], counts: &Mutex<[u64; 256]>) {
+        while !self.off && !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let want = if self.started { 5 } else { 8 };
+            let n = (want - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() < want {
+                return;
+            }
+            let header = std::mem::take(&mut self.header);
+            if self.started {
+                let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+                counts.lock()[usize::from(header[0])] += 1;
+                self.skip = len.saturating_sub(4);
+            } else {
+                let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                let code = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+                match code {
+                    // SSLRequest, GSSENCRequest: encrypted from here on (or refused, and the
+                    // client retries; either way stop counting this connection).
+                    80_877_103 | 80_877_104 => self.off = true,
+                    // CancelRequest.
+                    80_877_102 => self.off = true,
+                    _ => {
+                        counts.lock()[0] += 1;
+                        self.started = true;
+                        self.skip = len.saturating_sub(8);
+                    }
+                }
+            }
+        }
+    }
 }
 
 struct Trigger {
@@ -130,6 +211,8 @@ impl FaultProxy {
             conns: Mutex::new(HashMap::new()),
             conn_gone: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            messages: Mutex::new([0; 256]),
+            accepted: AtomicU64::new(0),
         });
         let accept_shared = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
@@ -211,6 +294,30 @@ impl FaultProxy {
     pub fn connections(&self) -> usize {
         self.shared.conns.lock().len()
     }
+
+    /// Connections accepted since the proxy started (or since [`FaultProxy::reset_counts`]).
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The protocol messages clients sent through the proxy so far: round trips counted, not
+    /// inferred.
+    pub fn messages(&self) -> MessageCounts {
+        let counts = self.shared.messages.lock();
+        MessageCounts {
+            startups: counts[0],
+            queries: counts[usize::from(b'Q')],
+            syncs: counts[usize::from(b'S')],
+            parses: counts[usize::from(b'P')],
+            terminates: counts[usize::from(b'X')],
+        }
+    }
+
+    /// Zeroes [`FaultProxy::messages`] and [`FaultProxy::connections_accepted`].
+    pub fn reset_counts(&self) {
+        *self.shared.messages.lock() = [0; 256];
+        self.shared.accepted.store(0, Ordering::SeqCst);
+    }
 }
 
 impl Drop for FaultProxy {
@@ -254,6 +361,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let ctl = Arc::new(ctl);
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
         next_id += 1;
         let id = next_id;
         shared.conns.lock().insert(id, Arc::clone(&ctl));
@@ -420,6 +528,7 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
     let mut s2c = Pipe::default();
     let mut trigger = TriggerState::Idle;
     let mut tail: Vec<u8> = Vec::new();
+    let mut counter = MessageCounter::default();
 
     let outcome: Result<(), ()> = (|| loop {
         if shared.shutdown.load(Ordering::SeqCst) || ctl.sever.load(Ordering::SeqCst) {
@@ -516,6 +625,7 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
         let latency = Duration::from_micros(shared.latency_us.load(Ordering::SeqCst));
         if read_client {
             if let Some(chunk) = c2s.read_from(&client, latency)? {
+                counter.feed(&chunk, &shared.messages);
                 let mut armed = shared.trigger.lock();
                 if let Some(t) = armed.as_ref() {
                     let mut hay = std::mem::take(&mut tail);
@@ -561,6 +671,35 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_messages_split_across_reads() {
+        let counts = Mutex::new([0u64; 256]);
+        let mut c = MessageCounter::default();
+        let mut stream = Vec::new();
+        // Startup: length 16, protocol 3.0, 8 bytes of parameters.
+        stream.extend_from_slice(&16u32.to_be_bytes());
+        stream.extend_from_slice(&196_608u32.to_be_bytes());
+        stream.extend_from_slice(b"user\0ab\0\0");
+        stream.truncate(16);
+        let q = |sql: &str| {
+            let mut m = vec![b'Q'];
+            m.extend_from_slice(&(4 + sql.len() as u32 + 1).to_be_bytes());
+            m.extend_from_slice(sql.as_bytes());
+            m.push(0);
+            m
+        };
+        stream.extend(q("SELECT 1"));
+        stream.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        stream.extend(q("COMMIT"));
+        for chunk in stream.chunks(3) {
+            c.feed(chunk, &counts);
+        }
+        let counts = counts.lock();
+        assert_eq!(counts[0], 1);
+        assert_eq!(counts[usize::from(b'Q')], 2);
+        assert_eq!(counts[usize::from(b'S')], 1);
+    }
 
     #[test]
     fn finds_needles() {

@@ -5,56 +5,15 @@
 
 use std::time::Duration;
 
-use super::{PoolConfig, PoolConfigBuilder, SslMode, MAX_DURATION};
+use super::{PoolConfig, PoolConfigBuilder, MAX_DURATION};
 use crate::error::ConfigError;
 use crate::redact::{self, Scope, MASK};
 
-/// Every variable [`PoolConfig::from_env`] reads, in the order of its documentation.
-pub const ENV_VARS: &[&str] = &[
-    "DATABASE_URL",
-    "DB_POOL_SIZE",
-    "DB_MAX_OVERFLOW",
-    "DB_POOL_TIMEOUT",
-    "DB_POOL_RECYCLE",
-    "DB_POOL_IDLE_TIMEOUT",
-    "DB_POOL_PRE_PING",
-    "DB_VALIDATION_BYPASS",
-    "DB_VALIDATION_TIMEOUT",
-    "DB_KEEPALIVE_PING",
-    "DB_LEAK_DETECTION",
-    "DB_CONNECT_TIMEOUT",
-    "DB_KEEPALIVES",
-    "DB_KEEPALIVES_IDLE",
-    "DB_KEEPALIVES_INTERVAL",
-    "DB_KEEPALIVES_COUNT",
-    "DB_TCP_USER_TIMEOUT",
-    "DB_SSLMODE",
-    "DB_SSLROOTCERT",
-    "DB_APPLICATION_NAME",
-    "DB_POOL_NAME",
-];
-
-/// Which variable sets which builder setting, to name the variable when the builder refuses
-/// a combination of values.
-const SETTING_OF_VAR: &[(&str, &str)] = &[
-    ("DB_POOL_SIZE", "pool_size"),
-    ("DB_MAX_OVERFLOW", "max_overflow"),
-    ("DB_POOL_TIMEOUT", "pool_timeout"),
-    ("DB_POOL_RECYCLE", "max_lifetime"),
-    ("DB_POOL_IDLE_TIMEOUT", "idle_timeout"),
-    ("DB_VALIDATION_BYPASS", "validation_bypass_window"),
-    ("DB_VALIDATION_TIMEOUT", "validation_timeout"),
-    ("DB_KEEPALIVE_PING", "keepalive_ping"),
-    ("DB_LEAK_DETECTION", "leak_detection_threshold"),
-    ("DB_CONNECT_TIMEOUT", "connect_timeout"),
-    ("DB_KEEPALIVES_IDLE", "keepalives_idle"),
-    ("DB_KEEPALIVES_INTERVAL", "keepalives_interval"),
-    ("DB_KEEPALIVES_COUNT", "keepalives_count"),
-    ("DB_TCP_USER_TIMEOUT", "tcp_user_timeout"),
-    ("DB_SSLROOTCERT", "ssl_root_cert"),
-    ("DB_APPLICATION_NAME", "application_name"),
-    ("DB_POOL_NAME", "name"),
-];
+/// Every variable [`PoolConfig::from_env`] reads: `DATABASE_URL`, then one per setting of
+/// the [settings table](crate::settings::SETTINGS) that has one, in its order.
+pub fn env_vars() -> impl Iterator<Item = &'static str> {
+    std::iter::once("DATABASE_URL").chain(crate::settings::SETTINGS.iter().filter_map(|s| s.env))
+}
 
 const DURATION_FORMS: &str = "use a whole number with a unit, such as 250ms, 30s, 5m or 1h \
                               (a plain number means seconds)";
@@ -114,7 +73,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// [`PoolConfig::from_env`] and [`PoolConfig::from_env_or`]: the process environment, with
 /// values that are not valid UTF-8 reported rather than taken as unset.
 pub(super) fn from_process_env(fallback_url: Option<&str>) -> Result<PoolConfig, ConfigError> {
-    for var in ENV_VARS {
+    for var in env_vars() {
         if let Err(std::env::VarError::NotUnicode(raw)) = std::env::var(var) {
             return Err(ConfigError::InvalidVar {
                 var: (*var).to_owned(),
@@ -165,109 +124,90 @@ pub(super) fn from_lookup(
 }
 
 fn read_settings(env: &mut Reader<'_>, url: &str) -> Result<PoolConfig, ConfigError> {
-    let mut b = PoolConfig::builder(url);
-    b = read_sizes(env, b)?;
-    b = read_lifecycle(env, b)?;
-    b = read_connect(env, b)?;
-    if let Some(name) = env.get("DB_POOL_NAME")? {
-        b = b.name(name);
-    }
+    let b = crate::with_settings!(crate::config::env::env_reader)(env, PoolConfig::builder(url))?;
     b.build().map_err(|e| env.name_the_variable(e))
 }
 
-fn read_sizes(
-    env: &mut Reader<'_>,
-    mut b: PoolConfigBuilder,
-) -> Result<PoolConfigBuilder, ConfigError> {
-    if let Some(v) = env.get("DB_POOL_SIZE")? {
-        b = b.pool_size(count("DB_POOL_SIZE", &v, "10")?);
-    }
-    if let Some(v) = env.get("DB_MAX_OVERFLOW")? {
-        b = b.max_overflow(count("DB_MAX_OVERFLOW", &v, "10")?);
-    }
-    if let Some(v) = env.get("DB_POOL_TIMEOUT")? {
-        b = b.pool_timeout(positive_duration("DB_POOL_TIMEOUT", &v, "30s")?);
-    }
-    Ok(b)
-}
-
-fn read_lifecycle(
-    env: &mut Reader<'_>,
-    mut b: PoolConfigBuilder,
-) -> Result<PoolConfigBuilder, ConfigError> {
-    if let Some(v) = env.get("DB_POOL_RECYCLE")? {
-        b = b.max_lifetime(optional_duration("DB_POOL_RECYCLE", &v)?);
-    }
-    if let Some(v) = env.get("DB_POOL_IDLE_TIMEOUT")? {
-        b = b.idle_timeout(optional_duration("DB_POOL_IDLE_TIMEOUT", &v)?);
-    }
-    if let Some(v) = env.get("DB_POOL_PRE_PING")? {
-        b = b.validate_on_checkout(boolean("DB_POOL_PRE_PING", &v)?);
-    }
-    if let Some(v) = env.get("DB_VALIDATION_BYPASS")? {
-        let window =
-            parse_duration(&v).map_err(|reason| invalid_var("DB_VALIDATION_BYPASS", &v, reason))?;
-        b = b.validation_bypass_window(window);
-    }
-    if let Some(v) = env.get("DB_VALIDATION_TIMEOUT")? {
-        b = b.validation_timeout(positive_duration("DB_VALIDATION_TIMEOUT", &v, "5s")?);
-    }
-    if let Some(v) = env.get("DB_KEEPALIVE_PING")? {
-        b = b.keepalive_ping(optional_duration("DB_KEEPALIVE_PING", &v)?);
-    }
-    if let Some(v) = env.get("DB_LEAK_DETECTION")? {
-        b = b.leak_detection_threshold(optional_duration("DB_LEAK_DETECTION", &v)?);
-    }
-    Ok(b)
-}
-
-fn read_connect(
-    env: &mut Reader<'_>,
-    mut b: PoolConfigBuilder,
-) -> Result<PoolConfigBuilder, ConfigError> {
-    if let Some(v) = env.get("DB_CONNECT_TIMEOUT")? {
-        b = b.connect_timeout(optional_duration("DB_CONNECT_TIMEOUT", &v)?);
-    }
-    if let Some(v) = env.get("DB_KEEPALIVES")? {
-        b = b.keepalives(boolean("DB_KEEPALIVES", &v)?);
-    }
-    if let Some(v) = env.get("DB_KEEPALIVES_IDLE")? {
-        b = b.keepalives_idle(positive_duration("DB_KEEPALIVES_IDLE", &v, "30s")?);
-    }
-    if let Some(v) = env.get("DB_KEEPALIVES_INTERVAL")? {
-        b = b.keepalives_interval(positive_duration("DB_KEEPALIVES_INTERVAL", &v, "10s")?);
-    }
-    if let Some(v) = env.get("DB_KEEPALIVES_COUNT")? {
-        let n = count("DB_KEEPALIVES_COUNT", &v, "3")?;
-        if n == 0 {
-            return Err(invalid_var(
-                "DB_KEEPALIVES_COUNT",
-                &v,
-                "is zero; set it to at least 1, e.g. 3 (or DB_KEEPALIVES=off)",
-            ));
+/// Callback of [`with_settings!`](crate::with_settings): reads every setting that has a
+/// variable, parsed by its kind.
+macro_rules! env_reader {
+    ($( $(#[doc = $doc:literal])* $name:ident($v:ident : $ty:ty) env $env:tt kind $kind:ident default $default:literal
+        set |$b:ident| $set:expr; get |$c:ident| $get:expr; )*) => {
+        |env: &mut Reader<'_>, mut b: PoolConfigBuilder| -> Result<PoolConfigBuilder, ConfigError> {
+            $(
+                if let Some(var) = $crate::settings_env!($env) {
+                    if let Some(raw) = env.get(var)? {
+                        b = b.$name(parse::$kind(var, &raw, $default)?);
+                    }
+                }
+            )*
+            Ok(b)
         }
-        b = b.keepalives_count(n);
+    };
+}
+pub(crate) use env_reader;
+
+/// A variable's value parsed by its [`Kind`](crate::settings::Kind); `example` is the
+/// setting's default, quoted in errors.
+#[allow(non_snake_case)]
+mod parse {
+    use std::time::Duration;
+
+    use super::{boolean, count, invalid_var, optional_duration, positive_duration};
+    use crate::config::{parse_duration, SslMode};
+    use crate::error::ConfigError;
+
+    pub(super) fn Count(var: &str, v: &str, example: &str) -> Result<u32, ConfigError> {
+        count(var, v, example)
     }
-    if let Some(v) = env.get("DB_TCP_USER_TIMEOUT")? {
-        b = b.tcp_user_timeout(optional_duration("DB_TCP_USER_TIMEOUT", &v)?);
+
+    pub(super) fn Duration(var: &str, v: &str, example: &str) -> Result<Duration, ConfigError> {
+        positive_duration(var, v, example)
     }
-    if let Some(v) = env.get("DB_SSLMODE")? {
-        let mode = v.parse::<SslMode>().map_err(|_| {
+
+    pub(super) fn Window(var: &str, v: &str, _example: &str) -> Result<Duration, ConfigError> {
+        parse_duration(v).map_err(|reason| invalid_var(var, v, reason))
+    }
+
+    pub(super) fn OptionalDuration(
+        var: &str,
+        v: &str,
+        _example: &str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        optional_duration(var, v)
+    }
+
+    pub(super) fn Bool(var: &str, v: &str, _example: &str) -> Result<bool, ConfigError> {
+        boolean(var, v)
+    }
+
+    pub(super) fn Fraction(var: &str, v: &str, example: &str) -> Result<f64, ConfigError> {
+        v.parse::<f64>().map_err(|_| {
             invalid_var(
-                "DB_SSLMODE",
-                &v,
+                var,
+                v,
+                format!("is not a number; give a fraction such as {example}"),
+            )
+        })
+    }
+
+    pub(super) fn SslMode(var: &str, v: &str, _example: &str) -> Result<SslMode, ConfigError> {
+        v.parse::<SslMode>().map_err(|_| {
+            invalid_var(
+                var,
+                v,
                 "is not an sslmode; use disable, allow, prefer, require, verify-ca or verify-full",
             )
-        })?;
-        b = b.ssl_mode(mode);
+        })
     }
-    if let Some(v) = env.get("DB_SSLROOTCERT")? {
-        b = b.ssl_root_cert(v);
+
+    pub(super) fn Path(_var: &str, v: &str, _example: &str) -> Result<String, ConfigError> {
+        Ok(v.to_owned())
     }
-    if let Some(v) = env.get("DB_APPLICATION_NAME")? {
-        b = b.application_name(v);
+
+    pub(super) fn Text(_var: &str, v: &str, _example: &str) -> Result<String, ConfigError> {
+        Ok(v.to_owned())
     }
-    Ok(b)
 }
 
 /// Looks variables up and remembers which were given.
@@ -299,10 +239,9 @@ impl Reader<'_> {
         let ConfigError::Invalid { setting, reason } = &e else {
             return e;
         };
-        let var = SETTING_OF_VAR
-            .iter()
-            .find(|(_, s)| s == setting)
-            .and_then(|(var, _)| self.given.iter().find(|(given, _)| given == var));
+        let var = crate::settings::by_name(setting)
+            .and_then(|s| s.env)
+            .and_then(|var| self.given.iter().find(|(given, _)| *given == var));
         match var {
             Some((var, raw)) => invalid_var(var, raw, format!("is not accepted: {reason}")),
             None => e,
@@ -401,6 +340,7 @@ fn boolean(var: &str, v: &str) -> Result<bool, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SslMode;
     use std::collections::HashMap;
 
     fn from(vars: &[(&str, &str)]) -> Result<PoolConfig, ConfigError> {
@@ -597,7 +537,7 @@ mod tests {
         for bad in [
             "postgres://app:S3NT1NEL@db:port/app",
             "postgres://app:pa/S3NT1NEL@db/app",
-            "postgres://app:S3NT1NEL@h1,h2/app",
+            "postgres://app:S3NT1NEL@h1,h2:x/app",
             "redis://app:S3NT1NEL@cache/0",
             "S3NT1NEL",
             "hunter2:S3NT1NEL",

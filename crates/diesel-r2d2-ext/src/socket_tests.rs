@@ -1,0 +1,364 @@
+//! Tests of socket identification. They run in one process with other tests that open
+//! sockets at any moment, so each filters on a port of its own; the one test that relies on
+//! there being a single new socket retries.
+
+use super::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+fn inode<T: AsRawFd>(sock: &T) -> u64 {
+    sys::socket_inode(sock.as_raw_fd()).expect("a socket")
+}
+
+fn tcp_filter(port: u16) -> PeerFilter {
+    PeerFilter::from_conninfo(&format!("postgres://app@db.example:{port}/app"), &|_| None)
+}
+
+/// Echoes every byte back on each of the next `n` connections, one thread per connection.
+fn echo_server(listener: TcpListener, n: usize) {
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1];
+                while let Ok(1) = conn.read(&mut buf) {
+                    if conn.write_all(&buf).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One round trip: a byte out, its echo back.
+fn echo_once(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    stream.write_all(b"?").is_ok() && stream.read_exact(&mut buf).is_ok()
+}
+
+/// Listeners on the same port of several loopback addresses (Linux routes all of 127/8 to
+/// `lo`), so that the port cannot tell their connections apart.
+fn listeners_on_one_port(addrs: &[Ipv4Addr]) -> (u16, Vec<TcpListener>) {
+    for _ in 0..50 {
+        let first = TcpListener::bind((addrs[0], 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        let rest: Result<Vec<_>, _> = addrs[1..]
+            .iter()
+            .map(|a| TcpListener::bind((*a, port)))
+            .collect();
+        if let Ok(rest) = rest {
+            let mut all = vec![first];
+            all.extend(rest);
+            return (port, all);
+        }
+    }
+    panic!("no port free on all of {addrs:?}");
+}
+
+fn found(claim: SocketClaim) -> ConnSocket {
+    match claim {
+        SocketClaim::Found(sock) => sock,
+        other => panic!("expected Found, got {other:?}"),
+    }
+}
+
+#[test]
+fn identifies_the_new_socket_and_probes_it_alive_then_dead() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let window = begin_connect();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || {
+        panic!("one candidate: no tiebreak")
+    }));
+    assert_eq!(sock.inode(), inode(&client));
+    let (mut server, _) = listener.accept().unwrap();
+    assert_eq!(sock.probe(), Probe::Alive);
+    server.write_all(b"E").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(sock.probe(), Probe::Unknown);
+    drop(server);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(sock.probe(), Probe::Dead);
+    drop(client);
+}
+
+#[test]
+fn shutdown_wakes_a_blocked_reader() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let window = begin_connect();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || false));
+    let _server = listener.accept().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 1];
+        client.read(&mut buf)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    sock.shutdown();
+    assert_eq!(t.join().unwrap().unwrap(), 0, "reader sees end-of-file");
+}
+
+/// Twenty connects at the same moment to one port (on three addresses), each between its
+/// own `begin_connect` and `finish`: every one must claim exactly its own socket. Without
+/// the tiebreak every window sees twenty candidates; without the registry two could claim
+/// the same one.
+#[test]
+fn concurrent_connects_each_claim_their_own_socket() {
+    const THREADS: usize = 20;
+    let addrs = [
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(127, 0, 0, 2),
+        Ipv4Addr::new(127, 0, 0, 3),
+    ];
+    let mut tiebreaks = Vec::new();
+    for _ in 0..5 {
+        let (port, listeners) = listeners_on_one_port(&addrs);
+        for (i, listener) in listeners.into_iter().enumerate() {
+            echo_server(
+                listener,
+                (0..THREADS).filter(|t| t % addrs.len() == i).count(),
+            );
+        }
+        let filter = Arc::new(tcp_filter(port));
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (filter, barrier) = (filter.clone(), barrier.clone());
+                let addr = addrs[t % addrs.len()];
+                std::thread::spawn(move || {
+                    let window = begin_connect();
+                    barrier.wait();
+                    let mut stream = TcpStream::connect((addr, port)).unwrap();
+                    let own = inode(&stream);
+                    barrier.wait(); // every window now sees all twenty sockets
+                    let mut rounds = 0;
+                    let claim = window.finish(&filter, &mut || {
+                        rounds += 1;
+                        echo_once(&mut stream)
+                    });
+                    (claim, own, stream, rounds)
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let mut claimed = std::collections::BTreeSet::new();
+        for (t, (claim, own, _stream, rounds)) in results.iter().enumerate() {
+            match claim {
+                SocketClaim::Found(sock) => {
+                    assert_eq!(sock.inode(), *own, "thread {t} claimed another's socket");
+                    assert!(claimed.insert(sock.inode()), "socket claimed twice");
+                }
+                other => panic!("thread {t}: {other:?} after {rounds} tiebreak round trips"),
+            }
+            tiebreaks.push(*rounds);
+        }
+        assert_eq!(claimed.len(), THREADS);
+    }
+    tiebreaks.sort_unstable();
+    println!(
+        "tiebreak round trips per connect over {} connects: min {} median {} max {}",
+        tiebreaks.len(),
+        tiebreaks[0],
+        tiebreaks[tiebreaks.len() / 2],
+        tiebreaks[tiebreaks.len() - 1]
+    );
+}
+
+#[test]
+fn ambiguous_socket_is_resolved_once_the_others_are_claimed_or_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    echo_server(listener, 3);
+    let filter = tcp_filter(port);
+    let (window_a, window_b, window_x) = (begin_connect(), begin_connect(), begin_connect());
+    let a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+
+    // A tiebreak that reports success without a round trip: nothing advanced, so none of
+    // the three can be the connection's.
+    assert!(matches!(
+        window_x.finish(&filter, &mut || true),
+        SocketClaim::Unavailable
+    ));
+
+    // A failed tiebreak leaves all three.
+    let mut calls = 0;
+    let SocketClaim::Ambiguous(mut candidates) = window_a.finish(&filter, &mut || {
+        calls += 1;
+        false
+    }) else {
+        panic!("three candidates, no tiebreak: ambiguous");
+    };
+    assert_eq!(calls, 1);
+    assert_eq!(candidates.len(), 3);
+    assert!(candidates.resolve().is_none());
+
+    // b's round trip tells b apart, and b's claim eliminates it from a's candidates.
+    let sock_b = found(window_b.finish(&filter, &mut || echo_once(&mut b)));
+    assert_eq!(sock_b.inode(), inode(&b));
+    assert!(candidates.resolve().is_none(), "a and c are left");
+    assert_eq!(candidates.len(), 2);
+
+    // c closes: a is the last one.
+    drop(c);
+    let sock_a = candidates.resolve().expect("only a is left");
+    assert_eq!(sock_a.inode(), inode(&a));
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let dir = std::env::temp_dir().join(format!("sock-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn unix_socket_is_found_alone_and_eliminated_when_several() {
+    let dir = temp_dir("unix");
+    // Port 2: no test server listens there, so no other test's socket matches.
+    let path = dir.join(".s.PGSQL.2");
+    let listener = UnixListener::bind(&path).unwrap();
+    let filter = PeerFilter::from_conninfo(
+        &format!("postgres://app@/app?host={}&port=2", dir.display()),
+        &|_| None,
+    );
+
+    let window = begin_connect();
+    let client = UnixStream::connect(&path).unwrap();
+    let sock = found(window.finish(&filter, &mut || panic!("one candidate: no tiebreak")));
+    assert_eq!(sock.inode(), inode(&client));
+    let (server, _) = listener.accept().unwrap();
+    assert_eq!(sock.probe(), Probe::Alive);
+    drop(server);
+    assert_eq!(sock.probe(), Probe::Dead);
+
+    // Two at once: no counters to compare, so no tiebreak; elimination when one closes.
+    let window = begin_connect();
+    let first = UnixStream::connect(&path).unwrap();
+    let second = UnixStream::connect(&path).unwrap();
+    let SocketClaim::Ambiguous(mut candidates) =
+        window.finish(&filter, &mut || panic!("Unix sockets have no counters"))
+    else {
+        panic!("two Unix candidates: ambiguous");
+    };
+    assert!(candidates.resolve().is_none());
+    drop(first);
+    let sock = candidates.resolve().expect("one left");
+    assert_eq!(sock.inode(), inode(&second));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn dropping_a_conn_socket_releases_its_claim() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let filter = tcp_filter(port);
+    let (first, second, third) = (begin_connect(), begin_connect(), begin_connect());
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(first.finish(&filter, &mut || false));
+    let clone = sock.clone();
+    // Claimed: nobody else may take it. (With no socket left, `second` may take another
+    // test's socket by the single-new-socket rule, never this one.)
+    if let SocketClaim::Found(other) = second.finish(&filter, &mut || false) {
+        assert_ne!(other.inode(), inode(&client), "claimed twice");
+    }
+    drop(sock);
+    assert_eq!(
+        clone.probe(),
+        Probe::Alive,
+        "a clone keeps the duplicate open"
+    );
+    drop(clone);
+    let again = found(third.finish(&filter, &mut || false));
+    assert_eq!(again.inode(), inode(&client));
+}
+
+#[test]
+fn a_filter_rejecting_the_only_new_socket_does_not_cost_the_probe() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let wrong = tcp_filter(if port == 1 { 2 } else { 1 });
+    // Other tests open sockets at any moment: a window that saw one of theirs gives
+    // Unavailable, never a wrong socket. One clean window out of ten is plenty.
+    let mut hits = 0;
+    for _ in 0..10 {
+        let window = begin_connect();
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        match window.finish(&wrong, &mut || panic!("no candidate passed the filter")) {
+            SocketClaim::Found(sock) => {
+                assert_eq!(sock.inode(), inode(&client));
+                hits += 1;
+            }
+            SocketClaim::Unavailable => {}
+            other => panic!("{other:?}"),
+        }
+        drop(listener.accept().unwrap());
+    }
+    assert!(hits > 0, "never found the only new socket");
+
+    // Two new sockets that the filter rejects: no guess.
+    let window = begin_connect();
+    let _a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let _b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(matches!(
+        window.finish(&wrong, &mut || true),
+        SocketClaim::Unavailable
+    ));
+}
+
+/// Prints what `begin_connect` + `finish` cost with the process's few descriptors and with
+/// about a thousand (run with `--nocapture`; nothing is asserted about times).
+#[test]
+fn identification_cost_with_many_fds() {
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+    fn measure(port: u16) -> (Duration, Duration) {
+        let filter = tcp_filter(port);
+        let mut begin = Vec::new();
+        let mut finish = Vec::new();
+        for _ in 0..50 {
+            let t0 = Instant::now();
+            let window = begin_connect();
+            begin.push(t0.elapsed());
+            let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let t1 = Instant::now();
+            let claim = window.finish(&filter, &mut || echo_once(&mut client));
+            finish.push(t1.elapsed());
+            drop(claim);
+            drop(client);
+        }
+        begin.sort_unstable();
+        finish.sort_unstable();
+        (begin[begin.len() / 2], finish[finish.len() / 2])
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    echo_server(listener.try_clone().unwrap(), 100);
+    let few = open_fds();
+    let (b, f) = measure(port);
+    println!(
+        "identification with {few} open fds: begin_connect {b:?}, finish {f:?} (medians of 50)"
+    );
+    let files: Vec<_> = (few..1000)
+        .map(|_| std::fs::File::open("/dev/null").unwrap())
+        .collect();
+    let many = open_fds();
+    let (b, f) = measure(port);
+    println!(
+        "identification with {many} open fds: begin_connect {b:?}, finish {f:?} (medians of 50)"
+    );
+    drop(files);
+}

@@ -1,0 +1,375 @@
+//! Per-connection state and the two decisions taken on it: at checkout and at checkin.
+//!
+//! The adapter keeps one [`ConnState`] next to each connection (the sync adapter in the
+//! connection's Diesel instrumentation slot). The decisions are pure apart from counters and
+//! events; the adapter performs the I/O they ask for (a probe before, a ping after
+//! [`ConnState::begin_checkout`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{LeakTimer, PoolState};
+use crate::budget::Permit;
+use crate::classify::ErrorClass;
+use crate::events::PoolEvent;
+use crate::lifecycle::{CheckoutAction, CloseReason, ConnectionState, ProbeResult};
+
+/// What the adapter must do before handing a connection out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckoutStep {
+    /// Hand it out as it is.
+    Reuse,
+    /// Ping it, bounded by `timeout`, then report with [`ConnState::finish_ping`].
+    Ping {
+        /// The validation timeout.
+        timeout: Duration,
+    },
+    /// Close it (its close reason is recorded); take another connection.
+    Discard(CloseReason),
+}
+
+/// The pool's view of one connection. Dropping it records the close (stats, `Closed`
+/// event, the pool's open count) and releases the budget permit the connection held: drop
+/// it only once the connection itself is closed.
+pub struct ConnState {
+    pool: Arc<PoolState>,
+    id: u64,
+    lifecycle: ConnectionState,
+    close_reason: Option<CloseReason>,
+    /// Still in the pool's open count (false once claimed for an overflow close).
+    counted: bool,
+    /// The epoch a ping under way validates the connection for.
+    ping_epoch: u64,
+    /// A validation ping was asked for and has not been reported: if the connection comes
+    /// back like this (an async checkout cancelled mid-ping), it is in an unknown state.
+    ping_in_flight: bool,
+    checked_out_at: Option<Instant>,
+    /// Taken out of the idle list by the pool's own maintenance, not by a caller.
+    swept: bool,
+    leak: Option<LeakTimer>,
+    /// Saw "read-only transaction" (25006): a failover, or a deliberate write in a READ ONLY
+    /// transaction. The adapter tells which at checkin.
+    read_only_suspect: bool,
+    /// The checkout gate permit held while the connection is out (and until it is closed,
+    /// when it is closed at checkin).
+    gate: Option<Permit>,
+    /// The budget permit; released after the connection closed.
+    _permit: Option<Permit>,
+}
+
+impl std::fmt::Debug for ConnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnState")
+            .field("pool", &self.pool.name())
+            .field("id", &self.id)
+            .field("lifecycle", &self.lifecycle)
+            .field("close_reason", &self.close_reason)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnState {
+    /// A connection was just opened (in `took`), holding `permit` if the pool has a budget.
+    /// Counts it and reports it.
+    pub fn opened(pool: &Arc<PoolState>, took: Duration, permit: Option<Permit>) -> ConnState {
+        let now = Instant::now();
+        let epoch = pool.epoch();
+        let state = ConnState {
+            pool: pool.clone(),
+            id: pool.next_id(),
+            lifecycle: pool.config().lifecycle.new_connection(now, epoch),
+            close_reason: None,
+            counted: true,
+            ping_epoch: epoch,
+            ping_in_flight: false,
+            checked_out_at: None,
+            swept: false,
+            leak: None,
+            read_only_suspect: false,
+            gate: None,
+            _permit: permit,
+        };
+        pool.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        pool.stats().record_connect();
+        pool.emit(&PoolEvent::Connected {
+            pool: pool.name(),
+            connection_id: state.id,
+            took,
+        });
+        state
+    }
+
+    /// State for a pooled connection the pool lost track of (the application replaced what
+    /// carried its state): treated as open, unvalidated and idle past the bypass window, so
+    /// its next checkout pings it.
+    pub fn adopted(pool: &Arc<PoolState>) -> ConnState {
+        let mut state = ConnState::opened(pool, Duration::ZERO, None);
+        state.lifecycle.validated_epoch = pool.epoch().saturating_sub(1);
+        let bypass = pool.config().lifecycle.validation.bypass_window;
+        state.lifecycle.last_used = Instant::now()
+            .checked_sub(bypass)
+            .unwrap_or(state.lifecycle.last_used);
+        state
+    }
+
+    /// The connection's id, unique within its pool; every event about it carries it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The pool this connection belongs to.
+    pub fn pool(&self) -> &Arc<PoolState> {
+        &self.pool
+    }
+
+    /// Its lifecycle state (created, expires, last used, validated epoch, broken).
+    pub fn lifecycle(&self) -> &ConnectionState {
+        &self.lifecycle
+    }
+
+    /// Whether it is marked broken (never reused).
+    pub fn is_broken(&self) -> bool {
+        self.lifecycle.broken
+    }
+
+    /// Whether it is checked out now.
+    pub fn is_checked_out(&self) -> bool {
+        self.checked_out_at.is_some()
+    }
+
+    /// Why the pool decided to close it, if it did.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason
+    }
+
+    /// Records why the connection is being closed (kept for the `Closed` event).
+    pub fn set_close_reason(&mut self, reason: CloseReason) {
+        self.close_reason = Some(reason);
+    }
+
+    /// Step 1 of a checkout. `probe` runs the zero-round-trip liveness probe; it is not run
+    /// when the connection is retired anyway.
+    pub fn begin_checkout(
+        &mut self,
+        probe: impl FnOnce() -> ProbeResult,
+        now: Instant,
+    ) -> CheckoutStep {
+        let pool = self.pool.clone();
+        if pool.take_reclaim() {
+            return self.discard(CloseReason::Reclaimed);
+        }
+        let policy = &pool.config().lifecycle;
+        let epoch = pool.epoch();
+        let probe = || {
+            if policy.validation.probe {
+                probe()
+            } else {
+                ProbeResult::Unavailable
+            }
+        };
+        // Dead, expired and idle-too-long connections go without a look at the socket, except
+        // that a budget class keeps its reserved floor open: an idle one within it is pinged.
+        let probe = match policy.on_checkout(&self.lifecycle, now, epoch, ProbeResult::Alive) {
+            CheckoutAction::Discard(CloseReason::IdleTimeout)
+                if pool.open_connections() <= pool.floor() =>
+            {
+                return self.ping(epoch, policy.validation.timeout);
+            }
+            CheckoutAction::Discard(reason) => return self.discard(reason),
+            _ => probe(),
+        };
+        match policy.on_checkout(&self.lifecycle, now, epoch, probe) {
+            CheckoutAction::Reuse => CheckoutStep::Reuse,
+            CheckoutAction::Discard(reason) => {
+                if reason == CloseReason::ProbeDead {
+                    pool.stats().record_probe_dead();
+                    pool.invalidate("liveness probe found a connection closed by the server");
+                }
+                self.discard(reason)
+            }
+            CheckoutAction::Ping => self.ping(epoch, policy.validation.timeout),
+        }
+    }
+
+    fn ping(&mut self, epoch: u64, timeout: Duration) -> CheckoutStep {
+        self.ping_epoch = epoch;
+        self.ping_in_flight = true;
+        CheckoutStep::Ping { timeout }
+    }
+
+    fn discard(&mut self, reason: CloseReason) -> CheckoutStep {
+        self.close_reason = Some(reason);
+        CheckoutStep::Discard(reason)
+    }
+
+    /// The pool's maintenance takes the connection out of the idle list to look at it: the
+    /// decision without reclaim, ping or leak timer. `Some(reason)` retires it (dead by the
+    /// probe, broken, expired, idle past the timeout while above the floor). Its checkin then
+    /// leaves its idle time alone.
+    pub fn sweep(
+        &mut self,
+        probe: impl FnOnce() -> ProbeResult,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        let pool = self.pool.clone();
+        self.swept = true;
+        let policy = &pool.config().lifecycle;
+        let probe = if policy.validation.probe {
+            probe()
+        } else {
+            ProbeResult::Unavailable
+        };
+        match policy.on_checkout(&self.lifecycle, now, pool.epoch(), probe) {
+            CheckoutAction::Discard(CloseReason::IdleTimeout)
+                if pool.open_connections() <= pool.floor() =>
+            {
+                None
+            }
+            CheckoutAction::Discard(reason) => {
+                self.close_reason = Some(reason);
+                Some(reason)
+            }
+            CheckoutAction::Ping | CheckoutAction::Reuse => None,
+        }
+    }
+
+    /// Whether a keepalive ping is due: nothing (use or ping) vouched for the connection for
+    /// `every`.
+    pub fn keepalive_due(&self, every: Duration, now: Instant) -> bool {
+        let last = self.lifecycle.last_used.max(self.lifecycle.last_validated);
+        now.saturating_duration_since(last) >= every
+    }
+
+    /// Step 2 of a checkout that pinged: `ok` is whether the ping succeeded in time (a ping
+    /// whose deadline fired counts as failed, even if it returned success). Returns `ok`.
+    pub fn finish_ping(&mut self, ok: bool) -> bool {
+        self.ping_in_flight = false;
+        self.pool.stats().record_ping(ok);
+        if ok {
+            self.lifecycle.validated_epoch = self.ping_epoch;
+            self.lifecycle.last_validated = Instant::now();
+        } else {
+            self.close_reason = Some(CloseReason::PingFailed);
+        }
+        ok
+    }
+
+    /// Step 3: the connection is handed to the caller, who waited `waited` for it, holding
+    /// the gate permit `gate`. Counts it, reports it, starts the leak timer.
+    pub fn handed_out(&mut self, waited: Duration, gate: Option<Permit>) {
+        let pool = self.pool.clone();
+        self.checked_out_at = Some(Instant::now());
+        self.gate = gate;
+        pool.stats().record_checkout(waited);
+        pool.emit(&PoolEvent::CheckedOut {
+            pool: pool.name(),
+            connection_id: self.id,
+            waited,
+        });
+        if let Some(threshold) = pool.config().lifecycle.leak_detection_threshold {
+            self.leak = Some(LeakTimer::start(&pool, self.id, threshold));
+        }
+    }
+
+    /// A query on the connection failed with an error of `class`: a lost connection makes
+    /// every older connection of the pool suspect (each is pinged before its next use). The
+    /// lost connection itself is closed at checkin because the driver reports it broken
+    /// (Diesel's transaction manager goes into error when libpq's status does;
+    /// diesel-async's `is_broken` sees the closed client): see [`ConnState::checkin`].
+    pub fn observe_error(&mut self, class: ErrorClass) {
+        match class {
+            ErrorClass::ConnectionLost | ErrorClass::AdminShutdown => {
+                self.pool.invalidate(class.as_str());
+            }
+            ErrorClass::ReadOnlyTransaction => self.read_only_suspect = true,
+            _ => {}
+        }
+    }
+
+    /// Whether the connection saw a read-only-transaction error since it was last checked;
+    /// clears the flag. The adapter then asks the server whether it is a standby.
+    pub fn take_read_only_suspect(&mut self) -> bool {
+        std::mem::take(&mut self.read_only_suspect)
+    }
+
+    /// The server turned out to be a standby (a failover happened): the connection is broken
+    /// and the pool's other connections are suspect.
+    pub fn failover_detected(&mut self) {
+        self.lifecycle.broken = true;
+        self.close_reason = Some(CloseReason::Broken);
+        self.pool
+            .invalidate("the server is a read-only standby (failover)");
+    }
+
+    /// The connection comes back. `dirty` is the adapter's verdict on its session (a
+    /// transaction left open, returned during a panic); a connection returned while its
+    /// validation ping was under way (a cancelled checkout) is closed too. Stops the leak timer (no report after
+    /// this returns), reports the checkin and decides: `None` keeps it (and releases its gate
+    /// permit), `Some(reason)` closes it.
+    pub fn checkin(&mut self, dirty: bool) -> Option<CloseReason> {
+        if let Some(leak) = self.leak.take() {
+            leak.stop();
+        }
+        let now = Instant::now();
+        let pool = self.pool.clone();
+        if let Some(at) = self.checked_out_at.take() {
+            pool.emit(&PoolEvent::CheckedIn {
+                pool: pool.name(),
+                connection_id: self.id,
+                held: now.saturating_duration_since(at),
+            });
+        }
+        if !std::mem::take(&mut self.swept) {
+            self.lifecycle.last_used = now;
+        }
+        let reclaim = || {
+            pool.budget()
+                .is_some_and(|(budget, class)| budget.reclaim_wanted(class) > 0)
+        };
+        let reason = if dirty || self.lifecycle.broken {
+            Some(CloseReason::Broken)
+        } else if std::mem::take(&mut self.ping_in_flight) {
+            // Returned in the middle of its validation (a cancelled checkout): the ping's
+            // reply may still be on its way.
+            Some(CloseReason::PingFailed)
+        } else if reclaim() {
+            // Borrowed budget headroom goes back at once if another class waits for it.
+            Some(CloseReason::Reclaimed)
+        } else if let Some(reason) = pool.config().lifecycle.on_checkin(&self.lifecycle, now) {
+            Some(reason)
+        } else if pool.claim_overflow_close() {
+            self.counted = false;
+            Some(CloseReason::Overflow)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => self.close_reason = Some(reason),
+            // Kept: the next checkout in line may go. (A closed connection keeps its permit
+            // until it is dropped, so that the next one finds its slot free.)
+            None => self.gate = None,
+        }
+        reason
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        if let Some(leak) = self.leak.take() {
+            leak.stop();
+        }
+        if self.counted {
+            self.pool
+                .open
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        let reason = self.close_reason.unwrap_or(CloseReason::Released);
+        self.pool.stats().record_close(reason);
+        self.pool.emit(&PoolEvent::Closed {
+            pool: self.pool.name(),
+            connection_id: self.id,
+            reason,
+        });
+        // The gate and budget permits are released after this body, as the fields drop.
+    }
+}

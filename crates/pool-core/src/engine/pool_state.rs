@@ -1,0 +1,250 @@
+//! Pool-wide state: what a pool and every one of its connections share.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::Gate;
+use crate::budget::{Budget, ClassId};
+use crate::config::PoolConfig;
+use crate::error::ConfigError;
+use crate::events::{EventListener, PoolEvent, LOG_TARGET};
+use crate::lifecycle::Epoch;
+use crate::stats::{Gauges, PoolStats, StatsSnapshot};
+
+/// State shared by a pool and all its connections: the configuration (validated once, here),
+/// stats, the invalidation epoch, the event listener, the budget slot, the checkout gate and
+/// the count of open connections that `pool_size` and `max_overflow` are enforced against.
+///
+/// Adapters hold it in an `Arc`; each connection's [`ConnState`](super::ConnState) holds one
+/// too.
+pub struct PoolState {
+    config: PoolConfig,
+    stats: PoolStats,
+    epoch: Epoch,
+    listener: Arc<dyn EventListener>,
+    budget: Option<(Budget, ClassId)>,
+    gate: Gate,
+    next_id: AtomicU64,
+    /// Connections opened and not yet closed (closing ones leave it when they are claimed
+    /// for closing, see [`PoolState::claim_overflow_close`]).
+    pub(super) open: AtomicU32,
+    /// Idle connections to retire on their next checkout (budget reclaim).
+    reclaim: AtomicU32,
+    last_invalidation_event: Mutex<Option<Instant>>,
+    probe_available: AtomicBool,
+    listener_panicked: AtomicBool,
+}
+
+impl std::fmt::Debug for PoolState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolState")
+            .field("name", &self.name())
+            .field("url", &self.config.url)
+            .field("open", &self.open_connections())
+            .field("epoch", &self.epoch.current())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolState {
+    /// State for a pool with `config`, reporting to `listener`, taking connection permits
+    /// from `budget` as `class` if given. Validates `config` (its fields are public, so it may
+    /// have been edited after it was built).
+    ///
+    /// # Errors
+    /// The first invalid setting, as [`PoolConfig::validate`] reports it.
+    pub fn new(
+        config: PoolConfig,
+        listener: Arc<dyn EventListener>,
+        budget: Option<(Budget, ClassId)>,
+    ) -> Result<PoolState, ConfigError> {
+        config.validate()?;
+        let gate = Gate::new(config.max_size());
+        Ok(PoolState {
+            config,
+            stats: PoolStats::new(),
+            epoch: Epoch::default(),
+            listener,
+            budget,
+            gate,
+            next_id: AtomicU64::new(1),
+            open: AtomicU32::new(0),
+            reclaim: AtomicU32::new(0),
+            last_invalidation_event: Mutex::new(None),
+            probe_available: AtomicBool::new(true),
+            listener_panicked: AtomicBool::new(false),
+        })
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// The pool's name (in stats, events and errors).
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> &PoolStats {
+        &self.stats
+    }
+
+    /// The budget this pool's connections take permits from, and its class.
+    pub fn budget(&self) -> Option<(&Budget, ClassId)> {
+        self.budget.as_ref().map(|(b, c)| (b, *c))
+    }
+
+    /// The checkout gate (first come, first served), sized `pool_size + max_overflow`.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// The current invalidation epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.current()
+    }
+
+    /// Connections open now (opened and not yet closed).
+    pub fn open_connections(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Connections the pool keeps open whatever its idle timeout: a budget class's reserved
+    /// floor; 0 for a plain pool.
+    pub fn floor(&self) -> u32 {
+        self.budget
+            .as_ref()
+            .map_or(0, |(budget, class)| budget.limits(*class).reserved)
+    }
+
+    pub(super) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Masks every secret of the pool's URL in `text` (as written, percent-encoded, or
+    /// quoted in part by a driver), then every password-like pattern.
+    pub fn redact(&self, text: &str) -> String {
+        self.config.redact(text)
+    }
+
+    /// Delivers `event` to the listener. A panicking listener is caught (and reported once):
+    /// it must never take a checkout, a connect or the watchdog down with it.
+    pub fn emit(&self, event: &PoolEvent<'_>) {
+        let delivered = catch_unwind(AssertUnwindSafe(|| self.listener.on_event(event)));
+        if delivered.is_err() && !self.listener_panicked.swap(true, Ordering::Relaxed) {
+            log::error!(
+                target: LOG_TARGET,
+                "pool {}: the event listener panicked; events keep being delivered, the pool \
+                 is unaffected",
+                self.name()
+            );
+        }
+    }
+
+    /// Every connection validated before now is pinged before its next use.
+    pub fn invalidate(&self, reason: &str) {
+        self.epoch.bump();
+        self.stats.record_invalidation();
+        // A restart kills every connection at once: report the first, not each of them.
+        let mut last = self.last_invalidation_event.lock();
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *last = Some(now);
+            drop(last);
+            self.emit(&PoolEvent::Invalidated {
+                pool: self.name(),
+                reason,
+            });
+        }
+    }
+
+    /// A connection attempt failed with `message` (the driver's text): counts it, reports it
+    /// and returns the message redacted.
+    pub fn connect_failed(&self, message: &str) -> String {
+        self.stats.record_connect_failure();
+        let message = self.redact(message);
+        self.emit(&PoolEvent::ConnectFailed {
+            pool: self.name(),
+            error: &message,
+        });
+        message
+    }
+
+    /// Asks that `n` idle connections be retired on their next checkout (to give budget
+    /// permits back); replaces any earlier request. Returns the request that was pending.
+    pub fn request_reclaim(&self, n: u32) -> u32 {
+        self.reclaim.swap(n, Ordering::AcqRel)
+    }
+
+    /// Takes one unit of a pending reclaim request, if any.
+    pub(super) fn take_reclaim(&self) -> bool {
+        self.reclaim
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// If the pool holds more than `pool_size` connections, takes one out of the count (the
+    /// caller closes it) and returns `true`. One atomic step, so that two connections
+    /// returned at once never both close when only one is overflow.
+    pub(super) fn claim_overflow_close(&self) -> bool {
+        let keep = self.config.pool_size;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > keep).then(|| n - 1)
+            })
+            .is_ok()
+    }
+
+    /// Records whether the adapter can probe connections without a round trip (it cannot
+    /// where sockets cannot be identified). Warns once when it cannot; the status report
+    /// shows it.
+    pub fn set_probe_available(&self, available: bool, why: &str) {
+        let was = self.probe_available.swap(available, Ordering::AcqRel);
+        if was && !available {
+            log::warn!(
+                target: LOG_TARGET,
+                "pool {}: no zero-round-trip liveness probe and no stall watchdog here ({why}); \
+                 every checkout is validated by a ping, which a hung server can block",
+                self.name()
+            );
+        }
+    }
+
+    /// Whether the liveness probe works for this pool.
+    pub fn probe_available(&self) -> bool {
+        self.probe_available.load(Ordering::Acquire)
+    }
+
+    /// The pool's stats with its gauges: `in_use` and `idle` as the pool sees them now.
+    pub fn snapshot(&self, in_use: u32, idle: u32) -> StatsSnapshot {
+        let (reserved, budget_waiters) = match &self.budget {
+            Some((budget, class)) => (budget.limits(*class).reserved, budget.waiters(*class)),
+            None => (0, 0),
+        };
+        let mut snapshot = self.stats.snapshot(Gauges {
+            name: self.config.name.clone(),
+            in_use,
+            idle,
+            pool_size: self.config.pool_size,
+            max_overflow: self.config.max_overflow,
+            reserved,
+            waiters: Some(self.gate.waiters() + budget_waiters),
+        });
+        snapshot.probe_available = self.probe_available();
+        snapshot
+    }
+}
+
+/// The pool state is the listener its users see: events go to the configured listener, with
+/// a panic in it caught (see [`PoolState::emit`]).
+impl EventListener for PoolState {
+    fn on_event(&self, event: &PoolEvent<'_>) {
+        self.emit(event);
+    }
+}

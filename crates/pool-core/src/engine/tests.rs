@@ -1,0 +1,281 @@
+//! The engine's decisions, without a server: what a checkout and a checkin decide, the
+//! overflow count under races, the gate's order, leak reports against checkins.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::config::PoolConfig;
+use crate::events::{EventListener, PoolEvent};
+use crate::lifecycle::{CloseReason, ProbeResult};
+
+fn pool_with(
+    b: crate::config::PoolConfigBuilder,
+    listener: Arc<dyn EventListener>,
+) -> Arc<PoolState> {
+    Arc::new(PoolState::new(b.build().unwrap(), listener, None).unwrap())
+}
+
+fn pool(pool_size: u32, max_overflow: u32) -> Arc<PoolState> {
+    pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .pool_size(pool_size)
+            .max_overflow(max_overflow),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    )
+}
+
+#[test]
+fn overflow_connections_close_on_return_and_pool_size_ones_stay() {
+    let p = pool(2, 3);
+    let mut conns: Vec<ConnState> = (0..5)
+        .map(|_| ConnState::opened(&p, Duration::ZERO, None))
+        .collect();
+    assert_eq!(p.open_connections(), 5);
+    let mut closed = 0;
+    for c in &mut conns {
+        c.handed_out(Duration::ZERO, None);
+        if c.checkin(false) == Some(CloseReason::Overflow) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 3);
+    assert_eq!(
+        p.open_connections(),
+        2,
+        "counted out when claimed for closing"
+    );
+    drop(conns);
+    assert_eq!(p.open_connections(), 0, "no double count when dropped");
+    assert_eq!(p.stats().snapshot(Default::default()).closed.overflow, 3);
+}
+
+#[test]
+fn returns_racing_for_the_last_overflow_slot_close_exactly_the_overflow() {
+    for _ in 0..200 {
+        let p = pool(4, 4);
+        let conns: Vec<ConnState> = (0..8)
+            .map(|_| ConnState::opened(&p, Duration::ZERO, None))
+            .collect();
+        let barrier = Arc::new(Barrier::new(8));
+        let closed = Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = conns
+            .into_iter()
+            .map(|mut c| {
+                let (barrier, closed) = (barrier.clone(), closed.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    if c.checkin(false).is_some() {
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    c
+                })
+            })
+            .collect();
+        let kept: Vec<ConnState> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(closed.load(Ordering::SeqCst), 4);
+        assert_eq!(p.open_connections(), 4);
+        drop(kept);
+    }
+}
+
+#[test]
+fn a_dead_probe_retires_and_invalidates_and_an_expired_one_is_not_even_probed() {
+    let p = pool(2, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(
+        c.begin_checkout(|| ProbeResult::Dead, Instant::now()),
+        CheckoutStep::Discard(CloseReason::ProbeDead)
+    );
+    assert_eq!(p.epoch(), 1, "the pool's older connections are suspect");
+    let p = pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .max_lifetime(Some(Duration::from_secs(1)))
+            .lifetime_jitter(0.0),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    );
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    let later = Instant::now() + Duration::from_secs(2);
+    assert_eq!(
+        c.begin_checkout(|| panic!("an expired connection is not probed"), later),
+        CheckoutStep::Discard(CloseReason::Expired)
+    );
+}
+
+#[test]
+fn a_ping_whose_deadline_fired_does_not_validate() {
+    let p = pool(1, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    p.invalidate("test");
+    let step = c.begin_checkout(|| ProbeResult::Alive, Instant::now());
+    assert!(matches!(step, CheckoutStep::Ping { .. }), "{step:?}");
+    assert!(!c.finish_ping(false));
+    assert_eq!(c.close_reason(), Some(CloseReason::PingFailed));
+    assert!(c.lifecycle().validated_epoch < p.epoch());
+}
+
+#[test]
+fn a_session_left_dirty_is_closed_at_checkin() {
+    let p = pool(1, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    c.handed_out(Duration::ZERO, None);
+    assert_eq!(c.checkin(true), Some(CloseReason::Broken));
+}
+
+#[test]
+fn a_read_only_error_is_no_disconnect_until_the_server_turns_out_a_standby() {
+    use crate::classify::ErrorClass;
+    let p = pool(1, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    c.observe_error(ErrorClass::ReadOnlyTransaction);
+    assert_eq!(
+        p.epoch(),
+        0,
+        "no invalidation for a deliberate write in a READ ONLY transaction"
+    );
+    assert!(c.take_read_only_suspect());
+    assert!(!c.take_read_only_suspect(), "asked once");
+    c.failover_detected();
+    assert!(c.is_broken());
+    assert_eq!(p.epoch(), 1);
+    assert_eq!(c.checkin(false), Some(CloseReason::Broken));
+    c.observe_error(ErrorClass::ConnectionLost);
+    assert_eq!(p.epoch(), 2, "a lost connection makes the others suspect");
+}
+
+#[test]
+fn events_about_one_connection_carry_its_one_id() {
+    let seen: Arc<parking_lot::Mutex<Vec<(&'static str, u64)>>> = Default::default();
+    let s = seen.clone();
+    let p = pool_with(
+        PoolConfig::builder("postgres://app@db/app"),
+        Arc::new(move |e: &PoolEvent<'_>| {
+            let entry = match *e {
+                PoolEvent::Connected { connection_id, .. } => ("connected", connection_id),
+                PoolEvent::CheckedOut { connection_id, .. } => ("out", connection_id),
+                PoolEvent::CheckedIn { connection_id, .. } => ("in", connection_id),
+                PoolEvent::Closed { connection_id, .. } => ("closed", connection_id),
+                _ => return,
+            };
+            s.lock().push(entry);
+        }),
+    );
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    let id = c.id();
+    c.handed_out(Duration::ZERO, None);
+    c.checkin(false);
+    drop(c);
+    let seen = seen.lock();
+    assert_eq!(
+        *seen,
+        vec![("connected", id), ("out", id), ("in", id), ("closed", id)]
+    );
+}
+
+#[test]
+fn a_panicking_listener_is_contained() {
+    let p = pool_with(
+        PoolConfig::builder("postgres://app@db/app"),
+        Arc::new(|_: &PoolEvent<'_>| panic!("listener bug")),
+    );
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    c.handed_out(Duration::ZERO, None);
+    assert_eq!(c.checkin(false), None);
+    drop(c);
+    assert_eq!(p.open_connections(), 0);
+}
+
+#[test]
+fn a_leak_report_never_comes_after_the_checkin() {
+    let checked_in = Arc::new(AtomicBool::new(false));
+    let late = Arc::new(AtomicU32::new(0));
+    let reports = Arc::new(AtomicU32::new(0));
+    let (flag, l, r) = (checked_in.clone(), late.clone(), reports.clone());
+    let p = pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .leak_detection_threshold(Some(Duration::from_micros(200))),
+        Arc::new(move |e: &PoolEvent<'_>| {
+            if let PoolEvent::LeakSuspected { .. } = e {
+                // Take our time: a checkin racing with us must wait for the report.
+                std::thread::sleep(Duration::from_micros(300));
+                r.fetch_add(1, Ordering::SeqCst);
+                if flag.load(Ordering::SeqCst) {
+                    l.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }),
+    );
+    for i in 0..300u64 {
+        checked_in.store(false, Ordering::SeqCst);
+        let mut c = ConnState::opened(&p, Duration::ZERO, None);
+        c.handed_out(Duration::ZERO, None);
+        std::thread::sleep(Duration::from_micros(i % 400));
+        c.checkin(false);
+        checked_in.store(true, Ordering::SeqCst);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        reports.load(Ordering::SeqCst) > 0,
+        "some checkouts outlived the threshold"
+    );
+    assert_eq!(
+        late.load(Ordering::SeqCst),
+        0,
+        "a report came after its checkin"
+    );
+}
+
+#[test]
+fn the_gate_serves_waiters_in_arrival_order() {
+    let gate = Gate::new(1);
+    let held = gate.try_enter().unwrap();
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    for i in 0..8 {
+        let (g, order) = (gate.clone(), order.clone());
+        threads.push(std::thread::spawn(move || {
+            let permit = g.enter(Duration::from_secs(10)).unwrap();
+            order.lock().push(i);
+            drop(permit);
+        }));
+        // The next one arrives only once this one is queued.
+        while gate.waiters() < i + 1 {
+            std::thread::yield_now();
+        }
+    }
+    drop(held);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(*order.lock(), (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_pool_config_edited_into_nonsense_is_refused_when_the_state_is_made() {
+    let mut config = PoolConfig::builder("postgres://app@db/app")
+        .build()
+        .unwrap();
+    config.pool_size = 0;
+    config.max_overflow = 0;
+    let err = PoolState::new(config, Arc::new(|_: &PoolEvent<'_>| {}), None).unwrap_err();
+    assert!(err.to_string().contains("pool_size"), "{err}");
+    let mut config = PoolConfig::builder("postgres://app@db/app")
+        .build()
+        .unwrap();
+    config.pool_timeout = Duration::ZERO;
+    assert!(PoolState::new(config, Arc::new(|_: &PoolEvent<'_>| {}), None).is_err());
+}
+
+#[test]
+fn a_connection_returned_in_the_middle_of_its_ping_is_closed() {
+    let p = pool(1, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    p.invalidate("test");
+    assert!(matches!(
+        c.begin_checkout(|| ProbeResult::Alive, Instant::now()),
+        CheckoutStep::Ping { .. }
+    ));
+    // The checkout future was dropped here, before the ping's reply.
+    assert_eq!(c.checkin(false), Some(CloseReason::PingFailed));
+}

@@ -1,0 +1,121 @@
+//! `pool_size` and `max_overflow` mean what SQLAlchemy users expect, counted as backends in
+//! `pg_stat_activity`: at most `pool_size` kept open, up to `max_overflow` more under load,
+//! overflow closed when returned; background work never opens a connection; a budget class
+//! keeps its reserved floor open for as long as it lives.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use resilient_diesel::{Class, ClassPools};
+
+#[test]
+fn holding_pool_size_connections_opens_no_more_and_overflow_closes_on_return() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_overflow";
+    let pool = ext_pool(&pg, app, 2)
+        .max_overflow(3)
+        .idle_timeout(None)
+        .build()
+        .unwrap();
+    assert_eq!(settle_backends(&pg, app, 2), 2, "pool_size opened at build");
+    let held = hold(&pool, 2);
+    // r2d2's min_idle would open 2 more idle ones *besides* the 2 in use.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        pg.count_backends(app).unwrap(),
+        2,
+        "holding pool_size opens nothing"
+    );
+    let more = hold(&pool, 3);
+    assert_eq!(settle_backends(&pg, app, 5), 5, "overflow opens under load");
+    drop(more);
+    drop(held);
+    assert_eq!(
+        settle_backends(&pg, app, 2),
+        2,
+        "overflow is closed when returned; pool_size stays"
+    );
+    let stats = pool.stats();
+    assert_eq!(stats.closed.overflow, 3, "{stats:?}");
+    assert_eq!((stats.in_use, stats.idle), (0, 2), "{stats:?}");
+}
+
+#[test]
+fn the_keepalive_ping_never_opens_a_connection() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_keepalive";
+    let pool = ext_pool(&pg, app, 2)
+        .max_overflow(3)
+        .idle_timeout(None)
+        .keepalive_ping(Some(Duration::from_millis(100)))
+        .build()
+        .unwrap();
+    assert_eq!(settle_backends(&pg, app, 2), 2);
+    let mut most = 0;
+    for _ in 0..40 {
+        most = most.max(pg.count_backends(app).unwrap());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(
+        most, 2,
+        "keepalive pings must use the idle connections, not open more"
+    );
+    let stats = pool.stats();
+    assert!(
+        stats.pings >= 2,
+        "the idle connections were pinged: {stats:?}"
+    );
+    assert_eq!(stats.connects, 2, "{stats:?}");
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_idle";
+    let pool = ext_pool(&pg, app, 3)
+        .idle_timeout(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    assert_eq!(settle_backends(&pg, app, 3), 3);
+    assert_eq!(
+        settle_backends(&pg, app, 0),
+        0,
+        "idle past the timeout: closed"
+    );
+    assert_eq!(pool.stats().closed.idle_timeout, 3);
+    assert!(select_one(&pool).is_ok(), "and reopened on demand");
+}
+
+#[test]
+fn a_budget_class_keeps_its_reserved_floor_open_past_the_idle_timeout() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_floor";
+    let pools = ClassPools::<diesel::PgConnection>::builder(&pg.url_with("sslmode=disable"), 6)
+        .class("automation", Class::new().pool_size(0).max_overflow(4))
+        .class("adhoc", Class::new().reserved(2))
+        .configure(|b| {
+            b.application_name(app)
+                .idle_timeout(Some(Duration::from_millis(200)))
+                .pool_timeout(Duration::from_secs(5))
+        })
+        .build()
+        .unwrap();
+    let automation = pools.class("automation").unwrap();
+    drop(hold(automation, 3));
+    assert_eq!(
+        settle_backends(&pg, app, 2),
+        2,
+        "automation's idle ones go, the floor stays"
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        pg.count_backends(app).unwrap(),
+        2,
+        "the floor outlives the idle timeout"
+    );
+    let adhoc = pools.class("adhoc").unwrap();
+    assert_eq!(adhoc.stats().closed.idle_timeout, 0);
+    assert!(select_one(adhoc).is_ok());
+}
