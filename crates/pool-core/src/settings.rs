@@ -332,3 +332,81 @@ macro_rules! forward_settings {
         )*
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_in_the_table_is_the_default_the_builder_has() {
+        let config = PoolConfig::builder("postgres://app@db/app")
+            .build()
+            .unwrap();
+        let shown = shown_values(&config);
+        assert_eq!(shown.len(), SETTINGS.len());
+        for ((name, value), setting) in shown.iter().zip(SETTINGS) {
+            assert_eq!(*name, setting.name);
+            assert_eq!(
+                value, setting.default,
+                "{name}: the table says {}",
+                setting.default
+            );
+        }
+    }
+
+    #[test]
+    fn names_and_variables_are_unique_and_every_variable_is_read() {
+        let mut names: Vec<_> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len());
+        let vars: Vec<_> = crate::config::env_vars().collect();
+        let mut unique = vars.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), vars.len());
+        for setting in SETTINGS {
+            assert!(
+                !setting.doc.trim().is_empty(),
+                "{} has no doc",
+                setting.name
+            );
+            if let Some(var) = setting.env {
+                assert_eq!(by_env(var).map(|s| s.name), Some(setting.name));
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_set_through_its_variable_reaches_its_setting() {
+        // One non-default value per kind, through the environment reader.
+        let vars = [
+            ("DB_POOL_SIZE", "7"),
+            ("DB_POOL_RECYCLE", "off"),
+            ("DB_VALIDATION_BYPASS", "0"),
+            ("DB_LIVENESS_PROBE", "off"),
+            ("DB_SSLMODE", "verify-full"),
+            ("DB_SSLROOTCERT", "/etc/ssl/root.pem"),
+            ("DB_APPLICATION_NAME", "orders"),
+        ];
+        let lookup = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        };
+        let config = PoolConfig::from_lookup(lookup, Some("postgres://app@db/app")).unwrap();
+        let shown: std::collections::HashMap<_, _> = shown_values(&config).into_iter().collect();
+        for (var, expected) in [
+            ("DB_POOL_SIZE", "7"),
+            ("DB_POOL_RECYCLE", "off"),
+            ("DB_VALIDATION_BYPASS", "0s"),
+            ("DB_LIVENESS_PROBE", "off"),
+            ("DB_SSLMODE", "verify-full"),
+            ("DB_SSLROOTCERT", "/etc/ssl/root.pem"),
+            ("DB_APPLICATION_NAME", "orders"),
+        ] {
+            let setting = by_env(var).unwrap();
+            assert_eq!(shown[setting.name], expected, "{var}");
+        }
+    }
+}
