@@ -92,6 +92,16 @@ fn leak_flag() -> &'static AtomicBool {
     Box::leak(Box::new(AtomicBool::new(false)))
 }
 
+/// Raises the flag when dropped, also when a failed assertion unwinds: the threads that
+/// `saturate` started stop, and the scope can end (a failure must fail, never hang).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn adhoc_gets_its_reserved_connections_in_1000_of_1000_trials_while_automation_is_saturated() {
     let Some(pg) = server() else { return };
@@ -129,6 +139,8 @@ fn saturated_automation_never_locks_adhoc_out(pg: &PgServer, app: &str, pools: P
     let stop = leak_flag();
     let watching = AtomicBool::new(false);
     let (max_seen, ok) = std::thread::scope(|s| {
+        let _stop = StopOnDrop(stop);
+        let _stop_watching = StopOnDrop(&watching);
         let watcher = s.spawn(|| watch_backends(pg, app, &watching));
         // 70 threads for automation's 55: all 55 held, 15 waiting.
         saturate(s, 70, 55, stop, || {
@@ -190,6 +202,7 @@ fn control_a_plain_r2d2_pool_sized_to_the_total_locks_adhoc_out() {
     ));
     let stop = leak_flag();
     let failures = std::thread::scope(|s| {
+        let _stop = StopOnDrop(stop);
         saturate(s, 70, 60, stop, || {
             pool.get_timeout(Duration::from_millis(200)).ok()
         });
@@ -220,6 +233,7 @@ fn borrowed_headroom_goes_back_to_automation_when_it_needs_it() {
     let adhoc = pools.class("adhoc").unwrap();
     let stop = leak_flag();
     let taken = std::thread::scope(|s| {
+        let _stop = StopOnDrop(stop);
         saturate(s, 35, 35, stop, || {
             automation.get_timeout(Duration::from_millis(200)).ok()
         });
@@ -244,11 +258,17 @@ fn borrowed_headroom_goes_back_to_automation_when_it_needs_it() {
             .collect();
         // How fast the permits come back (what the budget controls), apart from how long
         // opening 20 connections takes (what the server and libpq control).
+        let give_up = started + Duration::from_secs(30);
         while pools.budget_snapshot().classes[1].in_use == 25 {
+            assert!(
+                Instant::now() < give_up,
+                "adhoc never gave a borrowed permit back"
+            );
             std::thread::yield_now();
         }
         let first_back = started.elapsed();
         while pools.budget_snapshot().classes[1].in_use > 5 {
+            assert!(Instant::now() < give_up, "adhoc kept borrowed permits");
             std::thread::yield_now();
         }
         let given_back = started.elapsed();

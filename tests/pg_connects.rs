@@ -152,31 +152,6 @@ fn a_reconnect_storm_opens_connections_concurrently() {
     assert!(most_at_once >= 2, "connects ran one at a time");
 }
 
-/// Pauses the pool's backend and checks that a checkout returns (with or without a
-/// connection) instead of hanging until the backend resumes: the ping was bounded, which
-/// needs the connection's socket to have been found from the URL's form.
-fn hung_backend_is_bounded(pg: &PgServer, app: &str, url: &str) {
-    let validation_timeout = Duration::from_secs(1);
-    let pool_timeout = Duration::from_secs(3);
-    let pool = PgPool::builder(url)
-        .application_name(app)
-        .pool_size(1)
-        .max_overflow(0)
-        .validation_bypass_window(Duration::from_millis(1))
-        .validation_timeout(validation_timeout)
-        .pool_timeout(pool_timeout)
-        .build()
-        .unwrap_or_else(|e| panic!("{app}: {e}"));
-    warm(&pool, 1);
-    let pause = pg.pause_backends(app).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    let limit = validation_timeout + pool_timeout + Duration::from_secs(5);
-    let handle = assert_checkout_returns(&pool, limit, &format!("({app}: {url})"));
-    pause.resume();
-    handle.join().unwrap();
-    assert!(errors_over(&pool, 5).is_empty(), "{app}: serves again");
-}
-
 fn pw() -> &'static str {
     PgServer::PASSWORD
 }

@@ -251,29 +251,7 @@ fn weakened_control_plain_r2d2_without_checkout_test_over_tls_surfaces_a_killed_
 #[test]
 fn validation_against_a_hung_backend_returns_within_its_timeout_and_recovers() {
     let Some(pg) = server() else { return };
-    let app = "ext_stall";
-    let validation_timeout = Duration::from_secs(1);
-    let pool_timeout = Duration::from_secs(3);
-    let pool = ext_pool(&pg, app, 1)
-        .validation_bypass_window(Duration::from_millis(1))
-        .validation_timeout(validation_timeout)
-        .pool_timeout(pool_timeout)
-        .build()
-        .unwrap();
-    warm(&pool, 1);
-    let pause = pg.pause_backends(app).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    // The bound is generous: this checks "returns" versus "hangs until the fault is lifted",
-    // not speed.
-    let limit = validation_timeout + pool_timeout + Duration::from_secs(5);
-    let handle = assert_checkout_returns(&pool, limit, "against a stopped backend");
-    let stats = pool.stats();
-    assert!(stats.validations_failed >= 1, "{stats:?}");
-    pause.resume();
-    handle.join().unwrap();
-    let errors = errors_over(&pool, 10);
-    assert!(errors.is_empty(), "pool must serve again: {errors:?}");
-    assert_no_secret_in_logs();
+    hung_backend_is_bounded(&pg, "ext_stall", &pg.url_with("sslmode=disable"));
 }
 
 #[test]

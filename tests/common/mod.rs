@@ -204,3 +204,41 @@ pub fn hold<P: Checkout>(pool: &P, n: usize) -> Vec<r2d2::PooledConnection<P::M>
         })
         .collect()
 }
+
+/// A pool of one connection for `url` (as `app`) with a 1 s validation timeout: pauses its
+/// backend and checks that a checkout returns (with or without a connection) instead of
+/// hanging until the backend resumes, then that the pool serves again. The ping was bounded,
+/// which needs the connection's socket to have been found.
+pub fn hung_backend_is_bounded(server: &PgServer, app: &str, url: &str) {
+    let validation_timeout = Duration::from_secs(1);
+    let pool_timeout = Duration::from_secs(3);
+    let pool = PgPool::builder(url)
+        .application_name(app)
+        .pool_size(1)
+        .max_overflow(0)
+        .validation_bypass_window(Duration::from_millis(1))
+        .validation_timeout(validation_timeout)
+        .pool_timeout(pool_timeout)
+        .build()
+        .unwrap_or_else(|e| panic!("{app}: {e}"));
+    warm(&pool, 1);
+    let pause = server.pause_backends(app).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // The bound is generous: this checks "returns" versus "hangs until the fault is lifted",
+    // not speed.
+    let limit = validation_timeout + pool_timeout + Duration::from_secs(5);
+    let handle = assert_checkout_returns(&pool, limit, &format!("({app}: {url})"));
+    assert!(
+        pool.stats().validations_failed >= 1,
+        "{app}: {:?}",
+        pool.stats()
+    );
+    pause.resume();
+    handle.join().unwrap();
+    let errors = errors_over(&pool, 5);
+    assert!(
+        errors.is_empty(),
+        "{app}: the pool must serve again: {errors:?}"
+    );
+    assert_no_secret_in_logs();
+}
