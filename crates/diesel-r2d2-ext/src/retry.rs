@@ -75,6 +75,12 @@ pub trait RetryablePool {
     fn hooks(&self) -> RetryHooks<'_> {
         RetryHooks::default()
     }
+
+    /// `text` with every secret masked, for the messages resolution reports. The extended
+    /// pool masks its URL's known secrets too; a plain pool, password-like patterns.
+    fn redact(&self, text: &str) -> String {
+        pool_core::redact::redact(text)
+    }
 }
 
 impl<M> RetryablePool for r2d2::Pool<M>
@@ -110,6 +116,10 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
                 self.state().redact(&e.to_string())
             ))
         })
+    }
+
+    fn redact(&self, text: &str) -> String {
+        self.state().redact(text)
     }
 
     fn hooks(&self) -> RetryHooks<'_> {
@@ -553,12 +563,12 @@ where
                 Ok(None) => last = "the transaction was still in progress".into(),
                 Err(ProbeError::Final(reason)) => return Err(reason),
                 Err(ProbeError::Db(e)) if classify_diesel(&e).is_transient() => {
-                    last = pool_core::redact::redact(&e.to_string());
+                    last = pool.redact(&e.to_string());
                 }
                 Err(ProbeError::Db(e)) => {
                     return Err(format!(
                         "asking the server failed: {}",
-                        pool_core::redact::redact(&e.to_string())
+                        pool.redact(&e.to_string())
                     ))
                 }
             },
