@@ -1,0 +1,227 @@
+//! What the pool needs to know about each backend: how to open a connection, the
+//! zero-round-trip liveness probe, the ping, and whether a returned session is dirty.
+//!
+//! | | PostgreSQL ([`AsyncPgConnection`](diesel_async::AsyncPgConnection)) | SQLite ([`SyncConnectionWrapper`]`<SqliteConnection>`) |
+//! |---|---|---|
+//! | open | [`PgConnector`](crate::PgConnector): libpq's URL meanings, openssl TLS, whole-connect timeout | `establish` on the blocking pool, then `busy_timeout`, WAL, `foreign_keys` |
+//! | probe | the tokio-postgres client's closed state: its connection task ends as soon as the server's FATAL or the FIN/RST arrives | none needed (embedded): always alive |
+//! | ping | `SELECT 1` as a simple query (one round trip) | `SELECT 1` |
+//! | dirty at checkin | a transaction open, its manager broken (a cancelled `BEGIN`/`COMMIT`), or the client closed | a transaction open or its manager broken |
+
+use std::future::Future;
+
+use diesel::QueryResult;
+use diesel_async::pooled_connection::PoolableConnection;
+use diesel_async::AsyncConnection;
+use pool_core::classify::ErrorClass;
+use pool_core::config::PoolConfig;
+use pool_core::error::ConfigError;
+use pool_core::lifecycle::ProbeResult;
+
+#[cfg(feature = "sqlite")]
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+
+use crate::manager::ConnectCause;
+use sealed::OpenFailure;
+
+/// A diesel-async connection type the extended pool can manage: [`AsyncPgConnection`] and
+/// [`SyncConnectionWrapper`]`<SqliteConnection>`.
+///
+/// Sealed: implemented by this crate for the backends enabled by cargo features.
+///
+/// [`AsyncPgConnection`]: diesel_async::AsyncPgConnection
+pub trait ExtConnection:
+    AsyncConnection + PoolableConnection + Send + Sized + 'static + sealed::Backend
+{
+}
+
+pub(crate) mod sealed {
+    use super::*;
+
+    /// A failed attempt to open a connection: its cause and the redacted message.
+    #[derive(Debug)]
+    pub struct OpenFailure {
+        pub(crate) cause: ConnectCause,
+        pub(crate) message: String,
+    }
+
+    /// What the manager needs to know about a backend; not nameable outside the crate.
+    pub trait Backend: Sized + Send + 'static {
+        /// Opens connections; built once per pool.
+        type Opener: Send + Sync + 'static;
+
+        /// Builds the opener for `config` (translates the URL, reads certificates).
+        fn opener(config: &PoolConfig) -> Result<Self::Opener, ConfigError>;
+
+        /// Opens one connection with the pool's settings applied.
+        fn open(
+            opener: &Self::Opener,
+            config: &PoolConfig,
+        ) -> impl Future<Output = Result<Self, OpenFailure>> + Send;
+
+        /// The zero-round-trip liveness probe, before any transaction.
+        fn probe(&mut self) -> ProbeResult;
+
+        /// One round trip; the caller bounds it by the validation timeout.
+        fn ping_round_trip(&mut self) -> impl Future<Output = QueryResult<()>> + Send;
+
+        /// After a "read-only transaction" error: is the server a standby now (a failover)?
+        /// An error answering counts as yes.
+        fn is_standby(&mut self) -> impl Future<Output = bool> + Send;
+
+        /// The session is not fit to be pooled again: a transaction left open, a transaction
+        /// manager left broken (a `BEGIN`/`COMMIT` whose future was dropped), a closed client.
+        fn session_dirty(&mut self) -> bool;
+
+        /// The class of a query error on this backend.
+        fn classify(err: &diesel::result::Error) -> ErrorClass {
+            crate::classify::classify_diesel(err)
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod pg_backend {
+    use super::*;
+    use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+
+    use crate::pg::{ConnectError, PgConnector};
+
+    impl sealed::Backend for AsyncPgConnection {
+        type Opener = PgConnector;
+
+        fn opener(config: &PoolConfig) -> Result<PgConnector, ConfigError> {
+            PgConnector::from_pool_config(config)
+        }
+
+        async fn open(
+            opener: &PgConnector,
+            _config: &PoolConfig,
+        ) -> Result<AsyncPgConnection, OpenFailure> {
+            opener.connect().await.map_err(|e| {
+                let cause = match &e {
+                    ConnectError::Dns { .. } => ConnectCause::Dns,
+                    ConnectError::Refused { .. } => ConnectCause::Refused,
+                    ConnectError::Timeout { .. } => ConnectCause::Timeout,
+                    ConnectError::Tls { .. } => ConnectCause::Tls,
+                    ConnectError::Auth { .. } => ConnectCause::Auth,
+                    ConnectError::Server { .. } => ConnectCause::Server,
+                    ConnectError::Network { .. } => ConnectCause::Network,
+                    ConnectError::Config(_) => ConnectCause::Config,
+                };
+                OpenFailure {
+                    cause,
+                    message: e.to_string(),
+                }
+            })
+        }
+
+        fn probe(&mut self) -> ProbeResult {
+            // Before any transaction this is the client's closed state: tokio-postgres's
+            // connection task ends as soon as the server's FATAL, a FIN or a RST is read.
+            if PoolableConnection::is_broken(self) {
+                ProbeResult::Dead
+            } else {
+                ProbeResult::Alive
+            }
+        }
+
+        async fn ping_round_trip(&mut self) -> QueryResult<()> {
+            // A simple query: one round trip, no statement to prepare.
+            self.batch_execute("SELECT 1").await
+        }
+
+        async fn is_standby(&mut self) -> bool {
+            use diesel_async::RunQueryDsl;
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "pg_is_in_recovery()",
+            ))
+            .get_result::<bool>(self)
+            .await
+            .unwrap_or(true)
+        }
+
+        fn session_dirty(&mut self) -> bool {
+            PoolableConnection::is_broken(self)
+        }
+    }
+
+    impl ExtConnection for AsyncPgConnection {}
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite_backend {
+    use super::*;
+    use diesel::SqliteConnection;
+    use diesel_async::SimpleAsyncConnection;
+
+    impl sealed::Backend for SyncConnectionWrapper<SqliteConnection> {
+        type Opener = String;
+
+        fn opener(config: &PoolConfig) -> Result<String, ConfigError> {
+            if config.url.backend() != pool_core::url::Backend::Sqlite {
+                return Err(ConfigError::InvalidUrl {
+                    url: config.url.redacted(),
+                    reason: format!(
+                        "this is a {} URL; a SQLite pool needs sqlite://path (or a path ending \
+                         in .db, .sqlite or .sqlite3)",
+                        config.url.backend()
+                    ),
+                });
+            }
+            Ok(config.url.expose_secret().to_owned())
+        }
+
+        async fn open(
+            path: &String,
+            config: &PoolConfig,
+        ) -> Result<SyncConnectionWrapper<SqliteConnection>, OpenFailure> {
+            let mut conn = SyncConnectionWrapper::<SqliteConnection>::establish(path)
+                .await
+                .map_err(|e| OpenFailure {
+                    cause: ConnectCause::Other,
+                    message: config.redact(&e.to_string()),
+                })?;
+            // Only SQLite's own settings; nothing meant for a server is ever sent. Switching a
+            // new file to WAL takes an exclusive lock, and two connections opened at once can
+            // find each other holding it (SQLite reports that at once, without waiting for
+            // busy_timeout): try again a few times.
+            let pragmas = crate::sqlite::pragmas(&config.sqlite);
+            let mut tries = 0;
+            loop {
+                match conn.batch_execute(&pragmas).await {
+                    Ok(()) => return Ok(conn),
+                    Err(e) if tries < 20 && e.to_string().contains("database is locked") => {
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    Err(e) => {
+                        return Err(OpenFailure {
+                            cause: ConnectCause::Setup,
+                            message: config.redact(&e.to_string()),
+                        })
+                    }
+                }
+            }
+        }
+
+        fn probe(&mut self) -> ProbeResult {
+            // An embedded database: nothing can close it under us.
+            ProbeResult::Alive
+        }
+
+        async fn ping_round_trip(&mut self) -> QueryResult<()> {
+            self.batch_execute("SELECT 1").await
+        }
+
+        async fn is_standby(&mut self) -> bool {
+            false
+        }
+
+        fn session_dirty(&mut self) -> bool {
+            PoolableConnection::is_broken(self)
+        }
+    }
+
+    impl ExtConnection for SyncConnectionWrapper<SqliteConnection> {}
+}

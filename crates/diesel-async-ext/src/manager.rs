@@ -1,0 +1,477 @@
+//! The bb8 `ManageConnection` implementation: bb8's hooks mapped onto the engine.
+//!
+//! The pool is always built with `test_on_check_out(true)`, so bb8 calls
+//! [`ExtManager::is_valid`](bb8::ManageConnection::is_valid) on every checkout and
+//! [`has_broken`](bb8::ManageConnection::has_broken) on every return (also of a connection
+//! whose checkout future was dropped, and of one `is_valid` refused). The decisions are the
+//! engine's ([`ConnState`]); this file performs them:
+//!
+//! * `connect`: waits for demand (see [`demand`](crate::demand)), takes a budget permit if
+//!   the pool has a budget, opens the connection ([`ConnState::opened`]);
+//! * `is_valid`: [`ConnState::begin_checkout`] with the zero-round-trip probe, then, if asked,
+//!   a ping bounded by `tokio::time::timeout(validation_timeout)` and
+//!   [`ConnState::finish_ping`]. A checkout dropped in the middle of the ping returns the
+//!   connection with its ping unreported: the engine closes it at checkin;
+//! * `has_broken`: [`ConnState::checkin`] with the session's verdict (a panic, a transaction
+//!   left open or its manager broken by a cancelled `BEGIN`/`COMMIT`, the client closed).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pool_core::budget::{Budget, ClassId, Permit};
+use pool_core::config::PoolConfig;
+use pool_core::engine::{CheckoutStep, ConnState, PoolState};
+use pool_core::error::ConfigError;
+use pool_core::lifecycle::{CloseReason, ProbeResult};
+
+use crate::backend::ExtConnection;
+use crate::demand::{Claim, Demand};
+use crate::tracker::{tracker_of, Tracker};
+
+/// What made opening a connection fail, as far as a caller can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectCause {
+    /// Nothing accepts connections there (the server is down or restarting).
+    Refused,
+    /// The server rejected the credentials.
+    Auth,
+    /// TLS could not be established or the certificate did not verify.
+    Tls,
+    /// The attempt did not complete within `connect_timeout`.
+    Timeout,
+    /// The host name could not be resolved.
+    Dns,
+    /// The server refused the session (no such database, too many clients, starting up).
+    Server,
+    /// The connection broke while being set up.
+    Network,
+    /// The settings cannot work.
+    Config,
+    /// Opened, but the per-connection settings (SQLite pragmas) failed.
+    Setup,
+    /// Anything else (a SQLite file that cannot be opened, ...).
+    Other,
+}
+
+impl ConnectCause {
+    /// A short stable name (`refused`, `auth`, `tls`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectCause::Refused => "refused",
+            ConnectCause::Auth => "auth",
+            ConnectCause::Tls => "tls",
+            ConnectCause::Timeout => "connect_timeout",
+            ConnectCause::Dns => "dns",
+            ConnectCause::Server => "server",
+            ConnectCause::Network => "network",
+            ConnectCause::Config => "config",
+            ConnectCause::Setup => "setup",
+            ConnectCause::Other => "other",
+        }
+    }
+}
+
+/// Why the pool could not open or hand out a connection. Never contains a password.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExtError {
+    /// A connection could not be opened.
+    #[error("pool {pool}: could not connect ({}): {message}", cause.as_str())]
+    Connect {
+        /// The pool's name.
+        pool: String,
+        /// What went wrong.
+        cause: ConnectCause,
+        /// The driver's message, redacted.
+        message: String,
+    },
+    /// The shared connection budget had no permit for this pool's class in time.
+    #[error("pool {pool}: {message}")]
+    Budget {
+        /// The pool's name.
+        pool: String,
+        /// How long it waited and the budget at that moment.
+        message: String,
+    },
+    /// The connection was retired on checkout (dead, expired, idle too long); the pool takes
+    /// another one.
+    #[error("connection retired on checkout: {0}")]
+    Retired(CloseReason),
+    /// The validation ping failed or outlived its timeout.
+    #[error("validation ping failed after {elapsed_ms} ms (timeout {timeout_ms} ms): {message}")]
+    PingFailed {
+        /// How long the ping took.
+        elapsed_ms: u128,
+        /// The validation timeout.
+        timeout_ms: u128,
+        /// The driver's message, redacted.
+        message: String,
+    },
+    /// No connection within the checkout's time. `cause` is what kept the pool from having
+    /// one: the last connect or budget failure, or the last failed validation, seen during
+    /// the wait; `None` when every connection was simply in use.
+    #[error("pool {pool}: no connection within {waited:?} ({state}){}",
+        cause.as_ref().map(|c| format!("; last error: {c}")).unwrap_or_default())]
+    Timeout {
+        /// The pool's name.
+        pool: String,
+        /// How long the checkout waited.
+        waited: Duration,
+        /// The pool at that moment (connections in use, idle, waiting).
+        state: String,
+        /// What kept the pool from serving, if anything went wrong.
+        cause: Option<Box<ExtError>>,
+    },
+    /// The pool was dropped while a connect waited for demand.
+    #[error("pool {pool} is closed")]
+    Closed {
+        /// The pool's name.
+        pool: String,
+    },
+}
+
+impl ExtError {
+    /// Whether the checkout timed out (whatever the cause).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ExtError::Timeout { .. })
+    }
+
+    /// The underlying failure: for a timeout, its cause (if any); otherwise the error itself.
+    pub fn root(&self) -> &ExtError {
+        match self {
+            ExtError::Timeout {
+                cause: Some(cause), ..
+            } => cause.root(),
+            other => other,
+        }
+    }
+
+    /// The connect failure's cause, if the error (or the timeout's cause) is one.
+    pub fn connect_cause(&self) -> Option<ConnectCause> {
+        match self.root() {
+            ExtError::Connect { cause, .. } => Some(*cause),
+            _ => None,
+        }
+    }
+
+    /// Whether the error (or the timeout's cause) is the budget's.
+    pub fn is_budget(&self) -> bool {
+        matches!(self.root(), ExtError::Budget { .. })
+    }
+}
+
+/// The last error bb8 reported (through its error sink), with when it happened: what a
+/// checkout that times out quotes, since bb8 itself only ever says "timed out".
+#[derive(Debug, Default)]
+pub(crate) struct LastError(Mutex<Option<(Instant, ExtError)>>);
+
+impl LastError {
+    pub(crate) fn record(&self, error: ExtError) {
+        *self.0.lock() = Some((Instant::now(), error));
+    }
+
+    /// The last error recorded at or after `since`.
+    pub(crate) fn since(&self, since: Instant) -> Option<ExtError> {
+        self.0
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, e)| e.clone())
+    }
+}
+
+/// bb8's error sink: keeps the last connect, budget or validation failure; retirements are
+/// routine and not kept.
+#[derive(Debug, Clone)]
+pub(crate) struct Sink {
+    pub(crate) last: Arc<LastError>,
+    pub(crate) pool: std::sync::Weak<PoolState>,
+}
+
+impl bb8::ErrorSink<ExtError> for Sink {
+    fn sink(&self, error: ExtError) {
+        match &error {
+            ExtError::Retired(_) | ExtError::Closed { .. } => {}
+            ExtError::PingFailed { .. } => {
+                if let Some(pool) = self.pool.upgrade() {
+                    log::info!(target: pool_core::events::LOG_TARGET, "pool {}: {}", pool.name(), pool.redact(&error.to_string()));
+                }
+                self.last.record(error);
+            }
+            _ => self.last.record(error),
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<ExtError>> {
+        Box::new(self.clone())
+    }
+}
+
+/// What a checkout of the pool's own maintenance does with each idle connection it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Walk: retire only dead, broken, expired and (above the floor) idle-too-long
+    /// connections; no ping, no reclaim, no leak timer. Its checkin leaves the idle time alone.
+    Sweep,
+}
+
+tokio::task_local! {
+    /// Set while the pool's maintenance checks connections out (see `ExtPool::sweep`).
+    pub(crate) static MODE: Mode;
+}
+
+/// bb8 connection manager for diesel-async connections with the lifecycle policy applied.
+///
+/// Built by [`ExtPool`](crate::ExtPool); you rarely name it except in type aliases such as
+/// `bb8::PooledConnection<'_, ExtManager<AsyncPgConnection>>`.
+pub struct ExtManager<C: ExtConnection> {
+    pub(crate) pool: Arc<PoolState>,
+    pub(crate) demand: Arc<Demand>,
+    opener: Arc<C::Opener>,
+}
+
+impl<C: ExtConnection> Clone for ExtManager<C> {
+    fn clone(&self) -> Self {
+        ExtManager {
+            pool: self.pool.clone(),
+            demand: self.demand.clone(),
+            opener: self.opener.clone(),
+        }
+    }
+}
+
+impl<C: ExtConnection> std::fmt::Debug for ExtManager<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExtManager")
+            .field("pool", &self.pool.name())
+            .field("url", &self.pool.config().url)
+            .finish()
+    }
+}
+
+impl<C: ExtConnection> ExtManager<C> {
+    pub(crate) fn new(pool: Arc<PoolState>, demand: Arc<Demand>) -> Result<Self, ConfigError> {
+        let opener = Arc::new(C::opener(pool.config())?);
+        Ok(ExtManager {
+            pool,
+            demand,
+            opener,
+        })
+    }
+
+    fn config(&self) -> &PoolConfig {
+        self.pool.config()
+    }
+
+    /// Opens a connection, taking a budget permit first if the pool has a budget: no
+    /// connection is ever opened beyond the budget. For a `claimed` connect (one working for a
+    /// waiting checkout) the permit is queued for only while a checkout waits; otherwise it is
+    /// queued for without condition (see [`ExtManager::permit`]).
+    pub(crate) async fn open(&self, claimed: bool) -> Result<C, ExtError> {
+        let started = Instant::now();
+        let (permit, mut conn) = self.open_with_permit(claimed).await?;
+        let state = ConnState::opened(&self.pool, started.elapsed(), permit);
+        conn.set_instrumentation(Tracker::new(state, C::classify));
+        Ok(conn)
+    }
+
+    /// A connection outside the pool: it holds a budget permit (released when it is
+    /// dropped) but is not in the pool's count, stats or checks.
+    pub(crate) async fn open_dedicated(&self) -> Result<C, ExtError> {
+        let (permit, mut conn) = self.open_with_permit(false).await?;
+        if let Some(permit) = permit {
+            conn.set_instrumentation(crate::tracker::Dedicated::new(permit));
+        }
+        Ok(conn)
+    }
+
+    async fn open_with_permit(&self, claimed: bool) -> Result<(Option<Permit>, C), ExtError> {
+        let pool = &self.pool;
+        let permit = match pool.budget() {
+            Some((budget, class)) => Some(self.permit(budget, class, claimed).await?),
+            None => None,
+        };
+        let conn = C::open(&*self.opener, self.config())
+            .await
+            .map_err(|f| ExtError::Connect {
+                pool: pool.name().to_owned(),
+                cause: f.cause,
+                message: pool.connect_failed(&f.message),
+            })?;
+        Ok((permit, conn))
+    }
+
+    /// A budget permit for a connect. A permit free at once is taken whoever asked. Otherwise
+    /// it is queued for while a checkout of this pool waits, for at most 80% of the pool
+    /// timeout of continuous demand (so that a checkout timing out on the budget finds the
+    /// budget's error to quote); with no demand, it waits outside the queue.
+    async fn permit(
+        &self,
+        budget: &Budget,
+        class: ClassId,
+        claimed: bool,
+    ) -> Result<Permit, ExtError> {
+        if let Some(permit) = budget.try_acquire(class) {
+            return Ok(permit);
+        }
+        let pool = || self.pool.name().to_owned();
+        let wait = self.config().pool_timeout.mul_f64(0.8);
+        loop {
+            if claimed {
+                self.demand
+                    .wanted()
+                    .await
+                    .map_err(|_| ExtError::Closed { pool: pool() })?;
+            }
+            let started = Instant::now();
+            let acquire = budget.acquire_async(class);
+            let gone = async {
+                if claimed {
+                    self.demand.unwanted().await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                permit = acquire => return Ok(permit),
+                // Nobody waits any more: leave the budget's queue (dropping the future does).
+                () = gone => continue,
+                () = tokio::time::sleep(wait) => {
+                    budget.record_timeout(class);
+                    return Err(ExtError::Budget {
+                        pool: pool(),
+                        message: format!(
+                            "budget: class {:?} waited {:?} for a connection permit and got none; {}",
+                            budget.class_name(class),
+                            started.elapsed(),
+                            budget.snapshot()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Pings `conn` within `timeout` and reports it to the engine (as a failure when the
+    /// deadline passed first).
+    pub(crate) async fn bounded_ping(
+        &self,
+        conn: &mut C,
+        timeout: Duration,
+    ) -> Result<(), ExtError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, conn.ping_round_trip()).await;
+        let ok = matches!(result, Ok(Ok(())));
+        if let Some(t) = tracker_of(conn) {
+            t.state.finish_ping(ok);
+        }
+        match result {
+            Ok(Ok(())) => Ok(()),
+            other => Err(ExtError::PingFailed {
+                elapsed_ms: started.elapsed().as_millis(),
+                timeout_ms: timeout.as_millis(),
+                message: match other {
+                    Ok(Err(e)) => self.pool.redact(&e.to_string()),
+                    _ => "no reply within the validation timeout; the connection is closed"
+                        .to_owned(),
+                },
+            }),
+        }
+    }
+
+    /// Marks a round trip of the pool's own on `conn` as under way (or done): a connection
+    /// returned while it is under way (its future dropped) is closed at checkin.
+    pub(crate) fn set_busy(conn: &mut C, busy: bool) {
+        if let Some(t) = tracker_of(conn) {
+            t.busy = busy;
+        }
+    }
+}
+
+impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
+    type Connection = C;
+    type Error = ExtError;
+
+    async fn connect(&self) -> Result<C, ExtError> {
+        // bb8 starts a connect for every checkout that finds nothing idle, including the
+        // maintenance's: open only for a checkout that waits and has no connect of its own.
+        let claim: Claim<'_> = self.demand.claim().await.map_err(|_| ExtError::Closed {
+            pool: self.pool.name().to_owned(),
+        })?;
+        let conn = self.open(true).await?;
+        claim.opened();
+        Ok(conn)
+    }
+
+    async fn is_valid(&self, conn: &mut C) -> Result<(), ExtError> {
+        if tracker_of(conn).is_none() {
+            // The application replaced the connection's instrumentation: we know nothing of
+            // it any more, so treat it as unvalidated.
+            conn.set_instrumentation(Tracker::new(ConnState::adopted(&self.pool), C::classify));
+        }
+        // The probe is a look at the client's state: cheap, taken before the state is borrowed.
+        let probe: ProbeResult = conn.probe();
+        let now = Instant::now();
+        let mode = MODE.try_with(|m| *m).ok();
+        let Some(t) = tracker_of(conn) else {
+            return Ok(());
+        };
+        if mode == Some(Mode::Sweep) {
+            return match t.state.sweep(|| probe, now) {
+                Some(reason) => Err(ExtError::Retired(reason)),
+                None => Ok(()),
+            };
+        }
+        if t.state.take_read_only_suspect() {
+            // A "read-only transaction" error since the last checkout: a failover, or a
+            // deliberate write in a READ ONLY transaction? Ask the server.
+            let timeout = self.config().lifecycle.validation.timeout;
+            Self::set_busy(conn, true);
+            let standby = tokio::time::timeout(timeout, conn.is_standby())
+                .await
+                .unwrap_or(true);
+            Self::set_busy(conn, false);
+            if standby {
+                if let Some(t) = tracker_of(conn) {
+                    t.state.failover_detected();
+                }
+                return Err(ExtError::Retired(CloseReason::Broken));
+            }
+        }
+        let Some(t) = tracker_of(conn) else {
+            return Ok(());
+        };
+        match t.state.begin_checkout(|| probe, now) {
+            CheckoutStep::Reuse => Ok(()),
+            CheckoutStep::Discard(reason) => Err(ExtError::Retired(reason)),
+            CheckoutStep::Ping { timeout } => self.bounded_ping(conn, timeout).await,
+        }
+    }
+
+    fn has_broken(&self, conn: &mut C) -> bool {
+        let panicking = std::thread::panicking();
+        // Reaching into the connection must never take bb8's return path down with it.
+        let close = catch_unwind(AssertUnwindSafe(|| {
+            let dirty = panicking || conn.session_dirty();
+            let Some(t) = tracker_of(conn) else {
+                return dirty;
+            };
+            let busy = std::mem::take(&mut t.busy);
+            if t.state.close_reason().is_some() && !t.state.is_checked_out() {
+                // Retired on checkout or by the maintenance: close it, counted once.
+                return true;
+            }
+            t.state.checkin(dirty || busy).is_some()
+        }))
+        .unwrap_or(true);
+        if close {
+            // A checkout may have been waiting for this one (held by the maintenance): it
+            // needs a connect now.
+            self.demand.notify();
+        }
+        close
+    }
+}

@@ -1,0 +1,667 @@
+//! The extended pool: a real `bb8::Pool`, built with the lifecycle policy wired in.
+//!
+//! [`ExtPool`] dereferences to `bb8::Pool<ExtManager<C>>`, and [`ExtPool::get`] yields bb8's
+//! own `PooledConnection`, so every diesel-async call site keeps compiling; what it adds is
+//! checkouts served in arrival order, errors that name their cause, [`ExtPool::status`],
+//! [`ExtPool::stats`], [`ExtPool::invalidate`] and one maintenance task.
+
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bb8::PooledConnection;
+use pool_core::budget::{Budget, ClassId};
+use pool_core::config::{PoolConfig, PoolConfigBuilder};
+use pool_core::engine::PoolState;
+use pool_core::error::ConfigError;
+use pool_core::events::{EventListener, LogListener};
+use pool_core::lifecycle::CloseReason;
+use pool_core::stats::StatsSnapshot;
+use pool_core::status::StatusReport;
+use tokio::sync::watch;
+
+use crate::backend::ExtConnection;
+use crate::demand::{Demand, Held};
+use crate::manager::{ExtError, ExtManager, LastError, Mode, Sink, MODE};
+use crate::tracker::tracker_of;
+
+/// Why a pool could not be built. Never contains a password.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A setting is invalid (bad URL, impossible size, ...).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The connection budget is impossible (reserved above the total, ...).
+    #[error(transparent)]
+    Budget(#[from] pool_core::budget::BudgetError),
+    /// The pool could not open its initial connections in time.
+    #[error("pool {pool}: could not open the initial {wanted} connection(s) within {timeout:?}: {error}")]
+    Connect {
+        /// Pool name.
+        pool: String,
+        /// How many connections `build` waited for (`pool_size`, or a class's floor).
+        wanted: u32,
+        /// The pool timeout it waited.
+        timeout: Duration,
+        /// Why (its cause names the last connect error), redacted.
+        error: ExtError,
+    },
+}
+
+/// A diesel-async connection pool with validation, lifetimes, keepalives and stats.
+///
+/// Dereferences to the [`bb8::Pool`] it wraps (`pool.state()` works as before).
+/// [`ExtPool::get`] returns bb8's own `PooledConnection`; check out through it (not through
+/// the wrapped pool) to be served in arrival order and counted by the budget, the stats and
+/// leak detection: connections are opened only for checkouts made through it. Cloning is
+/// cheap and shares the pool; the maintenance task stops when the last clone is dropped.
+pub struct ExtPool<C: ExtConnection> {
+    parts: Parts<C>,
+    /// Held by every clone; when the last one goes, the maintenance task stops.
+    life: Arc<Lifeline>,
+}
+
+/// What the pool and its maintenance task share (the task never holds the lifeline).
+struct Parts<C: ExtConnection> {
+    inner: bb8::Pool<ExtManager<C>>,
+    manager: ExtManager<C>,
+    state: Arc<PoolState>,
+    demand: Arc<Demand>,
+    last: Arc<LastError>,
+}
+
+impl<C: ExtConnection> Clone for Parts<C> {
+    fn clone(&self) -> Self {
+        Parts {
+            inner: self.inner.clone(),
+            manager: self.manager.clone(),
+            state: self.state.clone(),
+            demand: self.demand.clone(),
+            last: self.last.clone(),
+        }
+    }
+}
+
+/// Dropped with the last clone of a pool: ends the connects waiting for demand and, by
+/// dropping the sender, the maintenance task.
+struct Lifeline {
+    demand: Arc<Demand>,
+    _stop: watch::Sender<()>,
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        self.demand.close();
+    }
+}
+
+/// The extended pool for PostgreSQL.
+#[cfg(feature = "postgres")]
+pub type PgPool = ExtPool<diesel_async::AsyncPgConnection>;
+
+/// The extended pool for SQLite (diesel-async's sync wrapper around `SqliteConnection`).
+#[cfg(feature = "sqlite")]
+pub type SqlitePool =
+    ExtPool<diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>>;
+
+impl<C: ExtConnection> Clone for ExtPool<C> {
+    fn clone(&self) -> Self {
+        ExtPool {
+            parts: self.parts.clone(),
+            life: self.life.clone(),
+        }
+    }
+}
+
+impl<C: ExtConnection> Deref for ExtPool<C> {
+    type Target = bb8::Pool<ExtManager<C>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.parts.inner
+    }
+}
+
+impl<C: ExtConnection> std::fmt::Debug for ExtPool<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExtPool")
+            .field("name", &self.parts.state.name())
+            .field("url", &self.parts.state.config().url)
+            .field("state", &self.parts.inner.state())
+            .finish()
+    }
+}
+
+impl<C: ExtConnection> ExtPool<C> {
+    /// Starts building a pool for `url`. Settings not given keep their documented defaults.
+    pub fn builder(url: &str) -> Builder<C> {
+        Builder {
+            config: PoolConfig::builder(url),
+            listener: None,
+            _conn: std::marker::PhantomData,
+        }
+    }
+
+    /// Builds a pool from a configuration (for instance [`PoolConfig::from_env`]); it is
+    /// validated again here, since its fields may have been edited.
+    pub async fn from_config(config: PoolConfig) -> Result<ExtPool<C>, BuildError> {
+        build(config, Arc::new(LogListener), None).await
+    }
+
+    /// Builds a pool from the environment (`DATABASE_URL`, `DB_POOL_SIZE`, ...; see
+    /// [`PoolConfig::from_lookup`] for every variable).
+    pub async fn from_env() -> Result<ExtPool<C>, BuildError> {
+        Self::from_config(PoolConfig::from_env()?).await
+    }
+
+    /// The configuration the pool was built with.
+    pub fn config(&self) -> &PoolConfig {
+        self.parts.state.config()
+    }
+
+    /// The engine state shared with the pool's connections.
+    pub(crate) fn state(&self) -> &Arc<PoolState> {
+        &self.parts.state
+    }
+
+    /// Checks out a connection, waiting at most `pool_timeout`: bb8's own
+    /// `PooledConnection`, which every diesel-async call and every `&mut AsyncPgConnection`
+    /// helper accepts. Callers are served in arrival order (a returned connection goes to the
+    /// one that waited longest), and the wait counts in the stats.
+    ///
+    /// # Errors
+    /// [`ExtError::Timeout`] when no connection could be had in time, with its cause when
+    /// something went wrong (the last connect error — refused, authentication, TLS, connect
+    /// timeout —, the budget and its state, a failed validation); never a password.
+    pub async fn get(&self) -> Result<PooledConnection<'_, ExtManager<C>>, ExtError> {
+        self.get_timeout(self.parts.state.config().pool_timeout)
+            .await
+    }
+
+    /// [`ExtPool::get`] with another timeout for this checkout.
+    ///
+    /// # Errors
+    /// As [`ExtPool::get`].
+    pub async fn get_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<PooledConnection<'_, ExtManager<C>>, ExtError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let state = &self.parts.state;
+        // The gate first (arrival order); a dropped wait leaves its queue at once.
+        let gate = match state.gate().try_enter() {
+            Some(permit) => permit,
+            None => match tokio::time::timeout_at(deadline, state.gate().enter_async()).await {
+                Ok(permit) => permit,
+                Err(_) => return Err(self.timed_out(started)),
+            },
+        };
+        // From here on this checkout is demand: a connect may open a connection for it.
+        let _wanting = self.parts.demand.want();
+        loop {
+            match tokio::time::timeout_at(deadline, self.parts.inner.get()).await {
+                Ok(Ok(mut conn)) => {
+                    // No await between bb8 handing the connection over and this: a dropped
+                    // future cannot leave it out of the engine's count.
+                    if let Some(t) = tracker_of(&mut *conn) {
+                        t.state.handed_out(started.elapsed(), Some(gate));
+                    }
+                    return Ok(conn);
+                }
+                // bb8's own timeout (its `connection_timeout`) came first: keep waiting.
+                Ok(Err(_)) if tokio::time::Instant::now() < deadline => continue,
+                _ => return Err(self.timed_out(started)),
+            }
+        }
+    }
+
+    /// The error of a checkout that waited since `started` and got nothing.
+    fn timed_out(&self, started: Instant) -> ExtError {
+        let state = &self.parts.state;
+        state.stats().record_checkout_timeout();
+        self.parts.timeout_error(started)
+    }
+
+    /// A connection outside the pool (for `LISTEN`, say), opened with the pool's settings: it
+    /// is not counted against `pool_size` nor checked by the pool, but it does take a budget
+    /// permit (held until it is dropped) if the pool has a budget. Use this rather than the
+    /// wrapped bb8 pool's `dedicated_connection`, which waits for a checkout's demand.
+    ///
+    /// # Errors
+    /// [`ExtError::Connect`] or [`ExtError::Budget`].
+    pub async fn dedicated_connection(&self) -> Result<C, ExtError> {
+        self.parts.manager.open_dedicated().await
+    }
+
+    /// The wrapped bb8 pool.
+    pub fn inner(&self) -> &bb8::Pool<ExtManager<C>> {
+        &self.parts.inner
+    }
+
+    /// Marks every connection opened or validated so far as suspect: each is pinged before
+    /// its next use. The pool does this by itself when it sees a disconnect.
+    pub fn invalidate(&self) {
+        self.parts
+            .state
+            .invalidate("invalidated by the application");
+    }
+
+    /// Counters and gauges of this pool.
+    pub fn stats(&self) -> StatsSnapshot {
+        let state = self.parts.inner.state();
+        self.parts.state.snapshot(
+            state.connections.saturating_sub(state.idle_connections),
+            state.idle_connections,
+        )
+    }
+
+    /// A status report (human-readable through `Display`, JSON through `to_json`).
+    pub fn status(&self) -> StatusReport {
+        StatusReport::new(vec![self.stats()])
+    }
+}
+
+impl<C: ExtConnection> Parts<C> {
+    /// What a checkout that waited since `started` reports: the pool's state and the last
+    /// thing that went wrong during the wait, else the budget's state if connects are queued
+    /// for permits.
+    fn timeout_error(&self, started: Instant) -> ExtError {
+        let state = &self.state;
+        let bb = self.inner.state();
+        let budget_waiters = state.budget().map_or(0, |(b, c)| b.waiters(c));
+        let cause = self.last.since(started).or_else(|| {
+            let (budget, class) = state.budget()?;
+            (budget_waiters > 0).then(|| ExtError::Budget {
+                pool: state.name().to_owned(),
+                message: format!(
+                    "budget: class {:?} has {budget_waiters} connect(s) waiting for a permit; {}",
+                    budget.class_name(class),
+                    budget.snapshot()
+                ),
+            })
+        });
+        ExtError::Timeout {
+            pool: state.name().to_owned(),
+            waited: started.elapsed(),
+            state: format!(
+                "{} in use, {} idle, max {}, {} waiting",
+                bb.connections.saturating_sub(bb.idle_connections),
+                bb.idle_connections,
+                state.config().max_size(),
+                state.gate().waiters()
+            ),
+            cause: cause.map(Box::new),
+        }
+    }
+
+    /// Holds `n` connections at once (opening what is missing, as demand, all at once) in
+    /// maintenance mode, then returns them: warms the pool, or brings a budget class back to
+    /// its floor.
+    async fn hold(&self, n: u32, timeout: Duration) -> Result<(), ExtError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let gets: Vec<_> = (0..n)
+            .map(|_| {
+                Box::pin(async move {
+                    let _wanting = self.demand.want();
+                    let get = MODE.scope(Mode::Sweep, self.inner.get());
+                    tokio::time::timeout_at(deadline, get).await.ok()?.ok()
+                })
+            })
+            .collect();
+        // Each get keeps its connection until all are done: they are held at once.
+        let held = join_all(gets).await;
+        if held.iter().all(Option::is_some) {
+            Ok(())
+        } else {
+            Err(self.timeout_error(started))
+        }
+    }
+
+    /// Takes one idle connection out, in maintenance mode, without waiting: `None` if there
+    /// is none (or another checkout took the last one first). The [`Held`] guard must be
+    /// dropped after the connection is returned.
+    fn take_idle(&self) -> Option<(PooledConnection<'_, ExtManager<C>>, Held<'_>)> {
+        if self.inner.state().idle_connections == 0 {
+            return None;
+        }
+        let held = self.demand.hold();
+        let mut get = pin!(MODE.scope(Mode::Sweep, self.inner.get()));
+        // One poll: an idle connection is handed over at once (the sweep decision does no
+        // I/O); if none is left, the future is dropped.
+        match get.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(conn)) => Some((conn, held)),
+            _ => None,
+        }
+    }
+
+    /// Walks the idle connections once (bb8's idle queue is FIFO: each is taken from the
+    /// front and returned to the back): retires the dead, broken, expired and (above the
+    /// floor) idle-too-long ones, pings those due a keepalive ping. Opens nothing.
+    async fn sweep(&self) {
+        let n = self.inner.state().idle_connections;
+        let lifecycle = &self.state.config().lifecycle;
+        let (keepalive, timeout) = (lifecycle.keepalive_ping, lifecycle.validation.timeout);
+        for _ in 0..n {
+            let Some((mut conn, held)) = self.take_idle() else {
+                break;
+            };
+            let due = keepalive.is_some_and(|every| {
+                tracker_of(&mut *conn).is_some_and(|t| t.state.keepalive_due(every, Instant::now()))
+            });
+            if due {
+                ExtManager::<C>::set_busy(&mut conn, true);
+                let pinged = self.manager.bounded_ping(&mut conn, timeout).await;
+                ExtManager::<C>::set_busy(&mut conn, false);
+                if pinged.is_err() {
+                    if let Some(t) = tracker_of(&mut *conn) {
+                        t.state.set_close_reason(CloseReason::PingFailed);
+                    }
+                }
+            }
+            held.release();
+            drop(conn);
+        }
+    }
+
+    /// Closes up to `n` idle connections with `reason`; returns how many.
+    fn close_idle(&self, n: u32, reason: CloseReason) -> u32 {
+        let mut closed = 0;
+        while closed < n {
+            let Some((mut conn, held)) = self.take_idle() else {
+                break;
+            };
+            if let Some(t) = tracker_of(&mut *conn) {
+                t.state.set_close_reason(reason);
+            }
+            held.release();
+            drop(conn);
+            closed += 1;
+        }
+        closed
+    }
+}
+
+/// Polls every future until all are done; their outputs, in order.
+async fn join_all<F: Future>(futures: Vec<std::pin::Pin<Box<F>>>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Some).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+/// Builder of an [`ExtPool`]; every setter documents its default.
+#[must_use = "a builder does nothing until .build() is called"]
+pub struct Builder<C> {
+    config: PoolConfigBuilder,
+    listener: Option<Arc<dyn EventListener>>,
+    _conn: std::marker::PhantomData<fn() -> C>,
+}
+
+macro_rules! forward {
+    ($($(#[$doc:meta])* $name:ident($ty:ty);)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.config = self.config.$name(value);
+            self
+        }
+    )*};
+}
+
+impl<C: ExtConnection> Builder<C> {
+    forward! {
+        /// Connections kept open. Default: 10.
+        pool_size(u32);
+        /// Extra connections opened under load and closed when returned; the pool's maximum
+        /// is `pool_size + max_overflow`. Default: 10.
+        max_overflow(u32);
+        /// How long `get()` waits for a connection. Default: 30 s.
+        pool_timeout(Duration);
+        /// Retire connections after this long (`pool_recycle`); `None` keeps them. Default: 30 min.
+        max_lifetime(Option<Duration>);
+        /// Spread of lifetimes, a fraction in `[0, 1)`. Default: 0.1.
+        lifetime_jitter(f64);
+        /// Close connections idle this long; `None` never does. Default: 10 min.
+        idle_timeout(Option<Duration>);
+        /// Validate connections on checkout (`pool_pre_ping`). Default: true.
+        validate_on_checkout(bool);
+        /// Connections used more recently than this skip the validation ping (the liveness
+        /// probe still runs). Default: 500 ms.
+        validation_bypass_window(Duration);
+        /// Longest a validation ping may take, even against a hung server. Default: 5 s.
+        validation_timeout(Duration);
+        /// Ping idle connections this often; `None` disables it. Default: `None`.
+        keepalive_ping(Option<Duration>);
+        /// Report connections held longer than this; `None` disables it. Default: `None`.
+        leak_detection_threshold(Option<Duration>);
+        /// Bound on each connection attempt as a whole (TCP, TLS, startup, authentication,
+        /// session setup), as libpq's `connect_timeout`; `None` waits for the OS. Default: 10 s.
+        connect_timeout(Option<Duration>);
+        /// TCP keepalives on or off. Default: on.
+        keepalives(bool);
+        /// Idle time before the first keepalive probe. Default: 30 s.
+        keepalives_idle(Duration);
+        /// Time between keepalive probes. Default: 10 s.
+        keepalives_interval(Duration);
+        /// Unanswered probes before the connection is dead. Default: 3.
+        keepalives_count(u32);
+        /// Give up on unacknowledged data after this long (`tcp_user_timeout`). Default: 30 s.
+        tcp_user_timeout(Option<Duration>);
+        /// TLS mode (`sslmode`, with libpq's meanings). Default: the URL's, else `prefer`.
+        ssl_mode(pool_core::config::SslMode);
+        /// Root certificate for `verify-ca` / `verify-full`. Default: none.
+        ssl_root_cert(std::path::PathBuf);
+        /// `application_name` shown in `pg_stat_activity`. Default: none.
+        application_name(&str);
+        /// SQLite `busy_timeout`. Default: 5 s.
+        sqlite_busy_timeout(Duration);
+        /// SQLite WAL journaling. Default: on.
+        sqlite_wal(bool);
+        /// SQLite foreign key enforcement. Default: on.
+        sqlite_foreign_keys(bool);
+        /// Name of the pool in stats, events and errors. Default: "default".
+        name(&str);
+    }
+
+    /// Sends pool events to `listener` instead of the `log` facade.
+    pub fn event_listener(mut self, listener: impl EventListener) -> Self {
+        self.listener = Some(Arc::new(listener));
+        self
+    }
+
+    pub(crate) fn into_parts(self) -> (PoolConfigBuilder, Arc<dyn EventListener>) {
+        (
+            self.config,
+            self.listener.unwrap_or_else(|| Arc::new(LogListener)),
+        )
+    }
+
+    /// Validates the settings, opens `pool_size` connections (waiting at most
+    /// `pool_timeout`), starts the maintenance task and returns the pool. Call it inside a
+    /// tokio runtime.
+    ///
+    /// # Errors
+    /// [`BuildError::Config`] for a bad setting, [`BuildError::Connect`] (naming the cause)
+    /// when the first connections cannot be opened.
+    pub async fn build(self) -> Result<ExtPool<C>, BuildError> {
+        let (config, listener) = self.into_parts();
+        build(config.build()?, listener, None).await
+    }
+}
+
+pub(crate) async fn build<C: ExtConnection>(
+    config: PoolConfig,
+    listener: Arc<dyn EventListener>,
+    budget: Option<(Budget, ClassId)>,
+) -> Result<ExtPool<C>, BuildError> {
+    let state = Arc::new(PoolState::new(config, listener, budget)?);
+    let demand = Arc::new(Demand::default());
+    let manager = ExtManager::<C>::new(state.clone(), demand.clone())?;
+    let last = Arc::new(LastError::default());
+    let cfg = state.config();
+    // bb8's `min_idle` top-up, reaper, lifetimes and idle timeouts are all off: `pool_size`
+    // is the most kept open (overflow closes on return, see `ConnState::checkin`); idle
+    // timeouts, lifetimes, keepalive pings and budget floors are the maintenance task's.
+    // bb8 retries a failed connect until its timeout, so a checkout during a restart gets a
+    // connection as soon as the server is back.
+    let inner = bb8::Pool::builder()
+        .max_size(cfg.max_size())
+        .min_idle(None)
+        .test_on_check_out(true)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connection_timeout(cfg.pool_timeout)
+        .retry_connection(true)
+        .queue_strategy(bb8::QueueStrategy::Fifo)
+        .error_sink(Box::new(Sink {
+            last: last.clone(),
+            pool: Arc::downgrade(&state),
+        }))
+        .build_unchecked(manager.clone());
+    let (stop_tx, stop_rx) = watch::channel(());
+    let pool = ExtPool {
+        parts: Parts {
+            inner,
+            manager,
+            state: state.clone(),
+            demand: demand.clone(),
+            last,
+        },
+        life: Arc::new(Lifeline {
+            demand,
+            _stop: stop_tx,
+        }),
+    };
+    // Opening the first connections here reports a wrong URL, password or host at once.
+    let warm = match state.budget() {
+        Some(_) => state.floor(),
+        None => cfg.pool_size,
+    };
+    if warm > 0 {
+        pool.parts
+            .hold(warm, cfg.pool_timeout)
+            .await
+            .map_err(|error| BuildError::Connect {
+                pool: cfg.name.clone(),
+                wanted: warm,
+                timeout: cfg.pool_timeout,
+                error,
+            })?;
+    }
+    tokio::spawn(maintain(pool.parts.clone(), stop_rx));
+    Ok(pool)
+}
+
+/// How often the maintenance walks the idle connections: often enough for the keepalive
+/// interval, the idle timeout and lifetimes, never more than every 30 s (a walk costs
+/// microseconds per idle connection).
+fn sweep_interval(cfg: &PoolConfig) -> Option<Duration> {
+    let l = &cfg.lifecycle;
+    [
+        l.keepalive_ping.map(|d| d / 2),
+        l.idle_timeout.map(|d| d / 4),
+        l.max_lifetime.map(|d| d / 8),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .map(|d| d.clamp(Duration::from_millis(20), Duration::from_secs(30)))
+}
+
+/// The pool's one maintenance task: gives borrowed budget headroom back the moment another
+/// class waits (woken by the budget, no polling), walks the idle connections every
+/// [`sweep_interval`], and keeps a budget class's reserved floor open. When the last clone
+/// of the pool is dropped, it closes the idle connections and stops.
+async fn maintain<C: ExtConnection>(parts: Parts<C>, mut stop: watch::Receiver<()>) {
+    let sweep_every = sweep_interval(parts.state.config());
+    let borrows = parts
+        .state
+        .budget()
+        .is_some_and(|(budget, class)| budget.limits(class).max > budget.limits(class).reserved);
+    let mut next_sweep = sweep_every.map(|every| Instant::now() + every);
+    loop {
+        let tick = next_sweep
+            .map_or(Duration::from_secs(1), |at| {
+                at.saturating_duration_since(Instant::now())
+            })
+            .min(Duration::from_secs(1));
+        let pressure = async {
+            match parts.state.budget() {
+                Some((budget, class)) if borrows => budget.pressure_async(class).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let wanted = tokio::select! {
+            _ = stop.changed() => {
+                parts.close_idle(u32::MAX, CloseReason::Released);
+                return;
+            }
+            wanted = pressure => wanted,
+            () = tokio::time::sleep(tick) => 0,
+        };
+        if wanted > 0 && parts.close_idle(wanted, CloseReason::Reclaimed) == 0 {
+            // Everything borrowed is in use; it goes back at checkin. Do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if next_sweep.is_some_and(|at| Instant::now() >= at) {
+            parts.sweep().await;
+            next_sweep = sweep_every.map(|every| Instant::now() + every);
+        }
+        let floor = parts.state.floor();
+        if parts.state.open_connections() < floor {
+            let _ = parts.hold(floor, parts.state.config().pool_timeout).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_runs_as_often_as_the_shortest_deadline_needs() {
+        let cfg = |b: PoolConfigBuilder| b.build().unwrap();
+        let url = "postgres://app@db/app";
+        assert_eq!(
+            sweep_interval(&cfg(
+                PoolConfig::builder(url).keepalive_ping(Some(Duration::from_secs(60)))
+            )),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            sweep_interval(&cfg(
+                PoolConfig::builder(url).keepalive_ping(Some(Duration::from_millis(200)))
+            )),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            sweep_interval(&cfg(PoolConfig::builder(url)
+                .max_lifetime(None)
+                .idle_timeout(None))),
+            None
+        );
+    }
+}

@@ -1,0 +1,684 @@
+//! Safe retries for diesel-async: [`with_retry`], [`commit_with_retry`] and [`commit_with_key`].
+//!
+//! The same guarantees as the sync adapter's, on the same loop
+//! ([`pool_core::retry::run_async`], sleeping with tokio's timer):
+//!
+//! * only [transient](pool_core::classify::ErrorClass::is_transient) errors are retried
+//!   (serialization failures, deadlocks, lost connections, shutdowns, too many clients,
+//!   read-only after failover, pool timeouts), with exponential backoff and full jitter
+//!   ([`RetryPolicy`]); everything else is returned after one attempt;
+//! * every attempt takes a fresh connection and runs **one transaction** through
+//!   diesel-async's transaction manager (`BEGIN`, the body, `COMMIT`);
+//! * an **ambiguous commit** is never turned into a duplicate. Only a connection lost while
+//!   `COMMIT` is in flight leaves the outcome open (a serialization failure or deadlock
+//!   reported by `COMMIT` is a definite rollback). On PostgreSQL, [`commit_with_retry`] reads
+//!   `txid_current()` just before `COMMIT`, then asks fresh connections for `txid_status()`:
+//!   *committed* returns the body's result, *aborted* retries, *in progress* asks again, until
+//!   the policy's `commit_resolution_timeout`, which also bounds every checkout made to ask.
+//!   Only when no answer can be had does it return [`RetryError::AmbiguousCommit`]. On
+//!   backends without transaction ids, [`commit_with_key`] writes an idempotency key in the
+//!   same transaction and looks it up instead.
+//!
+//! Cancellation: dropping the returned future at any point never leaves a connection in the
+//! pool inside a transaction — a cancelled `BEGIN` or `COMMIT` leaves diesel-async's
+//! transaction manager marked broken, a cancelled body leaves the transaction open, and the
+//! pool closes such connections when they come back.
+//!
+//! ```no_run
+//! use diesel_async::RunQueryDsl;
+//! use diesel_async_ext::retry::{commit_with_retry, RetryPolicy};
+//! use diesel_async_ext::PgPool;
+//!
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = PgPool::builder("postgres://app@localhost/app").build().await?;
+//! let policy = RetryPolicy::default();
+//! // The closure may run more than once: keep side effects outside the database out of it.
+//! let moved = commit_with_retry(&pool, &policy, async |conn| {
+//!     diesel::sql_query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+//!         .execute(conn)
+//!         .await?;
+//!     diesel::sql_query("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+//!         .execute(conn)
+//!         .await
+//! })
+//! .await?;
+//! # let _ = moved; Ok(())
+//! # }
+//! ```
+
+use std::fmt::Display;
+use std::future::Future;
+use std::ops::DerefMut;
+use std::time::{Duration, Instant};
+
+use diesel::result::Error as DieselError;
+use diesel_async::{AsyncConnection, TransactionManager};
+use pool_core::retry::{run_async, AttemptError, RetryHooks};
+pub use pool_core::retry::{PolicyError, PoolError, RetryError, RetryPolicy};
+
+use crate::backend::ExtConnection;
+use crate::classify::{classify_diesel, Classify};
+use crate::manager::ExtManager;
+use crate::pool::ExtPool;
+
+/// A pool the retry functions can check connections out of: [`ExtPool`] and any plain
+/// `bb8::Pool` of diesel-async connections.
+pub trait RetryablePool: Sync {
+    /// The diesel-async connection type.
+    type Connection: AsyncConnection + Send + 'static;
+
+    /// Checks a connection out (bb8's `PooledConnection`), waiting at most `timeout` if
+    /// given (else the pool's own timeout).
+    fn checkout(
+        &self,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<impl DerefMut<Target = Self::Connection> + Send + '_, PoolError>>
+           + Send;
+
+    /// Where attempts are reported (pool name, stats, listener).
+    fn hooks(&self) -> RetryHooks<'_> {
+        RetryHooks::default()
+    }
+}
+
+impl<C: ExtConnection> RetryablePool for ExtPool<C> {
+    type Connection = C;
+
+    fn checkout(
+        &self,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<impl DerefMut<Target = C> + Send + '_, PoolError>> + Send {
+        let timeout = timeout.unwrap_or(self.config().pool_timeout);
+        async move {
+            let guard: bb8::PooledConnection<'_, ExtManager<C>> =
+                self.get_timeout(timeout).await.map_err(PoolError::new)?;
+            Ok(guard)
+        }
+    }
+
+    fn hooks(&self) -> RetryHooks<'_> {
+        let state = self.state();
+        RetryHooks {
+            pool: state.name(),
+            stats: Some(state.stats()),
+            listener: &**state,
+        }
+    }
+}
+
+impl<M> RetryablePool for bb8::Pool<M>
+where
+    M: bb8::ManageConnection,
+    M::Connection: AsyncConnection,
+{
+    type Connection = M::Connection;
+
+    // Not `async fn`: the trait's opaque guard type is kept (no refinement to bb8's type).
+    #[allow(clippy::manual_async_fn)]
+    fn checkout(
+        &self,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<impl DerefMut<Target = M::Connection> + Send + '_, PoolError>> + Send
+    {
+        async move {
+            let get = self.get();
+            let result = match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, get)
+                    .await
+                    .unwrap_or(Err(bb8::RunError::TimedOut)),
+                None => get.await,
+            };
+            result.map_err(|e| match e {
+                bb8::RunError::User(e) => PoolError::new(format_args!("{e:?}")),
+                bb8::RunError::TimedOut => PoolError::new("timed out waiting for a connection"),
+            })
+        }
+    }
+}
+
+/// The future bound of a retried body: `body(conn)` is a `Send` future. Implemented for every
+/// async closure that does not lend from its own state — `async |conn| ...` capturing what it
+/// uses by reference (`&order`, an `Arc` it calls methods on), or capturing nothing; write
+/// `async |conn|`, not `async move |conn|`, when the body uses captured values by reference.
+/// Like diesel-async's own `AsyncFunc`, it names the future so that its `Send`-ness is checked
+/// where the body is written, and the retry functions' futures can be spawned.
+pub trait RetryBody<'r, C: 'r, R>: FnMut(&'r mut C) -> <Self as RetryBody<'r, C, R>>::Fut {
+    /// The future one call of the body returns.
+    type Fut: Future<Output = R> + Send;
+}
+
+impl<'r, C: 'r, R, F, Fut> RetryBody<'r, C, R> for F
+where
+    F: FnMut(&'r mut C) -> Fut,
+    Fut: Future<Output = R> + Send,
+{
+    type Fut = Fut;
+}
+
+/// What the server says became of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// It committed.
+    Committed,
+    /// It rolled back (or its session died before `COMMIT`).
+    Aborted,
+    /// It is still running: ask again.
+    InProgress,
+    /// The server no longer knows (the id is too old, or the backend cannot tell).
+    Unknown,
+}
+
+/// What [`commit_with_retry`] and [`commit_with_key`] need from a backend. Implemented for the
+/// connection types the crate supports.
+pub trait RetryConnection: AsyncConnection + Send {
+    /// The current transaction's id, or `None` if the backend has none to offer.
+    fn current_txid(&mut self) -> impl Future<Output = diesel::QueryResult<Option<i64>>> + Send;
+
+    /// What became of transaction `txid`, asked on another connection.
+    fn txid_status(
+        &mut self,
+        txid: i64,
+    ) -> impl Future<Output = diesel::QueryResult<TxStatus>> + Send;
+
+    /// Inserts `key` into the idempotency table ([`IDEMPOTENCY_TABLE_SQL`]).
+    fn insert_idempotency_key(
+        &mut self,
+        key: &str,
+    ) -> impl Future<Output = diesel::QueryResult<()>> + Send;
+}
+
+/// The idempotency table, as the repository's `migrations/` creates it (PostgreSQL, SQLite
+/// and MySQL accept it).
+pub const IDEMPOTENCY_TABLE_SQL: &str =
+    "CREATE TABLE IF NOT EXISTS resilient_diesel_idempotency_keys (\
+     idempotency_key VARCHAR(255) PRIMARY KEY, \
+     created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)";
+
+/// Creates the idempotency table if it does not exist (for applications that do not run the
+/// migration).
+pub async fn ensure_idempotency_table<C>(conn: &mut C) -> diesel::QueryResult<()>
+where
+    C: diesel_async::SimpleAsyncConnection + Send,
+{
+    conn.batch_execute(IDEMPOTENCY_TABLE_SQL).await
+}
+
+#[cfg(feature = "postgres")]
+mod pg_functions {
+    use diesel::sql_types::BigInt;
+
+    // Declared functions have a static query id: their statements are prepared once per
+    // connection, so reading the transaction id costs one round trip.
+    diesel::define_sql_function! {
+        /// PostgreSQL's `txid_current()`.
+        fn txid_current() -> BigInt;
+    }
+    diesel::define_sql_function! {
+        /// PostgreSQL's `txid_status(bigint)`.
+        fn txid_status(txid: BigInt) -> Nullable<Text>;
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl RetryConnection for diesel_async::AsyncPgConnection {
+    async fn current_txid(&mut self) -> diesel::QueryResult<Option<i64>> {
+        use diesel_async::RunQueryDsl;
+        diesel::select(pg_functions::txid_current())
+            .get_result(self)
+            .await
+            .map(Some)
+    }
+
+    async fn txid_status(&mut self, txid: i64) -> diesel::QueryResult<TxStatus> {
+        use diesel_async::RunQueryDsl;
+        let status: Option<String> = diesel::select(pg_functions::txid_status(txid))
+            .get_result(self)
+            .await?;
+        Ok(match status.as_deref() {
+            Some("committed") => TxStatus::Committed,
+            Some("aborted") => TxStatus::Aborted,
+            Some("in progress") => TxStatus::InProgress,
+            _ => TxStatus::Unknown,
+        })
+    }
+
+    async fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
+        use diesel_async::RunQueryDsl;
+        diesel::sql_query(
+            "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES ($1)",
+        )
+        .bind::<diesel::sql_types::Text, _>(key)
+        .execute(self)
+        .await
+        .map(drop)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl RetryConnection
+    for diesel_async::sync_connection_wrapper::SyncConnectionWrapper<diesel::SqliteConnection>
+{
+    async fn current_txid(&mut self) -> diesel::QueryResult<Option<i64>> {
+        Ok(None)
+    }
+
+    async fn txid_status(&mut self, _txid: i64) -> diesel::QueryResult<TxStatus> {
+        Ok(TxStatus::Unknown)
+    }
+
+    async fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
+        use diesel_async::RunQueryDsl;
+        diesel::sql_query(
+            "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES (?)",
+        )
+        .bind::<diesel::sql_types::Text, _>(key.to_owned())
+        .execute(self)
+        .await
+        .map(drop)
+    }
+}
+
+/// Runs `op` with a fresh connection per attempt, retrying transient failures.
+///
+/// `op` is not wrapped in a transaction. A statement cut off by a lost connection is retried,
+/// and with autocommit it may already have taken effect: use this for reads and idempotent
+/// writes, and [`commit_with_retry`] for everything else.
+pub async fn with_retry<P, T, E, F>(
+    pool: &P,
+    policy: &RetryPolicy,
+    op: F,
+) -> Result<T, RetryError<E>>
+where
+    P: RetryablePool,
+    F: for<'r> AsyncFnMut(&'r mut P::Connection) -> Result<T, E>
+        + for<'r> RetryBody<'r, P::Connection, Result<T, E>>,
+    E: Classify + Display,
+{
+    // Attempts run one after another; the lock only lends the closure to each in turn.
+    let op = tokio::sync::Mutex::new(op);
+    let hooks = pool.hooks();
+    run_async(
+        policy,
+        &hooks,
+        |e: &E| e.class(),
+        |_attempt| {
+            let op = &op;
+            async move {
+                let mut guard = pool.checkout(None).await.map_err(AttemptError::Pool)?;
+                let mut op = op.lock().await;
+                let op: &mut F = &mut op;
+                op(&mut *guard).await.map_err(AttemptError::Op)
+            }
+        },
+        tokio::time::sleep,
+    )
+    .await
+}
+
+/// Runs `body` inside a transaction, commits, and retries the whole transaction on transient
+/// failures; never commits twice (see the [module documentation](self)).
+///
+/// `body` **may run more than once**: it must not have side effects outside the database that
+/// cannot be repeated. To run at another isolation level, make
+/// `SET TRANSACTION ISOLATION LEVEL ...` its first statement.
+pub async fn commit_with_retry<P, T, E, F>(
+    pool: &P,
+    policy: &RetryPolicy,
+    body: F,
+) -> Result<T, RetryError<E>>
+where
+    P: RetryablePool,
+    P::Connection: RetryConnection,
+    F: for<'r> AsyncFnMut(&'r mut P::Connection) -> Result<T, E>
+        + for<'r> RetryBody<'r, P::Connection, Result<T, E>>,
+    E: From<DieselError> + Classify + Display,
+{
+    let mode = Mode::Txid {
+        verify: policy.verify_commit(),
+    };
+    match run_transactions(pool, policy, &mode, body).await? {
+        Outcome::Value(value) => Ok(value),
+        Outcome::AlreadyCommitted => unreachable!("only an idempotency key finds this"),
+    }
+}
+
+/// What [`commit_with_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keyed<T> {
+    /// The transaction committed now (possibly after retries); the closure's result.
+    Committed(T),
+    /// A transaction with this key had committed before this call; nothing was run.
+    AlreadyCommitted,
+}
+
+/// Like [`commit_with_retry`], for any backend: inserts `key` into the idempotency table
+/// ([`IDEMPOTENCY_TABLE_SQL`]) in the same transaction, so that a commit cut off by a lost
+/// connection is resolved by looking the key up, and a call repeated with the same key does
+/// nothing.
+///
+/// Resolution inserts the key again on a fresh connection: if the cut-off transaction is
+/// still running, the insert waits on its lock, so the answer is never read too early.
+pub async fn commit_with_key<P, T, E, F>(
+    pool: &P,
+    policy: &RetryPolicy,
+    key: &str,
+    body: F,
+) -> Result<Keyed<T>, RetryError<E>>
+where
+    P: RetryablePool,
+    P::Connection: RetryConnection,
+    F: for<'r> AsyncFnMut(&'r mut P::Connection) -> Result<T, E>
+        + for<'r> RetryBody<'r, P::Connection, Result<T, E>>,
+    E: From<DieselError> + Classify + Display,
+{
+    let mode = Mode::Key(key.to_owned());
+    Ok(match run_transactions(pool, policy, &mode, body).await? {
+        Outcome::Value(value) => Keyed::Committed(value),
+        Outcome::AlreadyCommitted => Keyed::AlreadyCommitted,
+    })
+}
+
+/// How a transaction's commit is made resolvable.
+enum Mode {
+    /// Read `txid_current()` before `COMMIT` (if `verify`), ask `txid_status()` after a cut.
+    Txid { verify: bool },
+    /// Insert the idempotency key in the transaction; look it up after a cut.
+    Key(String),
+}
+
+/// What an attempt's preparation left to do.
+enum Prepared<T> {
+    /// The body ran inside an open transaction: commit it.
+    Commit { value: T, txid: Option<i64> },
+    /// A transaction with this key had committed before; nothing to commit.
+    AlreadyCommitted,
+}
+
+/// What [`run_transactions`] ended with.
+enum Outcome<T> {
+    /// The body's result, committed.
+    Value(T),
+    /// The idempotency key was there already: nothing was run.
+    AlreadyCommitted,
+}
+
+/// `BEGIN`, the key (in key mode), the body, the transaction id (in txid mode); on a failure
+/// before `COMMIT`, rolls back and reports it.
+async fn prepare<C, T, E, F>(
+    conn: &mut C,
+    mode: &Mode,
+    body: &mut F,
+) -> Result<Prepared<T>, AttemptError<E>>
+where
+    C: RetryConnection,
+    F: for<'r> AsyncFnMut(&'r mut C) -> Result<T, E> + for<'r> RetryBody<'r, C, Result<T, E>>,
+    E: From<DieselError>,
+{
+    begin(conn).await.map_err(|e| AttemptError::Op(e.into()))?;
+    if let Mode::Key(key) = mode {
+        match conn.insert_idempotency_key(key).await {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => {
+                let _ = rollback(conn).await;
+                return Ok(Prepared::AlreadyCommitted);
+            }
+            Err(e) => return Err(abandon(conn, e.into()).await),
+        }
+    }
+    let value = match body(conn).await {
+        Ok(value) => value,
+        Err(e) => return Err(abandon(conn, e).await),
+    };
+    let txid = match mode {
+        Mode::Txid { verify: true } => match conn.current_txid().await {
+            Ok(txid) => txid,
+            Err(e) => return Err(abandon(conn, e.into()).await),
+        },
+        _ => None,
+    };
+    Ok(Prepared::Commit { value, txid })
+}
+
+/// After a `COMMIT` cut off by a lost connection: what became of the transaction.
+async fn resolve<P>(
+    pool: &P,
+    policy: &RetryPolicy,
+    mode: &Mode,
+    txid: Option<i64>,
+) -> Result<Resolved, String>
+where
+    P: RetryablePool,
+    P::Connection: RetryConnection,
+{
+    let question = match (mode, txid) {
+        (Mode::Key(key), _) => Question::Key(key.clone()),
+        (Mode::Txid { .. }, Some(txid)) => Question::Txid(txid),
+        (Mode::Txid { verify: false }, None) => return Err("commit verification is off".to_owned()),
+        (Mode::Txid { verify: true }, None) => {
+            return Err("this backend has no transaction ids; use commit_with_key".to_owned())
+        }
+    };
+    poll_until(pool, policy, &question).await
+}
+
+/// The retry loop around one transaction per attempt: [`prepare`] opens the transaction and
+/// runs the body; this commits, and if the connection is lost during `COMMIT`, asks
+/// [`resolve`] what became of the transaction.
+async fn run_transactions<P, T, E, F>(
+    pool: &P,
+    policy: &RetryPolicy,
+    mode: &Mode,
+    body: F,
+) -> Result<Outcome<T>, RetryError<E>>
+where
+    P: RetryablePool,
+    P::Connection: RetryConnection,
+    F: for<'r> AsyncFnMut(&'r mut P::Connection) -> Result<T, E>
+        + for<'r> RetryBody<'r, P::Connection, Result<T, E>>,
+    E: From<DieselError> + Classify + Display,
+{
+    // Attempts run one after another; the lock only lends the closure to each in turn.
+    let body = tokio::sync::Mutex::new(body);
+    let hooks = pool.hooks();
+    let (body, hooks_ref) = (&body, &hooks);
+    run_async(
+        policy,
+        &hooks,
+        |e: &E| e.class(),
+        |_attempt| async move {
+            let mut guard = pool.checkout(None).await.map_err(AttemptError::Pool)?;
+            let prepared = {
+                let mut body = body.lock().await;
+                let body: &mut F = &mut body;
+                prepare(&mut *guard, mode, body).await?
+            };
+            let (value, txid) = match prepared {
+                Prepared::AlreadyCommitted => return Ok(Outcome::AlreadyCommitted),
+                Prepared::Commit { value, txid } => (Outcome::Value(value), txid),
+            };
+            let Err(commit_error) = commit(&mut *guard).await else {
+                return Ok(value);
+            };
+            // Only a lost connection leaves the outcome open; a serialization failure or
+            // deadlock reported by COMMIT itself is a definite rollback.
+            if !classify_diesel(&commit_error).is_disconnect() {
+                return Err(AttemptError::Op(commit_error.into()));
+            }
+            drop(guard);
+            let resolution = resolve(pool, policy, mode, txid).await;
+            finish_ambiguous(hooks_ref, commit_error, txid, resolution, value)
+        },
+        tokio::time::sleep,
+    )
+    .await
+}
+
+fn is_unique_violation(e: &DieselError) -> bool {
+    matches!(
+        e,
+        DieselError::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
+async fn begin<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
+    C::TransactionManager::begin_transaction(conn).await
+}
+
+async fn commit<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
+    C::TransactionManager::commit_transaction(conn).await
+}
+
+async fn rollback<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
+    C::TransactionManager::rollback_transaction(conn).await
+}
+
+/// Rolls back after a failure before `COMMIT`: the transaction did not commit, so `e` is a
+/// plain attempt error. A failed rollback leaves the connection marked broken by
+/// diesel-async's transaction manager, and the pool closes it at checkin.
+async fn abandon<C: AsyncConnection, E>(conn: &mut C, e: E) -> AttemptError<E> {
+    let _ = rollback(conn).await;
+    AttemptError::Op(e)
+}
+
+/// How an ambiguous commit was resolved.
+enum Resolved {
+    Committed,
+    Aborted,
+}
+
+/// Turns a `COMMIT` cut off by a lost connection into the attempt's outcome.
+fn finish_ambiguous<T, E>(
+    hooks: &RetryHooks<'_>,
+    commit_error: DieselError,
+    txid: Option<i64>,
+    resolution: Result<Resolved, String>,
+    value: T,
+) -> Result<T, AttemptError<E>>
+where
+    E: From<DieselError>,
+{
+    match resolution {
+        Ok(Resolved::Committed) => {
+            if let Some(stats) = hooks.stats {
+                stats.record_commit_resolved();
+            }
+            log::warn!(
+                target: pool_core::events::LOG_TARGET,
+                "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
+                hooks.pool
+            );
+            Ok(value)
+        }
+        Ok(Resolved::Aborted) => Err(AttemptError::Op(commit_error.into())),
+        Err(reason) => Err(AttemptError::AmbiguousCommit {
+            error: commit_error.into(),
+            txid,
+            reason,
+        }),
+    }
+}
+
+/// What resolution asks the server.
+enum Question {
+    /// `txid_status()` of the transaction id read before `COMMIT`.
+    Txid(i64),
+    /// Insert the key again in a throwaway transaction: a unique violation means the cut-off
+    /// transaction committed; success means it did not (the probe is rolled back).
+    Key(String),
+}
+
+/// Errors while resolving: a transient database error is asked again, a `Final` one is not.
+enum ProbeError {
+    Db(DieselError),
+    Final(String),
+}
+
+impl From<DieselError> for ProbeError {
+    fn from(e: DieselError) -> Self {
+        ProbeError::Db(e)
+    }
+}
+
+/// Asks once: `Some` answer, `None` for "still in progress".
+async fn ask<C: RetryConnection>(
+    conn: &mut C,
+    question: &Question,
+) -> Result<Option<Resolved>, ProbeError> {
+    match question {
+        Question::Txid(txid) => match conn.txid_status(*txid).await? {
+            TxStatus::Committed => Ok(Some(Resolved::Committed)),
+            TxStatus::Aborted => Ok(Some(Resolved::Aborted)),
+            TxStatus::InProgress => Ok(None),
+            TxStatus::Unknown => Err(ProbeError::Final(format!(
+                "the server no longer knows transaction {txid}"
+            ))),
+        },
+        Question::Key(key) => {
+            begin(conn).await?;
+            let probe = conn.insert_idempotency_key(key).await;
+            let _ = rollback(conn).await;
+            match probe {
+                Ok(()) => Ok(Some(Resolved::Aborted)),
+                Err(e) if is_unique_violation(&e) => Ok(Some(Resolved::Committed)),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Asks fresh connections until an answer or the policy's resolution time is up; every
+/// checkout and every question is bounded by what is left of it.
+async fn poll_until<P>(
+    pool: &P,
+    policy: &RetryPolicy,
+    question: &Question,
+) -> Result<Resolved, String>
+where
+    P: RetryablePool,
+    P::Connection: RetryConnection,
+{
+    let limit = policy.commit_resolution_timeout();
+    let deadline = Instant::now() + limit;
+    let mut wait = Duration::from_millis(20);
+    let mut last;
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match pool.checkout(Some(left)).await {
+            Ok(mut conn) => match tokio::time::timeout(left, ask(&mut *conn, question)).await {
+                Ok(Ok(Some(answer))) => return Ok(answer),
+                Ok(Ok(None)) => last = "the transaction was still in progress".into(),
+                Ok(Err(ProbeError::Final(reason))) => return Err(reason),
+                Ok(Err(ProbeError::Db(e))) if classify_diesel(&e).is_transient() => {
+                    last = pool_core::redact::redact(&e.to_string());
+                }
+                Ok(Err(ProbeError::Db(e))) => {
+                    return Err(format!(
+                        "asking the server failed: {}",
+                        pool_core::redact::redact(&e.to_string())
+                    ))
+                }
+                Err(_) => last = "the server did not answer in time".into(),
+            },
+            Err(e) => last = e.message,
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!("no answer within {limit:?} ({last})"));
+        }
+        tokio::time::sleep(wait.min(deadline - now)).await;
+        wait = (wait * 2).min(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idempotency_table_sql_names_the_table_the_inserts_use() {
+        assert!(IDEMPOTENCY_TABLE_SQL.contains("resilient_diesel_idempotency_keys"));
+        assert!(IDEMPOTENCY_TABLE_SQL.contains("idempotency_key"));
+    }
+}

@@ -1,0 +1,279 @@
+//! `with_retry`, `commit_with_retry` and `commit_with_key` for diesel-async against real
+//! PostgreSQL faults: serialization failures, a connection cut while COMMIT is in flight
+//! (with a naive retry loop as the control, which commits twice), idempotency keys.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use diesel::sql_types::BigInt;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async_ext::retry::{
+    commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy,
+    IDEMPOTENCY_TABLE_SQL,
+};
+use diesel_async_ext::PgPool;
+
+fn patient() -> RetryPolicy {
+    RetryPolicy::builder()
+        .max_attempts(1000)
+        .max_elapsed(Some(Duration::from_secs(60)))
+        .base_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(50))
+        .seed(11)
+        .build()
+        .unwrap()
+}
+
+async fn count(conn: &mut AsyncPgConnection, sql: &str) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>(&format!("({sql})")))
+        .get_result(conn)
+        .await
+        .unwrap()
+}
+
+const LEDGER: &str = "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL); \
+     GRANT ALL ON ledger TO app; GRANT ALL ON SEQUENCE ledger_id_seq TO app";
+
+const COUNTER: &str = "CREATE TABLE counter (id int PRIMARY KEY, v bigint NOT NULL); \
+     INSERT INTO counter VALUES (1, 0); GRANT ALL ON counter TO app";
+
+/// One read-modify-write increment at SERIALIZABLE: concurrent ones conflict with 40001.
+async fn increment(conn: &mut AsyncPgConnection) -> diesel::QueryResult<i64> {
+    diesel::sql_query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .execute(conn)
+        .await?;
+    let v: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+        "(SELECT v FROM counter WHERE id = 1)",
+    ))
+    .get_result(conn)
+    .await?;
+    diesel::sql_query(format!("UPDATE counter SET v = {} WHERE id = 1", v + 1))
+        .execute(conn)
+        .await?;
+    Ok(v + 1)
+}
+
+/// 6 tasks x 30 increments; returns (final value, failed calls).
+async fn counter_run(pool: &PgPool, policy: &RetryPolicy) -> (i64, u32) {
+    let failures = Arc::new(AtomicU32::new(0));
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (pool, policy, failures) = (pool.clone(), policy.clone(), failures.clone());
+            // Spawned: the retry futures are Send.
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    if commit_with_retry(&pool, &policy, async |c| increment(c).await)
+                        .await
+                        .is_err()
+                    {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut conn = pool.get().await.unwrap();
+    (
+        count(&mut conn, "SELECT v FROM counter WHERE id = 1").await,
+        AtomicU32::load(&failures, Ordering::Relaxed),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serializable_counter_with_commit_with_retry_ends_exact_and_without_retries_loses() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, COUNTER).unwrap();
+    let pool = ext_pool(&pg, "retry_counter", 6).build().await.unwrap();
+    let (value, failures) = counter_run(&pool, &patient()).await;
+    let retries = pool.stats().retries;
+    println!("serializable counter 6x30: {value} with commit_with_retry ({retries} retries)");
+    assert_eq!(failures, 0);
+    assert_eq!(value, 180);
+    assert!(retries > 0, "the run must have hit serialization failures");
+    // The control: the same run without retries loses increments.
+    PgServer::execute(&pg, "UPDATE counter SET v = 0").unwrap();
+    let (value, failures) = counter_run(&pool, &RetryPolicy::no_retry()).await;
+    println!("without retries: {value} ({failures} calls failed)");
+    assert!(failures > 0, "6 tasks on one row must conflict");
+    assert_eq!(value, 180 - i64::from(failures));
+    assert_no_secret_in_logs();
+}
+
+#[tokio::test]
+async fn a_connection_cut_while_commit_is_in_flight_commits_exactly_once() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, LEDGER).unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .application_name("retry_commit_cut")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    proxy.sever_after_forwarding(b"COMMIT", Duration::from_millis(100));
+    let (p, r) = (pool.clone(), runs.clone());
+    let id: i64 = tokio::spawn(async move {
+        commit_with_retry(&p, &patient(), async |conn| {
+            r.fetch_add(1, Ordering::Relaxed);
+            diesel::sql_query("INSERT INTO ledger (note) VALUES ('once')")
+                .execute(conn)
+                .await?;
+            diesel::select(diesel::dsl::sql::<BigInt>("currval('ledger_id_seq')"))
+                .get_result::<i64>(conn)
+                .await
+        })
+        .await
+    })
+    .await
+    .unwrap()
+    .expect("resolved as committed");
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert_eq!(
+        AtomicU32::load(&runs, Ordering::Relaxed),
+        1,
+        "never rerun after a commit"
+    );
+    let mut conn = pool.get().await.unwrap();
+    let rows = count(&mut conn, "SELECT count(*) FROM ledger WHERE note = 'once'").await;
+    println!("COMMIT cut: commit_with_retry wrote {rows} row(s), body ran once");
+    assert_eq!(rows, 1);
+    assert_eq!(
+        count(&mut conn, "SELECT id FROM ledger WHERE note = 'once'").await,
+        id,
+        "the call returns the committed transaction's result"
+    );
+    assert_eq!(pool.stats().commits_resolved, 1);
+}
+
+#[tokio::test]
+async fn control_a_naive_retry_loop_writes_twice_when_commit_is_cut() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, LEDGER).unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = control_verified(&url).await;
+    proxy.sever_after_forwarding(b"COMMIT", Duration::from_millis(100));
+    // The field reports' loop: any error, sleep, try again, three times.
+    for _ in 0..3 {
+        let mut conn = pool.get().await.unwrap();
+        let done: Result<usize, diesel::result::Error> = conn
+            .transaction(async |c| {
+                diesel::sql_query("INSERT INTO ledger (note) VALUES ('naive')")
+                    .execute(c)
+                    .await
+            })
+            .await;
+        if done.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = pool.get().await.unwrap();
+    let rows = count(
+        &mut conn,
+        "SELECT count(*) FROM ledger WHERE note = 'naive'",
+    )
+    .await;
+    println!("COMMIT cut: the naive loop wrote {rows} rows");
+    assert_eq!(rows, 2, "the naive loop duplicates the committed row");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, LEDGER).unwrap();
+    PgServer::execute(
+        &pg,
+        &format!("{IDEMPOTENCY_TABLE_SQL}; GRANT ALL ON resilient_diesel_idempotency_keys TO app"),
+    )
+    .unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .application_name("retry_key")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let policy = RetryPolicy::builder().verify_commit(false).build().unwrap();
+    let runs = AtomicU32::new(0);
+    let insert = async |conn: &mut AsyncPgConnection| {
+        runs.fetch_add(1, Ordering::Relaxed);
+        diesel::sql_query("INSERT INTO ledger (note) VALUES ('keyed')")
+            .execute(conn)
+            .await
+    };
+    proxy.sever_after_forwarding(b"COMMIT", Duration::from_millis(100));
+    let first = commit_with_key(&pool, &policy, "order-42", insert)
+        .await
+        .unwrap();
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert_eq!(first, Keyed::Committed(1));
+    let again = commit_with_key(&pool, &policy, "order-42", insert)
+        .await
+        .unwrap();
+    assert_eq!(again, Keyed::AlreadyCommitted);
+    assert_eq!(AtomicU32::load(&runs, Ordering::Relaxed), 1);
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM ledger WHERE note = 'keyed'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_unique_violation_is_tried_once_and_a_lost_connection_is_retried() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, LEDGER).unwrap();
+    PgServer::execute(&pg, "INSERT INTO ledger (id, note) VALUES (1, 'taken')").unwrap();
+    let app = "retry_classes";
+    let pool = ext_pool(&pg, app, 2).build().await.unwrap();
+    let runs = AtomicU32::new(0);
+    let err = commit_with_retry(&pool, &patient(), async |c| {
+        runs.fetch_add(1, Ordering::Relaxed);
+        diesel::sql_query("INSERT INTO ledger (id, note) VALUES (1, 'again')")
+            .execute(c)
+            .await
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, RetryError::Permanent(_)), "{err}");
+    assert_eq!(AtomicU32::load(&runs, Ordering::Relaxed), 1);
+    // with_retry rides over backends terminated under the pool, on a plain bb8 pool too.
+    let control =
+        control_verified(&pg.url_with("sslmode=disable&application_name=retry_bb8")).await;
+    control.warm(3).await;
+    pool.warm(2).await;
+    terminate_all(&pg, app).await;
+    terminate_all(&pg, "retry_bb8").await;
+    for _ in 0..5 {
+        with_retry(&pool, &patient(), async |c| one(c).await.map_err(to_diesel))
+            .await
+            .unwrap();
+        with_retry(&control, &patient(), async |c| {
+            one(c).await.map_err(to_diesel)
+        })
+        .await
+        .unwrap();
+    }
+}
+
+fn to_diesel(message: String) -> diesel::result::Error {
+    diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::UnableToSendCommand,
+        Box::new(message),
+    )
+}

@@ -1,0 +1,249 @@
+//! SQLite through diesel-async's `SyncConnectionWrapper<SqliteConnection>`: the pool, its
+//! SQLite settings (and nothing meant for a server), `from_env`, retries with an idempotency
+//! key, and cancellation (multi-threaded runtime: the wrapper blocks in `Drop` until a
+//! cancelled call ends).
+#![cfg(feature = "sqlite")]
+
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Integer, Text};
+use diesel::QueryableByName;
+use diesel_async::RunQueryDsl;
+use diesel_async_ext::retry::{
+    commit_with_key, commit_with_retry, ensure_idempotency_table, Keyed, RetryPolicy,
+};
+use diesel_async_ext::SqlitePool;
+
+#[derive(QueryableByName)]
+struct Mode {
+    #[diesel(sql_type = Text)]
+    journal_mode: String,
+}
+
+#[derive(QueryableByName)]
+struct Fk {
+    #[diesel(sql_type = Integer)]
+    foreign_keys: i32,
+}
+
+#[derive(QueryableByName)]
+struct Busy {
+    #[diesel(sql_type = Integer)]
+    timeout: i32,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn db(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}", dir.path().join("app.db").display())
+}
+
+async fn count(pool: &SqlitePool, sql: &str) -> i64 {
+    let mut conn = pool.get().await.unwrap();
+    diesel::sql_query(sql)
+        .get_result::<Count>(&mut conn)
+        .await
+        .unwrap()
+        .n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_connections_get_their_settings_and_nothing_meant_for_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = SqlitePool::builder(&db(&dir))
+        .pool_size(2)
+        .max_overflow(0)
+        .sqlite_busy_timeout(Duration::from_millis(1500))
+        // PostgreSQL settings: accepted, never sent to SQLite.
+        .application_name("ignored")
+        .keepalives_idle(Duration::from_secs(5))
+        .tcp_user_timeout(Some(Duration::from_secs(1)))
+        .build()
+        .await
+        .unwrap();
+    let mut conn = pool.get().await.unwrap();
+    let mode: Mode = diesel::sql_query("PRAGMA journal_mode")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    let fk: Fk = diesel::sql_query("PRAGMA foreign_keys")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    let busy: Busy = diesel::sql_query("PRAGMA busy_timeout")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode.journal_mode, "wal");
+    assert_eq!(fk.foreign_keys, 1);
+    assert_eq!(busy.timeout, 1500);
+    diesel::sql_query("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    diesel::sql_query("CREATE TABLE child (parent INTEGER REFERENCES parent(id))")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let orphan = diesel::sql_query("INSERT INTO child VALUES (42)")
+        .execute(&mut conn)
+        .await;
+    assert!(orphan.is_err(), "foreign keys are enforced");
+    drop(conn);
+    let stats = pool.stats();
+    assert_eq!(stats.connects, 2, "{stats:?}");
+    assert!(stats.probe_available);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_env_reads_the_same_variables_and_retries_write_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // This test binary's only reader of these variables.
+    std::env::set_var("DATABASE_URL", db(&dir));
+    std::env::set_var("DB_POOL_SIZE", "3");
+    std::env::set_var("DB_MAX_OVERFLOW", "1");
+    let pool = SqlitePool::from_env().await.unwrap();
+    std::env::remove_var("DATABASE_URL");
+    assert_eq!(pool.config().pool_size, 3);
+    assert_eq!(pool.config().max_size(), 4);
+    {
+        let mut conn = pool.get().await.unwrap();
+        ensure_idempotency_table(&mut *conn).await.unwrap();
+        diesel::sql_query("CREATE TABLE events (id TEXT PRIMARY KEY)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let policy = RetryPolicy::builder()
+        .base_delay(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    // 4 tasks x 10 writes, each in commit_with_retry (busy_timeout makes writers wait).
+    let tasks: Vec<_> = (0..4)
+        .map(|w| {
+            let (pool, policy) = (pool.clone(), policy.clone());
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    let id = format!("{w}-{i}");
+                    commit_with_retry(&pool, &policy, async |c| {
+                        diesel::sql_query("INSERT INTO events (id) VALUES (?)")
+                            .bind::<Text, _>(&id)
+                            .execute(c)
+                            .await
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(count(&pool, "SELECT count(*) AS n FROM events").await, 40);
+    let insert = async |c: &mut _| {
+        diesel::sql_query("INSERT INTO events (id) VALUES ('keyed')")
+            .execute(c)
+            .await
+    };
+    let first = commit_with_key(&pool, &policy, "job-7", insert)
+        .await
+        .unwrap();
+    let again = commit_with_key(&pool, &policy, "job-7", insert)
+        .await
+        .unwrap();
+    assert_eq!(first, Keyed::Committed(1));
+    assert_eq!(again, Keyed::AlreadyCommitted);
+    assert_eq!(count(&pool, "SELECT count(*) AS n FROM events").await, 41);
+}
+
+/// Polls `inner` at most `polls` times, then drops it (a cancelled request): walks through
+/// every await point of a request, one per value of `polls`.
+struct CancelAfter<F> {
+    inner: std::pin::Pin<Box<F>>,
+    polls: u32,
+}
+
+impl<F: std::future::Future> std::future::Future for CancelAfter<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.polls == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.polls -= 1;
+        self.inner.as_mut().poll(cx).map(Some)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_sqlite_transaction_never_stays_in_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = SqlitePool::builder(&db(&dir))
+        .pool_size(2)
+        .max_overflow(0)
+        .sqlite_busy_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    diesel::sql_query("CREATE TABLE t (x INTEGER)")
+        .execute(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    let policy = RetryPolicy::no_retry();
+    let (mut completed, mut cancelled) = (0, 0);
+    for polls in 0..200u32 {
+        let request = commit_with_retry(&pool, &policy, async |c| {
+            diesel::sql_query("INSERT INTO t VALUES (1)")
+                .execute(c)
+                .await?;
+            diesel::sql_query("INSERT INTO t VALUES (2)")
+                .execute(c)
+                .await
+        });
+        let done = CancelAfter {
+            inner: Box::pin(request),
+            polls,
+        }
+        .await;
+        match done {
+            Some(result) => {
+                result.unwrap();
+                completed += 1;
+            }
+            None => cancelled += 1,
+        }
+        // Both pooled connections can write at once after every cancellation point: none is
+        // left holding a transaction (its write lock would make the other wait, then fail).
+        let mut a = pool.get().await.unwrap();
+        let mut b = pool.get().await.unwrap();
+        for conn in [&mut a, &mut b] {
+            diesel::sql_query("INSERT INTO t VALUES (3)")
+                .execute(conn)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("after {polls} polls: a connection was left in a transaction: {e}")
+                });
+        }
+        if completed >= 3 {
+            break;
+        }
+    }
+    let closed = pool.stats().closed;
+    println!(
+        "sqlite cancellation loop: {cancelled} requests dropped after 0..{cancelled} polls, \
+         {completed} completed; closed {closed:?}"
+    );
+    assert!(completed >= 3, "the loop must reach completion");
+    assert!(
+        closed.broken >= 1,
+        "requests dropped inside their transaction were closed"
+    );
+}
