@@ -186,7 +186,7 @@ mod sqlite_backend {
             // new file to WAL takes an exclusive lock, and two connections opened at once can
             // find each other holding it (SQLite reports that at once, without waiting for
             // busy_timeout): try again a few times.
-            let pragmas = crate::sqlite::pragmas(&config.sqlite);
+            let pragmas = diesel_ext_common::sqlite::pragmas(&config.sqlite);
             let mut tries = 0;
             loop {
                 match conn.batch_execute(&pragmas).await {

@@ -1,7 +1,7 @@
 //! Pools of different kinds of work sharing one connection budget, for diesel-async.
 //!
 //! [`ClassPools`] builds one [`ExtPool`] per class of work; each pool's connections take
-//! permits from one [`Budget`], so:
+//! permits from one [`Budget`](pool_core::budget::Budget), so:
 //!
 //! * physical connections opened through the pools never exceed the budget's total;
 //! * a class with a **reserved** floor always gets those connections, at once, however busy
@@ -9,7 +9,7 @@
 //! * a class may **borrow** headroom nobody reserved, up to its cap, and gives it back when
 //!   another class needs it: idle borrowed connections are closed by the borrowing pool's
 //!   maintenance task, woken by the budget the moment a waiter blocks
-//!   ([`Budget::pressure_async`]); busy ones are closed when they are returned;
+//!   ([`Budget::pressure_async`](pool_core::budget::Budget::pressure_async)); busy ones are closed when they are returned;
 //! * each class is an ordinary `ExtPool` (`pools.class("automation")?.get().await` yields
 //!   bb8's own `PooledConnection`), with its own stats, in one status report with the budget.
 //!
@@ -37,102 +37,51 @@
 //! not supported with a budget: the permit lives there; use
 //! `diesel::connection::set_default_instrumentation`, which the pool forwards to.
 
-use std::time::Duration;
+use std::ops::Deref;
 
-use pool_core::budget::{Budget, BudgetSnapshot};
-use pool_core::status::StatusReport;
+pub use pool_core::classes::{Class, UnknownClass};
+use pool_core::classes::{ClassPool, ClassSpecs, Classes};
+use pool_core::stats::StatsSnapshot;
 
 use crate::backend::ExtConnection;
 use crate::pool::{BuildError, Builder, ExtPool};
-
-/// One class's share: its reserved floor and its pool sizes.
-///
-/// The class may hold `pool_size + max_overflow` connections at once. Defaults: `reserved`
-/// 0; `pool_size` = `reserved`; `max_overflow` = whatever the other classes do not reserve,
-/// so a class declared with only a floor may borrow everything unreserved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Class {
-    reserved: u32,
-    pool_size: Option<u32>,
-    max_overflow: Option<u32>,
-    pool_timeout: Option<Duration>,
-}
-
-impl Class {
-    /// A class with no floor and the default sizes.
-    pub fn new() -> Class {
-        Class::default()
-    }
-
-    /// Connections only this class can take, always available to it. Default: 0.
-    pub fn reserved(mut self, n: u32) -> Class {
-        self.reserved = n;
-        self
-    }
-
-    /// Connections the class normally holds. Default: `reserved`.
-    pub fn pool_size(mut self, n: u32) -> Class {
-        self.pool_size = Some(n);
-        self
-    }
-
-    /// Extra connections under load. Default: all the budget the other classes do not
-    /// reserve, minus `pool_size`.
-    pub fn max_overflow(mut self, n: u32) -> Class {
-        self.max_overflow = Some(n);
-        self
-    }
-
-    /// How long a checkout of this class waits (for a connection and for the budget).
-    /// Default: the shared builder's `pool_timeout`.
-    pub fn pool_timeout(mut self, d: Duration) -> Class {
-        self.pool_timeout = Some(d);
-        self
-    }
-}
-
-/// A class name that is not in the budget.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no pool class named {name:?} (classes: {known})")]
-pub struct UnknownClass {
-    /// The name asked for.
-    pub name: String,
-    /// The classes there are, comma separated.
-    pub known: String,
-}
 
 /// Builder of [`ClassPools`].
 #[must_use = "a builder does nothing until .build() is called"]
 pub struct ClassPoolsBuilder<C> {
     base: Builder<C>,
-    total: u32,
-    classes: Vec<(String, Class)>,
+    specs: ClassSpecs,
 }
 
 /// One pool per class of work, sharing a connection budget. See the [module documentation](self).
-pub struct ClassPools<C: ExtConnection> {
-    budget: Budget,
-    pools: Vec<(String, ExtPool<C>)>,
+///
+/// Dereferences to [`Classes`]: `class(name)`, `classes()`, `budget()`, `budget_snapshot()`
+/// and `status()` are its.
+pub struct ClassPools<C: ExtConnection>(Classes<ExtPool<C>>);
+
+impl<C: ExtConnection> std::fmt::Debug for ClassPools<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 impl<C: ExtConnection> Clone for ClassPools<C> {
     fn clone(&self) -> Self {
-        ClassPools {
-            budget: self.budget.clone(),
-            pools: self.pools.clone(),
-        }
+        ClassPools(self.0.clone())
     }
 }
 
-impl<C: ExtConnection> std::fmt::Debug for ClassPools<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClassPools")
-            .field("budget", &self.budget)
-            .field(
-                "classes",
-                &self.pools.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-            )
-            .finish()
+impl<C: ExtConnection> Deref for ClassPools<C> {
+    type Target = Classes<ExtPool<C>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<C: ExtConnection> ClassPool for ExtPool<C> {
+    fn stats(&self) -> StatsSnapshot {
+        ExtPool::stats(self)
     }
 }
 
@@ -141,51 +90,8 @@ impl<C: ExtConnection> ClassPools<C> {
     pub fn builder(url: &str, total: u32) -> ClassPoolsBuilder<C> {
         ClassPoolsBuilder {
             base: ExtPool::builder(url),
-            total,
-            classes: Vec::new(),
+            specs: ClassSpecs::new(total),
         }
-    }
-
-    /// The pool of class `name`.
-    ///
-    /// # Errors
-    /// [`UnknownClass`] listing the classes there are.
-    pub fn class(&self, name: &str) -> Result<&ExtPool<C>, UnknownClass> {
-        self.pools
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| p)
-            .ok_or_else(|| UnknownClass {
-                name: name.to_owned(),
-                known: self
-                    .pools
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-    }
-
-    /// Every class and its pool, in declaration order.
-    pub fn classes(&self) -> impl Iterator<Item = (&str, &ExtPool<C>)> {
-        self.pools.iter().map(|(n, p)| (n.as_str(), p))
-    }
-
-    /// The shared budget.
-    pub fn budget(&self) -> &Budget {
-        &self.budget
-    }
-
-    /// The budget's state now.
-    pub fn budget_snapshot(&self) -> BudgetSnapshot {
-        self.budget.snapshot()
-    }
-
-    /// Every class's stats and the budget, as one report (text through `Display`, JSON
-    /// through `to_json`).
-    pub fn status(&self) -> StatusReport {
-        StatusReport::new(self.pools.iter().map(|(_, p)| p.stats()).collect())
-            .with_budget_snapshot(self.budget.snapshot())
     }
 }
 
@@ -201,24 +107,26 @@ impl ClassPools<diesel_async::AsyncPgConnection> {
     pub async fn check_server_capacity(
         &self,
     ) -> Result<crate::capacity::ServerCapacity, crate::capacity::CapacityError> {
-        let (_, pool) = &self.pools[0];
         let ours: Vec<String> = self
-            .pools
-            .iter()
+            .classes()
             .filter_map(|(_, p)| p.config().connect.application_name.clone())
             .collect();
+        let mut pools = self.classes().map(|(_, p)| p);
+        let pool = pools.next().ok_or_else(|| {
+            crate::capacity::CapacityError::Pool("the budget has no class".to_owned())
+        })?;
         let mut conn = pool
             .get()
             .await
             .map_err(|e| crate::capacity::CapacityError::Pool(e.to_string()))?;
-        Ok(crate::capacity::check_server_capacity(&mut conn, self.budget.total(), &ours).await?)
+        Ok(crate::capacity::check_server_capacity(&mut conn, self.budget().total(), &ours).await?)
     }
 }
 
 impl<C: ExtConnection> ClassPoolsBuilder<C> {
     /// Declares a class of work.
     pub fn class(mut self, name: impl Into<String>, class: Class) -> Self {
-        self.classes.push((name.into(), class));
+        self.specs.push(name, class);
         self
     }
 
@@ -235,40 +143,17 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
     /// [`BuildError::Budget`] for an impossible budget (reserved above the total, a cap above
     /// the total, zero sizes), else as [`Builder::build`].
     pub async fn build(self) -> Result<ClassPools<C>, BuildError> {
-        let reserved_total: u32 = self.classes.iter().map(|(_, c)| c.reserved).sum();
-        let mut sizes = Vec::with_capacity(self.classes.len());
-        let mut budget = Budget::builder(self.total);
-        for (name, class) in &self.classes {
-            let others = reserved_total.saturating_sub(class.reserved);
-            let pool_size = class.pool_size.unwrap_or(class.reserved);
-            let max_overflow = class
-                .max_overflow
-                .unwrap_or_else(|| self.total.saturating_sub(others).saturating_sub(pool_size));
-            let max = pool_size.saturating_add(max_overflow);
-            budget = budget.class(name.clone(), class.reserved, max);
-            sizes.push((pool_size, max_overflow));
+        let (budget, plans) = self.specs.plan()?;
+        let (base, listener) = self.base.into_parts();
+        let mut pools = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let config = plan.configure(base.clone()).build()?;
+            let class = Some((budget.clone(), plan.class_id));
+            pools.push((
+                plan.name,
+                crate::pool::build(config, listener.clone(), class).await?,
+            ));
         }
-        let budget = budget.build()?;
-        let (base_config, listener) = self.base.into_parts();
-        let mut pools = Vec::with_capacity(self.classes.len());
-        for ((name, class), (pool_size, max_overflow)) in self.classes.iter().zip(sizes) {
-            let mut config = base_config
-                .clone()
-                .name(name.clone())
-                .pool_size(pool_size)
-                .max_overflow(max_overflow);
-            if let Some(timeout) = class.pool_timeout {
-                config = config.pool_timeout(timeout);
-            }
-            let class_id = budget.class_id(name).expect("declared above");
-            let pool = crate::pool::build(
-                config.build()?,
-                listener.clone(),
-                Some((budget.clone(), class_id)),
-            )
-            .await?;
-            pools.push((name.clone(), pool));
-        }
-        Ok(ClassPools { budget, pools })
+        Ok(ClassPools(Classes::new(budget, pools)))
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! So every connect first **claims** a unit of demand: a checkout through
 //! [`ExtPool::get`](crate::ExtPool::get) (or the maintenance warming the pool) that waits and
-//! has no connect working for it yet. A connect queues at the budget only while some checkout
+//! has no connect working for it yet, and at most [`MAX_CONNECTS_IN_FLIGHT`] connects open
+//! connections at once. A connect queues at the budget only while some checkout
 //! still waits; when the last one leaves, it leaves the budget's queue and waits (outside it)
 //! for the next checkout, or for the pool to close. Connections the maintenance holds for a
 //! moment (a keepalive ping) count against the demand: a checkout that would get one of them
@@ -22,6 +23,13 @@ use std::pin::pin;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+/// The most connections one pool opens at once: as many as r2d2's connect threads give the
+/// sync pool (HikariCP opens one at a time). Under a spike, waiters are mostly served by
+/// returned connections long before a new one is open; without a cap, bb8 would open one for
+/// each of them (45 of 45 unused in the benchmark's spike test). A reconnect storm of `n`
+/// takes about `n / 3` connect times.
+pub(crate) const MAX_CONNECTS_IN_FLIGHT: u32 = 3;
 
 /// Checkouts waiting in one pool, and the connects working for them.
 #[derive(Debug, Default)]
@@ -74,12 +82,15 @@ impl Claim<'_> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        {
+        let capped = {
             let mut st = self.demand.st.lock();
+            let capped = st.claims >= MAX_CONNECTS_IN_FLIGHT;
             st.claims = st.claims.saturating_sub(1);
-        }
-        if !self.opened {
-            // Failed: the checkout still needs a connect.
+            capped
+        };
+        // Failed: the checkout still needs a connect. Or the cap held other connects back:
+        // the next may go.
+        if !self.opened || capped {
             self.demand.changed.notify_waiters();
         }
     }
@@ -163,10 +174,11 @@ impl Demand {
         }
     }
 
-    /// Waits for a checkout that has no connect working for it, and claims it.
+    /// Waits for a checkout that has no connect working for it, and claims it; at most
+    /// [`MAX_CONNECTS_IN_FLIGHT`] claims at once.
     pub(crate) async fn claim(&self) -> Result<Claim<'_>, Closed> {
         self.wait_until(|st| {
-            let free = st.claims + st.held < st.waiting;
+            let free = st.claims + st.held < st.waiting && st.claims < MAX_CONNECTS_IN_FLIGHT;
             if free {
                 st.claims += 1;
             }
@@ -216,6 +228,27 @@ mod tests {
         drop(claim); // the connect failed: another may try
         assert!(matches!(poll(second.as_mut()), Poll::Ready(Ok(_))));
         drop(w);
+    }
+
+    #[test]
+    fn at_most_three_connects_open_at_once_however_many_checkouts_wait() {
+        let d = Demand::default();
+        let _waiting: Vec<_> = (0..50).map(|_| d.want()).collect();
+        let mut claims = Vec::new();
+        for _ in 0..MAX_CONNECTS_IN_FLIGHT {
+            let mut claim = Box::pin(d.claim());
+            let Poll::Ready(Ok(claim)) = poll(claim.as_mut()) else {
+                panic!("a waiting checkout is demand")
+            };
+            claims.push(claim);
+        }
+        let mut fourth = pin!(d.claim());
+        assert!(
+            poll(fourth.as_mut()).is_pending(),
+            "a spike opens 3 at a time"
+        );
+        claims.pop().unwrap().opened();
+        assert!(matches!(poll(fourth.as_mut()), Poll::Ready(Ok(_))));
     }
 
     #[test]

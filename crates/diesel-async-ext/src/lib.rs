@@ -43,11 +43,12 @@
 //!    disconnect), **bounded** by `validation_timeout` with `tokio::time::timeout`, so a hung
 //!    server or a stalled proxy cannot hold a checkout. A checkout dropped in the middle of
 //!    its ping never puts the connection back.
-//! 3. **Broken connections never go back**: a query that failed with a connection-class
-//!    error (diesel-async's `UnableToSendCommand` I/O failures and the server's FATALs,
-//!    classified by [`classify`]) marks its connection broken and the pool's older
-//!    connections suspect; a connection returned inside a transaction, with its transaction
-//!    manager broken by a cancelled `BEGIN`/`COMMIT`, or during a panic, is closed.
+//! 3. **Broken connections never go back**: a connection whose client closed (the server or
+//!    the network ended it), returned inside a transaction, with its transaction manager
+//!    broken by a cancelled `BEGIN`/`COMMIT`, or during a panic, is closed at checkin; a query
+//!    that failed with a connection-class error (diesel-async's `UnableToSendCommand` I/O
+//!    failures and the server's FATALs, classified by [`classify`]) also makes the pool's
+//!    older connections suspect.
 //! 4. Errors name their cause: bb8 only ever says "timed out"; [`ExtPool::get`] returns
 //!    [`ExtError::Timeout`] with the last connect failure (refused, authentication, TLS,
 //!    connect timeout), the budget's state, or a failed validation. No password, ever.
@@ -84,8 +85,6 @@ mod manager;
 pub mod pg;
 mod pool;
 pub mod retry;
-#[cfg(feature = "sqlite")]
-mod sqlite;
 #[cfg(feature = "postgres")]
 pub mod tls;
 mod tracker;

@@ -28,7 +28,7 @@ use pool_core::lifecycle::{CloseReason, ProbeResult};
 
 use crate::backend::ExtConnection;
 use crate::demand::{Claim, Demand};
-use crate::tracker::{tracker_of, Tracker};
+use crate::tracker::{tracker, tracker_of};
 
 /// What made opening a connection fail, as far as a caller can act on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,7 +274,7 @@ impl<C: ExtConnection> ExtManager<C> {
         let started = Instant::now();
         let (permit, mut conn) = self.open_with_permit(claimed).await?;
         let state = ConnState::opened(&self.pool, started.elapsed(), permit);
-        conn.set_instrumentation(Tracker::new(state, C::classify));
+        conn.set_instrumentation(tracker(state, C::classify));
         Ok(conn)
     }
 
@@ -318,7 +318,7 @@ impl<C: ExtConnection> ExtManager<C> {
             return Ok(permit);
         }
         let pool = || self.pool.name().to_owned();
-        let wait = self.config().pool_timeout.mul_f64(0.8);
+        let wait = self.pool.connect_permit_wait();
         loop {
             if claimed {
                 self.demand
@@ -340,15 +340,9 @@ impl<C: ExtConnection> ExtManager<C> {
                 // Nobody waits any more: leave the budget's queue (dropping the future does).
                 () = gone => continue,
                 () = tokio::time::sleep(wait) => {
-                    budget.record_timeout(class);
                     return Err(ExtError::Budget {
                         pool: pool(),
-                        message: format!(
-                            "budget: class {:?} waited {:?} for a connection permit and got none; {}",
-                            budget.class_name(class),
-                            started.elapsed(),
-                            budget.snapshot()
-                        ),
+                        message: budget.timed_out(class, started.elapsed()).to_string(),
                     });
                 }
             }
@@ -386,7 +380,7 @@ impl<C: ExtConnection> ExtManager<C> {
     /// returned while it is under way (its future dropped) is closed at checkin.
     pub(crate) fn set_busy(conn: &mut C, busy: bool) {
         if let Some(t) = tracker_of(conn) {
-            t.busy = busy;
+            t.extra = busy;
         }
     }
 }
@@ -410,7 +404,7 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
         if tracker_of(conn).is_none() {
             // The application replaced the connection's instrumentation: we know nothing of
             // it any more, so treat it as unvalidated.
-            conn.set_instrumentation(Tracker::new(ConnState::adopted(&self.pool), C::classify));
+            conn.set_instrumentation(tracker(ConnState::adopted(&self.pool), C::classify));
         }
         // The probe is a look at the client's state: cheap, taken before the state is borrowed.
         let probe: ProbeResult = conn.probe();
@@ -459,7 +453,7 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
             let Some(t) = tracker_of(conn) else {
                 return dirty;
             };
-            let busy = std::mem::take(&mut t.busy);
+            let busy = std::mem::take(&mut t.extra);
             if t.state.close_reason().is_some() && !t.state.is_checked_out() {
                 // Retired on checkout or by the maintenance: close it, counted once.
                 return true;

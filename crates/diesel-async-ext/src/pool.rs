@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bb8::PooledConnection;
 use pool_core::budget::{Budget, ClassId};
 use pool_core::config::{PoolConfig, PoolConfigBuilder};
-use pool_core::engine::PoolState;
+use pool_core::engine::{Maintenance, PoolState};
 use pool_core::error::ConfigError;
 use pool_core::events::{EventListener, LogListener};
 use pool_core::lifecycle::CloseReason;
@@ -208,7 +208,7 @@ impl<C: ExtConnection> ExtPool<C> {
                     // No await between bb8 handing the connection over and this: a dropped
                     // future cannot leave it out of the engine's count.
                     if let Some(t) = tracker_of(&mut *conn) {
-                        t.state.handed_out(started.elapsed(), Some(gate));
+                        t.state.handed_out(started, Some(gate));
                     }
                     return Ok(conn);
                 }
@@ -252,11 +252,10 @@ impl<C: ExtConnection> ExtPool<C> {
 
     /// Counters and gauges of this pool.
     pub fn stats(&self) -> StatsSnapshot {
-        let state = self.parts.inner.state();
-        self.parts.state.snapshot(
-            state.connections.saturating_sub(state.idle_connections),
-            state.idle_connections,
-        )
+        let counts = self.parts.inner.state();
+        self.parts
+            .state
+            .snapshot_counts(counts.connections, counts.idle_connections)
     }
 
     /// A status report (human-readable through `Display`, JSON through `to_json`).
@@ -421,70 +420,10 @@ pub struct Builder<C> {
     _conn: std::marker::PhantomData<fn() -> C>,
 }
 
-macro_rules! forward {
-    ($($(#[$doc:meta])* $name:ident($ty:ty);)*) => {$(
-        $(#[$doc])*
-        pub fn $name(mut self, value: $ty) -> Self {
-            self.config = self.config.$name(value);
-            self
-        }
-    )*};
-}
-
 impl<C: ExtConnection> Builder<C> {
-    forward! {
-        /// Connections kept open. Default: 10.
-        pool_size(u32);
-        /// Extra connections opened under load and closed when returned; the pool's maximum
-        /// is `pool_size + max_overflow`. Default: 10.
-        max_overflow(u32);
-        /// How long `get()` waits for a connection. Default: 30 s.
-        pool_timeout(Duration);
-        /// Retire connections after this long (`pool_recycle`); `None` keeps them. Default: 30 min.
-        max_lifetime(Option<Duration>);
-        /// Spread of lifetimes, a fraction in `[0, 1)`. Default: 0.1.
-        lifetime_jitter(f64);
-        /// Close connections idle this long; `None` never does. Default: 10 min.
-        idle_timeout(Option<Duration>);
-        /// Validate connections on checkout (`pool_pre_ping`). Default: true.
-        validate_on_checkout(bool);
-        /// Connections used more recently than this skip the validation ping (the liveness
-        /// probe still runs). Default: 500 ms.
-        validation_bypass_window(Duration);
-        /// Longest a validation ping may take, even against a hung server. Default: 5 s.
-        validation_timeout(Duration);
-        /// Ping idle connections this often; `None` disables it. Default: `None`.
-        keepalive_ping(Option<Duration>);
-        /// Report connections held longer than this; `None` disables it. Default: `None`.
-        leak_detection_threshold(Option<Duration>);
-        /// Bound on each connection attempt as a whole (TCP, TLS, startup, authentication,
-        /// session setup), as libpq's `connect_timeout`; `None` waits for the OS. Default: 10 s.
-        connect_timeout(Option<Duration>);
-        /// TCP keepalives on or off. Default: on.
-        keepalives(bool);
-        /// Idle time before the first keepalive probe. Default: 30 s.
-        keepalives_idle(Duration);
-        /// Time between keepalive probes. Default: 10 s.
-        keepalives_interval(Duration);
-        /// Unanswered probes before the connection is dead. Default: 3.
-        keepalives_count(u32);
-        /// Give up on unacknowledged data after this long (`tcp_user_timeout`). Default: 30 s.
-        tcp_user_timeout(Option<Duration>);
-        /// TLS mode (`sslmode`, with libpq's meanings). Default: the URL's, else `prefer`.
-        ssl_mode(pool_core::config::SslMode);
-        /// Root certificate for `verify-ca` / `verify-full`. Default: none.
-        ssl_root_cert(std::path::PathBuf);
-        /// `application_name` shown in `pg_stat_activity`. Default: none.
-        application_name(&str);
-        /// SQLite `busy_timeout`. Default: 5 s.
-        sqlite_busy_timeout(Duration);
-        /// SQLite WAL journaling. Default: on.
-        sqlite_wal(bool);
-        /// SQLite foreign key enforcement. Default: on.
-        sqlite_foreign_keys(bool);
-        /// Name of the pool in stats, events and errors. Default: "default".
-        name(&str);
-    }
+    // One setter per row of pool-core's settings table (same names, docs and defaults as
+    // `PoolConfigBuilder`'s, and as the sync pool's builder).
+    pool_core::with_settings!(pool_core::forward_settings);
 
     /// Sends pool events to `listener` instead of the `log` facade.
     pub fn event_listener(mut self, listener: impl EventListener) -> Self {
@@ -556,10 +495,7 @@ pub(crate) async fn build<C: ExtConnection>(
         }),
     };
     // Opening the first connections here reports a wrong URL, password or host at once.
-    let warm = match state.budget() {
-        Some(_) => state.floor(),
-        None => cfg.pool_size,
-    };
+    let warm = state.initial_size();
     if warm > 0 {
         pool.parts
             .hold(warm, cfg.pool_timeout)
@@ -575,42 +511,17 @@ pub(crate) async fn build<C: ExtConnection>(
     Ok(pool)
 }
 
-/// How often the maintenance walks the idle connections: often enough for the keepalive
-/// interval, the idle timeout and lifetimes, never more than every 30 s (a walk costs
-/// microseconds per idle connection).
-fn sweep_interval(cfg: &PoolConfig) -> Option<Duration> {
-    let l = &cfg.lifecycle;
-    [
-        l.keepalive_ping.map(|d| d / 2),
-        l.idle_timeout.map(|d| d / 4),
-        l.max_lifetime.map(|d| d / 8),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .map(|d| d.clamp(Duration::from_millis(20), Duration::from_secs(30)))
-}
-
 /// The pool's one maintenance task: gives borrowed budget headroom back the moment another
-/// class waits (woken by the budget, no polling), walks the idle connections every
-/// [`sweep_interval`], and keeps a budget class's reserved floor open. When the last clone
-/// of the pool is dropped, it closes the idle connections and stops.
+/// class waits (woken by the budget, no polling), walks the idle connections as the
+/// [`Maintenance`] schedule says, and keeps a budget class's reserved floor open. When the
+/// last clone of the pool is dropped, it closes the idle connections and stops.
 async fn maintain<C: ExtConnection>(parts: Parts<C>, mut stop: watch::Receiver<()>) {
-    let sweep_every = sweep_interval(parts.state.config());
-    let borrows = parts
-        .state
-        .budget()
-        .is_some_and(|(budget, class)| budget.limits(class).max > budget.limits(class).reserved);
-    let mut next_sweep = sweep_every.map(|every| Instant::now() + every);
+    let mut schedule = Maintenance::new(&parts.state);
     loop {
-        let tick = next_sweep
-            .map_or(Duration::from_secs(1), |at| {
-                at.saturating_duration_since(Instant::now())
-            })
-            .min(Duration::from_secs(1));
+        let tick = schedule.tick(Duration::from_secs(1));
         let pressure = async {
             match parts.state.budget() {
-                Some((budget, class)) if borrows => budget.pressure_async(class).await,
+                Some((budget, class)) if schedule.borrows() => budget.pressure_async(class).await,
                 _ => std::future::pending().await,
             }
         };
@@ -626,42 +537,12 @@ async fn maintain<C: ExtConnection>(parts: Parts<C>, mut stop: watch::Receiver<(
             // Everything borrowed is in use; it goes back at checkin. Do not spin.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if next_sweep.is_some_and(|at| Instant::now() >= at) {
+        if schedule.sweep_due() {
             parts.sweep().await;
-            next_sweep = sweep_every.map(|every| Instant::now() + every);
+            schedule.swept();
         }
-        let floor = parts.state.floor();
-        if parts.state.open_connections() < floor {
+        if let Some(floor) = parts.state.below_floor() {
             let _ = parts.hold(floor, parts.state.config().pool_timeout).await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_sweep_runs_as_often_as_the_shortest_deadline_needs() {
-        let cfg = |b: PoolConfigBuilder| b.build().unwrap();
-        let url = "postgres://app@db/app";
-        assert_eq!(
-            sweep_interval(&cfg(
-                PoolConfig::builder(url).keepalive_ping(Some(Duration::from_secs(60)))
-            )),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            sweep_interval(&cfg(
-                PoolConfig::builder(url).keepalive_ping(Some(Duration::from_millis(200)))
-            )),
-            Some(Duration::from_millis(100))
-        );
-        assert_eq!(
-            sweep_interval(&cfg(PoolConfig::builder(url)
-                .max_lifetime(None)
-                .idle_timeout(None))),
-            None
-        );
     }
 }

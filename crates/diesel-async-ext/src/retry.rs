@@ -49,15 +49,22 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::ops::DerefMut;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::result::Error as DieselError;
+use diesel::QueryResult;
 use diesel_async::{AsyncConnection, TransactionManager};
-use pool_core::retry::{run_async, AttemptError, RetryHooks};
-pub use pool_core::retry::{PolicyError, PoolError, RetryError, RetryPolicy};
+use diesel_ext_common::resolve::{asked, is_unique_violation, key_probe_answer};
+use pool_core::retry::{
+    finish_ambiguous, no_txid_reason, run_async, sql, Asked, AttemptError, Resolution, Resolved,
+    RetryHooks, Step,
+};
+pub use pool_core::retry::{
+    Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus, IDEMPOTENCY_TABLE_SQL,
+};
 
 use crate::backend::ExtConnection;
-use crate::classify::{classify_diesel, Classify};
+use crate::classify::{classify_diesel, Classify, DRIVER};
 use crate::manager::ExtManager;
 use crate::pool::ExtPool;
 
@@ -97,12 +104,7 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
     }
 
     fn hooks(&self) -> RetryHooks<'_> {
-        let state = self.state();
-        RetryHooks {
-            pool: state.name(),
-            stats: Some(state.stats()),
-            listener: &**state,
-        }
+        self.state().retry_hooks()
     }
 }
 
@@ -155,19 +157,6 @@ where
     type Fut = Fut;
 }
 
-/// What the server says became of a transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TxStatus {
-    /// It committed.
-    Committed,
-    /// It rolled back (or its session died before `COMMIT`).
-    Aborted,
-    /// It is still running: ask again.
-    InProgress,
-    /// The server no longer knows (the id is too old, or the backend cannot tell).
-    Unknown,
-}
-
 /// What [`commit_with_retry`] and [`commit_with_key`] need from a backend. Implemented for the
 /// connection types the crate supports.
 pub trait RetryConnection: AsyncConnection + Send {
@@ -186,13 +175,6 @@ pub trait RetryConnection: AsyncConnection + Send {
         key: &str,
     ) -> impl Future<Output = diesel::QueryResult<()>> + Send;
 }
-
-/// The idempotency table, as the repository's `migrations/` creates it (PostgreSQL, SQLite
-/// and MySQL accept it).
-pub const IDEMPOTENCY_TABLE_SQL: &str =
-    "CREATE TABLE IF NOT EXISTS resilient_diesel_idempotency_keys (\
-     idempotency_key VARCHAR(255) PRIMARY KEY, \
-     created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)";
 
 /// Creates the idempotency table if it does not exist (for applications that do not run the
 /// migration).
@@ -234,23 +216,16 @@ impl RetryConnection for diesel_async::AsyncPgConnection {
         let status: Option<String> = diesel::select(pg_functions::txid_status(txid))
             .get_result(self)
             .await?;
-        Ok(match status.as_deref() {
-            Some("committed") => TxStatus::Committed,
-            Some("aborted") => TxStatus::Aborted,
-            Some("in progress") => TxStatus::InProgress,
-            _ => TxStatus::Unknown,
-        })
+        Ok(TxStatus::from_txid_status(status.as_deref()))
     }
 
     async fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
         use diesel_async::RunQueryDsl;
-        diesel::sql_query(
-            "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES ($1)",
-        )
-        .bind::<diesel::sql_types::Text, _>(key)
-        .execute(self)
-        .await
-        .map(drop)
+        diesel::sql_query(sql::INSERT_KEY_PG)
+            .bind::<diesel::sql_types::Text, _>(key)
+            .execute(self)
+            .await
+            .map(drop)
     }
 }
 
@@ -268,13 +243,11 @@ impl RetryConnection
 
     async fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
         use diesel_async::RunQueryDsl;
-        diesel::sql_query(
-            "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES (?)",
-        )
-        .bind::<diesel::sql_types::Text, _>(key.to_owned())
-        .execute(self)
-        .await
-        .map(drop)
+        diesel::sql_query(sql::INSERT_KEY_SQLITE)
+            .bind::<diesel::sql_types::Text, _>(key.to_owned())
+            .execute(self)
+            .await
+            .map(drop)
     }
 }
 
@@ -300,7 +273,7 @@ where
     run_async(
         policy,
         &hooks,
-        |e: &E| e.class(),
+        |e: &E| e.class_for(DRIVER),
         |_attempt| {
             let op = &op;
             async move {
@@ -340,15 +313,6 @@ where
         Outcome::Value(value) => Ok(value),
         Outcome::AlreadyCommitted => unreachable!("only an idempotency key finds this"),
     }
-}
-
-/// What [`commit_with_key`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Keyed<T> {
-    /// The transaction committed now (possibly after retries); the closure's result.
-    Committed(T),
-    /// A transaction with this key had committed before this call; nothing was run.
-    AlreadyCommitted,
 }
 
 /// Like [`commit_with_retry`], for any backend: inserts `key` into the idempotency table
@@ -453,10 +417,7 @@ where
     let question = match (mode, txid) {
         (Mode::Key(key), _) => Question::Key(key.clone()),
         (Mode::Txid { .. }, Some(txid)) => Question::Txid(txid),
-        (Mode::Txid { verify: false }, None) => return Err("commit verification is off".to_owned()),
-        (Mode::Txid { verify: true }, None) => {
-            return Err("this backend has no transaction ids; use commit_with_key".to_owned())
-        }
+        (Mode::Txid { verify }, None) => return Err(no_txid_reason(*verify)),
     };
     poll_until(pool, policy, &question).await
 }
@@ -484,7 +445,7 @@ where
     run_async(
         policy,
         &hooks,
-        |e: &E| e.class(),
+        |e: &E| e.class_for(DRIVER),
         |_attempt| async move {
             let mut guard = pool.checkout(None).await.map_err(AttemptError::Pool)?;
             let prepared = {
@@ -513,13 +474,6 @@ where
     .await
 }
 
-fn is_unique_violation(e: &DieselError) -> bool {
-    matches!(
-        e,
-        DieselError::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
-    )
-}
-
 async fn begin<C: AsyncConnection>(conn: &mut C) -> diesel::QueryResult<()> {
     C::TransactionManager::begin_transaction(conn).await
 }
@@ -540,44 +494,6 @@ async fn abandon<C: AsyncConnection, E>(conn: &mut C, e: E) -> AttemptError<E> {
     AttemptError::Op(e)
 }
 
-/// How an ambiguous commit was resolved.
-enum Resolved {
-    Committed,
-    Aborted,
-}
-
-/// Turns a `COMMIT` cut off by a lost connection into the attempt's outcome.
-fn finish_ambiguous<T, E>(
-    hooks: &RetryHooks<'_>,
-    commit_error: DieselError,
-    txid: Option<i64>,
-    resolution: Result<Resolved, String>,
-    value: T,
-) -> Result<T, AttemptError<E>>
-where
-    E: From<DieselError>,
-{
-    match resolution {
-        Ok(Resolved::Committed) => {
-            if let Some(stats) = hooks.stats {
-                stats.record_commit_resolved();
-            }
-            log::warn!(
-                target: pool_core::events::LOG_TARGET,
-                "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
-                hooks.pool
-            );
-            Ok(value)
-        }
-        Ok(Resolved::Aborted) => Err(AttemptError::Op(commit_error.into())),
-        Err(reason) => Err(AttemptError::AmbiguousCommit {
-            error: commit_error.into(),
-            txid,
-            reason,
-        }),
-    }
-}
-
 /// What resolution asks the server.
 enum Question {
     /// `txid_status()` of the transaction id read before `COMMIT`.
@@ -587,41 +503,15 @@ enum Question {
     Key(String),
 }
 
-/// Errors while resolving: a transient database error is asked again, a `Final` one is not.
-enum ProbeError {
-    Db(DieselError),
-    Final(String),
-}
-
-impl From<DieselError> for ProbeError {
-    fn from(e: DieselError) -> Self {
-        ProbeError::Db(e)
-    }
-}
-
-/// Asks once: `Some` answer, `None` for "still in progress".
-async fn ask<C: RetryConnection>(
-    conn: &mut C,
-    question: &Question,
-) -> Result<Option<Resolved>, ProbeError> {
+/// Asks once.
+async fn ask<C: RetryConnection>(conn: &mut C, question: &Question) -> QueryResult<Asked> {
     match question {
-        Question::Txid(txid) => match conn.txid_status(*txid).await? {
-            TxStatus::Committed => Ok(Some(Resolved::Committed)),
-            TxStatus::Aborted => Ok(Some(Resolved::Aborted)),
-            TxStatus::InProgress => Ok(None),
-            TxStatus::Unknown => Err(ProbeError::Final(format!(
-                "the server no longer knows transaction {txid}"
-            ))),
-        },
+        Question::Txid(txid) => Ok(conn.txid_status(*txid).await?.answer(*txid)),
         Question::Key(key) => {
             begin(conn).await?;
             let probe = conn.insert_idempotency_key(key).await;
             let _ = rollback(conn).await;
-            match probe {
-                Ok(()) => Ok(Some(Resolved::Aborted)),
-                Err(e) if is_unique_violation(&e) => Ok(Some(Resolved::Committed)),
-                Err(e) => Err(e.into()),
-            }
+            key_probe_answer(probe)
         }
     }
 }
@@ -637,48 +527,19 @@ where
     P: RetryablePool,
     P::Connection: RetryConnection,
 {
-    let limit = policy.commit_resolution_timeout();
-    let deadline = Instant::now() + limit;
-    let mut wait = Duration::from_millis(20);
-    let mut last;
+    let mut resolution = Resolution::start(policy);
     loop {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        match pool.checkout(Some(left)).await {
+        let left = resolution.left();
+        let outcome = match pool.checkout(Some(left)).await {
             Ok(mut conn) => match tokio::time::timeout(left, ask(&mut *conn, question)).await {
-                Ok(Ok(Some(answer))) => return Ok(answer),
-                Ok(Ok(None)) => last = "the transaction was still in progress".into(),
-                Ok(Err(ProbeError::Final(reason))) => return Err(reason),
-                Ok(Err(ProbeError::Db(e))) if classify_diesel(&e).is_transient() => {
-                    last = pool_core::redact::redact(&e.to_string());
-                }
-                Ok(Err(ProbeError::Db(e))) => {
-                    return Err(format!(
-                        "asking the server failed: {}",
-                        pool_core::redact::redact(&e.to_string())
-                    ))
-                }
-                Err(_) => last = "the server did not answer in time".into(),
+                Ok(result) => asked(result, classify_diesel, pool_core::redact::redact),
+                Err(_) => Asked::NoReply,
             },
-            Err(e) => last = e.message,
+            Err(e) => Asked::NoConnection(e.message),
+        };
+        match resolution.after(outcome) {
+            Step::Done(resolved) => return resolved,
+            Step::Wait(pause) => tokio::time::sleep(pause).await,
         }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(format!("no answer within {limit:?} ({last})"));
-        }
-        tokio::time::sleep(wait.min(deadline - now)).await;
-        wait = (wait * 2).min(Duration::from_millis(500));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_idempotency_table_sql_names_the_table_the_inserts_use() {
-        assert!(IDEMPOTENCY_TABLE_SQL.contains("resilient_diesel_idempotency_keys"));
-        assert!(IDEMPOTENCY_TABLE_SQL.contains("idempotency_key"));
     }
 }

@@ -135,17 +135,29 @@ async fn control_one_plain_bb8_pool_sized_to_the_total_locks_adhoc_out() {
         .map(|_| {
             let (pool, stop) = (pool.clone(), stop.clone());
             tokio::spawn(async move {
+                // Automation saturates the pool: each worker that gets a connection keeps it
+                // until the end; the others keep asking.
                 while !AtomicBool::load(&stop, Ordering::SeqCst) {
                     if let Ok(mut conn) = pool.get().await {
                         one(&mut conn).await.unwrap();
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        while !AtomicBool::load(&stop, Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                     }
                 }
                 0
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Until all 8 are held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pool.state().idle_connections > 0 || pool.state().connections < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workers never took all 8"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut locked_out = 0;
     for _ in 0..10 {
         if pool.get().await.is_err() {

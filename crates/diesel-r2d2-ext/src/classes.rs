@@ -2,7 +2,8 @@
 //!
 //! The field report: a 60-connection database plan, automation that grew to take all 60, and
 //! people locked out while trying to debug it. [`ClassPools`] builds one [`ExtPool`] per class
-//! of work; each pool's connections take permits from one [`Budget`], so:
+//! of work; each pool's connections take permits from one [`Budget`](pool_core::budget::Budget),
+//! so:
 //!
 //! * physical connections opened through the pools never exceed the budget's total;
 //! * a class with a **reserved** floor always gets those connections, at once, however busy
@@ -46,93 +47,45 @@
 //! supported with a budget: the permit lives there; use
 //! `diesel::connection::set_default_instrumentation`, which the pool forwards to.
 
-use std::time::Duration;
+use std::ops::Deref;
 
-use pool_core::budget::{Budget, BudgetSnapshot};
-use pool_core::status::StatusReport;
+pub use pool_core::classes::{Class, UnknownClass};
+use pool_core::classes::{ClassPool, ClassSpecs, Classes};
+use pool_core::stats::StatsSnapshot;
 
 use crate::manager::ExtConnection;
 use crate::pool::{BuildError, Builder, ExtPool};
-
-/// One class's share: its reserved floor and its pool sizes.
-///
-/// The class may hold `pool_size + max_overflow` connections at once. Defaults: `reserved`
-/// 0; `pool_size` = `reserved`; `max_overflow` = whatever the other classes do not reserve,
-/// so a class declared with only a floor may borrow everything unreserved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Class {
-    reserved: u32,
-    pool_size: Option<u32>,
-    max_overflow: Option<u32>,
-    pool_timeout: Option<Duration>,
-}
-
-impl Class {
-    /// A class with no floor and the default sizes.
-    pub fn new() -> Class {
-        Class::default()
-    }
-
-    /// Connections only this class can take, always available to it. Default: 0.
-    pub fn reserved(mut self, n: u32) -> Class {
-        self.reserved = n;
-        self
-    }
-
-    /// Connections the class normally holds. Default: `reserved`.
-    pub fn pool_size(mut self, n: u32) -> Class {
-        self.pool_size = Some(n);
-        self
-    }
-
-    /// Extra connections under load. Default: all the budget the other classes do not reserve,
-    /// minus `pool_size`.
-    pub fn max_overflow(mut self, n: u32) -> Class {
-        self.max_overflow = Some(n);
-        self
-    }
-
-    /// How long a checkout of this class waits (for a connection and for the budget).
-    /// Default: the shared builder's `pool_timeout`.
-    pub fn pool_timeout(mut self, d: Duration) -> Class {
-        self.pool_timeout = Some(d);
-        self
-    }
-}
-
-/// A class name that is not in the budget.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no pool class named {name:?} (classes: {known})")]
-pub struct UnknownClass {
-    /// The name asked for.
-    pub name: String,
-    /// The classes there are, comma separated.
-    pub known: String,
-}
 
 /// Builder of [`ClassPools`].
 #[must_use = "a builder does nothing until .build() is called"]
 pub struct ClassPoolsBuilder<C> {
     base: Builder<C>,
-    total: u32,
-    classes: Vec<(String, Class)>,
+    specs: ClassSpecs,
 }
 
 /// One pool per class of work, sharing a connection budget. See the [module documentation](self).
-pub struct ClassPools<C: ExtConnection> {
-    budget: Budget,
-    pools: Vec<(String, ExtPool<C>)>,
-}
+///
+/// Dereferences to [`Classes`]: `class(name)`, `classes()`, `budget()`, `budget_snapshot()`
+/// and `status()` are its.
+pub struct ClassPools<C: ExtConnection>(Classes<ExtPool<C>>);
 
 impl<C: ExtConnection> std::fmt::Debug for ClassPools<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClassPools")
-            .field("budget", &self.budget)
-            .field(
-                "classes",
-                &self.pools.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-            )
-            .finish()
+        self.0.fmt(f)
+    }
+}
+
+impl<C: ExtConnection> Deref for ClassPools<C> {
+    type Target = Classes<ExtPool<C>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<C: ExtConnection> ClassPool for ExtPool<C> {
+    fn stats(&self) -> StatsSnapshot {
+        ExtPool::stats(self)
     }
 }
 
@@ -141,48 +94,8 @@ impl<C: ExtConnection> ClassPools<C> {
     pub fn builder(url: &str, total: u32) -> ClassPoolsBuilder<C> {
         ClassPoolsBuilder {
             base: ExtPool::builder(url),
-            total,
-            classes: Vec::new(),
+            specs: ClassSpecs::new(total),
         }
-    }
-
-    /// The pool of class `name`.
-    pub fn class(&self, name: &str) -> Result<&ExtPool<C>, UnknownClass> {
-        self.pools
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| p)
-            .ok_or_else(|| UnknownClass {
-                name: name.to_owned(),
-                known: self
-                    .pools
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-    }
-
-    /// Every class and its pool, in declaration order.
-    pub fn classes(&self) -> impl Iterator<Item = (&str, &ExtPool<C>)> {
-        self.pools.iter().map(|(n, p)| (n.as_str(), p))
-    }
-
-    /// The shared budget.
-    pub fn budget(&self) -> &Budget {
-        &self.budget
-    }
-
-    /// The budget's state now.
-    pub fn budget_snapshot(&self) -> BudgetSnapshot {
-        self.budget.snapshot()
-    }
-
-    /// Every class's stats and the budget, as one report (text through `Display`, JSON
-    /// through `to_json`), like the field reports' `print_connection_status`.
-    pub fn status(&self) -> StatusReport {
-        StatusReport::new(self.pools.iter().map(|(_, p)| p.stats()).collect())
-            .with_budget_snapshot(self.budget.snapshot())
     }
 }
 
@@ -191,21 +104,27 @@ impl ClassPools<diesel::PgConnection> {
     /// Compares the budget with what the server has left (see
     /// [`check_server_capacity`](crate::capacity::check_server_capacity)); logs a warning when
     /// it does not fit. Uses a connection of the first class.
+    ///
+    /// # Errors
+    /// [`CapacityError`](crate::capacity::CapacityError) when no connection can be had or the
+    /// query fails.
     pub fn check_server_capacity(
         &self,
     ) -> Result<crate::capacity::ServerCapacity, crate::capacity::CapacityError> {
-        let (_, pool) = &self.pools[0];
+        let mut pools = self.classes().map(|(_, p)| p);
+        let pool = pools.next().ok_or_else(|| {
+            crate::capacity::CapacityError::Pool("the budget has no class".to_owned())
+        })?;
         let mut conn = pool.get().map_err(|e| {
             crate::capacity::CapacityError::Pool(pool.state().redact(&e.to_string()))
         })?;
         let ours = self
-            .pools
-            .iter()
+            .classes()
             .map(|(_, p)| p.state().open_connections())
             .sum();
         Ok(crate::capacity::check_server_capacity(
             &mut conn,
-            self.budget.total(),
+            self.budget().total(),
             ours,
         )?)
     }
@@ -214,7 +133,7 @@ impl ClassPools<diesel::PgConnection> {
 impl<C: ExtConnection> ClassPoolsBuilder<C> {
     /// Declares a class of work.
     pub fn class(mut self, name: impl Into<String>, class: Class) -> Self {
-        self.classes.push((name.into(), class));
+        self.specs.push(name, class);
         self
     }
 
@@ -226,40 +145,22 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
     }
 
     /// Checks the budget, then builds every class's pool (opening its reserved connections).
+    ///
+    /// # Errors
+    /// [`BuildError::Budget`] for an impossible budget (reserved above the total, a cap above
+    /// the total, zero sizes), else as [`Builder::build`].
     pub fn build(self) -> Result<ClassPools<C>, BuildError> {
-        let reserved_total: u32 = self.classes.iter().map(|(_, c)| c.reserved).sum();
-        let mut sizes = Vec::with_capacity(self.classes.len());
-        let mut budget = Budget::builder(self.total);
-        for (name, class) in &self.classes {
-            let others = reserved_total.saturating_sub(class.reserved);
-            let pool_size = class.pool_size.unwrap_or(class.reserved);
-            let max_overflow = class
-                .max_overflow
-                .unwrap_or_else(|| self.total.saturating_sub(others).saturating_sub(pool_size));
-            let max = pool_size.saturating_add(max_overflow);
-            budget = budget.class(name.clone(), class.reserved, max);
-            sizes.push((pool_size, max_overflow));
+        let (budget, plans) = self.specs.plan()?;
+        let (base, listener) = self.base.into_parts();
+        let mut pools = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let config = plan.configure(base.clone()).build()?;
+            let class = Some((budget.clone(), plan.class_id));
+            pools.push((
+                plan.name,
+                crate::pool::build(config, listener.clone(), class)?,
+            ));
         }
-        let budget = budget.build()?;
-        let (base_config, listener) = self.base.into_parts();
-        let mut pools = Vec::with_capacity(self.classes.len());
-        for ((name, class), (pool_size, max_overflow)) in self.classes.iter().zip(sizes) {
-            let mut config = base_config
-                .clone()
-                .name(name.clone())
-                .pool_size(pool_size)
-                .max_overflow(max_overflow);
-            if let Some(timeout) = class.pool_timeout {
-                config = config.pool_timeout(timeout);
-            }
-            let class_id = budget.class_id(name).expect("declared above");
-            let pool = crate::pool::build(
-                config.build()?,
-                listener.clone(),
-                Some((budget.clone(), class_id)),
-            )?;
-            pools.push((name.clone(), pool));
-        }
-        Ok(ClassPools { budget, pools })
+        Ok(ClassPools(Classes::new(budget, pools)))
     }
 }

@@ -1,15 +1,16 @@
-//! Demand: connects of a budget class wait for a permit only while a checkout wants one.
+//! Demand: connections are opened for checkouts that want them, and for nobody else.
 //!
-//! r2d2 opens connections on its own threads, started by a checkout that found nothing
-//! idle; the checkout may give up (or get a returned connection) long before the connect
-//! has its budget permit. A connect still queued for a permit then would be a phantom: it
-//! holds a place in the budget's queue and makes other classes give borrowed connections
-//! back for nobody. So a connect queues for its permit only while [`ExtPool::get`] callers
-//! of the same pool are waiting; when the last one leaves, queued connects leave the budget's
-//! queue and wait (outside it) for the next checkout, or for the pool to close.
+//! r2d2 opens connections on its own threads, one started by every checkout that finds
+//! nothing idle; the checkout may be served by a returned connection (or give up) long before
+//! that connect is done. Under a spike, that opens up to `max_size` connections nobody needs
+//! (HikariCP's spike test; measured by the benchmark suite). So a connect starts only while
+//! [`ExtPool::get`] callers of the same pool are waiting, and a connect of a budget class
+//! queues for its permit only as long as that lasts: otherwise it would be a phantom in the
+//! budget's queue, making other classes give borrowed connections back for nobody. A connect
+//! nobody wants waits (outside any queue) for the next checkout, or for the pool to close.
 //!
-//! Only checkouts through [`ExtPool::get`](crate::ExtPool::get) count as demand; a checkout
-//! through the wrapped r2d2 pool directly gets a budget permit only if one is free at once.
+//! Only checkouts through [`ExtPool::get`](crate::ExtPool::get) count as demand: a checkout
+//! through the wrapped r2d2 pool directly is served by idle connections only.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
@@ -20,12 +21,17 @@ use pool_core::budget::{AcquireError, Budget, ClassId, Permit};
 /// Checkouts waiting in one pool, and the connects waiting for them.
 #[derive(Debug, Default)]
 pub(crate) struct Demand {
+    /// Checkouts waiting for a connection now.
     waiting: AtomicU32,
     closed: AtomicBool,
-    /// Threads of connects queued for a budget permit (unparked when demand ends).
-    queued: Mutex<Vec<std::thread::Thread>>,
+    /// Connects asleep until a checkout wants a connection (the only ones a checkout must
+    /// wake: with none, starting and ending a checkout touches two atomics and no lock).
+    sleepers: AtomicU32,
     lock: Mutex<()>,
     changed: Condvar,
+    /// Threads of connects queued for a budget permit (unparked when demand ends).
+    queued: Mutex<Vec<std::thread::Thread>>,
+    queued_count: AtomicU32,
 }
 
 /// One checkout's share of the demand; leaving ends it.
@@ -33,7 +39,9 @@ pub(crate) struct Wanting<'a>(&'a Demand);
 
 impl Drop for Wanting<'_> {
     fn drop(&mut self) {
-        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.waiting.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.queued_count.load(Ordering::SeqCst) > 0
+        {
             self.0.wake_queued();
         }
     }
@@ -42,7 +50,11 @@ impl Drop for Wanting<'_> {
 impl Demand {
     /// A checkout starts waiting for a connection.
     pub(crate) fn want(&self) -> Wanting<'_> {
-        if self.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+        // SeqCst pairs with `wait_for_demand`: either it sees this increment, or this sees
+        // its sleeper and wakes it under the lock.
+        if self.waiting.fetch_add(1, Ordering::SeqCst) == 0
+            && self.sleepers.load(Ordering::SeqCst) > 0
+        {
             let _guard = self.lock.lock();
             self.changed.notify_all();
         }
@@ -50,12 +62,12 @@ impl Demand {
     }
 
     fn wanted(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0 && !self.closed.load(Ordering::Acquire)
+        self.waiting.load(Ordering::SeqCst) > 0 && !self.closed.load(Ordering::Acquire)
     }
 
     /// The pool is gone: every connect waiting here gives up.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
         self.wake_queued();
         let _guard = self.lock.lock();
         self.changed.notify_all();
@@ -67,41 +79,54 @@ impl Demand {
         }
     }
 
-    /// A budget permit for a connect of `class`. Queues for it while a checkout wants a
-    /// connection, for at most `wait` of continuous demand (then the budget's timeout error,
-    /// which the checkout quotes); with no demand, waits outside the queue.
-    pub(crate) fn permit(
+    /// Clears a connect to go ahead: waits until a checkout wants a connection, then, for a
+    /// budget class, for a permit (queued only while the demand lasts, for at most `wait` of
+    /// it; then the budget's timeout error, which the checkout quotes). `Abandoned` when the
+    /// pool is gone.
+    pub(crate) fn ready(
         &self,
-        budget: &Budget,
-        class: ClassId,
+        budget: Option<(&Budget, ClassId)>,
         wait: Duration,
-    ) -> Result<Permit, AcquireError> {
-        // A permit free at once is taken whoever asked (r2d2's own connects included).
-        if let Some(permit) = budget.try_acquire(class) {
-            return Ok(permit);
-        }
+    ) -> Result<Option<Permit>, AcquireError> {
         loop {
             self.wait_for_demand();
-            if self.closed.load(Ordering::Acquire) {
+            let Some((budget, class)) = budget else {
+                return if self.closed.load(Ordering::SeqCst) {
+                    Err(AcquireError::Abandoned {
+                        class: "-".to_owned(),
+                    })
+                } else {
+                    Ok(None)
+                };
+            };
+            if self.closed.load(Ordering::SeqCst) {
                 return Err(AcquireError::Abandoned {
                     class: budget.class_name(class).to_owned(),
                 });
             }
             let me = std::thread::current();
             self.queued.lock().push(me.clone());
+            self.queued_count.fetch_add(1, Ordering::SeqCst);
             let result = budget.acquire_while(class, wait, &|| self.wanted());
+            self.queued_count.fetch_sub(1, Ordering::SeqCst);
             self.queued.lock().retain(|t| t.id() != me.id());
             match result {
                 Err(AcquireError::Abandoned { .. }) => continue,
-                other => return other,
+                other => return other.map(Some),
             }
         }
     }
 
     fn wait_for_demand(&self) {
+        if self.wanted() || self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock();
-        while self.waiting.load(Ordering::Acquire) == 0 && !self.closed.load(Ordering::Acquire) {
+        while self.waiting.load(Ordering::SeqCst) == 0 && !self.closed.load(Ordering::SeqCst) {
             self.changed.wait(&mut guard);
         }
+        drop(guard);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 }

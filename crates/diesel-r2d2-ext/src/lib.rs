@@ -3,6 +3,8 @@
 //! Connections dropped while idle, SSL sessions closed under the pool, restarts, failovers and
 //! hung servers are handled where they should be — in the pool — instead of failing requests:
 //!
+//! * checkouts are served **in arrival order**, and connections are opened only for checkouts
+//!   that want them;
 //! * every checkout runs a zero-round-trip **liveness probe** (a look at the socket) and, for
 //!   connections idle longer than a bypass window or after a disconnect was seen, a **ping
 //!   bounded by a timeout** even against a hung server;
@@ -50,8 +52,6 @@ mod pg;
 mod pool;
 pub mod retry;
 mod socket;
-#[cfg(feature = "sqlite")]
-mod sqlite;
 mod tracker;
 
 pub use classes::{Class, ClassPools};

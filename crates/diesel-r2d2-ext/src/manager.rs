@@ -18,7 +18,7 @@ use pool_core::lifecycle::{CloseReason, ProbeResult};
 
 use crate::demand::Demand;
 use crate::socket::{self, PeerFilter, Probe, SocketClaim};
-use crate::tracker::{tracker_of, SocketSlot, Tracker};
+use crate::tracker::{tracker, tracker_of, SocketSlot};
 
 /// A Diesel connection type the extended pool can manage (PostgreSQL, SQLite).
 ///
@@ -71,7 +71,7 @@ pub(crate) mod sealed {
         }
 
         fn after_connect(&mut self, config: &PoolConfig) -> diesel::QueryResult<()> {
-            crate::sqlite::apply(self, &config.sqlite)
+            diesel_ext_common::sqlite::apply(self, &config.sqlite)
         }
     }
 }
@@ -206,7 +206,7 @@ impl<C: ExtConnection> ExtManager<C> {
     /// counts as failed (the socket is shut down).
     pub(crate) fn bounded_ping(conn: &mut C, timeout: Duration) -> Result<(), ExtError> {
         let started = Instant::now();
-        let socket = tracker_of(conn).and_then(|t| t.socket.get().cloned());
+        let socket = tracker_of(conn).and_then(|t| t.extra.get().cloned());
         let deadline = socket
             .map(|s| Watchdog::global().arm_critical(started + timeout, move || s.shutdown()));
         let result = conn.ping();
@@ -246,18 +246,21 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
     fn connect(&self) -> Result<C, ExtError> {
         let started = Instant::now();
         let pool = &self.pool;
-        // The permit comes first: no connection is opened beyond the budget, and nothing is
-        // locked while waiting for it. The wait ends a little before the checkout's, so that a
-        // checkout timing out on the budget reports the budget's state (r2d2 quotes the last
-        // connect error).
-        let permit = match pool.budget() {
-            Some((budget, class)) => Some(
-                self.demand
-                    .permit(budget, class, pool.config().pool_timeout.mul_f64(0.8))
-                    .map_err(|e| ExtError::Budget(format!("pool {}: {e}", pool.name())))?,
-            ),
-            None => None,
-        };
+        // A checkout must want this connection (see `demand`), and a budget class needs a
+        // permit first: no connection is opened beyond the budget, and nothing is locked while
+        // waiting. The permit wait ends a little before the checkout's, so that a checkout
+        // timing out on the budget reports the budget's state (r2d2 quotes the last connect
+        // error).
+        let permit = self
+            .demand
+            .ready(pool.budget(), pool.connect_permit_wait())
+            .map_err(|e| match pool.budget() {
+                Some(_) => ExtError::Budget(format!("pool {}: {e}", pool.name())),
+                None => ExtError::Budget(format!(
+                    "pool {}: the pool was dropped; no checkout waits for this connection",
+                    pool.name()
+                )),
+            })?;
         let (mut conn, socket) = self.establish().map_err(|e| ExtError::Connect {
             target: self.target_redacted(),
             message: pool.connect_failed(&e.to_string()),
@@ -268,7 +271,7 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                 message: pool.redact(&e.to_string()),
             })?;
         let state = ConnState::opened(pool, started.elapsed(), permit);
-        conn.set_instrumentation(Tracker::new(state, socket));
+        conn.set_instrumentation(tracker(state, socket));
         Ok(conn)
     }
 
@@ -276,14 +279,12 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
         if tracker_of(conn).is_none() {
             // The application replaced the connection's instrumentation: we know nothing of
             // this connection any more, so treat it as unvalidated.
-            conn.set_instrumentation(Tracker::new(
-                ConnState::adopted(&self.pool),
-                SocketSlot::None,
-            ));
+            conn.set_instrumentation(tracker(ConnState::adopted(&self.pool), SocketSlot::None));
         }
-        let Some(Tracker { state, socket, .. }) = tracker_of(conn) else {
+        let Some(tracker) = tracker_of(conn) else {
             return Ok(());
         };
+        let (state, socket) = (&mut tracker.state, &mut tracker.extra);
         let now = Instant::now();
         if SWEEPING.with(|s| s.get()) {
             return match state.sweep(|| probe_of(socket), now) {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use pool_core::config::{PoolConfig, PoolConfigBuilder};
-use pool_core::engine::PoolState;
+use pool_core::engine::{Maintenance, PoolState};
 use pool_core::error::ConfigError;
 use pool_core::events::{EventListener, LogListener};
 use pool_core::lifecycle::CloseReason;
@@ -172,7 +172,12 @@ impl<C: ExtConnection> ExtPool<C> {
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         let started = Instant::now();
         let _wanting = self.parts.demand.want();
-        let gate = match self.parts.state.gate().enter(timeout) {
+        let gate = self.parts.state.gate();
+        // Not saturated: a permit at once, without reading the clock again.
+        if let Some(permit) = gate.try_enter() {
+            return self.checked_out(self.parts.inner.get_timeout(timeout), started, Some(permit));
+        }
+        let gate = match gate.enter(timeout) {
             Ok(permit) => permit,
             // r2d2's error type can only be made by r2d2: ask it, without waiting. (If a
             // connection came back at this very moment, it is handed out after all.)
@@ -207,7 +212,7 @@ impl<C: ExtConnection> ExtPool<C> {
     ) -> Result<PooledConnection<ExtManager<C>>, E> {
         let mut conn = result?;
         if let Some(tracker) = tracker_of(&mut *conn) {
-            tracker.state.handed_out(started.elapsed(), gate);
+            tracker.state.handed_out(started, gate);
         }
         Ok(conn)
     }
@@ -227,11 +232,10 @@ impl<C: ExtConnection> ExtPool<C> {
 
     /// Counters and gauges of this pool.
     pub fn stats(&self) -> StatsSnapshot {
-        let state = self.parts.inner.state();
-        self.parts.state.snapshot(
-            state.connections.saturating_sub(state.idle_connections),
-            state.idle_connections,
-        )
+        let counts = self.parts.inner.state();
+        self.parts
+            .state
+            .snapshot_counts(counts.connections, counts.idle_connections)
     }
 
     /// A status report (human-readable through `Display`, JSON through `to_json`).
@@ -330,12 +334,8 @@ impl<C: ExtConnection> Builder<C> {
     /// Validates the settings, opens `pool_size` connections (waiting at most
     /// `pool_timeout`) and returns the pool.
     pub fn build(self) -> Result<ExtPool<C>, BuildError> {
-        let config = self.config.build()?;
-        build(
-            config,
-            self.listener.unwrap_or_else(|| Arc::new(LogListener)),
-            None,
-        )
+        let (config, listener) = self.into_parts();
+        build(config.build()?, listener, None)
     }
 }
 
@@ -375,10 +375,7 @@ pub(crate) fn build<C: ExtConnection>(
         }),
     };
     // Opening the first connections here reports a wrong URL, password or host at once.
-    let warm = match state.budget() {
-        Some(_) => state.floor(),
-        None => cfg.pool_size,
-    };
+    let warm = state.initial_size();
     if warm > 0 {
         pool.parts
             .hold(warm, cfg.pool_timeout)
@@ -393,45 +390,22 @@ pub(crate) fn build<C: ExtConnection>(
     Ok(pool)
 }
 
-/// How often the maintenance thread walks the idle connections: often enough for the
-/// keepalive interval, the idle timeout and lifetimes, never more than every 30 s (a walk
-/// costs microseconds per idle connection).
-fn sweep_interval(cfg: &PoolConfig) -> Option<Duration> {
-    let l = &cfg.lifecycle;
-    [
-        l.keepalive_ping.map(|d| d / 2),
-        l.idle_timeout.map(|d| d / 4),
-        l.max_lifetime.map(|d| d / 8),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .map(|d| d.clamp(Duration::from_millis(20), Duration::from_secs(30)))
-}
-
 /// The pool's one background thread: gives borrowed budget headroom back the moment another
-/// class waits (woken by the budget, no polling), walks the idle connections every
-/// [`sweep_interval`], and keeps a budget class's reserved floor open. Stops when the last
-/// clone of the pool is dropped.
+/// class waits (woken by the budget, no polling), walks the idle connections as the
+/// [`Maintenance`] schedule says, and keeps a budget class's reserved floor open. Stops when
+/// the last clone of the pool is dropped.
 fn spawn_maintenance<C: ExtConnection>(pool: &ExtPool<C>, stop: Arc<(Mutex<bool>, Condvar)>) {
     let weak = Arc::downgrade(&pool.life);
     let worker = pool.parts.clone();
-    let sweep_every = sweep_interval(worker.state.config());
-    let borrows = worker
-        .state
-        .budget()
-        .is_some_and(|(budget, class)| budget.limits(class).max > budget.limits(class).reserved);
+    let mut schedule = Maintenance::new(&worker.state);
     let name = format!("resilient-diesel-{}", worker.state.name());
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
-        let mut next_sweep = sweep_every.map(|every| Instant::now() + every);
         loop {
-            let tick = next_sweep
-                .map_or(Duration::from_secs(1), |at| {
-                    at.saturating_duration_since(Instant::now())
-                })
-                .min(Duration::from_millis(200));
+            let tick = schedule.tick(Duration::from_millis(200));
             let wanted = match worker.state.budget() {
-                Some((budget, class)) if borrows => budget.wait_for_pressure(class, tick),
+                Some((budget, class)) if schedule.borrows() => {
+                    budget.wait_for_pressure(class, tick)
+                }
                 _ => {
                     let (lock, cv) = &*stop;
                     let mut stopped = lock.lock();
@@ -448,12 +422,11 @@ fn spawn_maintenance<C: ExtConnection>(pool: &ExtPool<C>, stop: Arc<(Mutex<bool>
                 // Everything borrowed is in use; it goes back at checkin. Do not spin.
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if next_sweep.is_some_and(|at| Instant::now() >= at) {
+            if schedule.sweep_due() {
                 worker.sweep();
-                next_sweep = sweep_every.map(|every| Instant::now() + every);
+                schedule.swept();
             }
-            let floor = worker.state.floor();
-            if worker.state.open_connections() < floor {
+            if let Some(floor) = worker.state.below_floor() {
                 let _ = worker.hold(floor, worker.state.config().pool_timeout);
             }
         }

@@ -45,14 +45,21 @@
 
 use std::fmt::Display;
 use std::ops::DerefMut;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::connection::{Connection, TransactionManager};
 use diesel::result::Error as DieselError;
-use pool_core::retry::{run_sync, AttemptError, RetryHooks};
-pub use pool_core::retry::{PolicyError, PoolError, RetryError, RetryPolicy};
+use diesel::QueryResult;
+use diesel_ext_common::resolve::{asked, is_unique_violation, key_probe_answer};
+use pool_core::retry::{
+    finish_ambiguous, no_txid_reason, run_sync, sql, Asked, AttemptError, Resolution, Resolved,
+    RetryHooks, Step,
+};
+pub use pool_core::retry::{
+    Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus, IDEMPOTENCY_TABLE_SQL,
+};
 
-use crate::classify::{classify_diesel, Classify};
+use crate::classify::{classify_diesel, Classify, DRIVER};
 use crate::manager::ExtConnection;
 use crate::pool::ExtPool;
 
@@ -123,26 +130,8 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
     }
 
     fn hooks(&self) -> RetryHooks<'_> {
-        let state = self.state();
-        RetryHooks {
-            pool: state.name(),
-            stats: Some(state.stats()),
-            listener: &**state,
-        }
+        self.state().retry_hooks()
     }
-}
-
-/// What the server says became of a transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TxStatus {
-    /// It committed.
-    Committed,
-    /// It rolled back (or its session died before `COMMIT`).
-    Aborted,
-    /// It is still running: ask again.
-    InProgress,
-    /// The server no longer knows (the id is too old, or the backend cannot tell).
-    Unknown,
 }
 
 /// What [`commit_with_retry`] and [`commit_with_key`] need from a backend. Implemented for the
@@ -165,12 +154,6 @@ pub trait RetryConnection: Connection {
     }
 }
 
-/// The idempotency table, as `migrations/` creates it (PostgreSQL, SQLite and MySQL accept it).
-pub const IDEMPOTENCY_TABLE_SQL: &str =
-    "CREATE TABLE IF NOT EXISTS resilient_diesel_idempotency_keys (\
-     idempotency_key VARCHAR(255) PRIMARY KEY, \
-     created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)";
-
 /// Creates the idempotency table if it does not exist (for applications that do not run the
 /// crate's migration).
 pub fn ensure_idempotency_table<C: Connection>(conn: &mut C) -> diesel::QueryResult<()> {
@@ -182,7 +165,7 @@ impl RetryConnection for diesel::PgConnection {
     fn current_txid(&mut self) -> diesel::QueryResult<Option<i64>> {
         use diesel::RunQueryDsl;
         diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
-            "txid_current()",
+            sql::TXID_CURRENT,
         ))
         .get_result(self)
         .map(Some)
@@ -192,33 +175,25 @@ impl RetryConnection for diesel::PgConnection {
         use diesel::sql_types::{BigInt, Nullable, Text};
         use diesel::RunQueryDsl;
         let status: Option<String> = diesel::select(
-            diesel::dsl::sql::<Nullable<Text>>("txid_status(")
+            diesel::dsl::sql::<Nullable<Text>>(&format!("{}(", sql::TXID_STATUS))
                 .bind::<BigInt, _>(txid)
                 .sql(")"),
         )
         .get_result(self)?;
-        Ok(match status.as_deref() {
-            Some("committed") => TxStatus::Committed,
-            Some("aborted") => TxStatus::Aborted,
-            Some("in progress") => TxStatus::InProgress,
-            _ => TxStatus::Unknown,
-        })
+        Ok(TxStatus::from_txid_status(status.as_deref()))
     }
 
     fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
         use diesel::RunQueryDsl;
-        diesel::sql_query(
-            "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES ($1)",
-        )
-        .bind::<diesel::sql_types::Text, _>(key)
-        .execute(self)
-        .map(drop)
+        diesel::sql_query(sql::INSERT_KEY_PG)
+            .bind::<diesel::sql_types::Text, _>(key)
+            .execute(self)
+            .map(drop)
     }
 
     fn limit_lock_wait(&mut self, limit: Duration) -> diesel::QueryResult<()> {
         use diesel::connection::SimpleConnection;
-        let ms = limit.as_millis().clamp(1, i32::MAX as u128);
-        self.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))
+        self.batch_execute(&sql::lock_timeout(limit))
     }
 }
 
@@ -234,12 +209,10 @@ impl RetryConnection for diesel::SqliteConnection {
 
     fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
         use diesel::RunQueryDsl;
-        diesel::sql_query(
-            "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES (?)",
-        )
-        .bind::<diesel::sql_types::Text, _>(key)
-        .execute(self)
-        .map(drop)
+        diesel::sql_query(sql::INSERT_KEY_SQLITE)
+            .bind::<diesel::sql_types::Text, _>(key)
+            .execute(self)
+            .map(drop)
     }
 }
 
@@ -273,7 +246,7 @@ where
     run_sync(
         policy,
         &hooks,
-        |e: &E| e.class(),
+        |e: &E| e.class_for(DRIVER),
         |_attempt| {
             let guard = pool.checkout().map_err(AttemptError::Pool)?;
             attempt(&hooks, guard)
@@ -311,20 +284,10 @@ where
             Ok(Prepared::Commit { value, txid })
         },
         |txid| match txid {
-            None if !policy.verify_commit() => Err("commit verification is off".to_owned()),
-            None => Err("this backend has no transaction ids; use commit_with_key".to_owned()),
+            None => Err(no_txid_reason(policy.verify_commit())),
             Some(txid) => resolve_by_txid(pool, policy, txid),
         },
     )
-}
-
-/// What [`commit_with_key`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Keyed<T> {
-    /// The transaction committed now (possibly after retries); the closure's result.
-    Committed(T),
-    /// A transaction with this key had committed before this call; nothing was run.
-    AlreadyCommitted,
 }
 
 /// Like [`commit_with_retry`], for any backend: inserts `key` into the idempotency table
@@ -406,13 +369,6 @@ where
     })
 }
 
-fn is_unique_violation(e: &DieselError) -> bool {
-    matches!(
-        e,
-        DieselError::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
-    )
-}
-
 fn begin<C: Connection>(conn: &mut C) -> diesel::QueryResult<()> {
     C::TransactionManager::begin_transaction(conn)
 }
@@ -446,44 +402,6 @@ fn abandon<C: Connection, E>(conn: &mut C, e: E) -> AttemptError<E> {
     AttemptError::Op(e)
 }
 
-/// How an ambiguous commit was resolved.
-enum Resolved {
-    Committed,
-    Aborted,
-}
-
-/// Turns a `COMMIT` cut off by a lost connection into the attempt's outcome.
-fn finish_ambiguous<T, E>(
-    hooks: &RetryHooks<'_>,
-    commit_error: DieselError,
-    txid: Option<i64>,
-    resolution: Result<Resolved, String>,
-    value: T,
-) -> Result<T, AttemptError<E>>
-where
-    E: From<DieselError>,
-{
-    match resolution {
-        Ok(Resolved::Committed) => {
-            if let Some(stats) = hooks.stats {
-                stats.record_commit_resolved();
-            }
-            log::warn!(
-                target: pool_core::events::LOG_TARGET,
-                "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
-                hooks.pool
-            );
-            Ok(value)
-        }
-        Ok(Resolved::Aborted) => Err(AttemptError::Op(commit_error.into())),
-        Err(reason) => Err(AttemptError::AmbiguousCommit {
-            error: commit_error.into(),
-            txid,
-            reason,
-        }),
-    }
-}
-
 /// Asks fresh connections what became of `txid` until the answer is final or the policy's
 /// resolution time is up.
 fn resolve_by_txid<P>(pool: &P, policy: &RetryPolicy, txid: i64) -> Result<Resolved, String>
@@ -491,18 +409,9 @@ where
     P: RetryablePool,
     P::Connection: RetryConnection,
 {
-    poll_until(
-        policy,
-        |conn: &mut P::Connection, _left: Duration| match conn.txid_status(txid)? {
-            TxStatus::Committed => Ok(Some(Resolved::Committed)),
-            TxStatus::Aborted => Ok(Some(Resolved::Aborted)),
-            TxStatus::InProgress => Ok(None),
-            TxStatus::Unknown => Err(ProbeError::Final(format!(
-                "the server no longer knows transaction {txid}"
-            ))),
-        },
-        pool,
-    )
+    poll_until(pool, policy, |conn: &mut P::Connection, _left| {
+        Ok(conn.txid_status(txid)?.answer(txid))
+    })
 }
 
 /// Inserts the key again in a throwaway transaction: a unique violation means the cut-off
@@ -512,87 +421,40 @@ where
     P: RetryablePool,
     P::Connection: RetryConnection,
 {
-    poll_until(
-        policy,
-        |conn: &mut P::Connection, left: Duration| {
-            begin(conn)?;
-            // The cut-off transaction may still hold the key's lock: wait for it only as
-            // long as the resolution may take.
-            let probe = conn
-                .limit_lock_wait(left)
-                .and_then(|()| conn.insert_idempotency_key(key));
-            let _ = rollback(conn);
-            match probe {
-                Ok(()) => Ok(Some(Resolved::Aborted)),
-                Err(e) if is_unique_violation(&e) => Ok(Some(Resolved::Committed)),
-                Err(e) => Err(e.into()),
-            }
-        },
-        pool,
-    )
+    poll_until(pool, policy, |conn: &mut P::Connection, left| {
+        begin(conn)?;
+        // The cut-off transaction may still hold the key's lock: wait for it only as long as
+        // the resolution may take.
+        let probe = conn
+            .limit_lock_wait(left)
+            .and_then(|()| conn.insert_idempotency_key(key));
+        let _ = rollback(conn);
+        key_probe_answer(probe)
+    })
 }
 
-/// Errors while resolving: a transient database error is asked again, a `Final` one is not.
-enum ProbeError {
-    Db(DieselError),
-    Final(String),
-}
-
-impl From<DieselError> for ProbeError {
-    fn from(e: DieselError) -> Self {
-        ProbeError::Db(e)
-    }
-}
-
-fn poll_until<P, R>(
-    policy: &RetryPolicy,
-    mut probe: impl FnMut(&mut P::Connection, Duration) -> Result<Option<R>, ProbeError>,
+/// Asks fresh connections until an answer or the policy's resolution time is up: every
+/// checkout is bounded by what is left of it, and `ask` is told how much that is.
+fn poll_until<P>(
     pool: &P,
-) -> Result<R, String>
+    policy: &RetryPolicy,
+    mut ask: impl FnMut(&mut P::Connection, Duration) -> QueryResult<Asked>,
+) -> Result<Resolved, String>
 where
     P: RetryablePool,
 {
-    let deadline = Instant::now() + policy.commit_resolution_timeout();
-    let mut wait = Duration::from_millis(20);
-    let mut last;
+    let mut resolution = Resolution::start(policy);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match pool.checkout_within(left.max(Duration::from_millis(1))) {
-            Ok(mut conn) => match probe(&mut conn, left) {
-                Ok(Some(answer)) => return Ok(answer),
-                Ok(None) => last = "the transaction was still in progress".into(),
-                Err(ProbeError::Final(reason)) => return Err(reason),
-                Err(ProbeError::Db(e)) if classify_diesel(&e).is_transient() => {
-                    last = pool.redact(&e.to_string());
-                }
-                Err(ProbeError::Db(e)) => {
-                    return Err(format!(
-                        "asking the server failed: {}",
-                        pool.redact(&e.to_string())
-                    ))
-                }
-            },
-            Err(e) => last = e.message,
+        let left = resolution.left();
+        let outcome = match pool.checkout_within(left) {
+            Ok(mut conn) => asked(ask(&mut conn, left), classify_diesel, |text| {
+                pool.redact(text)
+            }),
+            Err(e) => Asked::NoConnection(e.message),
+        };
+        match resolution.after(outcome) {
+            Step::Done(resolved) => return resolved,
+            Step::Wait(pause) => std::thread::sleep(pause),
         }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(format!(
-                "no answer within {:?} ({last})",
-                policy.commit_resolution_timeout()
-            ));
-        }
-        std::thread::sleep(wait.min(deadline - now));
-        wait = (wait * 2).min(Duration::from_millis(500));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_idempotency_table_sql_names_the_table_the_inserts_use() {
-        assert!(IDEMPOTENCY_TABLE_SQL.contains("resilient_diesel_idempotency_keys"));
-        assert!(IDEMPOTENCY_TABLE_SQL.contains("idempotency_key"));
     }
 }

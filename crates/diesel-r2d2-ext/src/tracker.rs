@@ -1,18 +1,7 @@
-//! Per-connection state, carried inside the connection itself.
-//!
-//! r2d2 hands the manager a bare `&mut PgConnection`, with no room for the pool's
-//! bookkeeping. Diesel gives every connection an [`Instrumentation`] slot that can be
-//! downcast, so each pooled connection carries a [`Tracker`] there: the engine's
-//! [`ConnState`], our duplicate of its socket, and a view of every query's outcome. That last
-//! part is what makes disconnect detection need no change at call sites: a query that fails
-//! with a connection-class error marks the connection broken (r2d2 then drops it at checkin
-//! instead of pooling it) and invalidates the pool's older connections.
-//!
-//! The application's own default instrumentation (`diesel::connection::set_default_instrumentation`)
-//! keeps working: the tracker forwards every event to it.
-
-use diesel::connection::{Instrumentation, InstrumentationEvent};
-use pool_core::engine::ConnState;
+//! Per-connection state, carried inside the connection itself: `diesel-ext-common`'s
+//! [`Tracker`](diesel_ext_common::Tracker), holding besides the engine's state our duplicate of
+//! the connection's socket ([`SocketSlot`]), probed on every checkout and shut down by the
+//! watchdog when a ping stalls.
 
 use crate::socket::{Candidates, ConnSocket};
 
@@ -42,43 +31,17 @@ impl SocketSlot {
     }
 }
 
-/// The pool's view of one connection; lives in the connection's instrumentation slot.
-///
-/// Field order matters: the socket duplicate is closed before the state, whose drop releases
-/// the budget permit (and the connection's own socket is closed before its instrumentation).
-pub(crate) struct Tracker {
-    pub(crate) socket: SocketSlot,
-    pub(crate) state: ConnState,
-    inner: Option<Box<dyn Instrumentation>>,
-}
+/// The pool's view of one connection, with its socket; lives in the connection's
+/// instrumentation slot.
+pub(crate) type Tracker = diesel_ext_common::Tracker<SocketSlot>;
 
-impl Tracker {
-    pub(crate) fn new(state: ConnState, socket: SocketSlot) -> Tracker {
-        Tracker {
-            socket,
-            state,
-            inner: diesel::connection::get_default_instrumentation(),
-        }
-    }
-}
-
-impl Instrumentation for Tracker {
-    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
-        if let InstrumentationEvent::FinishQuery {
-            error: Some(err), ..
-        } = &event
-        {
-            self.state
-                .observe_error(crate::classify::classify_diesel(err));
-        }
-        if let Some(inner) = self.inner.as_mut() {
-            inner.on_connection_event(event);
-        }
-    }
+/// The tracker of a connection in `state` with `socket`.
+pub(crate) fn tracker(state: pool_core::engine::ConnState, socket: SocketSlot) -> Tracker {
+    Tracker::new(state, socket, crate::classify::classify_diesel)
 }
 
 /// The tracker of a pooled connection, if it still carries one (an application may have
 /// replaced the connection's instrumentation).
 pub(crate) fn tracker_of<C: diesel::Connection>(conn: &mut C) -> Option<&mut Tracker> {
-    conn.instrumentation().downcast_mut::<Tracker>()
+    diesel_ext_common::tracker::tracker_of(conn.instrumentation())
 }

@@ -656,6 +656,17 @@ impl Budget {
         self.inner.state.lock().timeouts[class.0] += 1;
     }
 
+    /// Counts a timed-out wait of `class` that lasted `waited` and returns its error (for the
+    /// async path, where the caller owns the timeout).
+    pub fn timed_out(&self, class: ClassId, waited: Duration) -> AcquireError {
+        self.record_timeout(class);
+        AcquireError::Timeout {
+            class: self.class_name(class).to_owned(),
+            waited,
+            snapshot: self.snapshot(),
+        }
+    }
+
     /// How many permits `class` should give back now: as many as waiters of other classes
     /// are blocked on the budget, up to what `class` holds above its floor.
     pub fn reclaim_wanted(&self, class: ClassId) -> u32 {

@@ -13,8 +13,10 @@
 //! | [`status`] | [`StatusReport`]: the snapshots as a report for people and as JSON |
 //! | [`events`] | [`PoolEvent`]s, the [`EventListener`] trait and the [`LogListener`] |
 //! | [`budget`] | [`Budget`]: a connection budget shared by classes with reserved floors |
+//! | [`classes`] | [`Class`](classes::Class) and [`Classes`](classes::Classes): one pool per class of work, planned from the budget |
+//! | [`capacity`] | [`ServerCapacity`](capacity::ServerCapacity): does the budget fit what the server has left |
 //! | [`classify`] | [`ErrorClass`]: which errors are transient, which mean the pool is stale |
-//! | [`retry`] | [`RetryPolicy`] and the retry loop behind `with_retry` / `commit_with_retry` |
+//! | [`retry`] | [`RetryPolicy`], the retry loop behind `with_retry` / `commit_with_retry`, and the resolution of a cut-off `COMMIT` |
 //! | [`engine`] | the checkout engine both adapters run: pool and connection state, checkout and checkin decisions, the FIFO gate, the watchdog, leak timers |
 //! | [`settings`] | the one table of settings: name, environment variable, default, kind, doc |
 //! | [`error`] | [`ConfigError`]: what was wrong, where, and what to do |
@@ -53,6 +55,8 @@
 #![deny(missing_docs)]
 
 pub mod budget;
+pub mod capacity;
+pub mod classes;
 pub mod classify;
 pub mod config;
 pub mod engine;

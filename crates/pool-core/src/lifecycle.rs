@@ -149,6 +149,18 @@ impl LifecyclePolicy {
         epoch: u64,
         probe: ProbeResult,
     ) -> CheckoutAction {
+        self.on_checkout_probing(state, now, epoch, || probe)
+    }
+
+    /// [`LifecyclePolicy::on_checkout`], running `probe` only when the answer depends on it
+    /// (not for a connection retired anyway as broken, expired or idle too long).
+    pub fn on_checkout_probing(
+        &self,
+        state: &ConnectionState,
+        now: Instant,
+        epoch: u64,
+        probe: impl FnOnce() -> ProbeResult,
+    ) -> CheckoutAction {
         if state.broken {
             return CheckoutAction::Discard(CloseReason::Broken);
         }
@@ -161,6 +173,7 @@ impl LifecyclePolicy {
         {
             return CheckoutAction::Discard(CloseReason::IdleTimeout);
         }
+        let probe = probe();
         if probe == ProbeResult::Dead {
             return CheckoutAction::Discard(CloseReason::ProbeDead);
         }

@@ -4,8 +4,10 @@
 //! transient error ([`ErrorClass::is_transient`]); [`run_sync`] and [`run_async`] are the loop.
 //! The loop knows nothing of connections or transactions: each attempt is a closure that
 //! returns either a value or an [`AttemptError`] saying what went wrong, and the adapters
-//! (`diesel_r2d2_ext::retry`) build `with_retry` and `commit_with_retry` on top, including the
-//! resolution of ambiguous commits.
+//! (`diesel_r2d2_ext::retry`, `diesel_async_ext::retry`) build `with_retry` and
+//! `commit_with_retry` on top. What resolving an ambiguous commit takes besides the server's
+//! answer is here too: the deadline and pause bookkeeping ([`Resolution`]), the reading of
+//! `txid_status()` ([`TxStatus`]), the outcome ([`finish_ambiguous`]) and the SQL ([`sql`]).
 //!
 //! Delays follow an exponential schedule built with
 //! [`backon::ExponentialBuilder`] (`base`, `2 * base`, `4 * base`, ...,
@@ -49,6 +51,13 @@ use crate::classify::ErrorClass;
 use crate::events::{EventListener, LogListener, PoolEvent};
 use crate::redact::redact;
 use crate::stats::PoolStats;
+
+mod commit;
+
+pub use commit::{
+    finish_ambiguous, no_txid_reason, sql, Asked, Keyed, Resolution, Resolved, Step, TxStatus,
+    IDEMPOTENCY_TABLE_SQL,
+};
 
 /// How to retry: attempts, time limit, backoff, and whether commits are verified.
 ///

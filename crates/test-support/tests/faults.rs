@@ -141,11 +141,13 @@ fn latency_delays_every_chunk() {
     let slow = t.elapsed();
     assert!(slow >= Duration::from_millis(280), "{slow:?}");
     proxy.set_latency(Duration::ZERO);
+    // Off again: this query is not delayed by a chunk's 150 ms, in each direction (a generous
+    // bound — the query itself is sub-millisecond — so that a loaded machine cannot fail it).
     let t = Instant::now();
     one(&mut conn).unwrap();
     assert!(
-        t.elapsed() < Duration::from_millis(150),
-        "{:?}",
+        t.elapsed() < slow,
+        "{:?} vs {slow:?} with the latency on",
         t.elapsed()
     );
 }

@@ -167,19 +167,15 @@ impl ConnState {
                 ProbeResult::Unavailable
             }
         };
-        // Dead, expired and idle-too-long connections go without a look at the socket, except
-        // that a budget class keeps its reserved floor open: an idle one within it is pinged.
-        let probe = match policy.on_checkout(&self.lifecycle, now, epoch, ProbeResult::Alive) {
+        // Dead, expired and idle-too-long connections go without a look at the socket.
+        match policy.on_checkout_probing(&self.lifecycle, now, epoch, probe) {
+            CheckoutAction::Reuse => CheckoutStep::Reuse,
+            // A budget class keeps its reserved floor open: an idle one within it is pinged.
             CheckoutAction::Discard(CloseReason::IdleTimeout)
                 if pool.open_connections() <= pool.floor() =>
             {
-                return self.ping(epoch, policy.validation.timeout);
+                self.ping(epoch, policy.validation.timeout)
             }
-            CheckoutAction::Discard(reason) => return self.discard(reason),
-            _ => probe(),
-        };
-        match policy.on_checkout(&self.lifecycle, now, epoch, probe) {
-            CheckoutAction::Reuse => CheckoutStep::Reuse,
             CheckoutAction::Discard(reason) => {
                 if reason == CloseReason::ProbeDead {
                     pool.stats().record_probe_dead();
@@ -254,11 +250,14 @@ impl ConnState {
         ok
     }
 
-    /// Step 3: the connection is handed to the caller, who waited `waited` for it, holding
-    /// the gate permit `gate`. Counts it, reports it, starts the leak timer.
-    pub fn handed_out(&mut self, waited: Duration, gate: Option<Permit>) {
+    /// Step 3: the connection is handed to the caller, who started asking for it at
+    /// `asked_at`, holding the gate permit `gate`. Counts it, reports it, starts the leak
+    /// timer.
+    pub fn handed_out(&mut self, asked_at: Instant, gate: Option<Permit>) {
         let pool = self.pool.clone();
-        self.checked_out_at = Some(Instant::now());
+        let now = Instant::now();
+        let waited = now.saturating_duration_since(asked_at);
+        self.checked_out_at = Some(now);
         self.gate = gate;
         pool.stats().record_checkout(waited);
         pool.emit(&PoolEvent::CheckedOut {

@@ -7,6 +7,7 @@
 //! | `gate.rs` | [`Gate`]: checkouts served in arrival order |
 //! | `watchdog.rs` | [`Watchdog`]: deadlines a blocking driver cannot enforce |
 //! | `leak.rs` | [`LeakTimer`]: a connection held too long, reported once |
+//! | `maintenance.rs` | [`Maintenance`]: when the pool's maintenance walks the idle connections, and whether it waits on the budget |
 //!
 //! A checkout, in any adapter:
 //!
@@ -23,12 +24,14 @@
 mod conn_state;
 mod gate;
 mod leak;
+mod maintenance;
 mod pool_state;
 mod watchdog;
 
 pub use conn_state::{CheckoutStep, ConnState};
 pub use gate::Gate;
 pub use leak::LeakTimer;
+pub use maintenance::{sweep_interval, Maintenance};
 pub use pool_state::PoolState;
 pub use watchdog::{Armed, Watchdog};
 

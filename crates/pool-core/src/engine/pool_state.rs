@@ -13,6 +13,7 @@ use crate::config::PoolConfig;
 use crate::error::ConfigError;
 use crate::events::{EventListener, PoolEvent, LOG_TARGET};
 use crate::lifecycle::Epoch;
+use crate::retry::RetryHooks;
 use crate::stats::{Gauges, PoolStats, StatsSnapshot};
 
 /// State shared by a pool and all its connections: the configuration (validated once, here),
@@ -123,6 +124,36 @@ impl PoolState {
             .map_or(0, |(budget, class)| budget.limits(*class).reserved)
     }
 
+    /// Connections opened when the pool is built: a budget class's floor, a plain pool's
+    /// `pool_size`.
+    pub fn initial_size(&self) -> u32 {
+        match self.budget {
+            Some(_) => self.floor(),
+            None => self.config.pool_size,
+        }
+    }
+
+    /// How long a connect waits for a budget permit while a checkout wants it: 80% of the pool
+    /// timeout, so that a checkout timing out on the budget finds the budget's error to quote.
+    pub fn connect_permit_wait(&self) -> Duration {
+        self.config.pool_timeout.mul_f64(0.8)
+    }
+
+    /// Where the retry functions report attempts on this pool: its name, stats and listener.
+    pub fn retry_hooks(&self) -> RetryHooks<'_> {
+        RetryHooks {
+            pool: self.name(),
+            stats: Some(self.stats()),
+            listener: self,
+        }
+    }
+
+    /// The floor, when fewer connections than it are open: the maintenance opens the rest.
+    pub fn below_floor(&self) -> Option<u32> {
+        let floor = self.floor();
+        (self.open_connections() < floor).then_some(floor)
+    }
+
     pub(super) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -219,6 +250,12 @@ impl PoolState {
     /// Whether the liveness probe works for this pool.
     pub fn probe_available(&self) -> bool {
         self.probe_available.load(Ordering::Acquire)
+    }
+
+    /// The pool's stats with its gauges, from the wrapped pool's counts now: its connections
+    /// (in use or idle) and its idle ones.
+    pub fn snapshot_counts(&self, connections: u32, idle: u32) -> StatsSnapshot {
+        self.snapshot(connections.saturating_sub(idle), idle)
     }
 
     /// The pool's stats with its gauges: `in_use` and `idle` as the pool sees them now.

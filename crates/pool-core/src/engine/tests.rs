@@ -35,7 +35,7 @@ fn overflow_connections_close_on_return_and_pool_size_ones_stay() {
     assert_eq!(p.open_connections(), 5);
     let mut closed = 0;
     for c in &mut conns {
-        c.handed_out(Duration::ZERO, None);
+        c.handed_out(Instant::now(), None);
         if c.checkin(false) == Some(CloseReason::Overflow) {
             closed += 1;
         }
@@ -119,7 +119,7 @@ fn a_ping_whose_deadline_fired_does_not_validate() {
 fn a_session_left_dirty_is_closed_at_checkin() {
     let p = pool(1, 0);
     let mut c = ConnState::opened(&p, Duration::ZERO, None);
-    c.handed_out(Duration::ZERO, None);
+    c.handed_out(Instant::now(), None);
     assert_eq!(c.checkin(true), Some(CloseReason::Broken));
 }
 
@@ -163,7 +163,7 @@ fn events_about_one_connection_carry_its_one_id() {
     );
     let mut c = ConnState::opened(&p, Duration::ZERO, None);
     let id = c.id();
-    c.handed_out(Duration::ZERO, None);
+    c.handed_out(Instant::now(), None);
     c.checkin(false);
     drop(c);
     let seen = seen.lock();
@@ -180,7 +180,7 @@ fn a_panicking_listener_is_contained() {
         Arc::new(|_: &PoolEvent<'_>| panic!("listener bug")),
     );
     let mut c = ConnState::opened(&p, Duration::ZERO, None);
-    c.handed_out(Duration::ZERO, None);
+    c.handed_out(Instant::now(), None);
     assert_eq!(c.checkin(false), None);
     drop(c);
     assert_eq!(p.open_connections(), 0);
@@ -209,7 +209,7 @@ fn a_leak_report_never_comes_after_the_checkin() {
     for i in 0..300u64 {
         checked_in.store(false, Ordering::SeqCst);
         let mut c = ConnState::opened(&p, Duration::ZERO, None);
-        c.handed_out(Duration::ZERO, None);
+        c.handed_out(Instant::now(), None);
         std::thread::sleep(Duration::from_micros(i % 400));
         c.checkin(false);
         checked_in.store(true, Ordering::SeqCst);
@@ -278,4 +278,20 @@ fn a_connection_returned_in_the_middle_of_its_ping_is_closed() {
     ));
     // The checkout future was dropped here, before the ping's reply.
     assert_eq!(c.checkin(false), Some(CloseReason::PingFailed));
+}
+
+#[test]
+fn a_pool_without_the_probe_says_so_in_its_stats_and_status_report() {
+    let p = pool(1, 0);
+    assert!(p.snapshot(0, 0).probe_available);
+    p.set_probe_available(false, "sockets cannot be identified on this platform");
+    let snapshot = p.snapshot(0, 1);
+    assert!(!snapshot.probe_available);
+    let report = crate::status::StatusReport::new(vec![snapshot]);
+    assert!(
+        report.to_string().contains("Liveness probe: UNAVAILABLE"),
+        "{report}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["pools"][0]["probe_available"], false);
 }

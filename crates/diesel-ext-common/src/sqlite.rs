@@ -10,7 +10,7 @@ use diesel::QueryResult;
 use pool_core::config::SqliteSettings;
 
 /// The statements run on every new SQLite connection.
-pub(crate) fn pragmas(s: &SqliteSettings) -> String {
+pub fn pragmas(s: &SqliteSettings) -> String {
     let mut sql = format!("PRAGMA busy_timeout = {};", s.busy_timeout.as_millis());
     if s.wal {
         sql.push_str(" PRAGMA journal_mode = WAL;");
@@ -23,8 +23,11 @@ pub(crate) fn pragmas(s: &SqliteSettings) -> String {
     sql
 }
 
-/// Applies [`pragmas`] to a fresh connection.
-pub(crate) fn apply(conn: &mut diesel::SqliteConnection, s: &SqliteSettings) -> QueryResult<()> {
+/// Applies [`pragmas`] to a fresh (sync) connection.
+///
+/// # Errors
+/// The connection's error, if a pragma fails.
+pub fn apply(conn: &mut impl SimpleConnection, s: &SqliteSettings) -> QueryResult<()> {
     conn.batch_execute(&pragmas(s))
 }
 
@@ -45,5 +48,17 @@ mod tests {
         assert!(sql.contains("journal_mode = WAL"));
         assert!(sql.contains("foreign_keys = ON"));
         assert!(!sql.contains("keepalives"));
+    }
+
+    #[test]
+    fn pragmas_cover_busy_timeout_wal_and_foreign_keys_and_nothing_else() {
+        let s = pool_core::config::PoolConfig::builder("sqlite://app.db")
+            .sqlite_busy_timeout(Duration::from_millis(2500))
+            .sqlite_wal(false)
+            .build()
+            .unwrap()
+            .sqlite;
+        let sql = pragmas(&s);
+        assert_eq!(sql, "PRAGMA busy_timeout = 2500; PRAGMA foreign_keys = ON;");
     }
 }

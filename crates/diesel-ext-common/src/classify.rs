@@ -1,0 +1,188 @@
+//! Diesel's errors mapped to [`ErrorClass`], as each driver reports them.
+//!
+//! Diesel reports a few SQLSTATEs as [`DatabaseErrorKind`] variants (serialization failure,
+//! read-only transaction, closed connection, constraint violations), the same under both
+//! drivers. The rest depends on the driver ([`Driver`]):
+//!
+//! * sync Diesel ([`Driver::Diesel`]: libpq, SQLite's library): other server errors arrive
+//!   as `DatabaseErrorKind::Unknown` with the server's primary message, matched whole against
+//!   the server's own forms ([`classify_server_message`]); libpq's own failures
+//!   (`UnableToSendCommand`) carry libpq's text ([`classify_message`]);
+//! * diesel-async ([`Driver::DieselAsync`]): a tokio-postgres error **without** a SQLSTATE —
+//!   an I/O failure, a closed connection, a TLS failure — arrives as
+//!   `DatabaseError(UnableToSendCommand, text)` with tokio-postgres's short description
+//!   (`connection closed`, `error communicating with the server`, `channel closed`): matched
+//!   as a client library's message ([`classify_client_message`]); a server error whose
+//!   SQLSTATE diesel-async does not map — deadlocks, the FATALs of an administrator shutdown
+//!   (57P01) or an idle-session timeout (57P05), "too many clients" — arrives as
+//!   `DatabaseError(Unknown, info)` with the server's primary message, never as
+//!   `ClosedConnection`; SQLite's "database is locked" comes through `Unknown` too.
+//!
+//! Your own error types take part through [`Classify`]: implement it by delegating to the
+//! `diesel::result::Error` inside, and the adapters' retry functions accept them.
+
+use diesel::result::{DatabaseErrorKind, Error};
+use pool_core::classify::{
+    classify_client_message, classify_message, classify_server_message, ErrorClass,
+};
+
+/// How a driver under Diesel reports its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Driver {
+    /// Sync Diesel's own connections (`PgConnection` over libpq, `SqliteConnection`), as
+    /// `diesel-r2d2-ext` pools them.
+    Diesel,
+    /// diesel-async's connections (`AsyncPgConnection` over tokio-postgres, SQLite through
+    /// `SyncConnectionWrapper`), as `diesel-async-ext` pools them.
+    DieselAsync,
+}
+
+/// What diesel-async says when its connection task ended without an error of its own (the
+/// error channel closed) or the server sent something out of order: the connection is gone.
+const LOST_WITHOUT_A_CAUSE: &[&str] = &["channel closed", "unexpected message from server"];
+
+impl Driver {
+    /// Classifies a Diesel error as this driver produces it.
+    pub fn classify(self, err: &Error) -> ErrorClass {
+        match err {
+            Error::DatabaseError(kind, info) => match kind {
+                DatabaseErrorKind::SerializationFailure => ErrorClass::SerializationFailure,
+                DatabaseErrorKind::ReadOnlyTransaction => ErrorClass::ReadOnlyTransaction,
+                DatabaseErrorKind::ClosedConnection => ErrorClass::ConnectionLost,
+                DatabaseErrorKind::UniqueViolation
+                | DatabaseErrorKind::ForeignKeyViolation
+                | DatabaseErrorKind::NotNullViolation
+                | DatabaseErrorKind::CheckViolation
+                | DatabaseErrorKind::RestrictViolation
+                | DatabaseErrorKind::ExclusionViolation => ErrorClass::Permanent,
+                kind => self.classify_message(kind, info.message()),
+            },
+            // A commit that failed, followed by a failed rollback: what cut the commit off
+            // decides.
+            Error::RollbackErrorOnCommit { commit_error, .. } => self.classify(commit_error),
+            // The transaction manager gave up on the connection (an error it could not recover
+            // from, a cancelled BEGIN/COMMIT): in practice a lost connection; a fresh one
+            // fixes it.
+            Error::BrokenTransactionManager => ErrorClass::ConnectionLost,
+            _ => ErrorClass::Permanent,
+        }
+    }
+
+    /// The text of a database error of `kind` with no class of its own.
+    fn classify_message(self, kind: &DatabaseErrorKind, message: &str) -> ErrorClass {
+        match (self, kind) {
+            (Driver::Diesel, DatabaseErrorKind::Unknown) => classify_server_message(message),
+            (Driver::Diesel, _) => classify_message(message),
+            (Driver::DieselAsync, DatabaseErrorKind::UnableToSendCommand) => {
+                match classify_client_message(message) {
+                    ErrorClass::Permanent
+                        if LOST_WITHOUT_A_CAUSE
+                            .iter()
+                            .any(|m| message.trim().eq_ignore_ascii_case(m)) =>
+                    {
+                        ErrorClass::ConnectionLost
+                    }
+                    class => class,
+                }
+            }
+            (Driver::DieselAsync, _) => match classify_server_message(message) {
+                // SQLite reports "database is locked" and the like through `Unknown` too.
+                ErrorClass::Permanent => classify_message(message),
+                class => class,
+            },
+        }
+    }
+
+    /// Classifies a connection error (from `establish`).
+    pub fn classify_connection(self, err: &diesel::ConnectionError) -> ErrorClass {
+        match err {
+            // Refused, reset, timed out while connecting: the server may be restarting.
+            diesel::ConnectionError::BadConnection(message) => classify_message(message),
+            diesel::ConnectionError::CouldntSetupConfiguration(e) => self.classify(e),
+            _ => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// Classifies a Diesel error as sync Diesel (libpq, SQLite) produces it.
+pub fn classify_diesel_sync(err: &Error) -> ErrorClass {
+    Driver::Diesel.classify(err)
+}
+
+/// Classifies a Diesel error as diesel-async (PostgreSQL, or SQLite through the sync
+/// wrapper) produces it.
+pub fn classify_diesel_async(err: &Error) -> ErrorClass {
+    Driver::DieselAsync.classify(err)
+}
+
+/// Classifies a connection error (from `establish`), as sync Diesel produces it.
+pub fn classify_connection_error(err: &diesel::ConnectionError) -> ErrorClass {
+    Driver::Diesel.classify_connection(err)
+}
+
+/// An error type the retry functions can classify. Implemented for Diesel's errors;
+/// implement it for your own error type by finding the Diesel error inside, with your
+/// adapter's `classify_diesel` (`diesel_r2d2_ext::classify` or `diesel_async_ext::classify`):
+///
+/// ```
+/// use diesel_ext_common::classify::{classify_diesel_sync as classify_diesel, Classify};
+/// use pool_core::classify::ErrorClass;
+///
+/// #[derive(Debug)]
+/// enum AppError {
+///     Db(diesel::result::Error),
+///     OutOfStock,
+/// }
+///
+/// impl From<diesel::result::Error> for AppError {
+///     fn from(e: diesel::result::Error) -> Self {
+///         AppError::Db(e)
+///     }
+/// }
+///
+/// impl Classify for AppError {
+///     fn class(&self) -> ErrorClass {
+///         match self {
+///             AppError::Db(e) => classify_diesel(e),
+///             AppError::OutOfStock => ErrorClass::Permanent,
+///         }
+///     }
+/// }
+/// ```
+pub trait Classify {
+    /// The error's class.
+    fn class(&self) -> ErrorClass;
+
+    /// The error's class as `driver` reports errors; what the adapters' retry functions ask.
+    /// Defaults to [`Classify::class`]: implement that one. Diesel's own errors, which do
+    /// not say which driver made them, are classified as `driver` makes them.
+    fn class_for(&self, driver: Driver) -> ErrorClass {
+        let _ = driver;
+        self.class()
+    }
+}
+
+/// Diesel's error on its own is classified as sync Diesel reports it; the adapters' retry
+/// functions ask [`Classify::class_for`] with their driver.
+impl Classify for Error {
+    fn class(&self) -> ErrorClass {
+        Driver::Diesel.classify(self)
+    }
+
+    fn class_for(&self, driver: Driver) -> ErrorClass {
+        driver.classify(self)
+    }
+}
+
+/// Classified as sync Diesel reports it; the adapters' retry functions ask
+/// [`Classify::class_for`] with their driver.
+impl Classify for diesel::ConnectionError {
+    fn class(&self) -> ErrorClass {
+        Driver::Diesel.classify_connection(self)
+    }
+
+    fn class_for(&self, driver: Driver) -> ErrorClass {
+        driver.classify_connection(self)
+    }
+}

@@ -1,0 +1,329 @@
+//! Resolving a `COMMIT` cut off by a lost connection: what both adapters' `commit_with_retry`
+//! and `commit_with_key` share.
+//!
+//! When the connection is lost while `COMMIT` is in flight, the transaction may have
+//! committed. The adapter asks fresh connections what became of it (`txid_status()` of the id
+//! read before `COMMIT`, or the idempotency key inserted again), each question bounded by what
+//! is left of the policy's `commit_resolution_timeout`. A [`Resolution`] keeps that
+//! bookkeeping: the deadline, the pause between questions (20 ms, doubling up to 500 ms) and
+//! the last reason there was no answer; the adapter checks out, asks, and sleeps with its own
+//! timer. [`finish_ambiguous`] turns the answer into the attempt's outcome.
+//!
+//! ```
+//! use std::time::Duration;
+//! use pool_core::retry::{Asked, Resolution, Resolved, RetryPolicy, Step, TxStatus};
+//!
+//! let policy = RetryPolicy::builder()
+//!     .commit_resolution_timeout(Duration::from_millis(50))
+//!     .build()?;
+//! let mut resolution = Resolution::start(&policy);
+//! let answers = [Some("in progress"), Some("committed")];
+//! let mut answers = answers.iter();
+//! let outcome = loop {
+//!     // An adapter checks a connection out within `resolution.left()` and asks the server.
+//!     let asked = match answers.next() {
+//!         Some(text) => TxStatus::from_txid_status(*text).answer(7),
+//!         None => Asked::NoConnection("pool timed out".into()),
+//!     };
+//!     match resolution.after(asked) {
+//!         Step::Done(outcome) => break outcome,
+//!         Step::Wait(pause) => std::thread::sleep(pause),
+//!     }
+//! };
+//! assert_eq!(outcome, Ok(Resolved::Committed));
+//! # Ok::<(), pool_core::retry::PolicyError>(())
+//! ```
+
+use std::time::{Duration, Instant};
+
+use super::{AttemptError, RetryHooks, RetryPolicy};
+use crate::classify::ErrorClass;
+
+/// The idempotency table, as the repository's `migrations/` creates it (PostgreSQL, SQLite
+/// and MySQL accept it).
+pub const IDEMPOTENCY_TABLE_SQL: &str =
+    "CREATE TABLE IF NOT EXISTS resilient_diesel_idempotency_keys (\
+     idempotency_key VARCHAR(255) PRIMARY KEY, \
+     created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)";
+
+/// The SQL the adapters send to make a commit resolvable and to resolve it.
+pub mod sql {
+    use std::time::Duration;
+
+    /// PostgreSQL: the current transaction's id (an expression, selected).
+    pub const TXID_CURRENT: &str = "txid_current()";
+
+    /// PostgreSQL: the function asked what became of a transaction id; its answer is read
+    /// by [`TxStatus::from_txid_status`](super::TxStatus::from_txid_status).
+    pub const TXID_STATUS: &str = "txid_status";
+
+    /// PostgreSQL: inserts the idempotency key bound as `$1`.
+    pub const INSERT_KEY_PG: &str =
+        "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES ($1)";
+
+    /// SQLite: inserts the idempotency key bound as `?`.
+    pub const INSERT_KEY_SQLITE: &str =
+        "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES (?)";
+
+    /// PostgreSQL, inside a transaction: waiting for a lock longer than `limit` (at least
+    /// 1 ms) fails the statement instead.
+    pub fn lock_timeout(limit: Duration) -> String {
+        let ms = limit.as_millis().clamp(1, i32::MAX as u128);
+        format!("SET LOCAL lock_timeout = {ms}")
+    }
+}
+
+/// What the server says became of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// It committed.
+    Committed,
+    /// It rolled back (or its session died before `COMMIT`).
+    Aborted,
+    /// It is still running: ask again.
+    InProgress,
+    /// The server no longer knows (the id is too old, or the backend cannot tell).
+    Unknown,
+}
+
+impl TxStatus {
+    /// Reads PostgreSQL's `txid_status()` answer (`NULL` when it no longer knows).
+    pub fn from_txid_status(text: Option<&str>) -> TxStatus {
+        match text {
+            Some("committed") => TxStatus::Committed,
+            Some("aborted") => TxStatus::Aborted,
+            Some("in progress") => TxStatus::InProgress,
+            _ => TxStatus::Unknown,
+        }
+    }
+
+    /// What resolution makes of this status of transaction `txid`.
+    pub fn answer(self, txid: i64) -> Asked {
+        match self {
+            TxStatus::Committed => Asked::Answer(Resolved::Committed),
+            TxStatus::Aborted => Asked::Answer(Resolved::Aborted),
+            TxStatus::InProgress => Asked::InProgress,
+            TxStatus::Unknown => {
+                Asked::Final(format!("the server no longer knows transaction {txid}"))
+            }
+        }
+    }
+}
+
+/// How an ambiguous commit was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// The cut-off transaction committed.
+    Committed,
+    /// It did not: the attempt failed and may be retried.
+    Aborted,
+}
+
+/// Why a commit cannot be resolved without a transaction id: verification is off
+/// (`verify_commit` false), or the backend has no transaction ids.
+pub fn no_txid_reason(verify_commit: bool) -> String {
+    if verify_commit {
+        "this backend has no transaction ids; use commit_with_key".to_owned()
+    } else {
+        "commit verification is off".to_owned()
+    }
+}
+
+/// What one question during resolution came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asked {
+    /// The server's final answer.
+    Answer(Resolved),
+    /// The transaction is still running: ask again.
+    InProgress,
+    /// No answer will ever come (the reason); stop asking.
+    Final(String),
+    /// Asking failed with an error of `class` (its message, redacted): asked again if the
+    /// class is transient.
+    Failed {
+        /// The error's class.
+        class: ErrorClass,
+        /// The error's message, redacted.
+        message: String,
+    },
+    /// No connection to ask with (the pool's message, redacted).
+    NoConnection(String),
+    /// The server did not answer within what was left of the resolution time.
+    NoReply,
+}
+
+/// What to do after a question: stop with the outcome, or wait and ask again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Resolution is over: the answer, or why there is none.
+    Done(Result<Resolved, String>),
+    /// Sleep this long, then check out and ask again.
+    Wait(Duration),
+}
+
+/// The bookkeeping of one commit resolution: its deadline, the pause between questions and
+/// the last reason there was no answer.
+#[derive(Debug)]
+pub struct Resolution {
+    limit: Duration,
+    deadline: Instant,
+    wait: Duration,
+    last: String,
+}
+
+impl Resolution {
+    /// Starts resolving now, for at most the policy's `commit_resolution_timeout`.
+    pub fn start(policy: &RetryPolicy) -> Resolution {
+        let limit = policy.commit_resolution_timeout();
+        Resolution {
+            limit,
+            deadline: Instant::now() + limit,
+            wait: Duration::from_millis(20),
+            last: String::new(),
+        }
+    }
+
+    /// What is left of the resolution time (at least 1 ms): the bound of the next checkout
+    /// and of the question asked on it.
+    pub fn left(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    }
+
+    /// Takes in a question's outcome: done (an answer, a final reason, a permanent error, or
+    /// the time is up), or how long to wait before asking again.
+    pub fn after(&mut self, asked: Asked) -> Step {
+        self.last = match asked {
+            Asked::Answer(answer) => return Step::Done(Ok(answer)),
+            Asked::Final(reason) => return Step::Done(Err(reason)),
+            Asked::Failed { class, message } if !class.is_transient() => {
+                return Step::Done(Err(format!("asking the server failed: {message}")))
+            }
+            Asked::Failed { message, .. } | Asked::NoConnection(message) => message,
+            Asked::InProgress => "the transaction was still in progress".to_owned(),
+            Asked::NoReply => "the server did not answer in time".to_owned(),
+        };
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Step::Done(Err(format!(
+                "no answer within {:?} ({})",
+                self.limit, self.last
+            )));
+        }
+        let pause = self.wait.min(self.deadline - now);
+        self.wait = (self.wait * 2).min(Duration::from_millis(500));
+        Step::Wait(pause)
+    }
+}
+
+/// Turns a `COMMIT` cut off by a lost connection (`commit_error`) into the attempt's
+/// outcome: the body's `value` if the transaction committed (counted in the stats and
+/// logged), the commit error if it did not, and [`AttemptError::AmbiguousCommit`] if no
+/// answer could be had.
+pub fn finish_ambiguous<T, D, E>(
+    hooks: &RetryHooks<'_>,
+    commit_error: D,
+    txid: Option<i64>,
+    resolution: Result<Resolved, String>,
+    value: T,
+) -> Result<T, AttemptError<E>>
+where
+    E: From<D>,
+{
+    match resolution {
+        Ok(Resolved::Committed) => {
+            if let Some(stats) = hooks.stats {
+                stats.record_commit_resolved();
+            }
+            log::warn!(
+                target: crate::events::LOG_TARGET,
+                "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
+                hooks.pool
+            );
+            Ok(value)
+        }
+        Ok(Resolved::Aborted) => Err(AttemptError::Op(commit_error.into())),
+        Err(reason) => Err(AttemptError::AmbiguousCommit {
+            error: commit_error.into(),
+            txid,
+            reason,
+        }),
+    }
+}
+
+/// What an adapter's `commit_with_key` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keyed<T> {
+    /// The transaction committed now (possibly after retries); the closure's result.
+    Committed(T),
+    /// A transaction with this key had committed before this call; nothing was run.
+    AlreadyCommitted,
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idempotency_table_sql_names_the_table_the_inserts_use() {
+        assert!(IDEMPOTENCY_TABLE_SQL.contains("resilient_diesel_idempotency_keys"));
+        assert!(IDEMPOTENCY_TABLE_SQL.contains("idempotency_key"));
+        for insert in [sql::INSERT_KEY_PG, sql::INSERT_KEY_SQLITE] {
+            assert!(insert.contains("resilient_diesel_idempotency_keys (idempotency_key)"));
+        }
+    }
+
+    #[test]
+    fn txid_status_answers_map_to_resolutions() {
+        let asked = |text| TxStatus::from_txid_status(text).answer(7);
+        assert_eq!(asked(Some("committed")), Asked::Answer(Resolved::Committed));
+        assert_eq!(asked(Some("aborted")), Asked::Answer(Resolved::Aborted));
+        assert_eq!(asked(Some("in progress")), Asked::InProgress);
+        assert_eq!(
+            asked(None),
+            Asked::Final("the server no longer knows transaction 7".to_owned())
+        );
+    }
+
+    #[test]
+    fn resolution_asks_again_on_transient_failures_until_its_time_is_up() {
+        let policy = RetryPolicy::builder()
+            .commit_resolution_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let mut resolution = Resolution::start(&policy);
+        let permanent = Asked::Failed {
+            class: ErrorClass::Permanent,
+            message: "syntax error".to_owned(),
+        };
+        assert_eq!(
+            Resolution::start(&policy).after(permanent),
+            Step::Done(Err("asking the server failed: syntax error".to_owned()))
+        );
+        let mut pauses = Vec::new();
+        let outcome = loop {
+            let lost = Asked::Failed {
+                class: ErrorClass::ConnectionLost,
+                message: "connection closed".to_owned(),
+            };
+            match resolution.after(lost) {
+                Step::Wait(pause) => {
+                    pauses.push(pause);
+                    std::thread::sleep(pause);
+                }
+                Step::Done(outcome) => break outcome,
+            }
+        };
+        assert_eq!(
+            outcome,
+            Err(format!(
+                "no answer within {:?} (connection closed)",
+                Duration::from_millis(200)
+            ))
+        );
+        // 20 ms, then doubling (each pause cut short by the deadline).
+        assert_eq!(pauses.first(), Some(&Duration::from_millis(20)));
+        assert!(pauses.windows(2).all(|w| w[1] <= w[0] * 2), "{pauses:?}");
+    }
+}
