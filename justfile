@@ -18,7 +18,12 @@ lint:
 loom:
     RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p pool-core --release --lib budget
 
-# Benchmarks (compare against plain r2d2 / parking_lot / tokio in the same run).
+# Benchmarks (compare against plain r2d2, bb8, deadpool / parking_lot / tokio in the same run).
 bench:
+    cargo run --release -p pool-bench
     cargo bench -p pool-core --bench budget
     cargo bench --bench retry
+
+# The benchmark suite in under a minute.
+bench-quick:
+    cargo run --release -p pool-bench -- --quick

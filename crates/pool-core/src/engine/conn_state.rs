@@ -270,14 +270,19 @@ impl ConnState {
         }
     }
 
-    /// A query on the connection failed with an error of `class`: a lost connection makes
-    /// every older connection of the pool suspect (each is pinged before its next use). The
-    /// lost connection itself is closed at checkin because the driver reports it broken
-    /// (Diesel's transaction manager goes into error when libpq's status does;
-    /// diesel-async's `is_broken` sees the closed client): see [`ConnState::checkin`].
+    /// A query on the connection failed with an error of `class`: a lost connection is
+    /// marked broken (closed at checkin, never pooled again) and makes every older connection
+    /// of the pool suspect (each is pinged before its next use). The drivers usually report
+    /// such a connection broken themselves (Diesel's transaction manager goes into error when
+    /// libpq's status does; diesel-async's `is_broken` sees the closed client); the mark does
+    /// not depend on it.
     pub fn observe_error(&mut self, class: ErrorClass) {
         match class {
             ErrorClass::ConnectionLost | ErrorClass::AdminShutdown => {
+                if !self.lifecycle.broken {
+                    self.lifecycle.broken = true;
+                    self.close_reason = Some(CloseReason::Broken);
+                }
                 self.pool.invalidate(class.as_str());
             }
             ErrorClass::ReadOnlyTransaction => self.read_only_suspect = true,

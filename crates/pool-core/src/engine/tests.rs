@@ -140,7 +140,10 @@ fn a_read_only_error_is_no_disconnect_until_the_server_turns_out_a_standby() {
     assert!(c.is_broken());
     assert_eq!(p.epoch(), 1);
     assert_eq!(c.checkin(false), Some(CloseReason::Broken));
-    c.observe_error(ErrorClass::ConnectionLost);
+    let mut d = ConnState::opened(&p, Duration::ZERO, None);
+    d.observe_error(ErrorClass::ConnectionLost);
+    assert!(d.is_broken(), "a lost connection is never pooled again");
+    assert_eq!(d.checkin(false), Some(CloseReason::Broken));
     assert_eq!(p.epoch(), 2, "a lost connection makes the others suspect");
 }
 
