@@ -357,10 +357,22 @@ impl<C: ExtConnection> ExtManager<C> {
         timeout: Duration,
     ) -> Result<(), ExtError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, conn.ping_round_trip()).await;
-        let ok = matches!(result, Ok(Ok(())));
         if let Some(t) = tracker_of(conn) {
-            t.state.finish_ping(ok);
+            t.state.ping_starting();
+        }
+        let result = tokio::time::timeout(timeout, conn.ping_round_trip()).await;
+        if let Some(t) = tracker_of(conn) {
+            match result {
+                Ok(Ok(())) => {
+                    t.state.finish_ping(true);
+                }
+                Ok(Err(_)) => {
+                    t.state.finish_ping(false);
+                }
+                // No reply in time: silence, which says something about every idle
+                // connection of the pool (see `PoolState::path_went_silent`).
+                Err(_) => t.state.finish_ping_silent(),
+            }
         }
         match result {
             Ok(Ok(())) => Ok(()),

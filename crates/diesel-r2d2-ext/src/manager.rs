@@ -206,14 +206,23 @@ impl<C: ExtConnection> ExtManager<C> {
     /// counts as failed (the socket is shut down).
     pub(crate) fn bounded_ping(conn: &mut C, timeout: Duration) -> Result<(), ExtError> {
         let started = Instant::now();
-        let socket = tracker_of(conn).and_then(|t| t.extra.get().cloned());
+        let socket = tracker_of(conn).and_then(|t| {
+            t.state.ping_starting();
+            t.extra.get().cloned()
+        });
         let deadline = socket
             .map(|s| Watchdog::global().arm_critical(started + timeout, move || s.shutdown()));
         let result = conn.ping();
         let fired = deadline.is_some_and(|d| d.disarm());
         let ok = result.is_ok() && !fired;
         if let Some(t) = tracker_of(conn) {
-            t.state.finish_ping(ok);
+            if fired {
+                // No reply in time: silence, which says something about every idle
+                // connection of the pool (see `PoolState::path_went_silent`).
+                t.state.finish_ping_silent();
+            } else {
+                t.state.finish_ping(ok);
+            }
         }
         if ok {
             return Ok(());

@@ -13,7 +13,6 @@ use pool_core::config::{PoolConfig, PoolConfigBuilder};
 use pool_core::engine::{Maintenance, PoolState};
 use pool_core::error::ConfigError;
 use pool_core::events::{EventListener, LogListener};
-use pool_core::lifecycle::CloseReason;
 use pool_core::stats::StatsSnapshot;
 use pool_core::status::StatusReport;
 use r2d2::PooledConnection;
@@ -269,38 +268,45 @@ impl<C: ExtConnection> Parts<C> {
         n - self.state.request_reclaim(0)
     }
 
-    /// Walks the idle connections: retires the dead, broken, expired and (above the floor)
-    /// idle-too-long ones, pings those due a keepalive ping. Every idle connection is out of
-    /// the idle list only for the walk itself (microseconds), except those being pinged.
+    /// Walks the idle connections: retires the dead, broken, expired, suspect and (above the
+    /// floor) idle-too-long ones, and pings those due a keepalive ping, one at a time. Every
+    /// idle connection is out of the idle list only for a walk itself (microseconds), except
+    /// the one being pinged: the others stay available to checkouts meanwhile. A ping that
+    /// fails marks its connection broken (closed, never back in the idle list); one that goes
+    /// unanswered makes the rest suspect, so the next walk closes them instead of pinging
+    /// them in series.
     fn sweep(&self) {
-        let mut held = Vec::new();
-        sweeping(|| {
-            while let Some(conn) = self.inner.try_get() {
-                held.push(conn);
-            }
-        });
-        let now = Instant::now();
         let keepalive = self.state.config().lifecycle.keepalive_ping;
-        let mut due = Vec::new();
-        // Back in the order they came out, so the idle list keeps its order.
-        while let Some(mut conn) = held.pop() {
-            let ping = keepalive.is_some_and(|every| {
-                tracker_of(&mut *conn).is_some_and(|t| t.state.keepalive_due(every, now))
-            });
-            if ping {
-                due.push(conn);
-            } else {
-                drop(conn);
-            }
-        }
         let timeout = self.state.config().lifecycle.validation.timeout;
-        for mut conn in due {
-            // A failed ping marks the connection; it is closed when it goes back.
-            if ExtManager::<C>::bounded_ping(&mut conn, timeout).is_err() {
-                if let Some(t) = tracker_of(&mut *conn) {
-                    t.state.set_close_reason(CloseReason::PingFailed);
+        // Each round pings at most one connection; a pinged one is no longer due, so this
+        // ends after at most one round per idle connection (bounded anyway).
+        let rounds = self.inner.state().idle_connections.saturating_add(1);
+        for _ in 0..rounds {
+            let mut held = Vec::new();
+            sweeping(|| {
+                while let Some(conn) = self.inner.try_get() {
+                    held.push(conn);
+                }
+            });
+            let now = Instant::now();
+            let mut due = None;
+            // Back in the order they came out, so the idle list keeps its order.
+            while let Some(mut conn) = held.pop() {
+                let ping = due.is_none()
+                    && keepalive.is_some_and(|every| {
+                        tracker_of(&mut *conn).is_some_and(|t| t.state.keepalive_due(every, now))
+                    });
+                if ping {
+                    due = Some(conn);
+                } else {
+                    drop(conn);
                 }
             }
+            let Some(mut conn) = due else {
+                return;
+            };
+            // A failed ping marks the connection broken; it is closed when it goes back.
+            let _ = ExtManager::<C>::bounded_ping(&mut conn, timeout);
         }
     }
 }

@@ -27,7 +27,9 @@ pub enum CloseReason {
     Expired,
     /// It sat idle longer than the idle timeout.
     IdleTimeout,
-    /// A pool-wide invalidation retired it.
+    /// Retired without a ping by a pool-wide suspicion: it sat idle while a validation ping
+    /// of its pool went unanswered (the path went silent), so it was closed instead of
+    /// costing another validation timeout.
     Invalidated,
     /// The pool dropped it for another reason (shrinking, shutting down).
     Released,

@@ -34,6 +34,8 @@ struct Shared {
     target: SocketAddr,
     shutdown: AtomicBool,
     stalled: AtomicBool,
+    /// New connections are reset as soon as they are accepted.
+    refusing: AtomicBool,
     latency_us: AtomicU64,
     trigger: Mutex<Option<Trigger>>,
     conns: Mutex<HashMap<u64, Arc<ConnCtl>>>,
@@ -130,6 +132,8 @@ struct Trigger {
 /// Per connection: the sever flag and an eventfd that wakes its thread out of `poll`.
 struct ConnCtl {
     sever: AtomicBool,
+    /// Stalled on its own (see [`FaultProxy::silence_existing`]).
+    silenced: AtomicBool,
     wake: OwnedFd,
 }
 
@@ -145,6 +149,7 @@ impl ConnCtl {
         }
         Ok(ConnCtl {
             sever: AtomicBool::new(false),
+            silenced: AtomicBool::new(false),
             // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
         })
@@ -206,6 +211,7 @@ impl FaultProxy {
             target,
             shutdown: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),
             trigger: Mutex::new(None),
             conns: Mutex::new(HashMap::new()),
@@ -261,6 +267,29 @@ impl FaultProxy {
     pub fn stall(&self, on: bool) {
         self.shared.stalled.store(on, Ordering::SeqCst);
         self.shared.wake_all();
+    }
+
+    /// Every connection the proxy carries now goes silent: nothing more is forwarded on it in
+    /// either direction, and its sockets stay open (a NAT or load balancer that forgot its
+    /// flows, a failover that left the old sockets hanging). Connections accepted from now on
+    /// pass as usual. Returns how many went silent.
+    pub fn silence_existing(&self) -> usize {
+        let conns = self.shared.conns.lock();
+        for ctl in conns.values() {
+            ctl.silenced.store(true, Ordering::SeqCst);
+            ctl.wake();
+        }
+        conns.len()
+    }
+
+    /// While on, every new connection is reset (RST) as soon as it is accepted, and turning it
+    /// on resets every live one: a server that is down (clients see the connection reset or
+    /// closed). Off accepts again.
+    pub fn refuse_connections(&self, on: bool) {
+        self.shared.refusing.store(on, Ordering::SeqCst);
+        if on {
+            self.sever_all();
+        }
     }
 
     /// Delays every chunk read from either side by `per_chunk` before it is forwarded
@@ -356,6 +385,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        if shared.refusing.load(Ordering::SeqCst) {
+            abort(&client);
+            continue;
+        }
         let Ok(ctl) = ConnCtl::new() else {
             abort(&client);
             continue;
@@ -543,7 +576,7 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
         if c2s.done() && s2c.done() && c2s.shut && s2c.shut {
             return Ok(());
         }
-        let stalled = shared.stalled.load(Ordering::SeqCst);
+        let stalled = shared.stalled.load(Ordering::SeqCst) || ctl.silenced.load(Ordering::SeqCst);
         let frozen = matches!(trigger, TriggerState::Waiting(_));
         // While stalled nothing is read or written: data, FINs and RSTs wait in the kernel.
         let read_client = !stalled && c2s.wants_read() && matches!(trigger, TriggerState::Idle);
@@ -648,7 +681,7 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
         }
         // Writes re-check the stall flag: it may have been switched on during poll.
         let now = Instant::now();
-        if !shared.stalled.load(Ordering::SeqCst) {
+        if !shared.stalled.load(Ordering::SeqCst) && !ctl.silenced.load(Ordering::SeqCst) {
             c2s.write_to(&upstream, now)?;
             if let TriggerState::Flushing(after) = trigger {
                 if c2s.queue.is_empty() {

@@ -40,6 +40,8 @@ pub struct ConnState {
     counted: bool,
     /// The epoch a ping under way validates the connection for.
     ping_epoch: u64,
+    /// When the ping under way (or the last one) was asked for.
+    ping_started: Option<Instant>,
     /// A validation ping was asked for and has not been reported: if the connection comes
     /// back like this (an async checkout cancelled mid-ping), it is in an unknown state.
     ping_in_flight: bool,
@@ -81,6 +83,7 @@ impl ConnState {
             close_reason: None,
             counted: true,
             ping_epoch: epoch,
+            ping_started: None,
             ping_in_flight: false,
             checked_out_at: None,
             swept: false,
@@ -158,6 +161,11 @@ impl ConnState {
         if pool.take_reclaim() {
             return self.discard(CloseReason::Reclaimed);
         }
+        if self.is_suspect() {
+            // Idle since before a ping of this pool went unanswered: closing it costs a
+            // reconnect, pinging it could cost another whole validation timeout.
+            return self.discard(CloseReason::Invalidated);
+        }
         let policy = &pool.config().lifecycle;
         let epoch = pool.epoch();
         let probe = || {
@@ -187,8 +195,16 @@ impl ConnState {
         }
     }
 
+    /// Whether the connection was idle when a validation ping of its pool went unanswered
+    /// (see [`PoolState::path_went_silent`]).
+    pub fn is_suspect(&self) -> bool {
+        let last_good = self.lifecycle.last_used.max(self.lifecycle.last_validated);
+        self.pool.is_suspect(last_good)
+    }
+
     fn ping(&mut self, epoch: u64, timeout: Duration) -> CheckoutStep {
         self.ping_epoch = epoch;
+        self.ping_started = Some(Instant::now());
         self.ping_in_flight = true;
         CheckoutStep::Ping { timeout }
     }
@@ -209,6 +225,10 @@ impl ConnState {
     ) -> Option<CloseReason> {
         let pool = self.pool.clone();
         self.swept = true;
+        if self.is_suspect() {
+            self.close_reason = Some(CloseReason::Invalidated);
+            return Some(CloseReason::Invalidated);
+        }
         let policy = &pool.config().lifecycle;
         let probe = if policy.validation.probe {
             probe()
@@ -238,6 +258,8 @@ impl ConnState {
 
     /// Step 2 of a checkout that pinged: `ok` is whether the ping succeeded in time (a ping
     /// whose deadline fired counts as failed, even if it returned success). Returns `ok`.
+    /// A failed ping marks the connection broken: it is closed, never pooled again (by the
+    /// sweep's checkin too).
     pub fn finish_ping(&mut self, ok: bool) -> bool {
         self.ping_in_flight = false;
         self.pool.stats().record_ping(ok);
@@ -245,9 +267,25 @@ impl ConnState {
             self.lifecycle.validated_epoch = self.ping_epoch;
             self.lifecycle.last_validated = Instant::now();
         } else {
+            self.lifecycle.broken = true;
             self.close_reason = Some(CloseReason::PingFailed);
         }
         ok
+    }
+
+    /// A ping is about to be sent (by a checkout, or by the keepalive sweep): its start is
+    /// what [`ConnState::finish_ping_silent`] reports.
+    pub fn ping_starting(&mut self) {
+        self.ping_started = Some(Instant::now());
+    }
+
+    /// Step 2 of a checkout whose ping got no reply within the validation timeout: a failed
+    /// ping, and evidence that the path went silent: every connection of the pool idle since
+    /// before this ping started becomes suspect ([`PoolState::path_went_silent`]).
+    pub fn finish_ping_silent(&mut self) {
+        let started = self.ping_started.unwrap_or_else(Instant::now);
+        self.finish_ping(false);
+        self.pool.path_went_silent(started);
     }
 
     /// Step 3: the connection is handed to the caller, who started asking for it at
@@ -330,7 +368,10 @@ impl ConnState {
             pool.budget()
                 .is_some_and(|(budget, class)| budget.reclaim_wanted(class) > 0)
         };
-        let reason = if dirty || self.lifecycle.broken {
+        let reason = if self.lifecycle.broken {
+            // Marked when it broke (a lost connection, a failed ping): keep that reason.
+            Some(self.close_reason.unwrap_or(CloseReason::Broken))
+        } else if dirty {
             Some(CloseReason::Broken)
         } else if std::mem::take(&mut self.ping_in_flight) {
             // Returned in the middle of its validation (a cancelled checkout): the ping's

@@ -36,6 +36,12 @@ pub struct PoolState {
     /// Idle connections to retire on their next checkout (budget reclaim).
     reclaim: AtomicU32,
     last_invalidation_event: Mutex<Option<Instant>>,
+    /// When the pool was made: the origin of `silent_before`.
+    born: Instant,
+    /// Nanoseconds after `born`, plus one, of the start of the latest validation ping that
+    /// timed out (0: none). Every connection last known good before it is suspect: see
+    /// [`PoolState::path_went_silent`].
+    silent_before: AtomicU64,
     probe_available: AtomicBool,
     listener_panicked: AtomicBool,
 }
@@ -76,6 +82,8 @@ impl PoolState {
             open: AtomicU32::new(0),
             reclaim: AtomicU32::new(0),
             last_invalidation_event: Mutex::new(None),
+            born: Instant::now(),
+            silent_before: AtomicU64::new(0),
             probe_available: AtomicBool::new(true),
             listener_panicked: AtomicBool::new(false),
         })
@@ -193,6 +201,39 @@ impl PoolState {
                 reason,
             });
         }
+    }
+
+    /// A validation ping that started at `ping_started` got no reply within its timeout:
+    /// silence, not an error. Silence is evidence about the path (a NAT or load balancer that
+    /// forgot its flows, a failover that left the old sockets hanging), not about one
+    /// connection, so every connection last known good before that ping started is suspect
+    /// from now on: [`ConnState::begin_checkout`](super::ConnState::begin_checkout) and the
+    /// sweep close it without pinging it (`CloseReason::Invalidated`). A checkout then pays one
+    /// validation timeout, never one per pooled connection; connections opened, used or
+    /// validated since are not affected.
+    pub fn path_went_silent(&self, ping_started: Instant) {
+        let nanos = ping_started.saturating_duration_since(self.born).as_nanos();
+        let mark = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
+        let before = self.silent_before.fetch_max(mark, Ordering::AcqRel);
+        if before < mark {
+            self.invalidate(
+                "a validation ping got no reply within its timeout: connections idle since \
+                 before it are closed without a ping",
+            );
+        }
+    }
+
+    /// Whether a connection last known good (used or validated) at `last_good` is suspect:
+    /// it was idle when a validation ping of this pool went unanswered (see
+    /// [`PoolState::path_went_silent`]).
+    pub fn is_suspect(&self, last_good: Instant) -> bool {
+        let mark = self.silent_before.load(Ordering::Acquire);
+        if mark == 0 {
+            return false;
+        }
+        let nanos = last_good.saturating_duration_since(self.born).as_nanos();
+        let at = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
+        at < mark
     }
 
     /// A connection attempt failed with `message` (the driver's text): counts it, reports it

@@ -1,0 +1,173 @@
+//! Correlated faults, sync pool: faults that hit every connection at once must cost the pool
+//! a bounded number of timeouts, whatever its size.
+//!
+//! "Every flow silent" is a proxy that stops forwarding the connections it already carries
+//! (sockets open, nothing answered: a NAT or load balancer that forgot its flows, a failover
+//! that left the old sockets hanging) while it passes new ones.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use diesel::prelude::*;
+
+const POOL: u32 = 8;
+
+/// A pool of 8 through `url`, warmed (8 connections open and idle), then left idle past the
+/// bypass window so that every checkout wants a ping.
+fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> resilient_diesel::PgPool {
+    let pool = resilient_diesel::PgPool::builder(url)
+        .application_name(app)
+        .pool_size(POOL)
+        .validation_timeout(validation_timeout)
+        .build()
+        .expect("pool");
+    warm(&pool, POOL as usize);
+    assert_eq!(pool.state().idle_connections, POOL, "warm-up");
+    std::thread::sleep(Duration::from_millis(600));
+    pool
+}
+
+#[test]
+fn every_pooled_connection_silent_at_once_costs_one_validation_timeout_not_one_per_connection() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let validation_timeout = Duration::from_secs(1);
+    let pool = warmed_pool(&url, "ext_silent", validation_timeout);
+    assert_eq!(proxy.silence_existing(), POOL as usize);
+
+    // The first request pays one validation timeout and one connect, not eight timeouts.
+    let started = Instant::now();
+    let first = select_one(&pool);
+    let first_took = started.elapsed();
+    assert_eq!(
+        first,
+        Ok(1),
+        "the first request after the fault must succeed"
+    );
+    let bound = validation_timeout + Duration::from_secs(1);
+    assert!(
+        first_took < bound,
+        "first request took {first_took:?}: more than one validation timeout ({validation_timeout:?}) \
+         plus one connect; the pool pinged its silent connections in series: {:?}",
+        pool.stats()
+    );
+    // Twenty more, one after another: no further timeout at all.
+    let started = Instant::now();
+    let errors = errors_over(&pool, 20);
+    let rest_took = started.elapsed();
+    assert!(errors.is_empty(), "errors after the fault: {errors:?}");
+    assert!(
+        first_took + rest_took < 2 * validation_timeout,
+        "21 requests took {:?} in all: more than two validation timeouts",
+        first_took + rest_took
+    );
+    let stats = pool.stats();
+    assert_eq!(
+        stats.validations_failed, 1,
+        "exactly one ping timed out: {stats:?}"
+    );
+    assert_eq!(
+        stats.closed.invalidated,
+        u64::from(POOL) - 1,
+        "the other silent connections were closed without a ping: {stats:?}"
+    );
+    println!(
+        "silent, sync, pool of {POOL}: first request {first_took:?}, 20 more {rest_took:?}, \
+         0 errors"
+    );
+}
+
+#[test]
+fn control_plain_r2d2_at_its_defaults_hangs_when_every_pooled_connection_goes_silent() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = plain_pool_defaults(&url);
+    warm(&pool, 10);
+    proxy.silence_existing();
+    // r2d2's validity check has no time limit of its own (r2d2#116): it waits for a reply
+    // that never comes.
+    let _hung = assert_checkout_hangs(&pool, Duration::from_secs(5));
+    // Dropping the proxy resets its connections, which ends the hung ping; the thread then
+    // waits out r2d2's 30 s timeout for a connect that is refused, and is left to it.
+}
+
+#[test]
+fn the_keepalive_sweep_meets_silence_with_one_timeout_and_never_repools_what_it_shut_down() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let validation_timeout = Duration::from_secs(1);
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .application_name("ext_silent_sweep")
+        .pool_size(POOL)
+        .validation_timeout(validation_timeout)
+        .keepalive_ping(Some(Duration::from_millis(400)))
+        .build()
+        .expect("pool");
+    warm(&pool, POOL as usize);
+    proxy.silence_existing();
+    // The sweep pings one connection, which times out; the other seven are closed without a
+    // ping, and the one whose socket the watchdog shut down is closed too, never put back.
+    let started = Instant::now();
+    let deadline = started + validation_timeout * 4;
+    while pool.state().connections > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep left {} of {POOL} silent connections open after {:?} \
+             (validation timeout {validation_timeout:?}): {:?}",
+            pool.state().connections,
+            started.elapsed(),
+            pool.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.closed.ping_failed, 1, "{stats:?}");
+    assert_eq!(stats.closed.invalidated, u64::from(POOL) - 1, "{stats:?}");
+    // Fresh connections serve at once.
+    let started = Instant::now();
+    assert_eq!(select_one(&pool), Ok(1));
+    assert!(
+        started.elapsed() < validation_timeout,
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_hung_backend_makes_the_idle_connections_suspect_and_they_are_replaced_not_pinged() {
+    // One backend stopped (SIGSTOP), not the path: the pool cannot tell the two apart from
+    // one unanswered ping, so it prefers reconnecting to pinging the others in series.
+    let Some(pg) = server() else { return };
+    let app = "ext_silent_one";
+    let validation_timeout = Duration::from_secs(1);
+    let pool = warmed_pool(
+        &pg.url_with(&format!("sslmode=disable&application_name={app}")),
+        app,
+        validation_timeout,
+    );
+    // The connection handed out first is the one returned last: rename its backend, stop it.
+    {
+        let mut conn = pool.get().expect("checkout");
+        diesel::sql_query("SET application_name = 'ext_silent_victim'")
+            .execute(&mut *conn)
+            .expect("rename");
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let pause = pg
+        .pause_backends("ext_silent_victim")
+        .expect("pause one backend");
+    assert_eq!(pause.pids().len(), 1);
+    let started = Instant::now();
+    let result = select_one(&pool);
+    let took = started.elapsed();
+    pause.resume();
+    assert_eq!(result, Ok(1));
+    assert!(
+        took < validation_timeout + Duration::from_secs(1),
+        "{took:?}: {:?}",
+        pool.stats()
+    );
+    assert!(errors_over(&pool, 20).is_empty());
+}
