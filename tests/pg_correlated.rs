@@ -35,7 +35,7 @@ fn every_pooled_connection_silent_at_once_costs_one_validation_timeout_not_one_p
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     let validation_timeout = Duration::from_secs(1);
     let pool = warmed_pool(&url, "ext_silent", validation_timeout);
-    assert_eq!(proxy.silence_existing(), POOL as usize);
+    assert!(proxy.silence_existing() >= POOL as usize);
 
     // The first request pays one validation timeout and one connect, not eight timeouts.
     let started = Instant::now();
@@ -170,4 +170,216 @@ fn a_hung_backend_makes_the_idle_connections_suspect_and_they_are_replaced_not_p
         pool.stats()
     );
     assert!(errors_over(&pool, 20).is_empty());
+}
+
+// ---- Connect errors: hopeless ones fail fast, transient ones are waited out ----
+
+/// The test server's URL for database `db` (plaintext).
+fn url_for_db(pg: &PgServer, db: &str) -> String {
+    pg.url_with("sslmode=disable")
+        .replace("/app?", &format!("/{db}?"))
+}
+
+#[test]
+fn a_database_that_does_not_exist_fails_build_at_once_with_the_cause() {
+    let Some(pg) = server() else { return };
+    let url = url_for_db(&pg, "no_such_db");
+    let started = Instant::now();
+    let error = resilient_diesel::PgPool::builder(&url)
+        .pool_size(2)
+        .build()
+        .expect_err("a database that does not exist");
+    let took = started.elapsed();
+    let text = error.to_string();
+    assert!(
+        text.contains("does not exist"),
+        "the cause is named: {text}"
+    );
+    assert!(!text.contains(PgServer::PASSWORD), "{text}");
+    assert!(
+        took < Duration::from_secs(2),
+        "build took {took:?} (pool_timeout is 30 s): it must fail at the first attempt"
+    );
+    println!("hopeless, sync build: failed after {took:?}: {text}");
+}
+
+#[test]
+fn control_plain_r2d2_waits_its_whole_timeout_for_a_database_that_does_not_exist() {
+    let Some(pg) = server() else { return };
+    let url = url_for_db(&pg, "no_such_db");
+    let (outcome, _thread) = within(Duration::from_secs(3), move || {
+        r2d2::Pool::new(diesel::r2d2::ConnectionManager::<PgConnection>::new(url)).is_ok()
+    });
+    assert!(
+        outcome.is_none(),
+        "plain r2d2 was expected to keep trying for its 30 s connection_timeout"
+    );
+}
+
+/// Polls `select_one` until it succeeds; fails the test after `limit`.
+fn served_within(pool: &resilient_diesel::PgPool, limit: Duration, what: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        match select_one(pool) {
+            Ok(_) => return started.elapsed(),
+            Err(e) => assert!(
+                started.elapsed() < limit,
+                "{what}: still failing after {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_rotated_password_fails_checkouts_fast_and_the_pool_heals_when_it_works_again() {
+    let Some(pg) = server() else { return };
+    let app = "ext_rotated";
+    let pool = ext_pool(&pg, app, 1).build().expect("pool");
+    warm(&pool, 1);
+    pg.execute("ALTER ROLE app PASSWORD 'rotated-elsewhere'")
+        .expect("rotate");
+    terminate_all(&pg, app);
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let error = select_one(&pool).expect_err("the password no longer works");
+        let took = started.elapsed();
+        assert!(
+            error.contains("password authentication failed"),
+            "attempt {attempt}: {error}"
+        );
+        assert!(!error.contains(PgServer::PASSWORD), "{error}");
+        assert!(
+            took < Duration::from_secs(2),
+            "attempt {attempt}: took {took:?} (pool_timeout 10 s): {error}"
+        );
+    }
+    pg.execute(&format!("ALTER ROLE app PASSWORD '{}'", PgServer::PASSWORD))
+        .expect("restore");
+    let healed = served_within(
+        &pool,
+        Duration::from_secs(5),
+        "after the password works again",
+    );
+    println!("rotated password: healed {healed:?} after it was restored");
+    assert!(errors_over(&pool, 10).is_empty());
+}
+
+#[test]
+fn a_lazily_built_pool_starts_before_its_database_exists_and_serves_once_it_does() {
+    let Some(pg) = server() else { return };
+    let pool = resilient_diesel::PgPool::builder(&url_for_db(&pg, "late"))
+        .pool_size(2)
+        .build_lazy()
+        .expect("a lazy build opens nothing");
+    let started = Instant::now();
+    let error = select_one(&pool).expect_err("no database yet");
+    assert!(error.contains("does not exist"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!pool.status().is_healthy(), "{}", pool.status());
+    pg.execute("CREATE DATABASE late OWNER app")
+        .expect("create");
+    served_within(
+        &pool,
+        Duration::from_secs(5),
+        "after the database was created",
+    );
+    assert!(pool.status().is_healthy(), "{}", pool.status());
+}
+
+#[test]
+fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_servers_return() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .pool_size(2)
+        .pool_timeout(Duration::from_secs(10))
+        .build()
+        .expect("pool");
+    warm(&pool, 2);
+    proxy.refuse_connections(true);
+    let p = pool.clone();
+    let waiter = std::thread::spawn(move || {
+        let result = select_one(&p);
+        (result, Instant::now())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let status = pool.status().to_string();
+    assert!(
+        status.contains("unreachable"),
+        "the status says so: {status}"
+    );
+    let back = Instant::now();
+    proxy.refuse_connections(false);
+    let (result, served) = waiter.join().expect("waiter");
+    assert_eq!(result, Ok(1), "the checkout waited through the outage");
+    let late = served.duration_since(back);
+    assert!(
+        late < Duration::from_millis(250),
+        "served {late:?} after the server came back"
+    );
+    println!("outage, sync: served {late:?} after the server's return");
+}
+
+#[test]
+fn with_fail_fast_when_down_checkouts_fail_at_once_during_an_outage_and_pass_again_after_it() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .pool_size(1)
+        .pool_timeout(Duration::from_secs(10))
+        .fail_fast_when_down(Some(Duration::from_millis(500)))
+        .build()
+        .expect("pool");
+    warm(&pool, 1);
+    proxy.refuse_connections(true);
+    let started = Instant::now();
+    let first = select_one(&pool).expect_err("down");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the first checkout waits out the breaker's threshold only: {:?}",
+        started.elapsed()
+    );
+    assert!(first.contains("unreachable"), "{first}");
+    let started = Instant::now();
+    let second = select_one(&pool).expect_err("still down");
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "the breaker is open: {:?} ({second})",
+        started.elapsed()
+    );
+    proxy.refuse_connections(false);
+    served_within(&pool, Duration::from_secs(2), "after the outage");
+}
+
+#[test]
+fn the_retry_loop_never_runs_past_its_own_max_elapsed() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .pool_size(1)
+        .pool_timeout(Duration::from_millis(1500))
+        .build()
+        .expect("pool");
+    warm(&pool, 1);
+    proxy.refuse_connections(true);
+    let policy = resilient_diesel::RetryPolicy::builder()
+        .max_elapsed(Some(Duration::from_secs(2)))
+        .build()
+        .expect("policy");
+    let started = Instant::now();
+    let result = resilient_diesel::with_retry(&pool, &policy, |conn| {
+        diesel::sql_query("SELECT 1").execute(conn)
+    });
+    let took = started.elapsed();
+    assert!(result.is_err(), "the server is down");
+    assert!(
+        took < Duration::from_millis(2300),
+        "with_retry took {took:?} with max_elapsed 2 s: {result:?}"
+    );
 }

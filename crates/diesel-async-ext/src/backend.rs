@@ -15,6 +15,7 @@ use diesel_async::pooled_connection::PoolableConnection;
 use diesel_async::AsyncConnection;
 use pool_core::classify::ErrorClass;
 use pool_core::config::PoolConfig;
+use pool_core::engine::ConnectClass;
 use pool_core::error::ConfigError;
 use pool_core::lifecycle::ProbeResult;
 
@@ -42,6 +43,8 @@ pub(crate) mod sealed {
     #[derive(Debug)]
     pub struct OpenFailure {
         pub(crate) cause: ConnectCause,
+        /// Whether retrying can help (see `pool_core::engine::health`).
+        pub(crate) class: ConnectClass,
         pub(crate) message: String,
     }
 
@@ -99,6 +102,17 @@ mod pg_backend {
             _config: &PoolConfig,
         ) -> Result<AsyncPgConnection, OpenFailure> {
             opener.connect().await.map_err(|e| {
+                let class = match &e {
+                    ConnectError::Auth { .. } | ConnectError::Config(_) => ConnectClass::Hopeless,
+                    ConnectError::Server {
+                        code: Some(code), ..
+                    } => ConnectClass::of_sqlstate(code),
+                    // Verification failed (a handshake cut short by the network is not).
+                    ConnectError::Tls { message, .. } => ConnectClass::of_libpq_message(
+                        &message.replace("Hostname mismatch", "does not match host name"),
+                    ),
+                    _ => ConnectClass::Transient,
+                };
                 let cause = match &e {
                     ConnectError::Dns { .. } => ConnectCause::Dns,
                     ConnectError::Refused { .. } => ConnectCause::Refused,
@@ -111,6 +125,7 @@ mod pg_backend {
                 };
                 OpenFailure {
                     cause,
+                    class,
                     message: e.to_string(),
                 }
             })
@@ -180,6 +195,7 @@ mod sqlite_backend {
                 .await
                 .map_err(|e| OpenFailure {
                     cause: ConnectCause::Other,
+                    class: ConnectClass::Hopeless,
                     message: config.redact(&e.to_string()),
                 })?;
             // Only SQLite's own settings; nothing meant for a server is ever sent. Switching a
@@ -198,6 +214,7 @@ mod sqlite_backend {
                     Err(e) => {
                         return Err(OpenFailure {
                             cause: ConnectCause::Setup,
+                            class: ConnectClass::Hopeless,
                             message: config.redact(&e.to_string()),
                         })
                     }

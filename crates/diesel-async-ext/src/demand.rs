@@ -135,6 +135,13 @@ impl Demand {
         Wanting(self)
     }
 
+    /// Whether a checkout still waits (and the pool is open): a connect retrying a failed
+    /// attempt stops when nobody does.
+    pub(crate) fn is_wanted(&self) -> bool {
+        let st = self.st.lock();
+        st.waiting > 0 && !st.closed
+    }
+
     /// The maintenance takes an idle connection out for a moment.
     pub(crate) fn hold(&self) -> Held<'_> {
         self.st.lock().held += 1;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use pool_core::budget::{Budget, ClassId, Permit};
 use pool_core::config::PoolConfig;
-use pool_core::engine::{CheckoutStep, ConnState, PoolState};
+use pool_core::engine::{Attempt, CheckoutStep, ConnState, PoolState};
 use pool_core::error::ConfigError;
 use pool_core::lifecycle::{CloseReason, ProbeResult};
 
@@ -124,6 +124,16 @@ pub enum ExtError {
         state: String,
         /// What kept the pool from serving, if anything went wrong.
         cause: Option<Box<ExtError>>,
+    },
+    /// No connection, at once: the server refuses connections for a reason no retry can
+    /// fix (a wrong password, a database that does not exist), or it has been unreachable for
+    /// longer than `fail_fast_when_down`. The pool keeps trying and heals on its own.
+    #[error("pool {pool}: no connection: {message}")]
+    Unavailable {
+        /// The pool's name.
+        pool: String,
+        /// Why, with the last connect error (redacted).
+        message: String,
     },
     /// The pool was dropped while a connect waited for demand.
     #[error("pool {pool} is closed")]
@@ -231,6 +241,8 @@ pub struct ExtManager<C: ExtConnection> {
     pub(crate) pool: Arc<PoolState>,
     pub(crate) demand: Arc<Demand>,
     opener: Arc<C::Opener>,
+    /// Where connect failures are kept for the timeout errors that quote them.
+    last: Arc<LastError>,
 }
 
 impl<C: ExtConnection> Clone for ExtManager<C> {
@@ -239,6 +251,7 @@ impl<C: ExtConnection> Clone for ExtManager<C> {
             pool: self.pool.clone(),
             demand: self.demand.clone(),
             opener: self.opener.clone(),
+            last: self.last.clone(),
         }
     }
 }
@@ -253,12 +266,17 @@ impl<C: ExtConnection> std::fmt::Debug for ExtManager<C> {
 }
 
 impl<C: ExtConnection> ExtManager<C> {
-    pub(crate) fn new(pool: Arc<PoolState>, demand: Arc<Demand>) -> Result<Self, ConfigError> {
+    pub(crate) fn new(
+        pool: Arc<PoolState>,
+        demand: Arc<Demand>,
+        last: Arc<LastError>,
+    ) -> Result<Self, ConfigError> {
         let opener = Arc::new(C::opener(pool.config())?);
         Ok(ExtManager {
             pool,
             demand,
             opener,
+            last,
         })
     }
 
@@ -299,7 +317,7 @@ impl<C: ExtConnection> ExtManager<C> {
             .map_err(|f| ExtError::Connect {
                 pool: pool.name().to_owned(),
                 cause: f.cause,
-                message: pool.connect_failed(&f.message),
+                message: pool.connect_failed(f.class, &f.message),
             })?;
         Ok((permit, conn))
     }
@@ -407,9 +425,35 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
         let claim: Claim<'_> = self.demand.claim().await.map_err(|_| ExtError::Closed {
             pool: self.pool.name().to_owned(),
         })?;
-        let conn = self.open(true).await?;
-        claim.opened();
-        Ok(conn)
+        // Attempts go on here, paced by the server's health, for as long as the claim lasts:
+        // a failure is recorded (and fails waiting checkouts fast when it is hopeless), never
+        // handed back to bb8, whose own retry pauses grow to half its timeout (a checkout
+        // would be served up to seconds after the server's return).
+        let mut failed = None;
+        loop {
+            match self.pool.health().attempt() {
+                Attempt::Go(_probe) => match self.open(true).await {
+                    Ok(conn) => {
+                        claim.opened();
+                        return Ok(conn);
+                    }
+                    Err(error @ ExtError::Connect { .. }) => {
+                        self.last.record(error.clone());
+                        failed = Some(error);
+                    }
+                    Err(other) => return Err(other),
+                },
+                Attempt::Wait(pause) => {
+                    tokio::time::sleep(pause.min(Duration::from_millis(50))).await;
+                }
+            }
+            if !self.demand.is_wanted() {
+                // Nobody waits any more: bb8 gets the last failure (its error sink keeps it).
+                return Err(failed.unwrap_or_else(|| ExtError::Closed {
+                    pool: self.pool.name().to_owned(),
+                }));
+            }
+        }
     }
 
     async fn is_valid(&self, conn: &mut C) -> Result<(), ExtError> {

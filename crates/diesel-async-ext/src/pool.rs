@@ -203,7 +203,15 @@ impl<C: ExtConnection> ExtPool<C> {
         // From here on this checkout is demand: a connect may open a connection for it.
         let _wanting = self.parts.demand.want();
         loop {
-            match tokio::time::timeout_at(deadline, self.parts.inner.get()).await {
+            let got = tokio::select! {
+                biased;
+                got = tokio::time::timeout_at(deadline, self.parts.inner.get()) => got,
+                unavailable = self.parts.unavailable(started) => {
+                    state.stats().record_checkout_timeout();
+                    return Err(unavailable);
+                }
+            };
+            match got {
                 Ok(Ok(mut conn)) => {
                     // No await between bb8 handing the connection over and this: a dropped
                     // future cannot leave it out of the engine's count.
@@ -300,6 +308,23 @@ impl<C: ExtConnection> Parts<C> {
     /// Holds `n` connections at once (opening what is missing, as demand, all at once) in
     /// maintenance mode, then returns them: warms the pool, or brings a budget class back to
     /// its floor.
+    /// Resolves when a checkout that started at `started` should stop waiting (see
+    /// `ServerHealth::fail_fast`): the server refuses connections for a hopeless reason, or
+    /// the breaker is open. Polls the pool's health every 20 ms; never polled at all when a
+    /// connection is at hand.
+    async fn unavailable(&self, started: Instant) -> ExtError {
+        let breaker = self.state.config().fail_fast_when_down;
+        loop {
+            if let Some(message) = self.state.health().fail_fast(started, breaker) {
+                return ExtError::Unavailable {
+                    pool: self.state.name().to_owned(),
+                    message,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn hold(&self, n: u32, timeout: Duration) -> Result<(), ExtError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -313,7 +338,11 @@ impl<C: ExtConnection> Parts<C> {
             })
             .collect();
         // Each get keeps its connection until all are done: they are held at once.
-        let held = join_all(gets).await;
+        let held = tokio::select! {
+            biased;
+            held = join_all(gets) => held,
+            unavailable = self.unavailable(started) => return Err(unavailable),
+        };
         if held.iter().all(Option::is_some) {
             Ok(())
         } else {
@@ -449,6 +478,17 @@ impl<C: ExtConnection> Builder<C> {
         let (config, listener) = self.into_parts();
         build(config.build()?, listener, None).await
     }
+
+    /// Validates the settings and returns the pool without opening any connection: for a
+    /// service that must start (and answer 503) while its database is still down, instead of
+    /// crash-looping. Checkouts open connections as they need them; while the server is
+    /// unreachable they wait up to `pool_timeout` (or fail at once with
+    /// `fail_fast_when_down`), and they fail at once when it refuses connections for a
+    /// reason no retry can fix. Returns without waiting for anything.
+    pub async fn build_lazy(self) -> Result<ExtPool<C>, BuildError> {
+        let (config, listener) = self.into_parts();
+        build_pool(config.build()?, listener, None, true).await
+    }
 }
 
 pub(crate) async fn build<C: ExtConnection>(
@@ -456,16 +496,25 @@ pub(crate) async fn build<C: ExtConnection>(
     listener: Arc<dyn EventListener>,
     budget: Option<(Budget, ClassId)>,
 ) -> Result<ExtPool<C>, BuildError> {
+    build_pool(config, listener, budget, false).await
+}
+
+async fn build_pool<C: ExtConnection>(
+    config: PoolConfig,
+    listener: Arc<dyn EventListener>,
+    budget: Option<(Budget, ClassId)>,
+    lazy: bool,
+) -> Result<ExtPool<C>, BuildError> {
     let state = Arc::new(PoolState::new(config, listener, budget)?);
     let demand = Arc::new(Demand::default());
-    let manager = ExtManager::<C>::new(state.clone(), demand.clone())?;
     let last = Arc::new(LastError::default());
+    let manager = ExtManager::<C>::new(state.clone(), demand.clone(), last.clone())?;
     let cfg = state.config();
     // bb8's `min_idle` top-up, reaper, lifetimes and idle timeouts are all off: `pool_size`
     // is the most kept open (overflow closes on return, see `ConnState::checkin`); idle
     // timeouts, lifetimes, keepalive pings and budget floors are the maintenance task's.
-    // bb8 retries a failed connect until its timeout, so a checkout during a restart gets a
-    // connection as soon as the server is back.
+    // A failed connect is retried by our manager, paced by the server's health, while a
+    // checkout waits (see `ExtManager::connect`).
     let inner = bb8::Pool::builder()
         .max_size(cfg.max_size())
         .min_idle(None)
@@ -495,7 +544,7 @@ pub(crate) async fn build<C: ExtConnection>(
         }),
     };
     // Opening the first connections here reports a wrong URL, password or host at once.
-    let warm = state.initial_size();
+    let warm = if lazy { 0 } else { state.initial_size() };
     if warm > 0 {
         pool.parts
             .hold(warm, cfg.pool_timeout)

@@ -49,7 +49,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::ops::DerefMut;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::result::Error as DieselError;
 use diesel::QueryResult;
@@ -74,8 +74,8 @@ pub trait RetryablePool: Sync {
     /// The diesel-async connection type.
     type Connection: AsyncConnection + Send + 'static;
 
-    /// Checks a connection out (bb8's `PooledConnection`), waiting at most `timeout` if
-    /// given (else the pool's own timeout).
+    /// Checks a connection out (bb8's `PooledConnection`), waiting at most the pool's own
+    /// timeout, and at most `timeout` if given.
     fn checkout(
         &self,
         timeout: Option<Duration>,
@@ -95,7 +95,8 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
         &self,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<impl DerefMut<Target = C> + Send + '_, PoolError>> + Send {
-        let timeout = timeout.unwrap_or(self.config().pool_timeout);
+        let pool_timeout = self.config().pool_timeout;
+        let timeout = timeout.map_or(pool_timeout, |t| t.min(pool_timeout));
         async move {
             let guard: bb8::PooledConnection<'_, ExtManager<C>> =
                 self.get_timeout(timeout).await.map_err(PoolError::new)?;
@@ -136,6 +137,13 @@ where
             })
         }
     }
+}
+
+/// What is left of the loop's `max_elapsed` (a checkout never outlasts it), if it has one.
+fn left_of(policy: &RetryPolicy, started: Instant) -> Option<Duration> {
+    policy
+        .max_elapsed()
+        .map(|limit| limit.saturating_sub(started.elapsed()))
 }
 
 /// The future bound of a retried body: `body(conn)` is a `Send` future. Implemented for every
@@ -270,6 +278,7 @@ where
     // Attempts run one after another; the lock only lends the closure to each in turn.
     let op = tokio::sync::Mutex::new(op);
     let hooks = pool.hooks();
+    let started = Instant::now();
     run_async(
         policy,
         &hooks,
@@ -277,7 +286,10 @@ where
         |_attempt| {
             let op = &op;
             async move {
-                let mut guard = pool.checkout(None).await.map_err(AttemptError::Pool)?;
+                let mut guard = pool
+                    .checkout(left_of(policy, started))
+                    .await
+                    .map_err(AttemptError::Pool)?;
                 let mut op = op.lock().await;
                 let op: &mut F = &mut op;
                 op(&mut *guard).await.map_err(AttemptError::Op)
@@ -442,12 +454,16 @@ where
     let body = tokio::sync::Mutex::new(body);
     let hooks = pool.hooks();
     let (body, hooks_ref) = (&body, &hooks);
+    let started = Instant::now();
     run_async(
         policy,
         &hooks,
         |e: &E| e.class_for(DRIVER),
         |_attempt| async move {
-            let mut guard = pool.checkout(None).await.map_err(AttemptError::Pool)?;
+            let mut guard = pool
+                .checkout(left_of(policy, started))
+                .await
+                .map_err(AttemptError::Pool)?;
             let prepared = {
                 let mut body = body.lock().await;
                 let body: &mut F = &mut body;

@@ -34,7 +34,7 @@ async fn every_pooled_connection_silent_at_once_costs_one_validation_timeout_not
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     let validation_timeout = Duration::from_secs(1);
     let pool = warmed_pool(&url, "async_silent", validation_timeout).await;
-    assert_eq!(proxy.silence_existing(), POOL as usize);
+    assert!(proxy.silence_existing() >= POOL as usize);
 
     let started = Instant::now();
     let first = pool.select_one().await;
@@ -127,5 +127,207 @@ async fn the_keepalive_sweep_meets_silence_with_one_timeout_and_never_repools_wh
         started.elapsed() < validation_timeout,
         "{:?}",
         started.elapsed()
+    );
+}
+
+// ---- Connect errors: hopeless ones fail fast, transient ones are waited out ----
+
+fn url_for_db(pg: &PgServer, db: &str) -> String {
+    pg.url_with("sslmode=disable")
+        .replace("/app?", &format!("/{db}?"))
+}
+
+async fn served_within(pool: &PgPool, limit: Duration, what: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        match pool.select_one().await {
+            Ok(_) => return started.elapsed(),
+            Err(e) => assert!(
+                started.elapsed() < limit,
+                "{what}: still failing after {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_does_not_exist_fails_build_at_once_with_the_cause() {
+    let Some(pg) = server() else { return };
+    let started = Instant::now();
+    let error = PgPool::builder(&url_for_db(&pg, "no_such_db"))
+        .pool_size(2)
+        .build()
+        .await
+        .expect_err("a database that does not exist");
+    let took = started.elapsed();
+    let text = error.to_string();
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(!text.contains(PgServer::PASSWORD), "{text}");
+    assert!(took < Duration::from_secs(2), "build took {took:?}");
+    println!("hopeless, async build: failed after {took:?}: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plain_bb8_waits_its_whole_timeout_for_a_database_that_does_not_exist() {
+    let Some(pg) = server() else { return };
+    let url = url_for_db(&pg, "no_such_db");
+    let control = bb8::Pool::builder().build_unchecked(
+        diesel_async::pooled_connection::AsyncDieselConnectionManager::<
+            diesel_async::AsyncPgConnection,
+        >::new(url),
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(3), control.get()).await;
+    assert!(
+        outcome.is_err(),
+        "plain bb8 was expected to keep trying for its 30 s timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_fails_checkouts_fast_and_the_pool_heals_when_it_works_again() {
+    let Some(pg) = server() else { return };
+    let app = "async_rotated";
+    let pool = ext_pool(&pg, app, 1).build().await.expect("pool");
+    pool.warm(1).await;
+    pg.execute("ALTER ROLE app PASSWORD 'rotated-elsewhere'")
+        .expect("rotate");
+    terminate_all(&pg, app).await;
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let error = pool.select_one().await.expect_err("wrong password now");
+        let took = started.elapsed();
+        assert!(error.contains("password"), "attempt {attempt}: {error}");
+        assert!(!error.contains(PgServer::PASSWORD), "{error}");
+        assert!(
+            took < Duration::from_secs(2),
+            "attempt {attempt}: {took:?}: {error}"
+        );
+    }
+    pg.execute(&format!("ALTER ROLE app PASSWORD '{}'", PgServer::PASSWORD))
+        .expect("restore");
+    let healed = served_within(
+        &pool,
+        Duration::from_secs(5),
+        "after the password works again",
+    )
+    .await;
+    println!("rotated password, async: healed {healed:?} after it was restored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazily_built_pool_starts_before_its_database_exists_and_serves_once_it_does() {
+    let Some(pg) = server() else { return };
+    let pool = PgPool::builder(&url_for_db(&pg, "late_async"))
+        .pool_size(2)
+        .build_lazy()
+        .await
+        .expect("a lazy build opens nothing");
+    let error = pool.select_one().await.expect_err("no database yet");
+    assert!(error.contains("does not exist"), "{error}");
+    assert!(!pool.status().is_healthy(), "{}", pool.status());
+    pg.execute("CREATE DATABASE late_async OWNER app")
+        .expect("create");
+    served_within(
+        &pool,
+        Duration::from_secs(5),
+        "after the database was created",
+    )
+    .await;
+    assert!(pool.status().is_healthy(), "{}", pool.status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_servers_return() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .pool_size(2)
+        .pool_timeout(Duration::from_secs(10))
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(2).await;
+    proxy.refuse_connections(true);
+    let p = pool.clone();
+    let waiter = tokio::spawn(async move {
+        let result = p.select_one().await;
+        (result, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = pool.status().to_string();
+    assert!(status.contains("unreachable"), "{status}");
+    let back = Instant::now();
+    proxy.refuse_connections(false);
+    let (result, served) = waiter.await.expect("waiter");
+    assert_eq!(result, Ok(1));
+    let late = served.duration_since(back);
+    assert!(
+        late < Duration::from_millis(250),
+        "served {late:?} after the return"
+    );
+    println!("outage, async: served {late:?} after the server's return");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fail_fast_when_down_checkouts_fail_at_once_during_an_outage_and_pass_again_after_it()
+{
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .pool_size(1)
+        .pool_timeout(Duration::from_secs(10))
+        .fail_fast_when_down(Some(Duration::from_millis(500)))
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(1).await;
+    proxy.refuse_connections(true);
+    let started = Instant::now();
+    let first = pool.select_one().await.expect_err("down");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(first.contains("unreachable"), "{first}");
+    let started = Instant::now();
+    let second = pool.select_one().await.expect_err("still down");
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}: {second}",
+        started.elapsed()
+    );
+    proxy.refuse_connections(false);
+    served_within(&pool, Duration::from_secs(2), "after the outage").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_loop_never_runs_past_its_own_max_elapsed() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .pool_size(1)
+        .pool_timeout(Duration::from_millis(1500))
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(1).await;
+    proxy.refuse_connections(true);
+    let policy = diesel_async_ext::RetryPolicy::builder()
+        .max_elapsed(Some(Duration::from_secs(2)))
+        .build()
+        .expect("policy");
+    let started = Instant::now();
+    let result = diesel_async_ext::with_retry(&pool, &policy, async |conn| {
+        diesel_async::SimpleAsyncConnection::batch_execute(conn, "SELECT 1").await
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(result.is_err());
+    assert!(
+        took < Duration::from_millis(2300),
+        "with_retry took {took:?}"
     );
 }

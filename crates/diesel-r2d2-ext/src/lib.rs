@@ -46,6 +46,7 @@ pub mod capacity;
 pub mod classes;
 pub mod classify;
 mod demand;
+mod forge;
 mod manager;
 #[cfg(feature = "postgres")]
 mod pg;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use diesel::r2d2::R2D2Connection;
 use pool_core::config::PoolConfig;
-use pool_core::engine::{CheckoutStep, ConnState, PoolState, Watchdog};
+use pool_core::engine::{Attempt, CheckoutStep, ConnState, ConnectClass, PoolState, Watchdog};
 use pool_core::error::ConfigError;
 use pool_core::lifecycle::{CloseReason, ProbeResult};
 
@@ -253,35 +253,54 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
     type Error = ExtError;
 
     fn connect(&self) -> Result<C, ExtError> {
-        let started = Instant::now();
         let pool = &self.pool;
-        // A checkout must want this connection (see `demand`), and a budget class needs a
-        // permit first: no connection is opened beyond the budget, and nothing is locked while
-        // waiting. The permit wait ends a little before the checkout's, so that a checkout
-        // timing out on the budget reports the budget's state (r2d2 quotes the last connect
-        // error).
-        let permit = self
-            .demand
-            .ready(pool.budget(), pool.connect_permit_wait())
-            .map_err(|e| match pool.budget() {
-                Some(_) => ExtError::Budget(format!("pool {}: {e}", pool.name())),
-                None => ExtError::Budget(format!(
-                    "pool {}: the pool was dropped; no checkout waits for this connection",
-                    pool.name()
-                )),
-            })?;
-        let (mut conn, socket) = self.establish().map_err(|e| ExtError::Connect {
-            target: self.target_redacted(),
-            message: pool.connect_failed(&e.to_string()),
-        })?;
-        conn.after_connect(pool.config())
-            .map_err(|e| ExtError::Setup {
-                target: self.target_redacted(),
-                message: pool.redact(&e.to_string()),
-            })?;
-        let state = ConnState::opened(pool, started.elapsed(), permit);
-        conn.set_instrumentation(tracker(state, socket));
-        Ok(conn)
+        // Attempts go on here, paced by the server's health, for as long as a checkout of
+        // this pool wants a connection: a failure is recorded (and fails waiting checkouts
+        // fast when it is hopeless), never handed back to r2d2, whose own retry pauses grow
+        // to half the pool timeout (a checkout would be served up to seconds after the
+        // server's return).
+        loop {
+            // A checkout must want this connection (see `demand`), and a budget class needs
+            // a permit first: no connection is opened beyond the budget, and nothing is
+            // locked while waiting. The permit wait ends a little before the checkout's, so
+            // that a checkout timing out on the budget reports the budget's state.
+            let permit = self
+                .demand
+                .ready(pool.budget(), pool.connect_permit_wait())
+                .map_err(|e| match pool.budget() {
+                    Some(_) => ExtError::Budget(format!("pool {}: {e}", pool.name())),
+                    None => ExtError::Budget(format!(
+                        "pool {}: the pool was dropped; no checkout waits for this connection",
+                        pool.name()
+                    )),
+                })?;
+            let _probe = match pool.health().attempt() {
+                Attempt::Go(probe) => probe,
+                Attempt::Wait(pause) => {
+                    // The server is down: another connect is trying it, or the backoff runs.
+                    drop(permit);
+                    std::thread::sleep(pause.min(Duration::from_millis(50)));
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let (mut conn, socket) = match self.establish() {
+                Ok(opened) => opened,
+                Err(e) => {
+                    let text = e.to_string();
+                    pool.connect_failed(ConnectClass::of_libpq_message(&text), &text);
+                    continue;
+                }
+            };
+            conn.after_connect(pool.config())
+                .map_err(|e| ExtError::Setup {
+                    target: self.target_redacted(),
+                    message: pool.redact(&e.to_string()),
+                })?;
+            let state = ConnState::opened(pool, started.elapsed(), permit);
+            conn.set_instrumentation(tracker(state, socket));
+            return Ok(conn);
+        }
     }
 
     fn is_valid(&self, conn: &mut C) -> Result<(), ExtError> {

@@ -18,6 +18,7 @@ use pool_core::status::StatusReport;
 use r2d2::PooledConnection;
 
 use crate::demand::Demand;
+use crate::forge;
 use crate::manager::{sweeping, ExtConnection, ExtError, ExtManager};
 use crate::tracker::tracker_of;
 
@@ -159,7 +160,11 @@ impl<C: ExtConnection> ExtPool<C> {
 
     /// Checks out a connection, waiting at most `pool_timeout`. Same signature and result
     /// as r2d2's `get`, plus: callers are served in arrival order (a returned connection
-    /// goes to the one that waited longest), and the wait counts in the stats.
+    /// goes to the one that waited longest), the wait counts in the stats, and a checkout
+    /// that needs a new connection fails at once, with the cause, when the server refuses
+    /// connections for a reason no retry can fix (a wrong password, a database that does
+    /// not exist; see [`ServerHealth`](pool_core::engine::ServerHealth)) or, with
+    /// `fail_fast_when_down`, while the server has been unreachable for that long.
     pub fn get(&self) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         self.get_timeout(self.parts.state.config().pool_timeout)
     }
@@ -171,25 +176,33 @@ impl<C: ExtConnection> ExtPool<C> {
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         let started = Instant::now();
         let _wanting = self.parts.demand.want();
-        let gate = self.parts.state.gate();
+        let state = &self.parts.state;
+        let gate = state.gate();
         // Not saturated: a permit at once, without reading the clock again.
         if let Some(permit) = gate.try_enter() {
-            return self.checked_out(self.parts.inner.get_timeout(timeout), started, Some(permit));
+            if let Some(conn) = self.parts.inner.try_get() {
+                return Ok(self.handed_out(conn, started, Some(permit)));
+            }
+            let conn = self.parts.wait(started, started + timeout, false)?;
+            return Ok(self.handed_out(conn, started, Some(permit)));
         }
         let gate = match gate.enter(timeout) {
             Ok(permit) => permit,
-            // r2d2's error type can only be made by r2d2: ask it, without waiting. (If a
-            // connection came back at this very moment, it is handed out after all.)
             Err(_) => {
-                return self.checked_out(
-                    self.parts.inner.get_timeout(Duration::ZERO),
-                    started,
-                    None,
-                )
+                // Never ask the wrapped pool now: an idle connection it holds is the next
+                // caller's in line.
+                state.stats().record_checkout_timeout();
+                return Err(forge::r2d2_error(&format!(
+                    "pool {}: no connection within {timeout:?}: every connection is in use \
+                     ({} checkout(s) waiting, max {})",
+                    state.name(),
+                    gate.waiters(),
+                    state.config().max_size()
+                )));
             }
         };
-        let remaining = timeout.saturating_sub(started.elapsed());
-        self.checked_out(self.parts.inner.get_timeout(remaining), started, Some(gate))
+        let conn = self.parts.wait(started, started + timeout, false)?;
+        Ok(self.handed_out(conn, started, Some(gate)))
     }
 
     /// A connection if one can be had at once: an idle one, with nobody waiting before us.
@@ -209,11 +222,19 @@ impl<C: ExtConnection> ExtPool<C> {
         started: Instant,
         gate: Option<pool_core::budget::Permit>,
     ) -> Result<PooledConnection<ExtManager<C>>, E> {
-        let mut conn = result?;
+        Ok(self.handed_out(result?, started, gate))
+    }
+
+    fn handed_out(
+        &self,
+        mut conn: PooledConnection<ExtManager<C>>,
+        started: Instant,
+        gate: Option<pool_core::budget::Permit>,
+    ) -> PooledConnection<ExtManager<C>> {
         if let Some(tracker) = tracker_of(&mut *conn) {
             tracker.state.handed_out(started, gate);
         }
-        Ok(conn)
+        conn
     }
 
     /// The wrapped r2d2 pool.
@@ -245,13 +266,75 @@ impl<C: ExtConnection> ExtPool<C> {
 
 impl<C: ExtConnection> Parts<C> {
     /// Holds `n` connections at once (opening what is missing) in maintenance mode, then
-    /// returns them: warms the pool, or brings a budget class back to its floor.
+    /// returns them: warms the pool, or brings a budget class back to its floor. Fails at
+    /// once, like a checkout, when the server refuses connections for a hopeless reason.
     fn hold(&self, n: u32, timeout: Duration) -> Result<(), r2d2::Error> {
         let _wanting = self.demand.want();
+        let started = Instant::now();
         let held: Result<Vec<_>, _> = (0..n)
-            .map(|_| sweeping(|| self.inner.get_timeout(timeout)))
+            .map(|_| self.wait(started, started + timeout, true))
             .collect();
         held.map(drop)
+    }
+
+    /// Waits for a connection from the wrapped pool until `deadline` (in maintenance mode if
+    /// `sweep`), in short slices, so that the wait ends at once when the server turns out to
+    /// refuse connections for a hopeless reason or the breaker opens. The error quotes what
+    /// kept the pool from serving: the last connect failure, budget or validation error.
+    fn wait(
+        &self,
+        started: Instant,
+        deadline: Instant,
+        sweep: bool,
+    ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
+        const SLICE: Duration = Duration::from_millis(20);
+        let breaker = self.state.config().fail_fast_when_down;
+        let mut quoted: Option<String> = None;
+        loop {
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(SLICE);
+            let got = quiet_timeouts(|| {
+                if sweep {
+                    sweeping(|| self.inner.get_timeout(slice))
+                } else {
+                    self.inner.get_timeout(slice)
+                }
+            });
+            let error = match got {
+                Ok(conn) => return Ok(conn),
+                Err(error) => error,
+            };
+            // r2d2 quotes its last error once (a budget or validation failure): keep it.
+            if let Some(message) = error.to_string().strip_prefix(R2D2_PREFIX) {
+                quoted = Some(message.to_owned());
+            }
+            let health = self.state.health();
+            if let Some(why) = health.fail_fast(started, breaker) {
+                if !sweep {
+                    self.state.stats().record_checkout_timeout();
+                }
+                return Err(forge::r2d2_error(&format!(
+                    "pool {}: no connection: {why}",
+                    self.state.name()
+                )));
+            }
+            if Instant::now() >= deadline {
+                if !sweep {
+                    self.state.stats().record_checkout_timeout();
+                }
+                let waited = started.elapsed();
+                return Err(match (health.last_error_since(started), quoted) {
+                    (Some(connect), _) => forge::r2d2_error(&format!(
+                        "pool {}: no connection within {waited:.1?}; the server could not be \
+                         reached: {connect}",
+                        self.state.name()
+                    )),
+                    (None, Some(quoted)) => forge::r2d2_error(&quoted),
+                    (None, None) => error,
+                });
+            }
+        }
     }
 
     /// Closes up to `n` idle connections (giving their budget permits back); returns how many.
@@ -343,12 +426,32 @@ impl<C: ExtConnection> Builder<C> {
         let (config, listener) = self.into_parts();
         build(config.build()?, listener, None)
     }
+
+    /// Validates the settings and returns the pool without opening any connection: for a
+    /// service that must start (and answer 503) while its database is still down, instead of
+    /// crash-looping. Checkouts open connections as they need them; while the server is
+    /// unreachable they wait up to `pool_timeout` (or fail at once with
+    /// `fail_fast_when_down`), and they fail at once when it refuses connections for a
+    /// reason no retry can fix.
+    pub fn build_lazy(self) -> Result<ExtPool<C>, BuildError> {
+        let (config, listener) = self.into_parts();
+        build_pool(config.build()?, listener, None, true)
+    }
 }
 
 pub(crate) fn build<C: ExtConnection>(
     config: PoolConfig,
     listener: Arc<dyn EventListener>,
     budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
+) -> Result<ExtPool<C>, BuildError> {
+    build_pool(config, listener, budget, false)
+}
+
+fn build_pool<C: ExtConnection>(
+    config: PoolConfig,
+    listener: Arc<dyn EventListener>,
+    budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
+    lazy: bool,
 ) -> Result<ExtPool<C>, BuildError> {
     let state = Arc::new(PoolState::new(config, listener, budget)?);
     let demand = Arc::new(Demand::default());
@@ -381,7 +484,7 @@ pub(crate) fn build<C: ExtConnection>(
         }),
     };
     // Opening the first connections here reports a wrong URL, password or host at once.
-    let warm = state.initial_size();
+    let warm = if lazy { 0 } else { state.initial_size() };
     if warm > 0 {
         pool.parts
             .hold(warm, cfg.pool_timeout)
@@ -464,8 +567,33 @@ struct EventHandler(Weak<PoolState>);
 
 impl r2d2::HandleEvent for EventHandler {
     fn handle_timeout(&self, _event: r2d2::event::TimeoutEvent) {
+        // The pool's own waits count their timeouts themselves (once per checkout, not per
+        // slice); a checkout straight through the wrapped pool is counted here.
+        if QUIET.with(|q| q.get()) {
+            return;
+        }
         if let Some(state) = self.0.upgrade() {
             state.stats().record_checkout_timeout();
         }
     }
+}
+
+/// What r2d2 puts before the message it quotes.
+const R2D2_PREFIX: &str = "timed out waiting for connection: ";
+
+thread_local! {
+    /// Set while the pool waits in slices: r2d2's timeout of a slice is not a checkout's.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn quiet_timeouts<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            QUIET.with(|q| q.set(false));
+        }
+    }
+    QUIET.with(|q| q.set(true));
+    let _reset = Reset;
+    f()
 }

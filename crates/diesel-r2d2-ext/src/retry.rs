@@ -78,6 +78,11 @@ pub trait RetryablePool {
     /// must end within its own time limit).
     fn checkout_within(&self, timeout: Duration) -> Result<Self::Guard, PoolError>;
 
+    /// How long a checkout waits by default (the pool's `pool_timeout`, r2d2's
+    /// `connection_timeout`): the retry loop waits less when less is left of its
+    /// `max_elapsed`.
+    fn pool_timeout(&self) -> Duration;
+
     /// Where attempts are reported (pool name, stats, listener).
     fn hooks(&self) -> RetryHooks<'_> {
         RetryHooks::default()
@@ -105,6 +110,10 @@ where
     fn checkout_within(&self, timeout: Duration) -> Result<Self::Guard, PoolError> {
         self.get_timeout(timeout).map_err(PoolError::new)
     }
+
+    fn pool_timeout(&self) -> Duration {
+        self.connection_timeout()
+    }
 }
 
 impl<C: ExtConnection> RetryablePool for ExtPool<C> {
@@ -127,6 +136,10 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
 
     fn redact(&self, text: &str) -> String {
         self.state().redact(text)
+    }
+
+    fn pool_timeout(&self) -> Duration {
+        self.config().pool_timeout
     }
 
     fn hooks(&self) -> RetryHooks<'_> {
@@ -243,12 +256,18 @@ where
     E: Classify + Display,
 {
     let hooks = pool.hooks();
+    let started = std::time::Instant::now();
     run_sync(
         policy,
         &hooks,
         |e: &E| e.class_for(DRIVER),
         |_attempt| {
-            let guard = pool.checkout().map_err(AttemptError::Pool)?;
+            // A checkout never outlasts what is left of the loop's own `max_elapsed`.
+            let timeout = policy.max_elapsed().map_or(pool.pool_timeout(), |limit| {
+                pool.pool_timeout()
+                    .min(limit.saturating_sub(started.elapsed()))
+            });
+            let guard = pool.checkout_within(timeout).map_err(AttemptError::Pool)?;
             attempt(&hooks, guard)
         },
     )

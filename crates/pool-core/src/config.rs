@@ -197,6 +197,10 @@ pub struct PoolConfig {
     pub sqlite: SqliteSettings,
     /// The pool's name in stats, status reports and log lines. Default: `"default"`.
     pub name: String,
+    /// Fail checkouts that need a new connection at once, with the cause, once connects have
+    /// been failing for this long (a breaker: request handlers answer 503 instead of waiting
+    /// `pool_timeout`); the first successful connect closes it. `None` (the default) waits.
+    pub fail_fast_when_down: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -309,6 +313,7 @@ impl fmt::Debug for PoolConfig {
             .field("connect", &self.connect)
             .field("sqlite", &self.sqlite)
             .field("name", &self.name)
+            .field("fail_fast_when_down", &self.fail_fast_when_down)
             .finish()
     }
 }
@@ -326,6 +331,7 @@ pub struct PoolConfigBuilder {
     connect: ConnectSettings,
     sqlite: SqliteSettings,
     name: String,
+    fail_fast_when_down: Option<Duration>,
 }
 
 impl fmt::Debug for PoolConfigBuilder {
@@ -342,6 +348,7 @@ impl fmt::Debug for PoolConfigBuilder {
             .field("connect", &self.connect)
             .field("sqlite", &self.sqlite)
             .field("name", &self.name)
+            .field("fail_fast_when_down", &self.fail_fast_when_down)
             .finish()
     }
 }
@@ -357,6 +364,7 @@ impl PoolConfigBuilder {
             connect: ConnectSettings::default(),
             sqlite: SqliteSettings::default(),
             name: "default".to_owned(),
+            fail_fast_when_down: None,
         }
     }
 
@@ -378,6 +386,7 @@ impl PoolConfigBuilder {
             connect: self.connect,
             sqlite: self.sqlite,
             name: self.name,
+            fail_fast_when_down: self.fail_fast_when_down,
         };
         config.validate()?;
         Ok(config)

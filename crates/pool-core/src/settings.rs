@@ -222,6 +222,11 @@ macro_rules! with_settings {
             /// out; `None` disables it.
             leak_detection_threshold(v: ::std::option::Option<::std::time::Duration>) env "DB_LEAK_DETECTION" kind OptionalDuration default "off"
                 set |b| b.lifecycle.leak_detection_threshold = v; get |c| c.lifecycle.leak_detection_threshold;
+            /// Fail checkouts that need a new connection at once, with the cause, once
+            /// connects have been failing this long (a breaker, for handlers that answer 503
+            /// instead of waiting); `None` waits up to `pool_timeout`.
+            fail_fast_when_down(v: ::std::option::Option<::std::time::Duration>) env "DB_FAIL_FAST_WHEN_DOWN" kind OptionalDuration default "off"
+                set |b| b.fail_fast_when_down = v; get |c| c.fail_fast_when_down;
             /// The longest a connection attempt may take; `None` waits as long as the driver
             /// does.
             connect_timeout(v: ::std::option::Option<::std::time::Duration>) env "DB_CONNECT_TIMEOUT" kind OptionalDuration default "10s"

@@ -234,6 +234,26 @@ pub struct StatsSnapshot {
     /// Linux): every checkout then pings, and a hung server can block that ping.
     #[serde(default = "yes")]
     pub probe_available: bool,
+    /// Set while connects fail: the server is unreachable (or refuses the pool). A pool whose
+    /// server is unreachable is not healthy, whatever room it has.
+    #[serde(default)]
+    pub server_down: Option<ServerDown>,
+}
+
+/// The server could not be reached by the last connect attempt(s) (see
+/// [`ServerHealth`](crate::engine::ServerHealth)).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServerDown {
+    /// How long connects have been failing, in milliseconds.
+    pub since_ms: u64,
+    /// Failed attempts since the last success.
+    pub failed_attempts: u64,
+    /// `hopeless` (no retry can fix it: fix the cause) or `transient`.
+    pub class: String,
+    /// The last error, redacted.
+    pub last_error: String,
+    /// When the next attempt may start, in milliseconds from the snapshot.
+    pub next_attempt_in_ms: u64,
 }
 
 fn yes() -> bool {
@@ -493,6 +513,7 @@ impl PoolStats {
             wait_max_ms: max,
             is_healthy: available > 0,
             probe_available: true,
+            server_down: None,
         }
     }
 }

@@ -90,6 +90,26 @@ impl StatusReport {
             return "❌ Reserved capacity is NOT available: a class cannot get its floor"
                 .to_owned();
         }
+        let down: Vec<String> = self
+            .pools
+            .iter()
+            .filter_map(|p| {
+                let d = p.server_down.as_ref()?;
+                Some(format!(
+                    "{:?} ({}, {} failed attempt(s) in {:.1} s)",
+                    p.name,
+                    d.class,
+                    d.failed_attempts,
+                    d.since_ms as f64 / 1000.0
+                ))
+            })
+            .collect();
+        if !down.is_empty() {
+            return format!(
+                "❌ Server unreachable: {}: checkouts that need a new connection wait or fail",
+                down.join(", ")
+            );
+        }
         let exhausted: Vec<String> = self
             .pools
             .iter()
@@ -205,6 +225,17 @@ fn pool_lines(p: &StatsSnapshot) -> Vec<String> {
         "Retries: {} ({} exhausted), ambiguous commits resolved: {}, leaks: {}",
         p.retries, p.retries_exhausted, p.commits_resolved, p.leaks
     ));
+    if let Some(d) = &p.server_down {
+        lines.push(format!(
+            "Server: unreachable for {:.1} s ({} failed attempt(s), {}), next try in {} ms; \
+             last error: {}",
+            d.since_ms as f64 / 1000.0,
+            d.failed_attempts,
+            d.class,
+            d.next_attempt_in_ms,
+            d.last_error
+        ));
+    }
     if !p.probe_available {
         lines.push(
             "Liveness probe: UNAVAILABLE on this platform (every checkout pings; a hung \

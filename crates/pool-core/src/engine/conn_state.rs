@@ -94,6 +94,7 @@ impl ConnState {
         };
         pool.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         pool.stats().record_connect();
+        pool.connect_succeeded();
         pool.emit(&PoolEvent::Connected {
             pool: pool.name(),
             connection_id: state.id,

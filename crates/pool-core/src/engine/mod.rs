@@ -7,6 +7,7 @@
 //! | `gate.rs` | [`Gate`]: checkouts served in arrival order |
 //! | `watchdog.rs` | [`Watchdog`]: deadlines a blocking driver cannot enforce |
 //! | `leak.rs` | [`LeakTimer`]: a connection held too long, reported once |
+//! | `health.rs` | [`ServerHealth`]: whether the server can be reached; hopeless vs transient connect errors, backoff, one probe at a time while down |
 //! | `maintenance.rs` | [`Maintenance`]: when the pool's maintenance walks the idle connections, and whether it waits on the budget |
 //!
 //! A checkout, in any adapter:
@@ -23,6 +24,7 @@
 
 mod conn_state;
 mod gate;
+pub mod health;
 mod leak;
 mod maintenance;
 mod pool_state;
@@ -30,6 +32,7 @@ mod watchdog;
 
 pub use conn_state::{CheckoutStep, ConnState};
 pub use gate::Gate;
+pub use health::{Attempt, ConnectClass, ServerHealth, ServerState};
 pub use leak::LeakTimer;
 pub use maintenance::{sweep_interval, Maintenance};
 pub use pool_state::PoolState;

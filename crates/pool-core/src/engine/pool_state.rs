@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::health::{ConnectClass, Report, ServerHealth};
 use super::Gate;
 use crate::budget::{Budget, ClassId};
 use crate::config::PoolConfig;
@@ -44,6 +45,7 @@ pub struct PoolState {
     silent_before: AtomicU64,
     probe_available: AtomicBool,
     listener_panicked: AtomicBool,
+    health: ServerHealth,
 }
 
 impl std::fmt::Debug for PoolState {
@@ -86,6 +88,7 @@ impl PoolState {
             silent_before: AtomicU64::new(0),
             probe_available: AtomicBool::new(true),
             listener_panicked: AtomicBool::new(false),
+            health: ServerHealth::default(),
         })
     }
 
@@ -236,16 +239,48 @@ impl PoolState {
         at < mark
     }
 
-    /// A connection attempt failed with `message` (the driver's text): counts it, reports it
-    /// and returns the message redacted.
-    pub fn connect_failed(&self, message: &str) -> String {
+    /// What the pool knows about reaching its server (see [`ServerHealth`]).
+    pub fn health(&self) -> &ServerHealth {
+        &self.health
+    }
+
+    /// A connection attempt failed with `message` (the driver's text) of `class`: counts it,
+    /// records it in [`PoolState::health`], and returns the message redacted. The event (and
+    /// so the log line) goes out for the first failure of an outage, then as a summary at
+    /// most every [`LOG_SUMMARY_EVERY`](super::health::LOG_SUMMARY_EVERY), not once per
+    /// attempt.
+    pub fn connect_failed(&self, class: ConnectClass, message: &str) -> String {
         self.stats.record_connect_failure();
         let message = self.redact(message);
-        self.emit(&PoolEvent::ConnectFailed {
-            pool: self.name(),
-            error: &message,
-        });
+        match self.health.failed(class, message.clone()) {
+            Report::Down => self.emit(&PoolEvent::ConnectFailed {
+                pool: self.name(),
+                error: &format!("server unreachable ({}): {message}", class.as_str()),
+            }),
+            Report::Summary { failures, down_for } => self.emit(&PoolEvent::ConnectFailed {
+                pool: self.name(),
+                error: &format!(
+                    "server still unreachable after {down_for:.1?} ({failures} failed \
+                     attempts); last error ({}): {message}",
+                    class.as_str()
+                ),
+            }),
+            Report::Quiet => {}
+        }
         message
+    }
+
+    /// A connection attempt succeeded: if connects had been failing, says once that the
+    /// server is back.
+    pub fn connect_succeeded(&self) {
+        if let Some((down_for, failures)) = self.health.succeeded() {
+            log::info!(
+                target: LOG_TARGET,
+                "pool {}: server reachable again after {down_for:.1?} ({failures} failed \
+                 connect attempt(s))",
+                self.name()
+            );
+        }
     }
 
     /// Asks that `n` idle connections be retired on their next checkout (to give budget
@@ -315,6 +350,20 @@ impl PoolState {
             waiters: Some(self.gate.waiters() + budget_waiters),
         });
         snapshot.probe_available = self.probe_available();
+        let server = self.health.state();
+        if !server.reachable {
+            snapshot.is_healthy = false;
+            snapshot.server_down = Some(crate::stats::ServerDown {
+                since_ms: server.down_for_ms.unwrap_or(0),
+                failed_attempts: server.failed_attempts,
+                class: server
+                    .last_error_class
+                    .map_or("transient", |c| c.as_str())
+                    .to_owned(),
+                last_error: server.last_error.unwrap_or_default(),
+                next_attempt_in_ms: server.next_attempt_in_ms.unwrap_or(0),
+            });
+        }
         snapshot
     }
 }
