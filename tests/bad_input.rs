@@ -145,3 +145,124 @@ fn a_wrong_password_is_reported_without_the_password() {
     assert!(!format!("{err:?}").contains(SECRET));
     assert_no_secret_in_logs();
 }
+
+/// Set in the child process that runs [`huge_sizes_child`]'s cases.
+const HUGE_SIZES_CHILD: &str = "RESILIENT_DIESEL_HUGE_SIZES_CHILD";
+
+/// Every way to ask for an absurd number of connections — builders (sync and async), the
+/// environment, budget totals and class sizes — returns an error naming the setting. Run in
+/// a child process: before the bound, `max_overflow(u32::MAX - 1)` made r2d2 reserve about
+/// 700 GB and the process aborted, which would take this whole test binary down without a
+/// word; here the parent reports it.
+#[test]
+fn absurd_pool_sizes_are_refused_without_aborting_the_process() {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let started = Instant::now();
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "huge_sizes_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HUGE_SIZES_CHILD, "1")
+        .output()
+        .expect("running the child test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "a size case panicked or aborted the process ({:?}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("all size cases refused"),
+        "the child ran no cases:\n{stdout}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refusing sizes must not take long: {:?}",
+        started.elapsed()
+    );
+}
+
+/// The cases; runs only in the child process [`absurd_pool_sizes_are_refused_without_aborting_the_process`]
+/// starts.
+#[test]
+fn huge_sizes_child() {
+    use resilient_diesel::{Class, ClassPools};
+    if std::env::var_os(HUGE_SIZES_CHILD).is_none() {
+        return;
+    }
+    // Nothing listens here: a refusal must come from the settings, before any connect.
+    let url = format!(
+        "postgres://app:{SECRET}@127.0.0.1:{}/app?sslmode=disable",
+        test_support::free_port()
+    );
+    let sized = |pool_size: u32, max_overflow: u32| {
+        PgPool::builder(&url)
+            .pool_size(pool_size)
+            .max_overflow(max_overflow)
+            .pool_timeout(Duration::from_millis(300))
+    };
+    let builders = [
+        (sized(10, u32::MAX - 1), "max_overflow"),
+        (sized(u32::MAX, 0), "pool_size"),
+        (sized(u32::MAX, 1), "pool_size"),
+        (sized(10_001, 0), "pool_size"),
+        (sized(5_000, 5_001), "max_overflow"),
+    ];
+    for (builder, setting) in builders {
+        let err = builder.build().unwrap_err();
+        assert!(matches!(err, BuildError::Config(_)), "{err:?}");
+        assert_clear(&err, setting);
+        assert_clear(&err, "10000");
+    }
+    for (var, value) in [
+        ("DB_MAX_OVERFLOW", "4000000000"),
+        ("DB_POOL_SIZE", "4000000000"),
+        ("DB_POOL_SIZE", "10001"),
+    ] {
+        let err =
+            PoolConfig::from_lookup(env(&[("DATABASE_URL", url.as_str()), (var, value)]), None)
+                .unwrap_err();
+        assert_clear(&err, var);
+        assert_clear(&err, "10000");
+    }
+    let budgets = [
+        ClassPools::<diesel::PgConnection>::builder(&url, u32::MAX)
+            .class("adhoc", Class::new().reserved(1)),
+        ClassPools::builder(&url, 60).class("adhoc", Class::new().pool_size(u32::MAX - 1)),
+        ClassPools::builder(&url, 60).class("adhoc", Class::new().max_overflow(u32::MAX - 1)),
+        ClassPools::builder(&url, 60)
+            .class("a", Class::new().reserved(u32::MAX))
+            .class("b", Class::new().reserved(u32::MAX)),
+    ];
+    for builder in budgets {
+        let err = builder.build().unwrap_err();
+        assert_clear(&err, "budget");
+    }
+    // The async pool takes the same settings.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let err = diesel_async_ext::PgPool::builder(&url)
+            .max_overflow(u32::MAX - 1)
+            .build()
+            .await
+            .unwrap_err();
+        assert_clear(&err, "max_overflow");
+        let err = diesel_async_ext::ClassPools::<diesel_async::AsyncPgConnection>::builder(
+            &url,
+            u32::MAX,
+        )
+        .class("adhoc", Class::new().reserved(1))
+        .build()
+        .await
+        .unwrap_err();
+        assert_clear(&err, "budget");
+    });
+    println!("all size cases refused");
+}

@@ -42,6 +42,40 @@ fn holding_pool_size_connections_opens_no_more_and_overflow_closes_on_return() {
     assert_eq!((stats.in_use, stats.idle), (0, 2), "{stats:?}");
 }
 
+/// `pool_size(0)` means what its rustdoc says: no connection is kept once returned (not
+/// SQLAlchemy's "no limit": at most `max_overflow` are open at once).
+#[test]
+fn a_pool_size_of_zero_keeps_no_connection_once_returned() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_zero";
+    let pool = ext_pool(&pg, app, 0)
+        .max_overflow(3)
+        .idle_timeout(None)
+        .build()
+        .unwrap();
+    assert_eq!(settle_backends(&pg, app, 0), 0, "nothing opened at build");
+    let held = hold(&pool, 3);
+    assert_eq!(
+        settle_backends(&pg, app, 3),
+        3,
+        "up to max_overflow under load"
+    );
+    let err = pool
+        .get_timeout(Duration::from_millis(200))
+        .err()
+        .expect("no fourth connection: the limit is pool_size + max_overflow");
+    println!("fourth checkout with pool_size 0, max_overflow 3: {err}");
+    drop(held);
+    assert_eq!(
+        settle_backends(&pg, app, 0),
+        0,
+        "every connection is closed when returned"
+    );
+    let stats = pool.stats();
+    assert_eq!(stats.closed.overflow, 3, "{stats:?}");
+    assert_eq!((stats.in_use, stats.idle), (0, 0), "{stats:?}");
+}
+
 #[test]
 fn the_keepalive_ping_never_opens_a_connection() {
     let Some(pg) = server() else { return };

@@ -76,9 +76,10 @@ pub(crate) mod sealed {
         /// manager left broken (a `BEGIN`/`COMMIT` whose future was dropped), a closed client.
         fn session_dirty(&mut self) -> bool;
 
-        /// The class of a query error on this backend.
+        /// The class of a query error on this backend, as the pool's bookkeeping acts on it
+        /// (a disconnect only when the driver reports one, never read from a message's text).
         fn classify(err: &diesel::result::Error) -> ErrorClass {
-            crate::classify::classify_diesel(err)
+            crate::classify::classify_observed(err)
         }
     }
 }

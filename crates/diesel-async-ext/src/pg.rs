@@ -574,16 +574,34 @@ impl PgConnector {
         if !message.contains("certificate verify failed") {
             return message;
         }
-        let hint = match (&self.config.tls.mode, &self.config.tls.root_certs) {
-            (SslMode::VerifyFull, _) if message.contains("mismatch") => {
-                "the certificate does not name the host connected to; sslmode=verify-full \
-                 checks the name, verify-ca only the chain"
+        // OpenSSL appends its verify result's text (X509_verify_cert_error_string): each
+        // cause gets its own hint, and causes without one get none rather than a wrong one.
+        let lower = message.to_lowercase();
+        let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+        let hint = if has(&["hostname mismatch", "ip address mismatch"]) {
+            "the certificate does not name the host connected to; sslmode=verify-full \
+             checks the name, verify-ca only the chain"
+        } else if has(&["certificate has expired"]) {
+            "the server's certificate has expired (or this machine's clock is wrong); the \
+             server needs a renewed certificate"
+        } else if has(&["certificate is not yet valid"]) {
+            "the server's certificate is not valid yet (or this machine's clock is wrong)"
+        } else if has(&[
+            "unable to get local issuer certificate",
+            "unable to get issuer certificate",
+            "self-signed certificate",
+            "self signed certificate",
+            "unable to verify the first certificate",
+        ]) {
+            match &self.config.tls.root_certs {
+                RootCerts::File(_) => "the certificate is not signed by a root in sslrootcert",
+                _ => {
+                    "the certificate is not signed by a root this system trusts; give the \
+                     server's CA with sslrootcert"
+                }
             }
-            (_, RootCerts::File(_)) => "the certificate is not signed by a root in sslrootcert",
-            _ => {
-                "the certificate is not signed by a root this system trusts; give the \
-                  server's CA with sslrootcert"
-            }
+        } else {
+            return message;
         };
         format!("{message}; {hint}")
     }
@@ -1410,7 +1428,9 @@ mod tests {
         assert_eq!(c.targets()[0].host, Some(Host::Tcp("localhost".into())));
         // Weaker modes check no name: the address stands in for it, so tokio-postgres can
         // do TLS at all.
-        let c = translate_ok("postgres://u@/db?hostaddr=127.0.0.1&sslmode=verify-ca");
+        let c = translate_ok(
+            "postgres://u@/db?hostaddr=127.0.0.1&sslmode=verify-ca&sslrootcert=/x/ca.pem",
+        );
         let cfg = c.attempt_config(&c.targets()[0], None);
         assert_eq!(cfg.get_hosts(), &[Host::Tcp("127.0.0.1".into())]);
     }
@@ -1539,5 +1559,89 @@ mod tests {
             PgConnector::from_url("postgres://h/db", &ConnectSettings::default()).unwrap();
         let fut = connector.connect();
         assert_send(&fut);
+    }
+}
+
+#[cfg(test)]
+mod tls_hint_tests {
+    use super::*;
+
+    /// A throwaway self-signed certificate (PEM), as a root file.
+    fn self_signed() -> Vec<u8> {
+        use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "ca").unwrap();
+        let name = name.build();
+        let mut b = x509::X509Builder::new().unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        b.build().to_pem().unwrap()
+    }
+
+    /// What OpenSSL reports, with its verify result's text after `::`.
+    fn failed(reason: &str) -> String {
+        format!(
+            "error performing TLS handshake: error:0A000086:SSL routines:\
+             tls_post_process_server_certificate:certificate verify failed:\
+             ssl/statem/statem_clnt.c:2125:: {reason}"
+        )
+    }
+
+    #[test]
+    fn each_verify_failure_gets_its_own_hint_and_only_an_unknown_issuer_blames_the_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, self_signed()).unwrap();
+        let with_file = PgConnector::from_url(
+            &format!(
+                "postgres://h/db?sslmode=verify-full&sslrootcert={}",
+                ca.display()
+            ),
+            &ConnectSettings::default(),
+        )
+        .unwrap();
+        let system = PgConnector::from_url(
+            "postgres://h/db?sslmode=verify-full",
+            &ConnectSettings::default(),
+        )
+        .unwrap();
+        let roots = "not signed by a root";
+        for reason in [
+            "unable to get local issuer certificate",
+            "self-signed certificate in certificate chain",
+            "self signed certificate",
+        ] {
+            let hint = with_file.tls_hint(failed(reason));
+            assert!(
+                hint.contains("not signed by a root in sslrootcert"),
+                "{hint}"
+            );
+            let hint = system.tls_hint(failed(reason));
+            assert!(hint.contains("root this system trusts"), "{hint}");
+        }
+        for (reason, own) in [
+            ("certificate has expired", "needs a renewed certificate"),
+            ("certificate is not yet valid", "not valid yet"),
+            ("hostname mismatch", "does not name the host"),
+            ("IP address mismatch", "does not name the host"),
+        ] {
+            let hint = with_file.tls_hint(failed(reason));
+            assert!(hint.contains(own), "{hint}");
+            assert!(!hint.contains(roots), "{reason}: {hint}");
+        }
+        let other = failed("certificate revoked");
+        assert_eq!(
+            with_file.tls_hint(other.clone()),
+            other,
+            "no hint rather than a wrong one"
+        );
     }
 }

@@ -49,6 +49,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::ops::DerefMut;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel::result::Error as DieselError;
@@ -64,9 +65,10 @@ pub use pool_core::retry::{
 };
 
 use crate::backend::ExtConnection;
-use crate::classify::{classify_diesel, Classify, DRIVER};
+use crate::classify::{classify_diesel, session_answers, Classify, DRIVER};
 use crate::manager::ExtManager;
 use crate::pool::ExtPool;
+use pool_core::classify::ErrorClass;
 
 /// A pool the retry functions can check connections out of: [`ExtPool`] and any plain
 /// `bb8::Pool` of diesel-async connections.
@@ -85,6 +87,13 @@ pub trait RetryablePool: Sync {
     /// Where attempts are reported (pool name, stats, listener).
     fn hooks(&self) -> RetryHooks<'_> {
         RetryHooks::default()
+    }
+
+    /// How long the retry functions wait for the one `SELECT 1` that checks an error's claim
+    /// that the connection is gone (see [`with_retry`]). Default 5 s; [`ExtPool`] uses its
+    /// `validation_timeout`.
+    fn answer_timeout(&self) -> Duration {
+        Duration::from_secs(5)
     }
 }
 
@@ -106,6 +115,10 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
 
     fn hooks(&self) -> RetryHooks<'_> {
         self.state().retry_hooks()
+    }
+
+    fn answer_timeout(&self) -> Duration {
+        self.config().lifecycle.validation.timeout
     }
 }
 
@@ -264,6 +277,15 @@ impl RetryConnection
 /// `op` is not wrapped in a transaction. A statement cut off by a lost connection is retried,
 /// and with autocommit it may already have taken effect: use this for reads and idempotent
 /// writes, and [`commit_with_retry`] for everything else.
+///
+/// An error that says the connection is gone is believed only if the connection agrees.
+/// diesel-async hides a server error's SQLSTATE and severity, so an application's
+/// `RAISE EXCEPTION 'terminating connection due to administrator command'` reads exactly like
+/// the server's FATAL. After such an error the connection is sent one `SELECT 1` (bounded by
+/// [`RetryablePool::answer_timeout`]): if the server answers, the session is alive, the error
+/// was the application's and it is returned after this one attempt as
+/// [`RetryError::Permanent`]; the pool is not invalidated and the connection is kept. A
+/// server that sent a FATAL has closed the session: the ping fails and the error is retried.
 pub async fn with_retry<P, T, E, F>(
     pool: &P,
     policy: &RetryPolicy,
@@ -279,12 +301,14 @@ where
     let op = tokio::sync::Mutex::new(op);
     let hooks = pool.hooks();
     let started = Instant::now();
+    let answered = AtomicBool::new(false);
+    let timeout = pool.answer_timeout();
     run_async(
         policy,
         &hooks,
-        |e: &E| e.class_for(DRIVER),
+        |e: &E| believed(e.class_for(DRIVER), &answered),
         |_attempt| {
-            let op = &op;
+            let (op, answered) = (&op, &answered);
             async move {
                 let mut guard = pool
                     .checkout(left_of(policy, started))
@@ -292,12 +316,42 @@ where
                     .map_err(AttemptError::Pool)?;
                 let mut op = op.lock().await;
                 let op: &mut F = &mut op;
-                op(&mut *guard).await.map_err(AttemptError::Op)
+                match op(&mut *guard).await {
+                    Ok(value) => Ok(value),
+                    Err(e) => {
+                        check_claim(&e, &mut *guard, timeout, answered).await;
+                        Err(AttemptError::Op(e))
+                    }
+                }
             }
         },
         tokio::time::sleep,
     )
     .await
+}
+
+/// After an attempt's error `e` that claims the connection is gone: records in `answered`
+/// whether the session still answers ([`session_answers`]).
+async fn check_claim<C: AsyncConnection, E: Classify>(
+    e: &E,
+    conn: &mut C,
+    timeout: Duration,
+    answered: &AtomicBool,
+) {
+    if e.class_for(DRIVER).is_disconnect() {
+        answered.store(session_answers(conn, timeout).await, Ordering::Relaxed);
+    }
+}
+
+/// The class the loop acts on: a disconnect the session contradicted (it answered after the
+/// error, see [`check_claim`]) was an application's error. Clears `answered` for the next
+/// attempt.
+fn believed(class: ErrorClass, answered: &AtomicBool) -> ErrorClass {
+    if answered.swap(false, Ordering::Relaxed) && class.is_disconnect() {
+        ErrorClass::Permanent
+    } else {
+        class
+    }
 }
 
 /// Runs `body` inside a transaction, commits, and retries the whole transaction on transient
@@ -453,13 +507,16 @@ where
     // Attempts run one after another; the lock only lends the closure to each in turn.
     let body = tokio::sync::Mutex::new(body);
     let hooks = pool.hooks();
-    let (body, hooks_ref) = (&body, &hooks);
     let started = Instant::now();
+    let answered = AtomicBool::new(false);
+    let timeout = pool.answer_timeout();
+    let (body, hooks_ref, answered_ref) = (&body, &hooks, &answered);
     run_async(
         policy,
         &hooks,
-        |e: &E| e.class_for(DRIVER),
+        |e: &E| believed(e.class_for(DRIVER), &answered),
         |_attempt| async move {
+            let answered = answered_ref;
             let mut guard = pool
                 .checkout(left_of(policy, started))
                 .await
@@ -467,7 +524,14 @@ where
             let prepared = {
                 let mut body = body.lock().await;
                 let body: &mut F = &mut body;
-                prepare(&mut *guard, mode, body).await?
+                match prepare(&mut *guard, mode, body).await {
+                    Ok(prepared) => prepared,
+                    Err(AttemptError::Op(e)) => {
+                        check_claim(&e, &mut *guard, timeout, answered).await;
+                        return Err(AttemptError::Op(e));
+                    }
+                    Err(e) => return Err(e),
+                }
             };
             let (value, txid) = match prepared {
                 Prepared::AlreadyCommitted => return Ok(Outcome::AlreadyCommitted),
@@ -477,8 +541,14 @@ where
                 return Ok(value);
             };
             // Only a lost connection leaves the outcome open; a serialization failure or
-            // deadlock reported by COMMIT itself is a definite rollback.
+            // deadlock reported by COMMIT itself is a definite rollback, and so is an error
+            // claiming a lost connection when the session still answers (a deferred
+            // trigger's `RAISE EXCEPTION` quoting the server's words).
             if !classify_diesel(&commit_error).is_disconnect() {
+                return Err(AttemptError::Op(commit_error.into()));
+            }
+            if session_answers(&mut *guard, timeout).await {
+                answered.store(true, Ordering::Relaxed);
                 return Err(AttemptError::Op(commit_error.into()));
             }
             drop(guard);

@@ -14,9 +14,22 @@
 //! | `verify-full` | `require` | the chain and the host name |
 //!
 //! Roots: the `sslrootcert` file alone (as libpq: the system's roots are then not trusted), or
-//! with `sslrootcert=system` or none given, the system's roots (OpenSSL's default paths, the
-//! `SSL_CERT_FILE` / `SSL_CERT_DIR` variables, and the usual distribution bundles, which a
-//! vendored OpenSSL does not know about).
+//! with `sslrootcert=system` or none given with `verify-full`, the system's roots (OpenSSL's
+//! default paths, the `SSL_CERT_FILE` / `SSL_CERT_DIR` variables, and the usual distribution
+//! bundles, which a vendored OpenSSL does not know about).
+//!
+//! Without `sslrootcert`, libpq reads `~/.postgresql/root.crt` and fails when it is missing;
+//! this connector reads no implicit file, so:
+//! - `verify-ca` without `sslrootcert` is refused when the pool is built: the system's public
+//!   roots with no name check would accept any certificate any public CA issued to anyone
+//!   (PostgreSQL 16's libpq refuses `sslrootcert=system` with `verify-ca` for that reason);
+//! - `verify-full` without `sslrootcert` means `sslrootcert=system` (libpq 16+): the system's
+//!   roots, and the host name checked. Name the server's CA file to trust only it.
+//!
+//! The client key (`sslkey`) is refused, as libpq does, when group or others may read it
+//! (owned by this user: `0600` or less; owned by another user such as root: `0640` or less).
+//! An encrypted key is refused with an error saying so: OpenSSL is never left to ask for its
+//! passphrase on the terminal (which blocked a process).
 //!
 //! Where this differs from libpq, it is stricter or says so:
 //! - `allow` tries TLS first (libpq tries plain first); both accept either.
@@ -55,8 +68,8 @@ const SYSTEM_BUNDLES: &[&str] = &[
 /// Which certificates the server's chain is verified against (`sslrootcert`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootCerts {
-    /// No `sslrootcert`: `verify-ca` and `verify-full` use the system's roots; weaker modes
-    /// verify nothing.
+    /// No `sslrootcert`: `verify-full` uses the system's roots (as `sslrootcert=system`),
+    /// `verify-ca` is refused, weaker modes verify nothing.
     Unset,
     /// `sslrootcert=system`: the system's roots. As libpq, only with `verify-full`.
     System,
@@ -87,7 +100,8 @@ pub struct TlsSettings {
     pub root_certs: RootCerts,
     /// `sslcert`: the client certificate (PEM, may carry intermediates after the leaf).
     pub client_cert: Option<PathBuf>,
-    /// `sslkey`: the client certificate's private key (PEM or DER, unencrypted).
+    /// `sslkey`: the client certificate's private key (PEM or DER, unencrypted, readable only
+    /// by its owner as libpq requires).
     pub client_key: Option<PathBuf>,
     /// `sslsni`: send the host name as SNI (never for IP addresses). Default: `true`.
     pub sni: bool,
@@ -141,6 +155,17 @@ impl TlsSettings {
 
     /// Checks the combination, as libpq does before connecting.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.root_certs == RootCerts::Unset && self.mode == SslMode::VerifyCa {
+            return Err(invalid(
+                "sslrootcert",
+                "sslmode=verify-ca needs sslrootcert naming the server's CA file: it checks \
+                 the chain but not the host name, so trusting the system's public roots would \
+                 accept a certificate any public CA issued to anyone (libpq fails without \
+                 ~/.postgresql/root.crt, which this pool does not read); give \
+                 sslrootcert=/path/to/ca.crt, or use sslmode=verify-full"
+                    .to_owned(),
+            ));
+        }
         if self.root_certs == RootCerts::System && self.mode != SslMode::VerifyFull {
             return Err(invalid(
                 "sslrootcert",
@@ -324,11 +349,62 @@ fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<X509>, ConfigErr
     Ok(certs)
 }
 
-/// An unencrypted private key, PEM or DER (libpq accepts both).
+/// Refuses a key file others may read, as libpq does: owned by this user, no group or other
+/// permission at all (`0600` or less); owned by another user (root), group read at most
+/// (`0640` or less). Also a key that is not a regular file.
+#[cfg(unix)]
+fn check_key_permissions(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)
+        .map_err(|e| invalid("sslkey", format!("cannot read {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(invalid(
+            "sslkey",
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o777;
+    let (too_open, allowed) = if meta.uid() == euid {
+        (
+            mode & 0o077 != 0,
+            "0600 (u=rw) or less when owned by this user",
+        )
+    } else {
+        (
+            mode & 0o037 != 0,
+            "0640 (u=rw,g=r) or less when owned by root",
+        )
+    };
+    if too_open {
+        return Err(invalid(
+            "sslkey",
+            format!(
+                "{} has permissions {mode:04o}: a private key others can read is refused (as \
+                 libpq does); it must be {allowed}: chmod 600 {}",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_permissions(_path: &Path) -> Result<(), ConfigError> {
+    Ok(())
+}
+
+/// An unencrypted private key, PEM or DER (libpq accepts both). Never lets OpenSSL prompt for
+/// a passphrase: an encrypted key fails with an error saying so.
 fn read_key(path: &Path) -> Result<PKey<Private>, ConfigError> {
+    check_key_permissions(path)?;
     let bytes = fs::read(path)
         .map_err(|e| invalid("sslkey", format!("cannot read {}: {e}", path.display())))?;
-    if let Ok(key) = PKey::private_key_from_pem(&bytes) {
+    // An explicit passphrase callback that gives none: without it, OpenSSL's default callback
+    // asks on the terminal and blocks the process.
+    if let Ok(key) = PKey::private_key_from_pem_callback(&bytes, |_| Ok(0)) {
         return Ok(key);
     }
     PKey::private_key_from_der(&bytes).map_err(|_| {
@@ -337,8 +413,10 @@ fn read_key(path: &Path) -> Result<PKey<Private>, ConfigError> {
             "sslkey",
             if encrypted {
                 format!(
-                    "{} is encrypted; passphrase-protected keys (sslpassword) are not \
-                     supported, give an unencrypted key readable only by this user",
+                    "{} is encrypted and this pool takes no passphrase (sslpassword); \
+                     decrypt it (openssl pkey -in {} -out client.key), keep it readable only \
+                     by this user (chmod 600) and name the decrypted file in sslkey",
+                    path.display(),
                     path.display()
                 )
             } else {
@@ -512,8 +590,8 @@ mod tests {
         let key_path = dir.path().join("client.key");
         let other_key = dir.path().join("other.key");
         fs::write(&cert_path, cert.to_pem().unwrap()).unwrap();
-        fs::write(&key_path, k1.private_key_to_der().unwrap()).unwrap();
-        fs::write(&other_key, k2.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        write_private(&key_path, &k1.private_key_to_der().unwrap());
+        write_private(&other_key, &k2.private_key_to_pem_pkcs8().unwrap());
         let with = |key: &Path| TlsSettings {
             mode: SslMode::Require,
             client_cert: Some(cert_path.clone()),
@@ -523,5 +601,62 @@ mod tests {
         assert!(with(&key_path).connector().is_ok());
         let err = with(&other_key).connector().err().unwrap().to_string();
         assert!(err.contains("does not belong"), "{err}");
+
+        // Readable by group or others: refused as libpq does, naming the file and the fix.
+        use std::os::unix::fs::PermissionsExt;
+        for mode in [0o640, 0o604, 0o644] {
+            fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = with(&key_path).connector().err().unwrap().to_string();
+            assert!(err.contains("sslkey"), "{mode:o}: {err}");
+            assert!(err.contains("chmod 600"), "{mode:o}: {err}");
+        }
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(with(&key_path).connector().is_ok());
+
+        // Encrypted: an error at once, never OpenSSL's passphrase prompt, no passphrase shown.
+        let passphrase = b"correct horse battery staple";
+        let encrypted = dir.path().join("encrypted.key");
+        write_private(
+            &encrypted,
+            &k1.private_key_to_pem_pkcs8_passphrase(
+                openssl::symm::Cipher::aes_256_cbc(),
+                passphrase,
+            )
+            .unwrap(),
+        );
+        let started = std::time::Instant::now();
+        let err = with(&encrypted).connector().err().unwrap().to_string();
+        assert!(err.contains("is encrypted"), "{err}");
+        assert!(err.contains("sslkey"), "{err}");
+        assert!(!err.contains("correct horse"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn verify_ca_without_a_root_file_is_refused_and_verify_full_uses_the_system_roots() {
+        let err = settings(SslMode::VerifyCa, RootCerts::Unset)
+            .connector()
+            .err()
+            .expect("verify-ca with the public roots and no name check")
+            .to_string();
+        assert!(err.contains("sslrootcert"), "{err}");
+        assert!(err.contains("verify-full"), "{err}");
+        assert!(settings(SslMode::VerifyFull, RootCerts::Unset)
+            .connector()
+            .is_ok());
+    }
+
+    /// Writes a key file readable by its owner only (as libpq requires).
+    fn write_private(path: &Path, bytes: &[u8]) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap();
+        f.write_all(bytes).unwrap();
     }
 }

@@ -16,7 +16,12 @@
 //!   SQLSTATE diesel-async does not map — deadlocks, the FATALs of an administrator shutdown
 //!   (57P01) or an idle-session timeout (57P05), "too many clients" — arrives as
 //!   `DatabaseError(Unknown, info)` with the server's primary message, never as
-//!   `ClosedConnection`; SQLite's "database is locked" comes through `Unknown` too.
+//!   `ClosedConnection`; SQLite's "database is locked" comes through `Unknown` too. An
+//!   application's `RAISE EXCEPTION` arrives the same way (its SQLSTATE P0001 is hidden), so
+//!   such a message is matched whole against the server's own forms, never searched for a
+//!   client library's phrases; and a disconnect read from it is only a claim
+//!   ([`Driver::classify_trusted`] does not believe it; the retry functions check it against
+//!   the connection).
 //!
 //! Your own error types take part through [`Classify`]: implement it by delegating to the
 //! `diesel::result::Error` inside, and the adapters' retry functions accept them.
@@ -86,11 +91,36 @@ impl Driver {
                     class => class,
                 }
             }
-            (Driver::DieselAsync, _) => match classify_server_message(message) {
-                // SQLite reports "database is locked" and the like through `Unknown` too.
-                ErrorClass::Permanent => classify_message(message),
-                class => class,
-            },
+            // A server's message (SQLite's "database is locked" comes through `Unknown` too),
+            // matched whole against the server's own forms: never searched for a client
+            // library's phrases, which an application's `RAISE EXCEPTION` may quote.
+            (Driver::DieselAsync, _) => classify_server_message(message),
+        }
+    }
+
+    /// The class of `err` as far as the driver itself vouches for it: like
+    /// [`Driver::classify`], except that a lost connection or a shutdown read from a server
+    /// message's *text* (diesel-async's `DatabaseErrorKind::Unknown`, which also carries an
+    /// application's `RAISE EXCEPTION 'terminating connection due to administrator command'`)
+    /// is [`ErrorClass::Permanent`]: only an error kind or a client library's own failure
+    /// says a connection is gone.
+    ///
+    /// What the pool's per-connection bookkeeping uses to mark a connection broken and
+    /// invalidate the pool. A real server FATAL is not lost by it: the server closes the
+    /// session after sending it, the client reports itself closed, and the pool closes the
+    /// connection at checkin (or its probe does at the next checkout); the retry functions
+    /// check a disconnect read from a message against the connection itself.
+    pub fn classify_trusted(self, err: &Error) -> ErrorClass {
+        match (self, err) {
+            (Driver::DieselAsync, Error::DatabaseError(DatabaseErrorKind::Unknown, _))
+                if self.classify(err).is_disconnect() =>
+            {
+                ErrorClass::Permanent
+            }
+            (_, Error::RollbackErrorOnCommit { commit_error, .. }) => {
+                self.classify_trusted(commit_error)
+            }
+            _ => self.classify(err),
         }
     }
 

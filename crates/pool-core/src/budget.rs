@@ -139,6 +139,18 @@ pub enum BudgetError {
     /// The total is zero.
     #[error("invalid budget: the total must be at least 1")]
     ZeroTotal,
+    /// The total is above [`MAX_CONNECTIONS`](crate::config::MAX_CONNECTIONS).
+    #[error(
+        "invalid budget: a total of {total} connections is more than {max}, the most a budget \
+         may allow (a server serves hundreds or a few thousand); set the total to the \
+         connections the server grants this application, e.g. 60"
+    )]
+    TotalTooLarge {
+        /// The total asked for.
+        total: u32,
+        /// The bound.
+        max: u32,
+    },
     /// No class was declared.
     #[error("invalid budget: declare at least one class")]
     NoClasses,
@@ -213,6 +225,12 @@ impl BudgetBuilder {
         let total = self.total;
         if total == 0 {
             return Err(BudgetError::ZeroTotal);
+        }
+        if total > crate::config::MAX_CONNECTIONS {
+            return Err(BudgetError::TotalTooLarge {
+                total,
+                max: crate::config::MAX_CONNECTIONS,
+            });
         }
         if self.classes.is_empty() {
             return Err(BudgetError::NoClasses);
@@ -952,6 +970,10 @@ mod tests {
     fn impossible_budgets_are_rejected_with_the_numbers() {
         let cases: Vec<(BudgetBuilder, &str)> = vec![
             (Budget::builder(0).class("a", 0, 1), "total"),
+            (
+                Budget::builder(u32::MAX).class("a", 0, 1),
+                "more than 10000",
+            ),
             (Budget::builder(10), "at least one class"),
             (Budget::builder(10).class(" ", 0, 1), "empty name"),
             (

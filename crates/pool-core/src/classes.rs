@@ -146,7 +146,12 @@ impl ClassSpecs {
     /// [`BudgetError`] for an impossible budget (reserved above the total, a cap above the
     /// total, zero sizes).
     pub fn plan(&self) -> Result<(Budget, Vec<ClassPlan>), BudgetError> {
-        let reserved_total: u32 = self.classes.iter().map(|(_, c)| c.reserved).sum();
+        // Summed without overflow: a budget that reserves more than its total is refused by
+        // the budget itself.
+        let reserved_total = self
+            .classes
+            .iter()
+            .fold(0u32, |sum, (_, c)| sum.saturating_add(c.reserved));
         let mut sizes = Vec::with_capacity(self.classes.len());
         let mut budget = Budget::builder(self.total);
         for (name, class) in &self.classes {

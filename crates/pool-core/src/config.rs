@@ -38,6 +38,17 @@ use crate::url::DatabaseUrl;
 /// unit mistake, and they would overflow deadline arithmetic in the adapters.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
+/// The most connections one pool (`pool_size + max_overflow`) or one budget may allow:
+/// 10 000.
+///
+/// Far above what any one server serves: PostgreSQL's default `max_connections` is 100,
+/// managed services cap it at a few thousand, and every connection is a server process with
+/// its own memory. Far below what would hurt the client: r2d2 reserves a slot per allowed
+/// connection when the pool is built, so `max_overflow(u32::MAX - 1)` used to ask for about
+/// 700 GB and abort the process. A larger value is a typo or a unit mistake, and is refused
+/// with an error naming the setting.
+pub const MAX_CONNECTIONS: u32 = 10_000;
+
 /// PostgreSQL's `sslmode`, with libpq's meaning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SslMode {
@@ -183,9 +194,11 @@ impl Default for SqliteSettings {
 pub struct PoolConfig {
     /// The database.
     pub url: DatabaseUrl,
-    /// Connections kept open even when idle (r2d2's `min_idle`). Default: 10.
+    /// Connections kept open even when idle (r2d2's `min_idle`). Default: 10. Zero keeps
+    /// none: every connection is closed when returned (not SQLAlchemy's "no limit").
     pub pool_size: u32,
     /// Extra connections opened under load and closed again when idle. Default: 10.
+    /// `pool_size + max_overflow` is at most [`MAX_CONNECTIONS`].
     pub max_overflow: u32,
     /// How long a checkout waits for a connection before failing. Default: 30 s.
     pub pool_timeout: Duration,
@@ -373,7 +386,7 @@ impl PoolConfigBuilder {
     /// # Errors
     /// The URL's parse error ([`ConfigError::InvalidUrl`], [`ConfigError::UnsupportedScheme`]),
     /// or [`ConfigError::Invalid`] naming the setting: `pool_size + max_overflow` of 0 (or
-    /// beyond `u32`), a zero timeout or keepalive value, a duration over [`MAX_DURATION`], a
+    /// above [`MAX_CONNECTIONS`]), a zero timeout or keepalive value, a duration over [`MAX_DURATION`], a
     /// `lifetime_jitter` outside `[0, 1)`, an empty name or certificate path, an
     /// `application_name` PostgreSQL would mangle.
     pub fn build(self) -> Result<PoolConfig, ConfigError> {
@@ -437,14 +450,26 @@ impl PoolConfig {
                      set pool_size to at least 1 (e.g. 10)",
                 ))
             }
-            None => {
-                return Err(invalid(
-                    "max_overflow",
-                    "pool_size + max_overflow does not fit in 32 bits; use a realistic \
-                     maximum (a database allows hundreds of connections, not billions)",
-                ))
+            Some(max) if max <= MAX_CONNECTIONS => {}
+            _ => {
+                // Name the setting that is out of bounds on its own, else the overflow.
+                let setting = if self.pool_size > MAX_CONNECTIONS {
+                    "pool_size"
+                } else {
+                    "max_overflow"
+                };
+                return Err(ConfigError::Invalid {
+                    setting,
+                    reason: format!(
+                        "pool_size {} + max_overflow {} is more than {MAX_CONNECTIONS} \
+                         connections, the most a pool may allow (a server serves hundreds or \
+                         a few thousand, and r2d2 reserves memory for every allowed \
+                         connection up front); set a realistic maximum, e.g. pool_size 10 \
+                         and max_overflow 10",
+                        self.pool_size, self.max_overflow
+                    ),
+                });
             }
-            Some(_) => {}
         }
         self.lifecycle.validate()?;
         let c = &self.connect;

@@ -176,11 +176,14 @@ macro_rules! with_settings {
     ($($callback:tt)+) => {
         $($callback)+! {
             /// Connections kept open once load drops: opened when the pool is built, and the
-            /// most the pool keeps when they are returned.
+            /// most the pool keeps when they are returned. Zero keeps none: every connection
+            /// is closed when returned (SQLAlchemy reads 0 as "no limit"; here the limit is
+            /// always `pool_size + max_overflow`).
             pool_size(v: u32) env "DB_POOL_SIZE" kind Count default "10"
                 set |b| b.pool_size = v; get |c| c.pool_size;
             /// Extra connections opened under load, beyond `pool_size`; each is closed when
-            /// returned while the pool holds `pool_size` or more.
+            /// returned while the pool holds `pool_size` or more. `pool_size + max_overflow`
+            /// is at least 1 and at most 10 000 (`MAX_CONNECTIONS`).
             max_overflow(v: u32) env "DB_MAX_OVERFLOW" kind Count default "10"
                 set |b| b.max_overflow = v; get |c| c.max_overflow;
             /// How long a checkout waits for a connection before failing.

@@ -18,9 +18,11 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// A gate letting at most `size` checkouts through at once (`size` ≥ 1).
+    /// A gate letting at most `size` checkouts through at once (`size` ≥ 1, at most
+    /// [`MAX_CONNECTIONS`](crate::config::MAX_CONNECTIONS), which every validated
+    /// configuration respects).
     pub fn new(size: u32) -> Gate {
-        let size = size.max(1);
+        let size = size.clamp(1, crate::config::MAX_CONNECTIONS);
         let queue = Budget::builder(size)
             .class("checkout", 0, size)
             .build()
