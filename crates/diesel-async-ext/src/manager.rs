@@ -183,6 +183,11 @@ impl LastError {
         *self.0.lock() = Some((Instant::now(), error));
     }
 
+    /// The last error recorded, however old.
+    pub(crate) fn latest(&self) -> Option<ExtError> {
+        self.0.lock().as_ref().map(|(_, e)| e.clone())
+    }
+
     /// The last error recorded at or after `since`.
     pub(crate) fn since(&self, since: Instant) -> Option<ExtError> {
         self.0

@@ -316,9 +316,16 @@ impl<C: ExtConnection> Parts<C> {
         let breaker = self.state.config().fail_fast_when_down;
         loop {
             if let Some(message) = self.state.health().fail_fast(started, breaker) {
-                return ExtError::Unavailable {
-                    pool: self.state.name().to_owned(),
-                    message,
+                let pool = self.state.name().to_owned();
+                // With the cause of the last failure, when it is known.
+                let cause = self.last.latest().and_then(|e| e.connect_cause());
+                return match cause {
+                    Some(cause) => ExtError::Connect {
+                        pool,
+                        cause,
+                        message,
+                    },
+                    None => ExtError::Unavailable { pool, message },
                 };
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

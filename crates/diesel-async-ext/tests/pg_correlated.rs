@@ -250,6 +250,9 @@ async fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_serv
         .expect("pool");
     pool.warm(2).await;
     proxy.refuse_connections(true);
+    // Let the clients' connection tasks read the resets (the async probe is the client's
+    // closed state): this test is about checkouts waiting through an outage.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let p = pool.clone();
     let waiter = tokio::spawn(async move {
         let result = p.select_one().await;

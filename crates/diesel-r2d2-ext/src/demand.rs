@@ -23,6 +23,12 @@ use pool_core::budget::{AcquireError, Budget, ClassId, Permit};
 pub(crate) struct Demand {
     /// Checkouts waiting for a connection now.
     waiting: AtomicU32,
+    /// Connects working for them now (at most one per waiting checkout: the pool re-enters
+    /// r2d2's wait in short slices, and each re-entry may queue a connect).
+    claims: AtomicU32,
+    /// Connections those connects opened that no checkout has taken yet: each will serve a
+    /// waiting checkout, so it counts as a claim until it is taken.
+    fresh: AtomicU32,
     closed: AtomicBool,
     /// Connects asleep until a checkout wants a connection (the only ones a checkout must
     /// wake: with none, starting and ending a checkout touches two atomics and no lock).
@@ -31,11 +37,33 @@ pub(crate) struct Demand {
     changed: Condvar,
     /// Threads of connects queued for a budget permit (unparked when demand ends).
     queued: Mutex<Vec<std::thread::Thread>>,
+    /// The last budget timeout a connect got, and when: what a checkout that timed out
+    /// meanwhile quotes.
+    budget_error: Mutex<Option<(std::time::Instant, String)>>,
     queued_count: AtomicU32,
 }
 
 /// One checkout's share of the demand; leaving ends it.
 pub(crate) struct Wanting<'a>(&'a Demand);
+
+/// A connect working for a waiting checkout; dropping it (the attempt is over) lets another
+/// connect work for it.
+pub(crate) struct Claim<'a>(&'a Demand);
+
+impl Claim<'_> {
+    /// The connect opened its connection: it counts as fresh until a checkout takes it (see
+    /// [`Demand::taken_fresh`]).
+    pub(crate) fn opened(self) {
+        self.0.fresh.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.claims.fetch_sub(1, Ordering::SeqCst);
+        self.0.wake_sleepers();
+    }
+}
 
 impl Drop for Wanting<'_> {
     fn drop(&mut self) {
@@ -52,13 +80,55 @@ impl Demand {
     pub(crate) fn want(&self) -> Wanting<'_> {
         // SeqCst pairs with `wait_for_demand`: either it sees this increment, or this sees
         // its sleeper and wakes it under the lock.
-        if self.waiting.fetch_add(1, Ordering::SeqCst) == 0
-            && self.sleepers.load(Ordering::SeqCst) > 0
-        {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.wake_sleepers();
+        Wanting(self)
+    }
+
+    fn wake_sleepers(&self) {
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = self.lock.lock();
             self.changed.notify_all();
         }
-        Wanting(self)
+    }
+
+    /// The budget timeout a connect got at or after `since`, if any.
+    pub(crate) fn budget_error_since(&self, since: std::time::Instant) -> Option<String> {
+        self.budget_error
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, e)| e.clone())
+    }
+
+    /// A connection opened for a waiting checkout was taken out of the idle list.
+    pub(crate) fn taken_fresh(&self) {
+        let _ = self
+            .fresh
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        self.wake_sleepers();
+    }
+
+    /// Takes a claim if fewer connects (and connections they opened, not yet taken) work
+    /// than checkouts wait.
+    fn try_claim(&self) -> Option<Claim<'_>> {
+        let mut claims = self.claims.load(Ordering::SeqCst);
+        loop {
+            let working = claims.saturating_add(self.fresh.load(Ordering::SeqCst));
+            if working >= self.waiting.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst)
+            {
+                return None;
+            }
+            match self.claims.compare_exchange(
+                claims,
+                claims + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Some(Claim(self)),
+                Err(now) => claims = now,
+            }
+        }
     }
 
     fn wanted(&self) -> bool {
@@ -79,31 +149,30 @@ impl Demand {
         }
     }
 
-    /// Clears a connect to go ahead: waits until a checkout wants a connection, then, for a
-    /// budget class, for a permit (queued only while the demand lasts, for at most `wait` of
-    /// it; then the budget's timeout error, which the checkout quotes). `Abandoned` when the
-    /// pool is gone.
+    /// Clears a connect to go ahead: waits until a checkout wants a connection that no other
+    /// connect works for (the claim), then, for a budget class, for a permit (queued only
+    /// while the demand lasts, for at most `wait` of it; then the budget's timeout error,
+    /// which the checkout quotes). `Abandoned` when the pool is gone.
     pub(crate) fn ready(
         &self,
         budget: Option<(&Budget, ClassId)>,
         wait: Duration,
-    ) -> Result<Option<Permit>, AcquireError> {
+    ) -> Result<(Claim<'_>, Option<Permit>), AcquireError> {
         loop {
-            self.wait_for_demand();
+            let claim = self.wait_for_demand();
             let Some((budget, class)) = budget else {
-                return if self.closed.load(Ordering::SeqCst) {
-                    Err(AcquireError::Abandoned {
+                return match claim {
+                    Some(claim) => Ok((claim, None)),
+                    None => Err(AcquireError::Abandoned {
                         class: "-".to_owned(),
-                    })
-                } else {
-                    Ok(None)
+                    }),
                 };
             };
-            if self.closed.load(Ordering::SeqCst) {
+            let Some(claim) = claim else {
                 return Err(AcquireError::Abandoned {
                     class: budget.class_name(class).to_owned(),
                 });
-            }
+            };
             let me = std::thread::current();
             self.queued.lock().push(me.clone());
             self.queued_count.fetch_add(1, Ordering::SeqCst);
@@ -112,21 +181,42 @@ impl Demand {
             self.queued.lock().retain(|t| t.id() != me.id());
             match result {
                 Err(AcquireError::Abandoned { .. }) => continue,
-                other => return other.map(Some),
+                Err(timed_out) => {
+                    *self.budget_error.lock() =
+                        Some((std::time::Instant::now(), timed_out.to_string()));
+                    // The checkouts this connect worked for get the budget's error; keep the
+                    // claim until they are gone, so that no other connect queues in their
+                    // name (it would make other classes give headroom back for nobody).
+                    let deadline = std::time::Instant::now() + wait;
+                    while self.wanted() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    drop(claim);
+                    return Err(timed_out);
+                }
+                Ok(permit) => return Ok((claim, Some(permit))),
             }
         }
     }
 
-    fn wait_for_demand(&self) {
-        if self.wanted() || self.closed.load(Ordering::SeqCst) {
-            return;
+    /// Waits for a claim; `None` when the pool is closed.
+    fn wait_for_demand(&self) -> Option<Claim<'_>> {
+        if let Some(claim) = self.try_claim() {
+            return Some(claim);
         }
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock();
-        while self.waiting.load(Ordering::SeqCst) == 0 && !self.closed.load(Ordering::SeqCst) {
+        let claim = loop {
+            if self.closed.load(Ordering::SeqCst) {
+                break None;
+            }
+            if let Some(claim) = self.try_claim() {
+                break Some(claim);
+            }
             self.changed.wait(&mut guard);
-        }
+        };
         drop(guard);
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        claim
     }
 }

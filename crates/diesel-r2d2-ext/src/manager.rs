@@ -264,7 +264,7 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
             // a permit first: no connection is opened beyond the budget, and nothing is
             // locked while waiting. The permit wait ends a little before the checkout's, so
             // that a checkout timing out on the budget reports the budget's state.
-            let permit = self
+            let (claim, permit) = self
                 .demand
                 .ready(pool.budget(), pool.connect_permit_wait())
                 .map_err(|e| match pool.budget() {
@@ -299,6 +299,7 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                 })?;
             let state = ConnState::opened(pool, started.elapsed(), permit);
             conn.set_instrumentation(tracker(state, socket));
+            claim.opened();
             return Ok(conn);
         }
     }
@@ -313,6 +314,9 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
             return Ok(());
         };
         let (state, socket) = (&mut tracker.state, &mut tracker.extra);
+        if state.take_fresh() {
+            self.demand.taken_fresh();
+        }
         let now = Instant::now();
         if SWEEPING.with(|s| s.get()) {
             return match state.sweep(|| probe_of(socket), now) {

@@ -175,7 +175,6 @@ impl<C: ExtConnection> ExtPool<C> {
         timeout: Duration,
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         let started = Instant::now();
-        let _wanting = self.parts.demand.want();
         let state = &self.parts.state;
         let gate = state.gate();
         // Not saturated: a permit at once, without reading the clock again.
@@ -269,7 +268,6 @@ impl<C: ExtConnection> Parts<C> {
     /// returns them: warms the pool, or brings a budget class back to its floor. Fails at
     /// once, like a checkout, when the server refuses connections for a hopeless reason.
     fn hold(&self, n: u32, timeout: Duration) -> Result<(), r2d2::Error> {
-        let _wanting = self.demand.want();
         let started = Instant::now();
         let held: Result<Vec<_>, _> = (0..n)
             .map(|_| self.wait(started, started + timeout, true))
@@ -288,6 +286,8 @@ impl<C: ExtConnection> Parts<C> {
         sweep: bool,
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         const SLICE: Duration = Duration::from_millis(20);
+        // This wait is demand: a connect may open a connection for it (one at a time).
+        let _wanting = self.demand.want();
         let breaker = self.state.config().fail_fast_when_down;
         let mut quoted: Option<String> = None;
         loop {
@@ -324,6 +324,12 @@ impl<C: ExtConnection> Parts<C> {
                     self.state.stats().record_checkout_timeout();
                 }
                 let waited = started.elapsed();
+                if let Some(budget) = self.demand.budget_error_since(started) {
+                    return Err(forge::r2d2_error(&format!(
+                        "pool {}: {budget}",
+                        self.state.name()
+                    )));
+                }
                 return Err(match (health.last_error_since(started), quoted) {
                     (Some(connect), _) => forge::r2d2_error(&format!(
                         "pool {}: no connection within {waited:.1?}; the server could not be \

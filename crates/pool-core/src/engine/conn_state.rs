@@ -48,6 +48,8 @@ pub struct ConnState {
     checked_out_at: Option<Instant>,
     /// Taken out of the idle list by the pool's own maintenance, not by a caller.
     swept: bool,
+    /// Opened and not yet taken out of the idle list (see [`ConnState::take_fresh`]).
+    fresh: bool,
     leak: Option<LeakTimer>,
     /// Saw "read-only transaction" (25006): a failover, or a deliberate write in a READ ONLY
     /// transaction. The adapter tells which at checkin.
@@ -87,6 +89,7 @@ impl ConnState {
             ping_in_flight: false,
             checked_out_at: None,
             swept: false,
+            fresh: true,
             leak: None,
             read_only_suspect: false,
             gate: None,
@@ -114,6 +117,13 @@ impl ConnState {
             .checked_sub(bypass)
             .unwrap_or(state.lifecycle.last_used);
         state
+    }
+
+    /// Whether this is the connection's first time out of the idle list since it was opened
+    /// (clears it): an adapter counting connections opened for waiting checkouts and not yet
+    /// taken asks here.
+    pub fn take_fresh(&mut self) -> bool {
+        std::mem::take(&mut self.fresh)
     }
 
     /// The connection's id, unique within its pool; every event about it carries it.
