@@ -192,7 +192,16 @@ impl<X> std::fmt::Debug for Tracker<X> {
     }
 }
 
-impl<X: Send + 'static> Instrumentation for Tracker<X> {
+/// What the adapter keeps in a [`Tracker`] besides the state, told when a statement succeeded.
+pub trait Extra: Send + 'static {
+    /// A statement on the connection just succeeded: the connection was alive and its
+    /// socket open at that moment (the sync adapter resolves a pending socket here).
+    fn after_success(&mut self) {}
+}
+
+impl Extra for bool {}
+
+impl<X: Extra> Instrumentation for Tracker<X> {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         match &event {
             InstrumentationEvent::StartQuery { query, .. } => {
@@ -214,6 +223,9 @@ impl<X: Send + 'static> Instrumentation for Tracker<X> {
                 if std::mem::take(&mut self.session.closing) && error.is_none() {
                     self.session.suspect = false;
                 }
+                if error.is_none() {
+                    self.extra.after_success();
+                }
                 if let Some(err) = error {
                     self.state.observe_error((self.classify)(err));
                 }
@@ -228,9 +240,7 @@ impl<X: Send + 'static> Instrumentation for Tracker<X> {
 
 /// The tracker in a connection's instrumentation slot (`conn.instrumentation()`), if it still
 /// carries one (an application may have replaced the connection's instrumentation).
-pub fn tracker_of<X: Send + 'static>(
-    instrumentation: &mut dyn Instrumentation,
-) -> Option<&mut Tracker<X>> {
+pub fn tracker_of<X: Extra>(instrumentation: &mut dyn Instrumentation) -> Option<&mut Tracker<X>> {
     instrumentation.downcast_mut::<Tracker<X>>()
 }
 

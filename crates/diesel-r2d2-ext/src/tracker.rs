@@ -21,17 +21,25 @@ pub(crate) enum SocketSlot {
 }
 
 impl SocketSlot {
-    /// The socket, resolving a pending identification first (no scan: only the candidates
-    /// are looked at).
-    pub(crate) fn get(&mut self) -> Option<&ConnSocket> {
+    /// The socket, if known. A pending identification is never resolved here: only right
+    /// after a successful round trip (see [`SocketSlot::after_success`]), so a connection
+    /// whose socket is uncertain is pinged, never probed or bounded with another one's.
+    pub(crate) fn get(&self) -> Option<&ConnSocket> {
+        match self {
+            SocketSlot::Known(sock) => Some(sock),
+            _ => None,
+        }
+    }
+}
+
+impl diesel_ext_common::tracker::Extra for SocketSlot {
+    /// A statement just succeeded, so the connection's own socket is open and among the
+    /// candidates: elimination is sound now (see `socket`'s invariant), and only now.
+    fn after_success(&mut self) {
         if let SocketSlot::Pending(candidates) = self {
             if let Some(sock) = candidates.resolve() {
                 *self = SocketSlot::Known(sock);
             }
-        }
-        match self {
-            SocketSlot::Known(sock) => Some(sock),
-            _ => None,
         }
     }
 }
