@@ -510,7 +510,8 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
         let panicking = std::thread::panicking();
         // Reaching into the connection must never take bb8's return path down with it.
         let close = catch_unwind(AssertUnwindSafe(|| {
-            let dirty = panicking || conn.session_dirty();
+            let dirty =
+                panicking || conn.session_dirty() || crate::tracker::left_in_transaction(conn);
             let Some(t) = tracker_of(conn) else {
                 return dirty;
             };

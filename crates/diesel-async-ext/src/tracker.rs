@@ -17,7 +17,12 @@ pub(crate) fn tracker(
     state: ConnState,
     classify: fn(&diesel::result::Error) -> ErrorClass,
 ) -> Tracker {
-    Tracker::new(state, false, classify)
+    Tracker::new(
+        state,
+        false,
+        classify,
+        diesel_ext_common::tracker::SqlAt::Finish,
+    )
 }
 
 /// The instrumentation of a dedicated connection (outside the pool) of a budget class: it
@@ -42,6 +47,19 @@ impl Instrumentation for Dedicated {
             inner.on_connection_event(event);
         }
     }
+}
+
+/// At checkin: whether `conn` may be inside a transaction block and must be closed (bb8's
+/// checkin cannot wait for a `ROLLBACK`): a transaction Diesel's manager opened and still
+/// holds (`begin_test_transaction`, which diesel-async's own `is_broken` lets through), a
+/// session the tracker marked suspect (a raw `BEGIN` not followed by a successful plain
+/// `COMMIT`/`ROLLBACK`, or a statement whose future was dropped; see
+/// `diesel_ext_common::tracker`), or a connection whose tracker the application replaced. A
+/// session of Diesel-built queries and Diesel-managed transactions costs nothing here.
+pub(crate) fn left_in_transaction<C: crate::backend::ExtConnection>(conn: &mut C) -> bool {
+    use diesel_async::TransactionManager;
+    let depth = C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth();
+    !matches!(depth, Ok(None)) || tracker_of(conn).is_none_or(|t| t.take_transaction_suspect())
 }
 
 /// The tracker of a pooled connection, if it still carries one (an application may have

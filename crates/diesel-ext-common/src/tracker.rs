@@ -13,6 +13,24 @@
 //! The application's own default instrumentation
 //! (`diesel::connection::set_default_instrumentation`) keeps working: the tracker forwards
 //! every event to it.
+//!
+//! # Transactions Diesel's manager did not open
+//! A raw `BEGIN` (`batch_execute`, `sql_query`) leaves the session inside a transaction that
+//! Diesel's transaction manager knows nothing of, and no driver lets the pool read the
+//! server's transaction status (libpq's `PQtransactionStatus` needs the `PGconn` Diesel keeps
+//! private; tokio-postgres drops the status byte of `ReadyForQuery`). So the tracker watches
+//! the statements: a statement that may open a transaction block marks the session
+//! *suspect* until a plain `COMMIT`/`ROLLBACK`/`END`/`ABORT` succeeds after it, and a
+//! statement that started and never finished (its future dropped) marks it too. Only a
+//! suspect session pays at checkin (a `ROLLBACK`, or the connection is closed); a session of
+//! Diesel-built queries and Diesel-managed transactions pays a scan of each statement's text.
+//!
+//! The rule is sound because a transaction block can only be opened by a statement that
+//! contains, as a whole word, `BEGIN`, `START` (`START TRANSACTION`), `SAVEPOINT` (SQLite
+//! opens a transaction with it) or `CHAIN` (`COMMIT AND CHAIN`), and such a keyword is never
+//! directly preceded by `"` or `.` (Diesel quotes every identifier it writes, so a column
+//! named `"start"` does not count). A `BEGIN` inside a string or a `DO` body counts: a false
+//! alarm costs a round trip, never a transaction handed out.
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use pool_core::classify::ErrorClass;
@@ -29,24 +47,141 @@ pub struct Tracker<X> {
     /// The engine's state of this connection.
     pub state: ConnState,
     classify: fn(&diesel::result::Error) -> ErrorClass,
+    session: Session,
     inner: Option<Box<dyn Instrumentation>>,
+}
+
+/// Which instrumentation event shows a driver's statement text without rendering it anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlAt {
+    /// The statement is looked at when it starts (sync Diesel: both events render the query).
+    Start,
+    /// The statement is looked at when it finishes (diesel-async passes the SQL it already
+    /// built); a statement that starts and never finishes counts as suspect.
+    Finish,
+}
+
+/// What a statement may do to the session's transaction block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxEffect {
+    /// It may open a block (or keep one open): the session becomes suspect.
+    MayOpen,
+    /// A plain `COMMIT`/`ROLLBACK`/`END`/`ABORT`: once it succeeds, no block is open.
+    Closes,
+    /// Neither.
+    Neutral,
+}
+
+/// The transaction watch of one session (see the module docs).
+#[derive(Debug)]
+struct Session {
+    sql_at: SqlAt,
+    suspect: bool,
+    in_flight: bool,
+    closing: bool,
 }
 
 impl<X> Tracker<X> {
     /// The tracker of a connection in `state`, classifying its queries' errors with
     /// `classify`, forwarding every event to the application's default instrumentation.
+    /// `sql_at` says where the driver shows a statement's text for free.
     pub fn new(
         state: ConnState,
         extra: X,
         classify: fn(&diesel::result::Error) -> ErrorClass,
+        sql_at: SqlAt,
     ) -> Tracker<X> {
         Tracker {
             extra,
             state,
             classify,
+            session: Session {
+                sql_at,
+                suspect: false,
+                in_flight: false,
+                closing: false,
+            },
             inner: diesel::connection::get_default_instrumentation(),
         }
     }
+
+    /// Whether the session may have been left inside a transaction block Diesel's manager did
+    /// not open (a raw `BEGIN` not followed by a successful `COMMIT`/`ROLLBACK`, or a
+    /// statement that never finished). Resets the watch for the next session.
+    pub fn take_transaction_suspect(&mut self) -> bool {
+        let s = &mut self.session;
+        let suspect = s.suspect || s.in_flight;
+        s.suspect = false;
+        s.in_flight = false;
+        s.closing = false;
+        suspect
+    }
+
+    fn on_statement(&mut self, effect: TxEffect) {
+        match effect {
+            TxEffect::MayOpen => self.session.suspect = true,
+            TxEffect::Closes => self.session.closing = true,
+            TxEffect::Neutral => {}
+        }
+    }
+}
+
+/// What `sql` may do to the session's transaction block (see the module docs).
+pub fn tx_effect(sql: &str) -> TxEffect {
+    const OPENERS: [&[u8]; 4] = [b"BEGIN", b"START", b"SAVEPOINT", b"CHAIN"];
+    let bytes = sql.as_bytes();
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+    let mut i = 0;
+    while i < bytes.len() {
+        if !is_word(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && is_word(bytes[i]) {
+            i += 1;
+        }
+        let quoted = start > 0 && matches!(bytes[start - 1], b'"' | b'.');
+        let word = &bytes[start..i];
+        if !quoted && OPENERS.iter().any(|k| word.eq_ignore_ascii_case(k)) {
+            return TxEffect::MayOpen;
+        }
+    }
+    let trimmed = sql.trim_ascii();
+    let trimmed = trimmed.strip_suffix(';').unwrap_or(trimmed).trim_ascii();
+    let mut words = trimmed.split_ascii_whitespace();
+    let first = words.next().unwrap_or("");
+    let closes = ["COMMIT", "END", "ROLLBACK", "ABORT"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k));
+    let rest_ok = match (words.next(), words.next()) {
+        (None, _) => true,
+        (Some(w), None) => w.eq_ignore_ascii_case("WORK") || w.eq_ignore_ascii_case("TRANSACTION"),
+        _ => false,
+    };
+    if closes && rest_ok {
+        TxEffect::Closes
+    } else {
+        TxEffect::Neutral
+    }
+}
+
+/// What the statement `query` (an instrumentation event's) may do to the session's
+/// transaction block: [`tx_effect`] of the SQL Diesel writes first when formatting it, without
+/// the bind values it writes after (which would cost a `Debug` of every bind).
+pub fn statement_effect(query: &dyn diesel::connection::DebugQuery) -> TxEffect {
+    struct First(Option<TxEffect>);
+    impl std::fmt::Write for First {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 = Some(tx_effect(s));
+            // Stop: the rest is the bind values.
+            Err(std::fmt::Error)
+        }
+    }
+    let mut first = First(None);
+    let _ = std::fmt::write(&mut first, format_args!("{query}"));
+    // Nothing written (a query that cannot be rendered): assume the worst.
+    first.0.unwrap_or(TxEffect::MayOpen)
 }
 
 impl<X> std::fmt::Debug for Tracker<X> {
@@ -57,13 +192,45 @@ impl<X> std::fmt::Debug for Tracker<X> {
     }
 }
 
-impl<X: Send + 'static> Instrumentation for Tracker<X> {
+/// What the adapter keeps in a [`Tracker`] besides the state, told when a statement succeeded.
+pub trait Extra: Send + 'static {
+    /// A statement on the connection just succeeded: the connection was alive and its
+    /// socket open at that moment (the sync adapter resolves a pending socket here).
+    fn after_success(&mut self) {}
+}
+
+impl Extra for bool {}
+
+impl<X: Extra> Instrumentation for Tracker<X> {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
-        if let InstrumentationEvent::FinishQuery {
-            error: Some(err), ..
-        } = &event
-        {
-            self.state.observe_error((self.classify)(err));
+        match &event {
+            InstrumentationEvent::StartQuery { query, .. } => {
+                // The previous statement never finished (its future was dropped): whatever it
+                // was, it may have run.
+                if std::mem::replace(&mut self.session.in_flight, true) {
+                    self.session.suspect = true;
+                }
+                self.session.closing = false;
+                if self.session.sql_at == SqlAt::Start {
+                    self.on_statement(statement_effect(*query));
+                }
+            }
+            InstrumentationEvent::FinishQuery { query, error, .. } => {
+                self.session.in_flight = false;
+                if self.session.sql_at == SqlAt::Finish {
+                    self.on_statement(statement_effect(*query));
+                }
+                if std::mem::take(&mut self.session.closing) && error.is_none() {
+                    self.session.suspect = false;
+                }
+                if error.is_none() {
+                    self.extra.after_success();
+                }
+                if let Some(err) = error {
+                    self.state.observe_error((self.classify)(err));
+                }
+            }
+            _ => {}
         }
         if let Some(inner) = self.inner.as_mut() {
             inner.on_connection_event(event);
@@ -73,8 +240,73 @@ impl<X: Send + 'static> Instrumentation for Tracker<X> {
 
 /// The tracker in a connection's instrumentation slot (`conn.instrumentation()`), if it still
 /// carries one (an application may have replaced the connection's instrumentation).
-pub fn tracker_of<X: Send + 'static>(
-    instrumentation: &mut dyn Instrumentation,
-) -> Option<&mut Tracker<X>> {
+pub fn tracker_of<X: Extra>(instrumentation: &mut dyn Instrumentation) -> Option<&mut Tracker<X>> {
     instrumentation.downcast_mut::<Tracker<X>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_that_may_open_a_transaction_block_are_suspect() {
+        for sql in [
+            "BEGIN",
+            "begin;",
+            "  Begin Transaction Isolation Level Serializable",
+            "START TRANSACTION",
+            "start transaction read only",
+            "SELECT 1; BEGIN",
+            "/* c */BEGIN",
+            "--x\nBEGIN",
+            "COMMIT AND CHAIN",
+            "rollback and chain",
+            "SAVEPOINT s1",
+            "BEGIN IMMEDIATE",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "SELECT 'begin'",
+            "SELECT 1;BEGIN;",
+            "SELECT start FROM events",
+        ] {
+            assert_eq!(tx_effect(sql), TxEffect::MayOpen, "{sql}");
+        }
+    }
+
+    #[test]
+    fn plain_commits_and_rollbacks_close_and_nothing_else_does() {
+        for sql in [
+            "COMMIT",
+            "commit;",
+            " ROLLBACK ",
+            "END",
+            "ABORT",
+            "COMMIT WORK",
+            "rollback transaction;",
+        ] {
+            assert_eq!(tx_effect(sql), TxEffect::Closes, "{sql}");
+        }
+        for sql in [
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK TO SAVEPOINT s",
+            "RELEASE SAVEPOINT s",
+            "COMMIT; SELECT 1",
+            "PREPARE TRANSACTION 'x'",
+            "SELECT 1",
+            "",
+        ] {
+            assert_ne!(tx_effect(sql), TxEffect::Closes, "{sql}");
+        }
+    }
+
+    #[test]
+    fn diesel_built_queries_are_neutral_even_with_columns_named_like_keywords() {
+        for sql in [
+            r#"SELECT "events"."start", "events"."begin" FROM "events" WHERE "events"."id" = $1"#,
+            r#"INSERT INTO "chains" ("chain_id", "started_at") VALUES ($1, $2)"#,
+            "SELECT 1",
+            "UPDATE t SET beginning = 1, restart = 2",
+        ] {
+            assert_eq!(tx_effect(sql), TxEffect::Neutral, "{sql}");
+        }
+    }
 }

@@ -345,7 +345,13 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
     }
 
     fn has_broken(&self, conn: &mut C) -> bool {
-        let dirty = std::thread::panicking() || conn.is_broken();
+        let dirty = std::thread::panicking()
+            || conn.is_broken()
+            || crate::tracker::left_in_transaction(
+                conn,
+                self.peers.is_none(),
+                self.pool.config().lifecycle.validation.timeout,
+            );
         let suspect = tracker_of(conn).is_some_and(|t| t.state.take_read_only_suspect());
         let standby = suspect && !dirty && conn.is_standby();
         let Some(tracker) = tracker_of(conn) else {

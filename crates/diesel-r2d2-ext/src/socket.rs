@@ -51,25 +51,44 @@
 //!   a random pause of up to two round trips (at most 20 ms) that breaks the lockstep, up to
 //!   [`TIEBREAK_ROUNDS`] rounds in all, also dropping whatever was claimed or closed meanwhile.
 //!   Unix-domain candidates have no counters and can only be eliminated.
-//! * **Ambiguous.** Still several after that (other code's sockets to the same port that
-//!   keep busy, or a tiebreak that failed): [`SocketClaim::Ambiguous`] hands back the
-//!   [`Candidates`]; [`Candidates::resolve`], called at later checkouts, drops those claimed
-//!   or closed since and claims the last one. It does not scan `/proc/self/fd`: one registry
-//!   lookup and one `fstat` per candidate.
+//! * **Failed tiebreak.** The round trip failed: the connection may be lost, and libpq closes
+//!   a lost connection's socket, so its own socket may no longer be among the candidates.
+//!   Nothing is claimed ([`SocketClaim::Unavailable`]): the connection is pinged, never
+//!   probed or bounded through a socket that may be another's.
+//! * **Ambiguous.** Still several after successful rounds (other code's sockets to the same
+//!   port that keep busy, Unix-domain sockets): [`SocketClaim::Ambiguous`] hands back the
+//!   [`Candidates`]; [`Candidates::resolve`] drops those claimed or closed since and claims
+//!   the last one. The adapter calls it only right after a statement on the connection
+//!   succeeded (its own socket is then open), never at a bare checkout or checkin. It does
+//!   not scan `/proc/self/fd`: one registry lookup and one `fstat` per candidate.
 //! * **Unknown.** The socket stays unknown (the connection is then pinged on every checkout,
 //!   as a plain pool with `test_on_check_out` would) when identification is not supported
 //!   here ([`supported`]), when no candidate is left, or while it stays ambiguous. A filter
 //!   that rejected the connection's socket costs nothing when that socket is the only new
 //!   unclaimed stream socket: it is taken anyway.
 //!
-//! Soundness rests on the connection's own socket being among its candidates (it is new,
-//! open, and nobody else can have claimed it): a claim by elimination is then always right,
-//! and a tiebreak only drops sockets that are not ours. A wrong claim therefore needs a
-//! [`PeerFilter`] that rejects the connection's socket while accepting another new one, or a
-//! tiebreak closure that reports success without a round trip (when nothing advanced, the
-//! result is [`SocketClaim::Unavailable`]). One caveat for [`Candidates::resolve`]: it
-//! assumes the connection's socket is still open; libpq closes it only when the connection
-//! is lost, which surfaces as a connection error that gets the connection dropped.
+//! # Invariant: never another connection's socket
+//!
+//! **Every claim by elimination happens at a moment when the connection's own socket is
+//! open and among the candidates.** Then the last candidate left is ours: each other one was
+//! dropped because another connection claimed it (the registry), because it closed (so it is
+//! not our open socket), or because a successful round trip of ours did not move its
+//! counters. The moments are: right after the connect (libpq's socket is new and open);
+//! after a successful tiebreak round (the connection just answered); and, for
+//! [`Candidates::resolve`], right after a statement on the connection succeeded (the
+//! tracker calls it then, on the thread that ran it, before anything else can touch the
+//! connection). Where the socket may have closed (a failed tiebreak; a connection lost
+//! outside a statement, since libpq drops the socket of a lost connection) no elimination
+//! runs: the failed tiebreak gives up, and a pending connection is never resolved at a
+//! checkout, a sweep or a checkin; it is pinged instead, and neither its pings nor its
+//! checkin round trips are bounded through a socket it may not own.
+//!
+//! A wrong claim therefore needs a [`PeerFilter`] that rejects the connection's socket while
+//! accepting another new one, or a tiebreak closure that reports success without a round
+//! trip (when nothing advanced, the result is [`SocketClaim::Unavailable`]). A claimed socket
+//! is released only after its owner's duplicate closed; a candidate list that still holds it
+//! then sees it closed or, while libpq still has it open, unclaimed beside the list's own
+//! open socket: either way it is never the last one left.
 //!
 //! **Costs** (`identification_cost_with_many_fds` in the tests prints them): the snapshot and
 //! the rescan each read `/proc/self/fd` and `fstat` every entry, about 1 µs per open
@@ -174,10 +193,11 @@ pub(crate) struct Candidates(Vec<Candidate>);
 
 impl Candidates {
     /// Drops the candidates claimed by other connections or closed since, and claims the
-    /// one left, if only one is. Cheap enough for every checkout: one registry lookup and
-    /// one `fstat` per candidate, no scan of the process's descriptors.
+    /// one left, if only one is. Cheap: one registry lookup and one `fstat` per candidate, no
+    /// scan of the process's descriptors.
     ///
-    /// Assumes the connection's own socket is still open (see the module docs).
+    /// Call it only while the connection's own socket is known to be open: right after a
+    /// statement on it succeeded (see the module's invariant).
     pub(crate) fn resolve(&mut self) -> Option<ConnSocket> {
         #[cfg(target_os = "linux")]
         {
@@ -494,7 +514,10 @@ mod sys {
             }
             let started = Instant::now();
             if !tiebreak() {
-                break;
+                // The round trip failed: libpq may have closed the connection's socket, which
+                // then is no longer among the candidates, so elimination could pick another
+                // connection's. Leave the socket unknown (pinged, never trusted).
+                return SocketClaim::Unavailable;
             }
             last_round_trip = Some(started.elapsed());
             let mut i = 0;

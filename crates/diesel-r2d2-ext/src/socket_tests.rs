@@ -190,15 +190,16 @@ fn ambiguous_socket_is_resolved_once_the_others_are_claimed_or_closed() {
         SocketClaim::Unavailable
     ));
 
-    // A failed tiebreak leaves all three.
+    // Round trips on all three every round: still three after every round.
+    let (mut a, mut c) = (a, c);
     let mut calls = 0;
     let SocketClaim::Ambiguous(mut candidates) = window_a.finish(&filter, &mut || {
         calls += 1;
-        false
+        echo_once(&mut a) && echo_once(&mut b) && echo_once(&mut c)
     }) else {
-        panic!("three candidates, no tiebreak: ambiguous");
+        panic!("three sockets that all answer: ambiguous");
     };
-    assert_eq!(calls, 1);
+    assert_eq!(calls, TIEBREAK_ROUNDS);
     assert_eq!(candidates.len(), 3);
     assert!(candidates.resolve().is_none());
 
@@ -361,4 +362,65 @@ fn identification_cost_with_many_fds() {
         "identification with {many} open fds: begin_connect {b:?}, finish {f:?} (medians of 50)"
     );
     drop(files);
+}
+
+#[test]
+fn a_failed_tiebreak_never_claims_another_connections_socket() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    echo_server(listener, 2);
+    let filter = tcp_filter(port);
+    let (window_a, window_b) = (begin_connect(), begin_connect());
+    let mut a = Some(TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let ino_b = inode(&b);
+    // A's round trip fails because its connection was lost, and libpq closes a lost
+    // connection's socket: A's own socket is no longer among its candidates.
+    let claim = window_a.finish(&filter, &mut || {
+        drop(a.take());
+        false
+    });
+    let taken = match claim {
+        SocketClaim::Found(sock) => Some(sock),
+        SocketClaim::Ambiguous(mut candidates) => candidates.resolve(),
+        SocketClaim::Unavailable => None,
+    };
+    assert_ne!(
+        taken.as_ref().map(ConnSocket::inode),
+        Some(ino_b),
+        "a connection whose tiebreak failed took another connection's socket"
+    );
+    // B finds its own socket.
+    let sock_b = found(window_b.finish(&filter, &mut || echo_once(&mut b)));
+    assert_eq!(sock_b.inode(), ino_b);
+}
+
+#[test]
+fn a_pending_socket_is_resolved_only_right_after_a_successful_statement() {
+    use crate::tracker::SocketSlot;
+    use diesel_ext_common::tracker::Extra;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    echo_server(listener, 2);
+    let filter = tcp_filter(port);
+    let window = begin_connect();
+    let mut a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let SocketClaim::Ambiguous(candidates) =
+        window.finish(&filter, &mut || echo_once(&mut a) && echo_once(&mut b))
+    else {
+        panic!("two sockets that both answer: ambiguous");
+    };
+    let mut slot = SocketSlot::Pending(candidates);
+    // b's connection is lost and its socket closed: elimination would now say "a", but
+    // nothing proves a is still open and ours until a statement on the connection succeeds
+    // (a lost connection's socket is closed by libpq too).
+    drop(b);
+    assert!(
+        slot.get().is_none(),
+        "a checkout must not resolve a pending socket: it pings"
+    );
+    assert!(echo_once(&mut a));
+    slot.after_success();
+    assert_eq!(slot.get().map(ConnSocket::inode), Some(inode(&a)));
 }

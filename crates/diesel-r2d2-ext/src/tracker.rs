@@ -3,6 +3,11 @@
 //! the connection's socket ([`SocketSlot`]), probed on every checkout and shut down by the
 //! watchdog when a ping stalls.
 
+use std::time::{Duration, Instant};
+
+use diesel::connection::TransactionManager;
+use pool_core::engine::Watchdog;
+
 use crate::socket::{Candidates, ConnSocket};
 
 /// What the pool knows of a connection's socket.
@@ -16,17 +21,25 @@ pub(crate) enum SocketSlot {
 }
 
 impl SocketSlot {
-    /// The socket, resolving a pending identification first (no scan: only the candidates
-    /// are looked at).
-    pub(crate) fn get(&mut self) -> Option<&ConnSocket> {
+    /// The socket, if known. A pending identification is never resolved here: only right
+    /// after a successful round trip (see [`SocketSlot::after_success`]), so a connection
+    /// whose socket is uncertain is pinged, never probed or bounded with another one's.
+    pub(crate) fn get(&self) -> Option<&ConnSocket> {
+        match self {
+            SocketSlot::Known(sock) => Some(sock),
+            _ => None,
+        }
+    }
+}
+
+impl diesel_ext_common::tracker::Extra for SocketSlot {
+    /// A statement just succeeded, so the connection's own socket is open and among the
+    /// candidates: elimination is sound now (see `socket`'s invariant), and only now.
+    fn after_success(&mut self) {
         if let SocketSlot::Pending(candidates) = self {
             if let Some(sock) = candidates.resolve() {
                 *self = SocketSlot::Known(sock);
             }
-        }
-        match self {
-            SocketSlot::Known(sock) => Some(sock),
-            _ => None,
         }
     }
 }
@@ -37,11 +50,72 @@ pub(crate) type Tracker = diesel_ext_common::Tracker<SocketSlot>;
 
 /// The tracker of a connection in `state` with `socket`.
 pub(crate) fn tracker(state: pool_core::engine::ConnState, socket: SocketSlot) -> Tracker {
-    Tracker::new(state, socket, crate::classify::classify_diesel)
+    Tracker::new(
+        state,
+        socket,
+        crate::classify::classify_diesel,
+        diesel_ext_common::tracker::SqlAt::Start,
+    )
 }
 
 /// The tracker of a pooled connection, if it still carries one (an application may have
 /// replaced the connection's instrumentation).
 pub(crate) fn tracker_of<C: diesel::Connection>(conn: &mut C) -> Option<&mut Tracker> {
     diesel_ext_common::tracker::tracker_of(conn.instrumentation())
+}
+
+/// At checkin: whether `conn` must be closed because it may be inside a transaction block.
+///
+/// A transaction Diesel's manager opened and still holds (`begin_test_transaction`, which
+/// Diesel's own `is_broken` lets through) closes the connection. A session the tracker marked
+/// suspect (a raw `BEGIN` not followed by a successful plain `COMMIT`/`ROLLBACK`; see
+/// `diesel_ext_common::tracker`), or a connection whose tracker the application replaced, is
+/// sent a `ROLLBACK` (a no-op with a warning outside a transaction), bounded by `timeout` with
+/// the watchdog shutting the socket down at the deadline; if that fails, times out, or cannot
+/// be bounded (socket unknown, except for an `embedded` database), the connection is closed.
+/// A session of Diesel-built queries and Diesel-managed transactions costs nothing here.
+pub(crate) fn left_in_transaction<C: crate::ExtConnection>(
+    conn: &mut C,
+    embedded: bool,
+    timeout: Duration,
+) -> bool {
+    let depth = C::TransactionManager::transaction_manager_status_mut(conn).transaction_depth();
+    if !matches!(depth, Ok(None)) {
+        return true;
+    }
+    let Some(tracker) = tracker_of(conn) else {
+        return true;
+    };
+    if !tracker.take_transaction_suspect() {
+        return false;
+    }
+    let socket = tracker.extra.get().cloned();
+    if socket.is_none() && !embedded {
+        return true;
+    }
+    let deadline = socket
+        .map(|s| Watchdog::global().arm_critical(Instant::now() + timeout, move || s.shutdown()));
+    let rolled_back = conn.batch_execute("ROLLBACK").is_ok();
+    let fired = deadline.is_some_and(|d| d.disarm());
+    !rolled_back || fired
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod tests {
+    use diesel_ext_common::tracker::{statement_effect, TxEffect};
+
+    #[test]
+    fn the_first_chunk_diesel_writes_for_a_query_is_its_whole_statement() {
+        // `statement_effect` reads only the first `write_str` of a query's `Display`: it must
+        // hold the whole statement, or a keyword past it would go unseen.
+        let q = diesel::sql_query("SELECT 1; BEGIN").bind::<diesel::sql_types::Integer, _>(7);
+        let query = diesel::debug_query::<diesel::pg::Pg, _>(&q);
+        assert_eq!(statement_effect(&query), TxEffect::MayOpen);
+        let q = diesel::sql_query("SELECT 2 -- START");
+        let query = diesel::debug_query::<diesel::pg::Pg, _>(&q);
+        assert_eq!(statement_effect(&query), TxEffect::MayOpen);
+        let q = diesel::sql_query("SELECT 2");
+        let query = diesel::debug_query::<diesel::pg::Pg, _>(&q);
+        assert_eq!(statement_effect(&query), TxEffect::Neutral);
+    }
 }

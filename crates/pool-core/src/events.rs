@@ -113,8 +113,13 @@ impl<'a> PoolEvent<'a> {
     }
 }
 
-/// Receives pool events. Called on the thread where the event happened, sometimes with pool
-/// locks held: return quickly and never call back into the pool.
+/// Receives pool events. Called on the thread where the event happened (a leak report: on
+/// the pools' shared reporter thread), sometimes with pool locks held: return quickly and never
+/// call back into the pool.
+///
+/// A slow listener slows down its own pool's callers and delays other pools' leak reports,
+/// but never a deadline: no listener runs on the thread that cuts stalled pings short. A
+/// panicking listener is caught (and reported once); the pool goes on.
 pub trait EventListener: Send + Sync + 'static {
     /// Called for every event.
     fn on_event(&self, event: &PoolEvent<'_>);

@@ -2,10 +2,12 @@
 //! place it was checked out (HikariCP's `leakDetectionThreshold`).
 //!
 //! The checkout's backtrace is captured unresolved (walking the stack, no symbol lookup) and
-//! symbolized only if a leak is reported. The report is made by the
-//! [watchdog](super::Watchdog) thread while the connection is still held: [`LeakTimer::stop`]
+//! symbolized only if a leak is reported. The deadline is the [watchdog](super::Watchdog)'s;
+//! the report (symbolizing, the pool's listener) is made on its reporter thread, never on the
+//! thread that enforces deadlines, while the connection is still held: [`LeakTimer::stop`]
 //! (at checkin) and the report exclude each other, so a report never comes after the
-//! connection was returned.
+//! connection was returned. A report dropped because the reporter's queue was full is
+//! counted by [`Watchdog::reports_dropped`].
 
 use std::backtrace::Backtrace;
 use std::sync::Arc;

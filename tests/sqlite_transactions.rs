@@ -1,0 +1,63 @@
+//! SQLite: a connection returned inside a transaction Diesel's manager did not open, or inside
+//! a test transaction, is never handed to the next checkout inside it (issue 17, promise 1).
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use resilient_diesel::SqlitePool;
+
+fn pool() -> (tempfile::TempDir, SqlitePool) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let pool = SqlitePool::builder(&url)
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    pool.get()
+        .unwrap()
+        .batch_execute("CREATE TABLE t (tag TEXT NOT NULL)")
+        .unwrap();
+    (dir, pool)
+}
+
+fn count(conn: &mut SqliteConnection, tag: &str) -> i64 {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+        "count(*) FROM t WHERE tag = '{tag}'"
+    )))
+    .get_result(conn)
+    .unwrap()
+}
+
+#[test]
+fn a_raw_begin_is_rolled_back_before_the_next_checkout() {
+    let (_dir, pool) = pool();
+    let mut conn = pool.get().unwrap();
+    conn.batch_execute("BEGIN; INSERT INTO t VALUES ('inside')")
+        .unwrap();
+    drop(conn);
+    let mut conn = pool.get().unwrap();
+    let next = conn.transaction::<_, diesel::result::Error, _>(|c| {
+        c.batch_execute("INSERT INTO t VALUES ('next')")
+    });
+    assert!(
+        next.is_ok(),
+        "the next checkout was inside a transaction: {next:?}"
+    );
+    assert_eq!(count(&mut conn, "inside"), 0, "rolled back");
+}
+
+#[test]
+fn a_test_transaction_is_never_handed_to_the_next_checkout() {
+    let (_dir, pool) = pool();
+    let mut conn = pool.get().unwrap();
+    conn.begin_test_transaction().unwrap();
+    conn.batch_execute("INSERT INTO t VALUES ('inside')")
+        .unwrap();
+    drop(conn);
+    let mut conn = pool.get().unwrap();
+    let next = conn.begin_test_transaction();
+    assert!(
+        next.is_ok(),
+        "the next checkout was inside a transaction: {next:?}"
+    );
+}
