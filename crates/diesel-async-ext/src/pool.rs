@@ -405,6 +405,10 @@ impl<C: ExtConnection> Parts<C> {
 
     /// Closes up to `n` idle connections with `reason`; returns how many.
     fn close_idle(&self, n: u32, reason: CloseReason) -> u32 {
+        // At most the connections idle now: each is closed when it comes back (`has_broken`),
+        // and should one ever return to the idle list instead, this loop (which never
+        // yields) still ends rather than freeze the runtime thread.
+        let n = n.min(self.inner.state().idle_connections);
         let mut closed = 0;
         while closed < n {
             let Some((mut conn, held)) = self.take_idle() else {
