@@ -180,11 +180,13 @@ fn a_socket_left_ambiguous_at_connect_is_resolved_later_and_its_pings_are_bounde
     for _ in 0..3 {
         select_one(&pool).expect("checkout after the intruder left");
     }
-    assert_eq!(
-        pool.stats().pings - pings,
-        0,
+    // A pending socket is resolved only right after a statement on the connection succeeded
+    // (see `socket.rs`): the first checkout still pings, that ping resolves it, the rest probe.
+    assert!(
+        pool.stats().pings - pings <= 1,
         "the intruder closed, yet the pool still could not probe the connection: its socket \
-         was never resolved"
+         was never resolved ({} pings for 3 checkouts)",
+        pool.stats().pings - pings
     );
 
     // The effect that matters: the watchdog bounds a ping to a hung backend.
