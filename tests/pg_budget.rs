@@ -446,3 +446,51 @@ fn a_checkout_that_gave_up_on_the_budget_leaves_no_connect_waiting_for_a_permit(
     drop(held);
     assert!(adhoc.get().is_ok(), "a new checkout is served");
 }
+
+/// Query logging, as applications install it: replaces the pool's own instrumentation.
+struct QueryLog;
+
+impl diesel::connection::Instrumentation for QueryLog {
+    fn on_connection_event(&mut self, _event: diesel::connection::InstrumentationEvent<'_>) {}
+}
+
+#[test]
+fn replacing_a_connections_instrumentation_never_lets_it_escape_the_budget() {
+    let Some(pg) = server() else { return };
+    let app = "budget_instrumented";
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 2)
+        .class("automation", Class::new().pool_size(2).max_overflow(0))
+        .class(
+            "adhoc",
+            Class::new().pool_timeout(Duration::from_millis(500)),
+        )
+        .configure(|b| b.application_name(app))
+        .build()
+        .unwrap();
+    let automation = pools.class("automation").unwrap();
+    let adhoc = pools.class("adhoc").unwrap();
+    for round in 0..2 {
+        let mut held: Vec<_> = (0..2).map(|_| automation.get().unwrap()).collect();
+        for conn in &mut held {
+            conn.set_instrumentation(QueryLog);
+            assert_eq!(query(conn), 1);
+        }
+        assert!(
+            adhoc.get().is_err(),
+            "round {round}: the budget of 2 is spent, yet adhoc got a third connection"
+        );
+        let seen = pg.count_backends(app).unwrap();
+        assert!(
+            seen <= 2,
+            "round {round}: the server saw {seen} backends for a budget of 2"
+        );
+        drop(held);
+    }
+    // Given back at checkin: adhoc gets in once automation's connections are idle (its
+    // headroom is reclaimed).
+    let mut conn = adhoc
+        .get()
+        .expect("adhoc after automation returned its connections");
+    assert_eq!(query(&mut conn), 1);
+    assert!(pg.count_backends(app).unwrap() <= 2);
+}

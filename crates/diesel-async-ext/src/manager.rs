@@ -510,6 +510,15 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
         let panicking = std::thread::panicking();
         // Reaching into the connection must never take bb8's return path down with it.
         let close = catch_unwind(AssertUnwindSafe(|| {
+            if tracker_of(conn).is_none() {
+                // The application replaced the connection's instrumentation while it had it:
+                // take back what its state held (budget and gate permits), then check it in.
+                conn.set_instrumentation(tracker(ConnState::adopted(&self.pool), C::classify));
+                // Its statements were not seen: it may be inside a transaction.
+                if let Some(t) = tracker_of(conn) {
+                    t.mark_transaction_suspect();
+                }
+            }
             let dirty =
                 panicking || conn.session_dirty() || crate::tracker::left_in_transaction(conn);
             let Some(t) = tracker_of(conn) else {

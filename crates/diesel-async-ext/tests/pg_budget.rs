@@ -335,3 +335,55 @@ async fn the_server_capacity_check_says_whether_the_budget_fits() {
         "{too_big}"
     );
 }
+
+/// Query logging, as applications install it: replaces the pool's own instrumentation.
+struct QueryLog;
+
+impl diesel::connection::Instrumentation for QueryLog {
+    fn on_connection_event(&mut self, _event: diesel::connection::InstrumentationEvent<'_>) {}
+}
+
+#[tokio::test]
+async fn replacing_a_connections_instrumentation_never_lets_it_escape_the_budget() {
+    use diesel_async::AsyncConnection;
+    let Some(pg) = server() else { return };
+    let app = "budget_instrumented_async";
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 2)
+        .class("automation", Class::new().pool_size(2).max_overflow(0))
+        .class(
+            "adhoc",
+            Class::new().pool_timeout(Duration::from_millis(500)),
+        )
+        .configure(|b| b.application_name(app))
+        .build()
+        .await
+        .unwrap();
+    let automation = pools.class("automation").unwrap();
+    let adhoc = pools.class("adhoc").unwrap();
+    for round in 0..2 {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut conn = automation.get().await.unwrap();
+            conn.set_instrumentation(QueryLog);
+            assert_eq!(one(&mut conn).await, Ok(1));
+            held.push(conn);
+        }
+        assert!(
+            adhoc.get().await.is_err(),
+            "round {round}: the budget of 2 is spent, yet adhoc got a third connection"
+        );
+        let seen = pg.count_backends(app).unwrap();
+        assert!(
+            seen <= 2,
+            "round {round}: the server saw {seen} backends for a budget of 2"
+        );
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = adhoc
+        .get()
+        .await
+        .expect("adhoc after automation returned its connections");
+    assert_eq!(one(&mut conn).await, Ok(1));
+    assert!(pg.count_backends(app).unwrap() <= 2);
+}

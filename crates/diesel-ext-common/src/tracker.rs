@@ -117,6 +117,12 @@ impl<X> Tracker<X> {
         suspect
     }
 
+    /// Marks the session suspect: nothing is known of what ran on it (its instrumentation was
+    /// replaced while it was checked out, so its statements were not seen).
+    pub fn mark_transaction_suspect(&mut self) {
+        self.session.suspect = true;
+    }
+
     fn on_statement(&mut self, effect: TxEffect) {
         match effect {
             TxEffect::MayOpen => self.session.suspect = true,

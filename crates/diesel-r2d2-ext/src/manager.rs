@@ -345,6 +345,15 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
     }
 
     fn has_broken(&self, conn: &mut C) -> bool {
+        if tracker_of(conn).is_none() {
+            // The application replaced the connection's instrumentation while it had it: take
+            // back what its state held (budget and gate permits), then check it in as usual.
+            conn.set_instrumentation(tracker(ConnState::adopted(&self.pool), SocketSlot::None));
+            // Its statements were not seen: it may be inside a transaction.
+            if let Some(t) = tracker_of(conn) {
+                t.mark_transaction_suspect();
+            }
+        }
         let dirty = std::thread::panicking()
             || conn.is_broken()
             || crate::tracker::left_in_transaction(

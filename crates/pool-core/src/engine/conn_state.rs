@@ -107,15 +107,39 @@ impl ConnState {
     }
 
     /// State for a pooled connection the pool lost track of (the application replaced what
-    /// carried its state): treated as open, unvalidated and idle past the bypass window, so
-    /// its next checkout pings it.
+    /// carried its state, e.g. Diesel's instrumentation slot, while it had the connection
+    /// checked out): it takes back what that state held (its id, budget permit, gate permit
+    /// and place in the open count: see [`PoolState::orphan`]), so the connection never
+    /// escapes the budget or the sizes; it is treated as unvalidated and idle past the
+    /// bypass window, so its next checkout pings it. Without an orphan to take back (a
+    /// connection the pool never tracked), it is counted as a new connection.
     pub fn adopted(pool: &Arc<PoolState>) -> ConnState {
-        let mut state = ConnState::opened(pool, Duration::ZERO, None);
-        state.lifecycle.validated_epoch = pool.epoch().saturating_sub(1);
+        let now = Instant::now();
+        let epoch = pool.epoch();
+        let mut state = match pool.take_orphan() {
+            Some(orphan) => ConnState {
+                pool: pool.clone(),
+                id: orphan.id,
+                lifecycle: pool.config().lifecycle.new_connection(now, epoch),
+                close_reason: None,
+                counted: orphan.counted,
+                ping_epoch: epoch,
+                ping_started: None,
+                ping_in_flight: false,
+                checked_out_at: orphan.checked_out_at,
+                swept: false,
+                fresh: false,
+                leak: None,
+                read_only_suspect: false,
+                gate: orphan.gate,
+                _permit: orphan.permit,
+            },
+            None => ConnState::opened(pool, Duration::ZERO, None),
+        };
+        state.fresh = false;
+        state.lifecycle.validated_epoch = epoch.saturating_sub(1);
         let bypass = pool.config().lifecycle.validation.bypass_window;
-        state.lifecycle.last_used = Instant::now()
-            .checked_sub(bypass)
-            .unwrap_or(state.lifecycle.last_used);
+        state.lifecycle.last_used = now.checked_sub(bypass).unwrap_or(state.lifecycle.last_used);
         state
     }
 
@@ -413,6 +437,20 @@ impl Drop for ConnState {
     fn drop(&mut self) {
         if let Some(leak) = self.leak.take() {
             leak.stop();
+        }
+        if self.checked_out_at.is_some() {
+            // Dropped while its connection is checked out: the connection itself is still
+            // open (every close goes through a checkin first), only what carried this state
+            // was replaced by the application. Keep the connection's permits and count with
+            // the pool until the adapter adopts it again.
+            self.pool.orphan(super::pool_state::Orphan {
+                id: self.id,
+                counted: self.counted,
+                checked_out_at: self.checked_out_at,
+                gate: self.gate.take(),
+                permit: self._permit.take(),
+            });
+            return;
         }
         if self.counted {
             self.pool

@@ -46,6 +46,20 @@ pub struct PoolState {
     probe_available: AtomicBool,
     listener_panicked: AtomicBool,
     health: ServerHealth,
+    /// What the states of checked-out connections held when the application replaced them
+    /// (see [`PoolState::orphan`]).
+    orphans: Mutex<Vec<Orphan>>,
+}
+
+/// What a connection's state held (permits, place in the open count) while the connection
+/// is open but its state is gone: kept by the pool until the adapter adopts the connection.
+#[derive(Debug)]
+pub(super) struct Orphan {
+    pub(super) id: u64,
+    pub(super) counted: bool,
+    pub(super) checked_out_at: Option<Instant>,
+    pub(super) gate: Option<crate::budget::Permit>,
+    pub(super) permit: Option<crate::budget::Permit>,
 }
 
 impl std::fmt::Debug for PoolState {
@@ -89,6 +103,7 @@ impl PoolState {
             probe_available: AtomicBool::new(true),
             listener_panicked: AtomicBool::new(false),
             health: ServerHealth::default(),
+            orphans: Mutex::new(Vec::new()),
         })
     }
 
@@ -237,6 +252,26 @@ impl PoolState {
         let nanos = last_good.saturating_duration_since(self.born).as_nanos();
         let at = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
         at < mark
+    }
+
+    /// Keeps what a checked-out connection's state held after the application replaced
+    /// that state (Diesel's `set_instrumentation` drops our tracker): the connection is still
+    /// open, so its budget permit, gate permit and place in the open count must not be given
+    /// back. [`ConnState::adopted`](super::ConnState::adopted) takes them back when the
+    /// adapter next sees the connection (its checkin).
+    pub(super) fn orphan(&self, orphan: Orphan) {
+        log::debug!(
+            target: LOG_TARGET,
+            "pool {}: connection {} lost its state while checked out (its instrumentation was \
+             replaced); its permits stay held until it comes back",
+            self.name(),
+            orphan.id
+        );
+        self.orphans.lock().push(orphan);
+    }
+
+    pub(super) fn take_orphan(&self) -> Option<Orphan> {
+        self.orphans.lock().pop()
     }
 
     /// What the pool knows about reaching its server (see [`ServerHealth`]).
