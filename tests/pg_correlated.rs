@@ -308,7 +308,9 @@ fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_servers_re
         let result = select_one(&p);
         (result, Instant::now())
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // Not a whole number of seconds: a retry schedule of whole seconds must not land on the
+    // return by chance.
+    std::thread::sleep(Duration::from_millis(2300));
     let status = pool.status().to_string();
     assert!(
         status.contains("unreachable"),
