@@ -39,7 +39,7 @@ pub enum BuildError {
     #[error(transparent)]
     Budget(#[from] pool_core::budget::BudgetError),
     /// The pool could not open its initial connections in time.
-    #[error("pool {pool}: could not open the initial {wanted} connection(s) within {timeout:?}: {error}")]
+    #[error("pool {pool}: could not open the initial {wanted} connection(s) (pool_timeout {timeout:?}): {error}")]
     Connect {
         /// Pool name.
         pool: String,

@@ -33,7 +33,7 @@ pub enum BuildError {
     #[error(transparent)]
     Budget(#[from] pool_core::budget::BudgetError),
     /// The pool could not open its initial connections in time.
-    #[error("pool {pool}: could not open the initial {wanted} connection(s) within {timeout:?}: {message}")]
+    #[error("pool {pool}: could not open the initial {wanted} connection(s) (pool_timeout {timeout:?}): {message}")]
     Connect {
         /// Pool name.
         pool: String,
@@ -498,7 +498,11 @@ fn build_pool<C: ExtConnection>(
                 pool: cfg.name.clone(),
                 wanted: warm,
                 timeout: cfg.pool_timeout,
-                message: state.redact(&e.to_string()),
+                message: {
+                    let text = e.to_string();
+                    // r2d2's fixed prefix says "timed out" even for a failure at once.
+                    state.redact(text.strip_prefix(R2D2_PREFIX).unwrap_or(&text))
+                },
             })?;
     }
     spawn_maintenance(&pool, stop);

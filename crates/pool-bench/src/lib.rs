@@ -14,6 +14,7 @@
 //! round), and every ratio is computed per round, so the spread over rounds shows how stable
 //! it is. See `README.md` of this crate for the scenarios, the contenders and the figures.
 
+mod correlated;
 pub mod delay_proxy;
 pub mod pools;
 pub mod report;

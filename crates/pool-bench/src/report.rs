@@ -9,7 +9,7 @@ use crate::pools::CONTENDERS;
 use crate::stats::{median, min_max};
 
 /// Every scenario, in the order of the JSON and the tables.
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 13] = [
     "poll_ns",
     "machinery_1t",
     "contended_8t",
@@ -21,6 +21,8 @@ pub const SCENARIOS: [&str; 11] = [
     "spike",
     "fairness",
     "floor",
+    "silent",
+    "hopeless",
 ];
 
 /// The measurements of one contender (or one variant of it) in one scenario and pinning.

@@ -56,6 +56,8 @@ pub(crate) fn run(name: &str, ctx: &mut Ctx<'_>) -> ScenarioResult {
         "spike" => spike(ctx),
         "fairness" => fairness(ctx),
         "floor" => floor(ctx),
+        "silent" => crate::correlated::silent(ctx),
+        "hopeless" => crate::correlated::hopeless(ctx),
         other => unreachable!("unknown scenario {other}"),
     };
     result.fill_skipped("not a contender in this scenario");
