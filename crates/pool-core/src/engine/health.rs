@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 pub const HOPELESS_RECHECK: Duration = Duration::from_secs(1);
 /// The longest pause between two connect attempts while the server is down for a transient
 /// reason (the pauses grow from 25 ms, with full jitter).
-pub const TRANSIENT_BACKOFF_CAP: Duration = Duration::from_millis(150);
+pub const TRANSIENT_BACKOFF_CAP: Duration = Duration::from_millis(100);
 /// While the server stays down, the log gets a summary at most this often.
 pub const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(30);
 
