@@ -383,32 +383,145 @@ impl<C: ExtConnection> ExtManager<C> {
         if let Some(t) = tracker_of(conn) {
             t.state.ping_starting();
         }
-        let result = tokio::time::timeout(timeout, conn.ping_round_trip()).await;
+        let result = tokio::time::timeout(timeout, conn.ping_round_trip())
+            .await
+            .ok();
+        self.ping_done(conn, started, timeout, result)
+    }
+
+    /// Reports a finished ping (`None`: no reply within `timeout`) to the engine and turns it
+    /// into the checkout's outcome.
+    fn ping_done(
+        &self,
+        conn: &mut C,
+        started: Instant,
+        timeout: Duration,
+        result: Option<diesel::QueryResult<()>>,
+    ) -> Result<(), ExtError> {
         if let Some(t) = tracker_of(conn) {
             match result {
-                Ok(Ok(())) => {
+                Some(Ok(())) => {
                     t.state.finish_ping(true);
                 }
-                Ok(Err(_)) => {
+                Some(Err(_)) => {
                     t.state.finish_ping(false);
                 }
                 // No reply in time: silence, which says something about every idle
                 // connection of the pool (see `PoolState::path_went_silent`).
-                Err(_) => t.state.finish_ping_silent(),
+                None => t.state.finish_ping_silent(),
             }
         }
         match result {
-            Ok(Ok(())) => Ok(()),
+            Some(Ok(())) => Ok(()),
             other => Err(ExtError::PingFailed {
                 elapsed_ms: started.elapsed().as_millis(),
                 timeout_ms: timeout.as_millis(),
                 message: match other {
-                    Ok(Err(e)) => self.pool.redact(&e.to_string()),
+                    Some(Err(e)) => self.pool.redact(&e.to_string()),
                     _ => "no reply within the validation timeout; the connection is closed"
                         .to_owned(),
                 },
             }),
         }
+    }
+
+    /// A checkout's validation: a ping bounded by `timeout`, **hedged**: once it has taken
+    /// longer than the pool's hedge delay (a small multiple of the round trip it observes,
+    /// see `PoolState::hedge_delay`), a fresh connect starts beside it if the pool has room
+    /// (below its sizes, a budget permit free at once), and whichever is ready first is
+    /// handed out. If the fresh connection wins, it takes `conn`'s place and the slow one is
+    /// closed; if the ping wins, the connect is dropped. On a healthy pool a ping never
+    /// comes near the delay: no connect, no cost beyond a timer.
+    pub(crate) async fn validate(&self, conn: &mut C, timeout: Duration) -> Result<(), ExtError> {
+        let Some(delay) = self.pool.hedge_delay().filter(|d| *d < timeout) else {
+            return self.bounded_ping(conn, timeout).await;
+        };
+        enum Winner<C> {
+            Ping(Option<diesel::QueryResult<()>>),
+            Hedge(C),
+        }
+        let started = Instant::now();
+        if let Some(t) = tracker_of(conn) {
+            t.state.ping_starting();
+        }
+        let mut hedged = false;
+        let winner = {
+            let ping = conn.ping_round_trip();
+            tokio::pin!(ping);
+            match tokio::time::timeout(delay, &mut ping).await {
+                Ok(result) => Winner::Ping(Some(result)),
+                Err(_) => {
+                    let deadline = tokio::time::Instant::from_std(started + timeout);
+                    let hedge = self.open_hedge();
+                    tokio::pin!(hedge);
+                    let mut racing = true;
+                    loop {
+                        tokio::select! {
+                            result = tokio::time::timeout_at(deadline, &mut ping) => {
+                                break Winner::Ping(result.ok());
+                            }
+                            fresh = &mut hedge, if racing => match fresh {
+                                Some(Ok(fresh)) => {
+                                    hedged = true;
+                                    break Winner::Hedge(fresh);
+                                }
+                                // No room, or the connect failed: wait the ping out.
+                                Some(Err(_)) => {
+                                    hedged = true;
+                                    racing = false;
+                                }
+                                None => racing = false,
+                            },
+                        }
+                    }
+                }
+            }
+        };
+        match winner {
+            Winner::Ping(result) => {
+                if hedged {
+                    self.pool.stats().record_hedge(false);
+                }
+                self.ping_done(conn, started, timeout, result)
+            }
+            Winner::Hedge(fresh) => {
+                self.pool.stats().record_hedge(true);
+                let mut slow = std::mem::replace(conn, fresh);
+                if let Some(t) = tracker_of(&mut slow) {
+                    t.state.set_close_reason(CloseReason::PingFailed);
+                }
+                // Closed now: its ping may still be answered, but nobody will read it.
+                drop(slow);
+                Ok(())
+            }
+        }
+    }
+
+    /// A fresh connection for a hedge, if the pool has room at once (below its sizes, and a
+    /// budget permit free without waiting); `None` otherwise.
+    async fn open_hedge(&self) -> Option<Result<C, ExtError>> {
+        if !self.pool.hedge_room() {
+            return None;
+        }
+        let permit = match self.pool.budget() {
+            Some((budget, class)) => Some(budget.try_acquire(class)?),
+            None => None,
+        };
+        let started = Instant::now();
+        let pool = &self.pool;
+        let opened = C::open(&*self.opener, self.config()).await;
+        Some(match opened {
+            Ok(mut conn) => {
+                let state = ConnState::opened(pool, started.elapsed(), permit);
+                conn.set_instrumentation(tracker(state, C::classify));
+                Ok(conn)
+            }
+            Err(f) => Err(ExtError::Connect {
+                pool: pool.name().to_owned(),
+                cause: f.cause,
+                message: pool.connect_failed(f.class, &f.message),
+            }),
+        })
     }
 
     /// Marks a round trip of the pool's own on `conn` as under way (or done): a connection
@@ -502,7 +615,7 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
         match t.state.begin_checkout(|| probe, now) {
             CheckoutStep::Reuse => Ok(()),
             CheckoutStep::Discard(reason) => Err(ExtError::Retired(reason)),
-            CheckoutStep::Ping { timeout } => self.bounded_ping(conn, timeout).await,
+            CheckoutStep::Ping { timeout } => self.validate(conn, timeout).await,
         }
     }
 

@@ -20,6 +20,8 @@ async fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> PgPo
         // No overflow: a connect started for the warm-up cannot leave a ninth connection.
         .max_overflow(0)
         .validation_timeout(validation_timeout)
+        // The suspects alone (hedging has its own test below).
+        .hedged_validation(false)
         .build()
         .await
         .expect("pool");
@@ -131,6 +133,67 @@ async fn the_keepalive_sweep_meets_silence_with_one_timeout_and_never_repools_wh
     assert_eq!(stats.closed.invalidated, idle - 1, "{stats:?}");
     // Fresh connections serve again.
     assert_eq!(pool.select_one().await, Ok(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_validation_serves_well_under_one_validation_timeout_when_every_flow_goes_silent() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // At its defaults (validation_timeout 5 s, room to open more than pool_size).
+    let pool = PgPool::builder(&url)
+        .application_name("async_hedged")
+        .pool_size(POOL)
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(POOL as usize).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.silence_existing();
+    let started = Instant::now();
+    assert_eq!(pool.select_one().await, Ok(1));
+    let first = started.elapsed();
+    let errors = errors_over(&pool, 20).await;
+    let total = started.elapsed();
+    let stats = pool.stats();
+    assert!(errors.is_empty(), "{errors:?}");
+    // Well under one validation timeout (5 s) plus a connect, which is what the suspects
+    // alone would cost; about the hedge delay (100 ms) plus a connect on a quiet machine.
+    assert!(
+        first < Duration::from_millis(2500),
+        "first request took {first:?}: the slow ping was not hedged (validation timeout 5 s): \
+         {stats:?}"
+    );
+    assert!(
+        total < Duration::from_secs(10),
+        "21 requests took {total:?}, more than two validation timeouts: {stats:?}"
+    );
+    assert!(stats.hedges_won >= 1, "{stats:?}");
+    assert!(
+        stats.closed.total() + u64::from(pool.state().connections) <= stats.connects,
+        "nothing beyond the connections opened: {stats:?}"
+    );
+    println!(
+        "silent, async, hedged, pool of {POOL} at defaults: first request {first:?}, 21 in \
+         {total:?}, {} hedges won",
+        stats.hedges_won
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_healthy_pool_hedging_opens_nothing() {
+    let Some(pg) = server() else { return };
+    let pool = ext_pool(&pg, "async_hedge_idle", 4)
+        .validation_bypass_window(Duration::ZERO)
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(4).await;
+    let connects = pool.stats().connects;
+    assert!(errors_over(&pool, 200).await.is_empty());
+    let stats = pool.stats();
+    assert!(stats.pings >= 200, "every checkout pinged: {stats:?}");
+    assert_eq!(stats.hedges, 0, "{stats:?}");
+    assert_eq!(stats.connects, connects, "{stats:?}");
 }
 
 // ---- Connect errors: hopeless ones fail fast, transient ones are waited out ----

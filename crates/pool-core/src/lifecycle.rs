@@ -28,6 +28,9 @@ pub struct ValidationPolicy {
     /// Run the zero-round-trip liveness probe on every checkout. Off, every checkout pings
     /// when `on_checkout` is on (as a plain pool testing on checkout does). Default: `true`.
     pub probe: bool,
+    /// Hedge a slow validation ping with a fresh connect, where the adapter supports it (the
+    /// async pool): whichever is ready first is handed out. Default: `true`.
+    pub hedge: bool,
 }
 
 impl Default for ValidationPolicy {
@@ -37,6 +40,7 @@ impl Default for ValidationPolicy {
             bypass_window: Duration::from_millis(500),
             timeout: Duration::from_secs(5),
             probe: true,
+            hedge: true,
         }
     }
 }

@@ -217,6 +217,11 @@ macro_rules! with_settings {
             /// ping when validation is on (for comparison and debugging).
             liveness_probe(v: bool) env "DB_LIVENESS_PROBE" kind Bool default "on"
                 set |b| b.lifecycle.validation.probe = v; get |c| c.lifecycle.validation.probe;
+            /// Race a validation ping slower than 4 × the observed round trip (at least
+            /// 100 ms) against a fresh connect and hand out whichever is ready first, within
+            /// the pool's sizes (async pool; the sync pool waits the ping out).
+            hedged_validation(v: bool) env "DB_HEDGED_VALIDATION" kind Bool default "on"
+                set |b| b.lifecycle.validation.hedge = v; get |c| c.lifecycle.validation.hedge;
             /// Ping idle connections this often so NATs and proxies keep them (HikariCP's
             /// `keepaliveTime`); `None` disables it.
             keepalive_ping(v: ::std::option::Option<::std::time::Duration>) env "DB_KEEPALIVE_PING" kind OptionalDuration default "off"

@@ -205,6 +205,12 @@ pub struct StatsSnapshot {
     pub pings: u64,
     /// Validation pings that failed or timed out.
     pub validations_failed: u64,
+    /// Slow validation pings raced against a fresh connect (hedged validation).
+    #[serde(default)]
+    pub hedges: u64,
+    /// Hedges the fresh connection won (the slow connection was closed).
+    #[serde(default)]
+    pub hedges_won: u64,
     /// Connections the zero-round-trip liveness probe found closed by the server.
     pub probe_detected_dead: u64,
     /// Pool-wide invalidations (a disconnect made every older connection suspect).
@@ -348,6 +354,8 @@ pub struct PoolStats {
     closed: [AtomicU64; CloseReason::ALL.len()],
     pings: AtomicU64,
     pings_failed: AtomicU64,
+    hedges: AtomicU64,
+    hedges_won: AtomicU64,
     probe_dead: AtomicU64,
     invalidations: AtomicU64,
     leaks: AtomicU64,
@@ -390,6 +398,8 @@ impl PoolStats {
             closed: std::array::from_fn(|_| zero()),
             pings: zero(),
             pings_failed: zero(),
+            hedges: zero(),
+            hedges_won: zero(),
             probe_dead: zero(),
             invalidations: zero(),
             leaks: zero(),
@@ -459,6 +469,15 @@ impl PoolStats {
         bump(&self.retries_exhausted);
     }
 
+    /// A slow validation ping was raced against a fresh connect; `won`: the fresh
+    /// connection was ready first.
+    pub fn record_hedge(&self, won: bool) {
+        bump(&self.hedges);
+        if won {
+            bump(&self.hedges_won);
+        }
+    }
+
     /// An ambiguous commit (connection lost during COMMIT) was resolved by verification.
     pub fn record_commit_resolved(&self) {
         bump(&self.commits_resolved);
@@ -501,6 +520,8 @@ impl PoolStats {
             },
             pings: self.pings.load(Relaxed),
             validations_failed: self.pings_failed.load(Relaxed),
+            hedges: self.hedges.load(Relaxed),
+            hedges_won: self.hedges_won.load(Relaxed),
             probe_detected_dead: self.probe_dead.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),
             leaks: self.leaks.load(Relaxed),

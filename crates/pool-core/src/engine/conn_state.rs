@@ -301,6 +301,9 @@ impl ConnState {
         if ok {
             self.lifecycle.validated_epoch = self.ping_epoch;
             self.lifecycle.last_validated = Instant::now();
+            if let Some(started) = self.ping_started {
+                self.pool.record_ping_rtt(started.elapsed());
+            }
         } else {
             self.lifecycle.broken = true;
             self.close_reason = Some(CloseReason::PingFailed);

@@ -17,6 +17,14 @@ use crate::lifecycle::Epoch;
 use crate::retry::RetryHooks;
 use crate::stats::{Gauges, PoolStats, StatsSnapshot};
 
+/// A validation ping slower than this many times the pool's observed round trip is hedged
+/// with a fresh connect (see [`PoolState::hedge_delay`]).
+pub const HEDGE_FACTOR: u32 = 4;
+/// The shortest hedge delay, whatever the observed round trip: a managed database across a
+/// region answers a ping in tens of milliseconds; a ping still unanswered after this long is
+/// worth a parallel connect.
+pub const HEDGE_FLOOR: Duration = Duration::from_millis(100);
+
 /// State shared by a pool and all its connections: the configuration (validated once, here),
 /// stats, the invalidation epoch, the event listener, the budget slot, the checkout gate and
 /// the count of open connections that `pool_size` and `max_overflow` are enforced against.
@@ -46,6 +54,8 @@ pub struct PoolState {
     probe_available: AtomicBool,
     listener_panicked: AtomicBool,
     health: ServerHealth,
+    /// Round trip of successful validation pings, smoothed (nanoseconds; 0: none yet).
+    ping_rtt_ns: AtomicU64,
     /// What the states of checked-out connections held when the application replaced them
     /// (see [`PoolState::orphan`]).
     orphans: Mutex<Vec<Orphan>>,
@@ -104,6 +114,7 @@ impl PoolState {
             listener_panicked: AtomicBool::new(false),
             health: ServerHealth::default(),
             orphans: Mutex::new(Vec::new()),
+            ping_rtt_ns: AtomicU64::new(0),
         })
     }
 
@@ -252,6 +263,40 @@ impl PoolState {
         let nanos = last_good.saturating_duration_since(self.born).as_nanos();
         let at = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
         at < mark
+    }
+
+    /// A validation ping succeeded after `took`: feeds the pool's round-trip estimate
+    /// (exponentially smoothed, 1/8 weight), from which [`PoolState::hedge_delay`] is drawn.
+    pub fn record_ping_rtt(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .ping_rtt_ns
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                Some(if old == 0 {
+                    took
+                } else {
+                    old - old / 8 + took / 8
+                })
+            });
+    }
+
+    /// How long a validation ping may take before the pool hedges it with a fresh connect:
+    /// [`HEDGE_FACTOR`] times the round trip this pool observes, at least [`HEDGE_FLOOR`],
+    /// at most half of `validation_timeout`. `None` when hedging is off.
+    pub fn hedge_delay(&self) -> Option<Duration> {
+        let validation = &self.config.lifecycle.validation;
+        if !validation.hedge {
+            return None;
+        }
+        let rtt = Duration::from_nanos(self.ping_rtt_ns.load(Ordering::Acquire));
+        let delay = (rtt * HEDGE_FACTOR).max(HEDGE_FLOOR);
+        Some(delay.min(validation.timeout / 2))
+    }
+
+    /// Whether a hedge connect fits within the pool's sizes now (a budget permit is taken
+    /// separately, without waiting).
+    pub fn hedge_room(&self) -> bool {
+        self.open_connections() < self.config.max_size()
     }
 
     /// Keeps what a checked-out connection's state held after the application replaced
