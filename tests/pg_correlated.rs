@@ -23,6 +23,8 @@ fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> resilient_
         // No overflow: a connect started for the warm-up cannot leave a ninth connection.
         .max_overflow(0)
         .validation_timeout(validation_timeout)
+        // The suspects alone (hedging has its own test below).
+        .hedged_validation(false)
         .build()
         .expect("pool");
     warm(&pool, POOL as usize);
@@ -172,6 +174,61 @@ fn a_hung_backend_makes_the_idle_connections_suspect_and_they_are_replaced_not_p
         pool.stats()
     );
     assert!(errors_over(&pool, 20).is_empty());
+}
+
+#[test]
+fn hedged_validation_serves_well_under_one_validation_timeout_when_every_flow_goes_silent() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // At its defaults (validation_timeout 5 s, room to open more than pool_size).
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .application_name("ext_hedged")
+        .pool_size(POOL)
+        .build()
+        .expect("pool");
+    warm(&pool, POOL as usize);
+    std::thread::sleep(Duration::from_millis(600));
+    proxy.silence_existing();
+    let started = Instant::now();
+    assert_eq!(select_one(&pool), Ok(1));
+    let first = started.elapsed();
+    let errors = errors_over(&pool, 20);
+    let total = started.elapsed();
+    let stats = pool.stats();
+    assert!(errors.is_empty(), "{errors:?}");
+    // Well under one validation timeout (5 s) plus a connect, which is what the suspects
+    // alone would cost; about the hedge delay (100 ms) plus a connect on a quiet machine.
+    assert!(
+        first < Duration::from_millis(2500),
+        "first request took {first:?}: the slow ping was not hedged (validation timeout 5 s): \
+         {stats:?}"
+    );
+    assert!(
+        total < Duration::from_secs(10),
+        "21 requests took {total:?}, more than two validation timeouts: {stats:?}"
+    );
+    assert!(stats.hedges_won >= 1, "{stats:?}");
+    println!(
+        "silent, sync, hedged, pool of {POOL} at defaults: first request {first:?}, 21 in \
+         {total:?}, {} hedges won",
+        stats.hedges_won
+    );
+}
+
+#[test]
+fn on_a_healthy_pool_hedging_opens_nothing() {
+    let Some(pg) = server() else { return };
+    let pool = ext_pool(&pg, "ext_hedge_idle", 4)
+        .validation_bypass_window(Duration::ZERO)
+        .build()
+        .expect("pool");
+    warm(&pool, 4);
+    let connects = pool.stats().connects;
+    assert!(errors_over(&pool, 200).is_empty());
+    let stats = pool.stats();
+    assert!(stats.pings >= 200, "every checkout pinged: {stats:?}");
+    assert_eq!(stats.hedges, 0, "{stats:?}");
+    assert_eq!(stats.connects, connects, "{stats:?}");
 }
 
 // ---- Connect errors: hopeless ones fail fast, transient ones are waited out ----

@@ -239,6 +239,120 @@ impl<C: ExtConnection> ExtManager<C> {
     }
 }
 
+/// Where a hedged validation's two contenders meet: the ping (on the checkout's thread) and
+/// the fresh connect (on a thread of its own). Whoever comes second sees what the first left.
+enum Race<C> {
+    /// The ping is still waiting for its reply.
+    Pinging,
+    /// The fresh connection was ready first (the slow connection's socket was shut down).
+    Fresh(C),
+    /// The ping is over; a fresh connection arriving now is closed.
+    Done,
+}
+
+impl<C: ExtConnection> ExtManager<C> {
+    /// What a hedge connect needs, detached from r2d2's manager (which r2d2 owns).
+    fn opener(&self) -> ExtManager<C> {
+        ExtManager {
+            pool: self.pool.clone(),
+            demand: self.demand.clone(),
+            conninfo: self.conninfo.clone(),
+            peers: self.peers.clone(),
+            _conn: PhantomData,
+        }
+    }
+
+    /// A checkout's validation: the ping bounded by the watchdog, **hedged**: once it has
+    /// taken longer than the pool's hedge delay (a small multiple of the round trip it
+    /// observes, see `PoolState::hedge_delay`), a fresh connect starts on a thread of its own
+    /// if the pool has room (below its sizes, a budget permit free at once). If the fresh
+    /// connection is ready first, the slow connection's socket is shut down (its ping
+    /// returns), the fresh connection takes its place and the slow one is closed; if the
+    /// ping comes back first, the fresh connection is closed when it arrives. On a healthy
+    /// pool a ping never comes near the delay: an armed timer, nothing else.
+    fn validate(&self, conn: &mut C, timeout: Duration) -> Result<(), ExtError> {
+        let delay = self.pool.hedge_delay().filter(|d| *d < timeout);
+        let socket = tracker_of(conn).and_then(|t| t.extra.get().cloned());
+        let (Some(delay), Some(socket)) = (delay, socket) else {
+            // No hedging, or a socket that cannot be cut short (then neither can the ping).
+            return Self::bounded_ping(conn, timeout);
+        };
+        let race = Arc::new(parking_lot::Mutex::new(Race::<C>::Pinging));
+        let hedge = {
+            let (race, opener) = (race.clone(), self.opener());
+            Watchdog::global().arm_critical(Instant::now() + delay, move || {
+                // Only a thread is started here: the watchdog's thread never connects.
+                let spawned = std::thread::Builder::new()
+                    .name("resilient-diesel-hedge".into())
+                    .spawn(move || opener.hedge(&race, &socket));
+                if spawned.is_err() {
+                    log::debug!(target: pool_core::events::LOG_TARGET, "could not start a hedge thread; the ping is waited out");
+                }
+            })
+        };
+        let pinged = Self::bounded_ping(conn, timeout);
+        let hedged = hedge.disarm();
+        let outcome = std::mem::replace(&mut *race.lock(), Race::Done);
+        match outcome {
+            Race::Fresh(fresh) => {
+                self.pool.stats().record_hedge(true);
+                let mut slow = std::mem::replace(conn, fresh);
+                if let Some(t) = tracker_of(&mut slow) {
+                    t.state.set_close_reason(CloseReason::PingFailed);
+                }
+                drop(slow);
+                Ok(())
+            }
+            Race::Pinging | Race::Done => {
+                if hedged {
+                    self.pool.stats().record_hedge(false);
+                }
+                pinged
+            }
+        }
+    }
+
+    /// The hedge's side (on its own thread): opens a fresh connection if the pool has room,
+    /// and hands it over if the ping is still waiting, cutting the ping short.
+    fn hedge(&self, race: &parking_lot::Mutex<Race<C>>, slow: &crate::socket::ConnSocket) {
+        let pool = &self.pool;
+        if !pool.hedge_room() {
+            return;
+        }
+        let permit = match pool.budget() {
+            Some((budget, class)) => match budget.try_acquire(class) {
+                Some(permit) => Some(permit),
+                None => return,
+            },
+            None => None,
+        };
+        let started = Instant::now();
+        let (mut conn, socket) = match self.establish() {
+            Ok(opened) => opened,
+            Err(e) => {
+                let text = e.to_string();
+                pool.connect_failed(ConnectClass::of_libpq_message(&text), &text);
+                return;
+            }
+        };
+        if conn.after_connect(pool.config()).is_err() {
+            return;
+        }
+        let mut state = ConnState::opened(pool, started.elapsed(), permit);
+        // Not opened for a waiting checkout through r2d2: nothing to count as fresh.
+        state.take_fresh();
+        conn.set_instrumentation(tracker(state, socket));
+        let mut race = race.lock();
+        if let Race::Pinging = *race {
+            *race = Race::Fresh(conn);
+            // The ping returns with an error now; the checkout takes the fresh connection.
+            slow.shutdown();
+        }
+        // Else the ping came back first: `conn` is closed here (r2d2 cannot take a
+        // connection it did not open itself).
+    }
+}
+
 fn probe_of(slot: &mut SocketSlot) -> ProbeResult {
     match slot.get().map(socket::ConnSocket::probe) {
         Some(Probe::Alive) => ProbeResult::Alive,
@@ -327,20 +441,18 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
         match state.begin_checkout(|| probe_of(socket), now) {
             CheckoutStep::Reuse => Ok(()),
             CheckoutStep::Discard(reason) => Err(ExtError::Retired(reason)),
-            CheckoutStep::Ping { timeout } => {
-                Self::bounded_ping(conn, timeout).map_err(|e| match e {
-                    ExtError::PingFailed {
-                        elapsed_ms,
-                        timeout_ms,
-                        message,
-                    } => ExtError::PingFailed {
-                        elapsed_ms,
-                        timeout_ms,
-                        message: self.pool.redact(&message),
-                    },
-                    other => other,
-                })
-            }
+            CheckoutStep::Ping { timeout } => self.validate(conn, timeout).map_err(|e| match e {
+                ExtError::PingFailed {
+                    elapsed_ms,
+                    timeout_ms,
+                    message,
+                } => ExtError::PingFailed {
+                    elapsed_ms,
+                    timeout_ms,
+                    message: self.pool.redact(&message),
+                },
+                other => other,
+            }),
         }
     }
 

@@ -28,8 +28,8 @@ pub struct ValidationPolicy {
     /// Run the zero-round-trip liveness probe on every checkout. Off, every checkout pings
     /// when `on_checkout` is on (as a plain pool testing on checkout does). Default: `true`.
     pub probe: bool,
-    /// Hedge a slow validation ping with a fresh connect, where the adapter supports it (the
-    /// async pool): whichever is ready first is handed out. Default: `true`.
+    /// Hedge a slow validation ping with a fresh connect (within the pool's sizes and
+    /// budget): whichever is ready first is handed out. Default: `true`.
     pub hedge: bool,
 }
 

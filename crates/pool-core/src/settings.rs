@@ -219,7 +219,7 @@ macro_rules! with_settings {
                 set |b| b.lifecycle.validation.probe = v; get |c| c.lifecycle.validation.probe;
             /// Race a validation ping slower than 4 × the observed round trip (at least
             /// 100 ms) against a fresh connect and hand out whichever is ready first, within
-            /// the pool's sizes (async pool; the sync pool waits the ping out).
+            /// the pool's sizes and budget.
             hedged_validation(v: bool) env "DB_HEDGED_VALIDATION" kind Bool default "on"
                 set |b| b.lifecycle.validation.hedge = v; get |c| c.lifecycle.validation.hedge;
             /// Ping idle connections this often so NATs and proxies keep them (HikariCP's
