@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use diesel::sql_types::{Integer, Text};
+use diesel::sql_types::{Integer, Nullable, Text};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -115,8 +115,61 @@ pub struct Targets<'a> {
     pub proxy_apps: Vec<String>,
 }
 
-/// Injects faults in the seeded order until `deadline` (no fault starts that would end after
-/// it); returns what was injected.
+/// The seeded sequence of faults: each round shuffles every kind, then draws each fault's
+/// window, the calm after it and the seed of its own choices. Endless; the schedule stops
+/// taking from it at the deadline.
+pub struct Schedule {
+    rng: StdRng,
+    bag: Vec<FaultKind>,
+}
+
+/// One planned fault.
+#[derive(Debug, Clone, Copy)]
+pub struct Planned {
+    /// Its kind.
+    pub kind: FaultKind,
+    /// How long it lasts.
+    pub window: Duration,
+    /// The calm after it.
+    pub calm: Duration,
+    /// The seed of its own random choices.
+    pub sub_seed: u64,
+}
+
+impl Schedule {
+    /// The sequence for `seed`.
+    pub fn new(seed: u64) -> Schedule {
+        Schedule {
+            rng: StdRng::seed_from_u64(seed),
+            bag: Vec::new(),
+        }
+    }
+}
+
+impl Iterator for Schedule {
+    type Item = Planned;
+
+    fn next(&mut self) -> Option<Planned> {
+        if self.bag.is_empty() {
+            let mut round = FaultKind::ALL;
+            round.shuffle(&mut self.rng);
+            self.bag = round.into_iter().rev().collect();
+        }
+        let kind = self.bag.pop()?;
+        let window = kind.window(&mut self.rng);
+        let calm = Duration::from_millis(self.rng.random_range(500..1500));
+        let sub_seed = self.rng.random();
+        Some(Planned {
+            kind,
+            window,
+            calm,
+            sub_seed,
+        })
+    }
+}
+
+/// Injects faults in the seeded order ([`Schedule`]) until `deadline` (no fault starts that
+/// would end after it); returns what was injected.
 pub fn run_schedule(
     t: &Targets<'_>,
     shared: &Arc<Shared>,
@@ -124,41 +177,29 @@ pub fn run_schedule(
     warmup: Duration,
     deadline: Instant,
 ) -> Vec<FaultRecord> {
-    let mut rng = StdRng::seed_from_u64(seed);
     let mut records = Vec::new();
     std::thread::sleep(warmup);
-    'rounds: loop {
-        let mut bag = FaultKind::ALL;
-        bag.shuffle(&mut rng);
-        for kind in bag {
-            let window = kind.window(&mut rng);
-            let calm = Duration::from_millis(rng.random_range(500..1500));
-            let sub_seed: u64 = rng.random();
-            if Instant::now() + window > deadline {
-                break 'rounds;
-            }
-            let at_ms = shared.elapsed_ms();
-            let started = Instant::now();
-            shared.set_fault(kind.name(), true);
-            let detail = inject(
-                t,
-                shared,
-                kind,
-                window,
-                &mut StdRng::seed_from_u64(sub_seed),
-            );
-            shared.set_fault(kind.name(), false);
-            records.push(FaultRecord {
-                kind,
-                at_ms,
-                took_ms: started.elapsed().as_millis() as u64,
-                detail,
-            });
-            let calm_end = (Instant::now() + calm).min(deadline);
-            std::thread::sleep(calm_end.saturating_duration_since(Instant::now()));
-            if Instant::now() >= deadline {
-                break 'rounds;
-            }
+    for planned in Schedule::new(seed) {
+        if Instant::now() + planned.window > deadline {
+            break;
+        }
+        let kind = planned.kind;
+        let at_ms = shared.elapsed_ms();
+        let started = Instant::now();
+        shared.set_fault(kind.name(), true);
+        let mut rng = StdRng::seed_from_u64(planned.sub_seed);
+        let detail = inject(t, shared, kind, planned.window, &mut rng);
+        shared.set_fault(kind.name(), false);
+        records.push(FaultRecord {
+            kind,
+            at_ms,
+            took_ms: started.elapsed().as_millis() as u64,
+            detail,
+        });
+        let calm_end = (Instant::now() + planned.calm).min(deadline);
+        std::thread::sleep(calm_end.saturating_duration_since(Instant::now()));
+        if Instant::now() >= deadline {
+            break;
         }
     }
     records
@@ -268,20 +309,42 @@ fn inject(
                 "{}?sslmode=disable&application_name=outside-exhaust",
                 t.pg.superuser_url()
             );
+            // Four openers until the server refuses; the hold starts once it is full.
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let url = url.clone();
+                    std::thread::spawn(move || {
+                        let mut held = Vec::new();
+                        loop {
+                            if held.len() >= 250 {
+                                break (held, "stopped at 250".to_owned());
+                            }
+                            match PgConnection::establish(&url) {
+                                Ok(c) => held.push(c),
+                                Err(e) => break (held, e.to_string()),
+                            }
+                        }
+                    })
+                })
+                .collect();
             let mut held = Vec::new();
-            let refused = loop {
-                if held.len() >= 1000 {
-                    break "stopped at 1000".to_owned();
+            let mut refused = String::new();
+            for o in openers {
+                if let Ok((conns, why)) = o.join() {
+                    held.extend(conns);
+                    refused = why;
                 }
-                match PgConnection::establish(&url) {
-                    Ok(c) => held.push(c),
-                    Err(e) => break e.to_string(),
-                }
-            };
+            }
             let n = held.len();
-            rest_of(started, window);
+            let filled = started.elapsed();
+            rest_of(Instant::now(), window);
             drop(held);
-            format!("{n} slots taken, then: {}", refused.trim())
+            format!(
+                "{n} slots taken in {} ms, held {} ms, then: {}",
+                filled.as_millis(),
+                window.as_millis(),
+                refused.trim()
+            )
         }
         FaultKind::CommitCut => {
             let mut cuts = 0;
@@ -341,6 +404,22 @@ struct Backend {
     pid: i32,
     #[diesel(sql_type = Text)]
     app: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    state: Option<String>,
+    #[diesel(sql_type = Integer)]
+    age_ms: i32,
+}
+
+const BACKENDS_SQL: &str = "SELECT pid, application_name AS app, state, \
+     (extract(epoch FROM now() - backend_start) * 1000)::int AS age_ms \
+     FROM pg_stat_activity WHERE application_name LIKE 'soak-ours-%'";
+
+/// A pool set the watcher checks: its budget and a view of its own permits.
+pub struct Budgeted {
+    /// The budget's total.
+    pub total: u32,
+    /// The pool set's budget snapshot, rendered (what the pool thinks it holds).
+    pub snapshot: Box<dyn Fn() -> String + Send + Sync>,
 }
 
 /// One sample above the budget.
@@ -354,17 +433,21 @@ pub struct Overshoot {
     pub seen: usize,
     /// The fault label then.
     pub fault: String,
+    /// The pool set's own budget snapshot at that moment.
+    pub pool_view: String,
+    /// The backends counted (pid, state, age), and which of them were gone 20 ms later.
+    pub backends: String,
 }
 
 /// Samples `pg_stat_activity` every `every` until the soak stops: for each of `budgets`
-/// (`application_name` -> budget total), a sample with more live backends than the budget is
+/// (`application_name` -> budget), a sample with more live backends than the budget is
 /// an overshoot. Backends known to be zombies of a fault (stopped by SIGSTOP, or behind a
 /// silenced flow the client already closed) are left out while the fault lasts and shortly
 /// after. Returns (samples taken, overshoots).
 pub fn watch_budget(
     pg: &PgServer,
     shared: &Shared,
-    budgets: &BTreeMap<String, u32>,
+    budgets: &BTreeMap<String, Budgeted>,
     every: Duration,
 ) -> (u64, Vec<Overshoot>) {
     let url = format!(
@@ -379,11 +462,7 @@ pub fn watch_budget(
             conn = PgConnection::establish(&url).ok();
         }
         if let Some(c) = conn.as_mut() {
-            let rows: QueryResult<Vec<Backend>> = diesel::sql_query(
-                "SELECT pid, application_name AS app FROM pg_stat_activity \
-                 WHERE application_name LIKE 'soak-ours-%'",
-            )
-            .load(c);
+            let rows: QueryResult<Vec<Backend>> = diesel::sql_query(BACKENDS_SQL).load(c);
             match rows {
                 Ok(rows) => {
                     samples += 1;
@@ -394,14 +473,41 @@ pub fn watch_budget(
                             *per_app.entry(row.app.as_str()).or_default() += 1;
                         }
                     }
-                    for (app, total) in budgets {
+                    for (app, b) in budgets {
                         let seen = per_app.get(app.as_str()).copied().unwrap_or(0);
-                        if seen > *total as usize {
+                        if seen > b.total as usize {
+                            let pool_view = (b.snapshot)();
+                            let fault = shared.fault_label();
+                            let at_ms = shared.elapsed_ms();
+                            std::thread::sleep(Duration::from_millis(20));
+                            let later: Vec<i32> = diesel::sql_query(BACKENDS_SQL)
+                                .load::<Backend>(c)
+                                .map(|r| r.into_iter().map(|b| b.pid).collect())
+                                .unwrap_or_default();
+                            let backends: Vec<String> = rows
+                                .iter()
+                                .filter(|r| &r.app == app && !shared.is_zombie(r.pid, now))
+                                .map(|r| {
+                                    format!(
+                                        "pid {} {} age {} ms{}",
+                                        r.pid,
+                                        r.state.as_deref().unwrap_or("-"),
+                                        r.age_ms,
+                                        if later.contains(&r.pid) {
+                                            ""
+                                        } else {
+                                            " (gone 20 ms later)"
+                                        }
+                                    )
+                                })
+                                .collect();
                             over.push(Overshoot {
-                                at_ms: shared.elapsed_ms(),
+                                at_ms,
                                 app: app.clone(),
                                 seen,
-                                fault: shared.fault_label(),
+                                fault,
+                                pool_view,
+                                backends: backends.join("; "),
                             });
                         }
                     }
@@ -412,4 +518,23 @@ pub fn watch_budget(
         std::thread::sleep(every);
     }
     (samples, over)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_order_depends_on_the_seed_alone_and_every_round_has_every_kind() {
+        let a: Vec<FaultKind> = Schedule::new(7).take(27).map(|p| p.kind).collect();
+        let b: Vec<FaultKind> = Schedule::new(7).take(27).map(|p| p.kind).collect();
+        let c: Vec<FaultKind> = Schedule::new(8).take(27).map(|p| p.kind).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        for round in a.chunks(FaultKind::ALL.len()) {
+            let mut kinds = round.to_vec();
+            kinds.sort();
+            assert_eq!(kinds, FaultKind::ALL.to_vec());
+        }
+    }
 }

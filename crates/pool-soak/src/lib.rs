@@ -35,6 +35,10 @@ pub use report::Report;
 
 use crate::ledger::{load_counts, setup_sql, SurfacedError, Tally};
 
+/// How [`run`]'s error starts when no private server could be started (tests skip on it
+/// outside CI).
+pub const NO_SERVER: &str = "starting a private server";
+
 /// The field reports' naive loop: tries per write.
 pub const NAIVE_TRIES: u32 = 3;
 /// The field reports' naive loop: pause between tries.
@@ -158,7 +162,8 @@ impl Shared {
             fault: self.fault_label(),
             writer: writer.to_owned(),
             key: key.to_owned(),
-            error,
+            // Driver messages span lines: one line per error in the report.
+            error: error.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
 
@@ -196,7 +201,7 @@ fn say(opts: &Options, shared: &Shared, msg: &str) {
 pub fn run(opts: &Options) -> Result<Report, String> {
     let seed = opts.seed.unwrap_or_else(|| rand::rng().random());
     let pg = PgServer::start_with(PgOptions::new().ssl(true).conf("max_connections = 100"))
-        .map_err(|e| format!("starting a private server: {e}"))?;
+        .map_err(|e| format!("{NO_SERVER}: {e}"))?;
     pg.execute(&setup_sql())
         .map_err(|e| format!("creating the ledger: {e}"))?;
     let s = Settings::new(seed);
@@ -233,14 +238,27 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     let mut budgets = BTreeMap::new();
     for route in routes {
         let a = app("ours-sync", route);
-        ours_sync.push((route, sync_work::build_ours(&url(0, route, &a), &a, &s)?));
-        budgets.insert(a, s.budget);
+        let pools = sync_work::build_ours(&url(0, route, &a), &a, &s)?;
+        let view = pools.clone();
+        budgets.insert(
+            a,
+            faults::Budgeted {
+                total: s.budget,
+                snapshot: Box::new(move || view.budget_snapshot().to_string()),
+            },
+        );
+        ours_sync.push((route, pools));
         let a = app("ours-async", route);
-        ours_async.push((
-            route,
-            rt.block_on(async_work::build_ours(&url(1, route, &a), &a, &s))?,
-        ));
-        budgets.insert(a, s.budget);
+        let pools = rt.block_on(async_work::build_ours(&url(1, route, &a), &a, &s))?;
+        let view = pools.clone();
+        budgets.insert(
+            a,
+            faults::Budgeted {
+                total: s.budget,
+                snapshot: Box::new(move || view.budget_snapshot().to_string()),
+            },
+        );
+        ours_async.push((route, pools));
         let a = app("r2d2", route);
         r2d2s.push((route, sync_work::build_r2d2(&url(2, route, &a))?));
         let a = app("bb8", route);
@@ -312,10 +330,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         let shared = shared.clone();
         let pg_ref: &PgServer = &pg;
         // The watcher borrows the server: scoped below.
-        let budgets = budgets.clone();
+        let budgets = &budgets;
         std::thread::scope(|scope| {
             let w = scope.spawn(|| {
-                faults::watch_budget(pg_ref, &shared, &budgets, Duration::from_millis(50))
+                faults::watch_budget(pg_ref, &shared, budgets, Duration::from_millis(50))
             });
             let records =
                 faults::run_schedule(&targets, &shared, seed, Duration::from_secs(1), deadline);

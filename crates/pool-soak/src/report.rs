@@ -137,6 +137,7 @@ impl Report {
             "systems": systems,
             "overshoot_list": self.overshoots.iter().map(|o| json!({
                 "at_ms": o.at_ms, "app": o.app, "seen": o.seen, "fault": o.fault,
+                "pool_view": o.pool_view, "backends": o.backends,
             })).collect::<Vec<_>>(),
             "fault_log": self.faults.iter().map(|f| json!({
                 "kind": f.kind.name(), "at_ms": f.at_ms, "took_ms": f.took_ms, "detail": f.detail,
@@ -236,8 +237,8 @@ impl Report {
         }
         for o in &self.overshoots {
             out.push_str(&format!(
-                "  overshoot at {} ms ({}): {} backends of {}\n",
-                o.at_ms, o.fault, o.seen, o.app
+                "  overshoot at {} ms ({}): {} backends of {}; the pool's view: {}; backends: {}\n",
+                o.at_ms, o.fault, o.seen, o.app, o.pool_view, o.backends
             ));
         }
         out.push_str("\nfault log:\n");
