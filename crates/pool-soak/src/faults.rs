@@ -418,8 +418,8 @@ const BACKENDS_SQL: &str = "SELECT pid, application_name AS app, state, \
 pub struct Budgeted {
     /// The budget's total.
     pub total: u32,
-    /// The pool set's budget snapshot, rendered (what the pool thinks it holds).
-    pub snapshot: Box<dyn Fn() -> String + Send + Sync>,
+    /// The pool set's budget snapshot: permits out, and rendered (what the pool holds).
+    pub snapshot: Box<dyn Fn() -> (u32, String) + Send + Sync>,
 }
 
 /// One sample above the budget.
@@ -433,10 +433,25 @@ pub struct Overshoot {
     pub seen: usize,
     /// The fault label then.
     pub fault: String,
+    /// The budget's total.
+    pub total: u32,
+    /// Permits the pool set had out at that moment (its own count of open connections).
+    pub pool_in_use: u32,
     /// The pool set's own budget snapshot at that moment.
     pub pool_view: String,
     /// The backends counted (pid, state, age), and which of them were gone 20 ms later.
     pub backends: String,
+    /// How many of the backends counted were gone 20 ms later.
+    pub gone_20ms: usize,
+}
+
+impl Overshoot {
+    /// Explained by backends still exiting: the pool's own permits were within the budget
+    /// and, without the backends that were gone 20 ms later, the server was within it too.
+    pub fn lingering(&self) -> bool {
+        self.pool_in_use <= self.total
+            && self.seen.saturating_sub(self.gone_20ms) <= self.total as usize
+    }
 }
 
 /// Samples `pg_stat_activity` every `every` until the soak stops: for each of `budgets`
@@ -476,7 +491,7 @@ pub fn watch_budget(
                     for (app, b) in budgets {
                         let seen = per_app.get(app.as_str()).copied().unwrap_or(0);
                         if seen > b.total as usize {
-                            let pool_view = (b.snapshot)();
+                            let (pool_in_use, pool_view) = (b.snapshot)();
                             let fault = shared.fault_label();
                             let at_ms = shared.elapsed_ms();
                             std::thread::sleep(Duration::from_millis(20));
@@ -484,9 +499,14 @@ pub fn watch_budget(
                                 .load::<Backend>(c)
                                 .map(|r| r.into_iter().map(|b| b.pid).collect())
                                 .unwrap_or_default();
-                            let backends: Vec<String> = rows
+                            let counted: Vec<&Backend> = rows
                                 .iter()
                                 .filter(|r| &r.app == app && !shared.is_zombie(r.pid, now))
+                                .collect();
+                            let gone_20ms =
+                                counted.iter().filter(|r| !later.contains(&r.pid)).count();
+                            let backends: Vec<String> = counted
+                                .iter()
                                 .map(|r| {
                                     format!(
                                         "pid {} {} age {} ms{}",
@@ -506,8 +526,11 @@ pub fn watch_budget(
                                 app: app.clone(),
                                 seen,
                                 fault,
+                                total: b.total,
+                                pool_in_use,
                                 pool_view,
                                 backends: backends.join("; "),
+                                gone_20ms,
                             });
                         }
                     }

@@ -244,7 +244,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             a,
             faults::Budgeted {
                 total: s.budget,
-                snapshot: Box::new(move || view.budget_snapshot().to_string()),
+                snapshot: Box::new(move || {
+                    let snap = view.budget_snapshot();
+                    (snap.in_use, snap.to_string())
+                }),
             },
         );
         ours_sync.push((route, pools));
@@ -255,7 +258,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             a,
             faults::Budgeted {
                 total: s.budget,
-                snapshot: Box::new(move || view.budget_snapshot().to_string()),
+                snapshot: Box::new(move || {
+                    let snap = view.budget_snapshot();
+                    (snap.in_use, snap.to_string())
+                }),
             },
         );
         ours_async.push((route, pools));

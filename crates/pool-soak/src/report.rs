@@ -43,6 +43,10 @@ pub struct Zeros {
     pub leaked: u64,
     /// `pg_stat_activity` samples above the budget.
     pub budget_overshoots: u64,
+    /// Of those, samples explained by backends still exiting (see [`Overshoot::lingering`]).
+    pub budget_overshoots_lingering: u64,
+    /// Samples where the pools' own permits were above the budget.
+    pub budget_overshoots_pool_view: u64,
     /// The blackhole was detected within its bound (`None`: the phase did not run).
     pub blackhole_within_bound: Option<bool>,
 }
@@ -62,6 +66,13 @@ impl Report {
             adhoc_misses: sum(&|r| r.probe_misses.len() as u64),
             leaked: sum(&|r| r.leaked),
             budget_overshoots: self.overshoots.len() as u64,
+            budget_overshoots_lingering: self.overshoots.iter().filter(|o| o.lingering()).count()
+                as u64,
+            budget_overshoots_pool_view: self
+                .overshoots
+                .iter()
+                .filter(|o| o.pool_in_use > o.total)
+                .count() as u64,
             blackhole_within_bound: self
                 .blackhole
                 .as_ref()
@@ -127,6 +138,8 @@ impl Report {
             "adhoc_misses": z.adhoc_misses,
             "leaked": z.leaked,
             "budget_overshoots": z.budget_overshoots,
+            "budget_overshoots_lingering": z.budget_overshoots_lingering,
+            "budget_overshoots_pool_view": z.budget_overshoots_pool_view,
             "budget_samples": self.budget_samples,
             "blackhole_detect_ms": bh_detect,
             "blackhole_bound_ms": bh_bound,
@@ -137,7 +150,8 @@ impl Report {
             "systems": systems,
             "overshoot_list": self.overshoots.iter().map(|o| json!({
                 "at_ms": o.at_ms, "app": o.app, "seen": o.seen, "fault": o.fault,
-                "pool_view": o.pool_view, "backends": o.backends,
+                "pool_in_use": o.pool_in_use, "pool_view": o.pool_view,
+                "backends": o.backends, "gone_20ms": o.gone_20ms, "lingering": o.lingering(),
             })).collect::<Vec<_>>(),
             "fault_log": self.faults.iter().map(|f| json!({
                 "kind": f.kind.name(), "at_ms": f.at_ms, "took_ms": f.took_ms, "detail": f.detail,
@@ -194,9 +208,11 @@ impl Report {
         let (p50, p99) = self.ours_latency();
         out.push_str(&format!(
             "\nours (promised zeros): lost {}, duplicates {}, surfaced errors {}, ad-hoc misses {}, \
-             leaked {}, budget overshoots {} in {} samples of pg_stat_activity; p50 {p50:.1} ms, p99 {p99:.1} ms\n",
+             leaked {}, budget overshoots {} in {} samples of pg_stat_activity ({} of them backends still \
+             exiting, {} with the pools' own permits above the budget); p50 {p50:.1} ms, p99 {p99:.1} ms\n",
             z.lost, z.duplicates, z.surfaced_errors, z.adhoc_misses, z.leaked,
-            z.budget_overshoots, self.budget_samples
+            z.budget_overshoots, self.budget_samples, z.budget_overshoots_lingering,
+            z.budget_overshoots_pool_view
         ));
         match &self.blackhole {
             Ok(b) => out.push_str(&format!(
@@ -237,8 +253,10 @@ impl Report {
         }
         for o in &self.overshoots {
             out.push_str(&format!(
-                "  overshoot at {} ms ({}): {} backends of {}; the pool's view: {}; backends: {}\n",
-                o.at_ms, o.fault, o.seen, o.app, o.pool_view, o.backends
+                "  overshoot at {} ms ({}): {} backends of {}{}; the pool's view: {}; backends: {}\n",
+                o.at_ms, o.fault, o.seen, o.app,
+                if o.lingering() { " (backends still exiting)" } else { "" },
+                o.pool_view, o.backends
             ));
         }
         out.push_str("\nfault log:\n");

@@ -65,10 +65,20 @@ fn ten_seconds_of_faults_lose_nothing_duplicate_nothing_and_surface_nothing() {
         report.to_text()
     );
     assert_eq!(z.leaked, 0, "checkouts leaked:\n{}", report.to_text());
+    // The pools never hold more permits than the budget. The server may briefly show one
+    // backend more than the budget: one whose connection the pool already closed (or a fault
+    // cut), still exiting when the replacement connects; such a sample is reported in
+    // `budget_overshoots` and shown as "backends still exiting". Any other excess fails.
+    assert_eq!(
+        z.budget_overshoots_pool_view,
+        0,
+        "the pools held more permits than the budget:\n{}",
+        report.to_text()
+    );
     assert_eq!(
         z.budget_overshoots,
-        0,
-        "the server saw more than the budget:\n{}",
+        z.budget_overshoots_lingering,
+        "the server saw more than the budget, not explained by exiting backends:\n{}",
         report.to_text()
     );
     match &report.blackhole {
