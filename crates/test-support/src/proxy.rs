@@ -282,6 +282,38 @@ impl FaultProxy {
         conns.len()
     }
 
+    /// Resets every connection silenced by [`FaultProxy::silence_existing`] (RST to both
+    /// sides, as a middlebox that finally expires the flows it forgot), so the server's
+    /// backends behind them end. Connections accepted since keep passing. Returns how many
+    /// were reset; returns once they are closed (at most ~2 s).
+    pub fn sever_silenced(&self) -> usize {
+        let ids: Vec<u64> = {
+            let conns = self.shared.conns.lock();
+            conns
+                .iter()
+                .filter(|(_, ctl)| ctl.silenced.load(Ordering::SeqCst))
+                .map(|(id, ctl)| {
+                    ctl.sever.store(true, Ordering::SeqCst);
+                    ctl.wake();
+                    *id
+                })
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut conns = self.shared.conns.lock();
+        while ids.iter().any(|id| conns.contains_key(id)) {
+            if self
+                .shared
+                .conn_gone
+                .wait_until(&mut conns, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        ids.len()
+    }
+
     /// While on, every new connection is reset (RST) as soon as it is accepted, and turning it
     /// on resets every live one: a server that is down (clients see the connection reset or
     /// closed). Off accepts again.

@@ -84,6 +84,36 @@ fn sever_all_resets_live_connections_and_new_ones_work() {
 }
 
 #[test]
+fn sever_silenced_resets_only_the_silenced_flows_and_their_backends_end() {
+    let Some(pg) = pg_or_skip() else { return };
+    let proxy = proxy_for(&pg);
+    let mut old = connect(&via(
+        &proxy,
+        "sslmode=disable&application_name=silenced_old",
+    ));
+    one(&mut old).unwrap();
+    assert_eq!(proxy.silence_existing(), 1);
+    let mut new = connect(&via(
+        &proxy,
+        "sslmode=disable&application_name=silenced_new",
+    ));
+    one(&mut new).unwrap();
+    // Silent: the server still holds the old flow's backend.
+    assert_eq!(pg.count_backends("silenced_old").unwrap(), 1);
+    assert_eq!(proxy.sever_silenced(), 1);
+    assert_eq!(proxy.connections(), 1, "only the silenced flow is reset");
+    pg.wait_backends_gone("silenced_old", Duration::from_secs(5))
+        .expect("the silenced flow's backend ends once the flow is reset");
+    assert!(one(&mut old).is_err(), "the silenced client sees the reset");
+    assert_eq!(
+        one(&mut new).unwrap(),
+        1,
+        "the flow accepted later still passes"
+    );
+    assert_eq!(proxy.sever_silenced(), 0);
+}
+
+#[test]
 fn sever_all_sends_a_reset_not_a_fin() {
     let silent = SilentServer::start().unwrap();
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], silent.port()))).unwrap();
