@@ -452,8 +452,15 @@ impl<C: ExtConnection> ExtManager<C> {
                 Ok(result) => Winner::Ping(Some(result)),
                 Err(_) => {
                     let deadline = tokio::time::Instant::from_std(started + timeout);
-                    let hedge = self.open_hedge();
-                    tokio::pin!(hedge);
+                    // Boxed: the hedge's connect is a deep future, and it is only built on
+                    // this slow path (it keeps every checkout future's type shallow).
+                    let mut hedge: std::pin::Pin<
+                        Box<
+                            dyn std::future::Future<Output = Option<Result<C, ExtError>>>
+                                + Send
+                                + '_,
+                        >,
+                    > = Box::pin(self.open_hedge());
                     let mut racing = true;
                     loop {
                         tokio::select! {
