@@ -63,6 +63,7 @@ const MAX_PASSES: usize = 8;
 /// - every occurrence of the secret, as written or percent-encoded in any mix (`%40` or raw
 ///   `@`, upper- or lower-case hex, `+` for a space), or with `"`, `'`, `\` escaped by a
 ///   backslash (as `Debug` output writes them);
+/// - the same for the secret without surrounding whitespace, if it has some;
 /// - every quoted text (`"…"` or `'…'`) that shares [`FRAGMENT_CHARS`] characters in a row
 ///   with the secret or its percent-encoded form, or equals a shorter secret: a driver that
 ///   cut the URL in the wrong place quotes a *piece* of the password (`could not translate
@@ -115,10 +116,15 @@ impl Redactor {
         self
     }
 
-    /// Adds a secret. Empty secrets and secrets made only of `*` are ignored.
+    /// Adds a secret. Empty secrets and secrets made only of `*` are ignored. A secret with
+    /// whitespace around it is also added without it (trimmed values show it so).
     pub fn add(&mut self, secret: &str) {
         if secret.is_empty() || secret.chars().all(|c| c == '*') {
             return;
+        }
+        let trimmed = secret.trim();
+        if trimmed != secret {
+            self.add(trimmed);
         }
         let bytes = secret.as_bytes().to_vec();
         if !self.secrets.contains(&bytes) {
@@ -431,17 +437,16 @@ pub(crate) fn redact_url(raw: &str, scope: Scope) -> String {
         Scope::Token | Scope::Authority => Values::Url,
     };
     let raw = &mask_secret_pairs(raw, values);
-    if raw.contains("://") {
-        mask_url_passwords(raw, scope)
-    } else {
-        match scheme_prefix_len(raw) {
-            Some(n) => format!(
-                "{}{}",
-                &raw[..=n],
-                mask_userinfo(&raw[n + 1..], Scope::Whole)
-            ),
-            None => raw.to_owned(),
-        }
+    // `scheme:user:pass@host`, the `//` forgotten: the rest is user info and host, also when
+    // the password holds a `://`.
+    match scheme_prefix_len(raw).filter(|&n| !raw[n + 1..].starts_with("//")) {
+        Some(n) => format!(
+            "{}{}",
+            &raw[..=n],
+            mask_userinfo(&raw[n + 1..], Scope::Whole)
+        ),
+        None if raw.contains("://") => mask_url_passwords(raw, scope),
+        None => raw.to_owned(),
     }
 }
 
@@ -1007,5 +1012,20 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_url_without_slashes_is_masked_even_with_a_scheme_separator_in_its_password() {
+        // Found by tests/parsing_props.rs: a `://` in the password hid the missing `//`.
+        for url in [
+            "postgres:app:S3NT://@db/app",
+            "postgres:app:a://S3NT@db/app?x=1",
+        ] {
+            let shown = redact_url(url, Scope::Whole);
+            assert!(!shown.contains("S3NT"), "{shown}");
+            assert!(shown.starts_with("postgres:app:***@db/app"), "{shown}");
+            let e = crate::url::DatabaseUrl::parse(url).unwrap_err();
+            assert!(!format!("{e} {e:?}").contains("S3NT"), "{e}");
+        }
     }
 }
