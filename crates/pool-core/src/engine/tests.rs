@@ -505,3 +505,205 @@ fn the_gate_counts_the_permits_held() {
     drop(b);
     assert_eq!(gate.in_use(), 0);
 }
+
+#[test]
+fn no_leak_is_reported_before_the_threshold() {
+    let reports = Arc::new(AtomicU32::new(0));
+    let r = reports.clone();
+    let p = pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .leak_detection_threshold(Some(Duration::from_secs(60))),
+        Arc::new(move |e: &PoolEvent<'_>| {
+            if let PoolEvent::LeakSuspected { .. } = e {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    c.handed_out(Instant::now(), None);
+    // A report due now would be made within milliseconds by the reporter thread.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reports.load(Ordering::SeqCst),
+        0,
+        "a leak was reported 60 s early"
+    );
+    assert_eq!(c.checkin(false), None);
+}
+
+#[test]
+fn the_pool_state_shows_its_name_budget_floor_and_initial_size() {
+    let p = pool_with(
+        PoolConfig::builder("postgres://app:S3NT1NEL@db/app")
+            .name("automation")
+            .pool_size(3)
+            .pool_timeout(Duration::from_secs(10)),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    );
+    assert_eq!(p.name(), "automation");
+    let shown = format!("{p:?}");
+    assert!(
+        shown.contains("PoolState") && shown.contains("automation"),
+        "{shown}"
+    );
+    assert!(!shown.contains("S3NT1NEL"), "{shown}");
+    assert!(p.budget().is_none());
+    assert_eq!((p.floor(), p.initial_size()), (0, 3), "a plain pool");
+    assert_eq!(p.below_floor(), None);
+    assert_eq!(
+        p.connect_permit_wait(),
+        Duration::from_secs(8),
+        "80% of pool_timeout"
+    );
+    let (p, budget) = pool_in_budget(PoolConfig::builder("postgres://app@db/app"), 4, 2, 4);
+    let (b, class) = p.budget().expect("the pool's budget");
+    assert_eq!(class, budget.class_id("app").unwrap());
+    assert_eq!(b.total(), 4);
+    assert_eq!(
+        (p.floor(), p.initial_size()),
+        (2, 2),
+        "a budget class's floor"
+    );
+    assert_eq!(p.below_floor(), Some(2));
+    let one = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(p.below_floor(), Some(2));
+    let two = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(p.below_floor(), None, "the floor is open");
+    drop((one, two));
+}
+
+/// A pool whose listener counts `Invalidated` events.
+fn pool_counting_invalidations() -> (Arc<PoolState>, Arc<AtomicU32>) {
+    let events = Arc::new(AtomicU32::new(0));
+    let e = events.clone();
+    let p = pool_with(
+        PoolConfig::builder("postgres://app:S3NT1NEL@db/app"),
+        Arc::new(move |event: &PoolEvent<'_>| {
+            if let PoolEvent::Invalidated { .. } = event {
+                e.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    (p, events)
+}
+
+#[test]
+fn a_burst_of_invalidations_is_reported_once() {
+    let (p, events) = pool_counting_invalidations();
+    p.invalidate("first");
+    p.invalidate("second, at once");
+    assert_eq!(p.epoch(), 2, "each one invalidates");
+    assert_eq!(
+        events.load(Ordering::SeqCst),
+        1,
+        "one event per second at most"
+    );
+}
+
+#[test]
+fn suspects_are_the_connections_last_good_strictly_before_the_silent_ping() {
+    let (p, events) = pool_counting_invalidations();
+    let us = Duration::from_micros(1);
+    let t = Instant::now() + Duration::from_millis(5);
+    assert!(!p.is_suspect(t - us), "no silent ping yet");
+    p.path_went_silent(t);
+    assert_eq!((p.epoch(), events.load(Ordering::SeqCst)), (1, 1));
+    assert!(p.is_suspect(t - us));
+    assert!(
+        !p.is_suspect(t),
+        "good at the very instant the ping started"
+    );
+    assert!(!p.is_suspect(t + us));
+    // The same silence again, or an older one, changes nothing.
+    p.path_went_silent(t);
+    p.path_went_silent(t - us);
+    assert_eq!(p.epoch(), 1);
+    assert!(!p.is_suspect(t));
+}
+
+#[test]
+fn a_silent_ping_started_before_the_pool_was_made_still_invalidates_it() {
+    let (p, _) = pool_counting_invalidations();
+    let Some(earlier) = Instant::now().checked_sub(Duration::from_secs(1)) else {
+        return; // a clock that starts at its origin: nothing before it
+    };
+    p.path_went_silent(earlier);
+    assert_eq!(p.epoch(), 1);
+}
+
+#[test]
+fn connect_failures_are_redacted_counted_and_cleared_by_a_success() {
+    let (p, _) = pool_counting_invalidations();
+    assert_eq!(p.redact("auth failed for S3NT1NEL"), "auth failed for ***");
+    let snapshot = p.snapshot(0, 0);
+    assert!(snapshot.server_down.is_none(), "{snapshot:?}");
+    let shown = p.connect_failed(
+        super::health::ConnectClass::Transient,
+        "password S3NT1NEL refused",
+    );
+    assert_eq!(shown, "password *** refused");
+    assert!(p.health().is_down());
+    let down = p.snapshot(0, 0).server_down.expect("down");
+    assert_eq!(down.failed_attempts, 1);
+    assert_eq!(down.last_error, "password *** refused");
+    p.connect_succeeded();
+    assert!(!p.health().is_down(), "a success ends the outage");
+    assert!(p.snapshot(0, 0).server_down.is_none());
+}
+
+#[test]
+fn a_reclaim_request_retires_that_many_idle_connections_at_checkout() {
+    let p = pool(3, 0);
+    assert_eq!(p.request_reclaim(3), 0, "none pending");
+    assert_eq!(p.request_reclaim(1), 3, "replaced");
+    let mut a = ConnState::opened(&p, Duration::ZERO, None);
+    let mut b = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(
+        a.begin_checkout(|| ProbeResult::Alive, Instant::now()),
+        CheckoutStep::Discard(CloseReason::Reclaimed)
+    );
+    assert_eq!(
+        b.begin_checkout(|| ProbeResult::Alive, Instant::now()),
+        CheckoutStep::Reuse,
+        "one was asked for"
+    );
+}
+
+#[test]
+fn the_snapshot_counts_budget_waiters_as_waiters() {
+    let (p, budget) = pool_in_budget(PoolConfig::builder("postgres://app@db/app"), 1, 0, 1);
+    let app = budget.class_id("app").unwrap();
+    let held = budget.try_acquire(app).unwrap();
+    let waiter = {
+        let budget = budget.clone();
+        std::thread::spawn(move || budget.acquire(app, Duration::from_secs(10)).is_ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget.waiters(app) == 0 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        std::thread::yield_now();
+    }
+    assert_eq!(p.snapshot(0, 0).waiters, Some(1));
+    drop(held);
+    assert!(waiter.join().unwrap());
+}
+
+#[test]
+fn the_pool_state_passes_events_on_to_its_listener() {
+    let (p, events) = pool_counting_invalidations();
+    let listener: &dyn EventListener = &*p;
+    listener.on_event(&PoolEvent::Invalidated {
+        pool: "default",
+        reason: "test",
+    });
+    assert_eq!(events.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_watchdog_shows_whether_it_runs() {
+    let shown = format!("{:?}", Watchdog::global());
+    assert!(
+        shown.contains("Watchdog") && shown.contains("running: true"),
+        "{shown}"
+    );
+}
