@@ -242,6 +242,14 @@ proptest! {
         prop_assert_eq!(redact(&once), once);
     }
 
+    /// The same from pieces that matter to URLs, key/value pairs and quoting.
+    #[test]
+    fn redact_is_idempotent_on_pieces(pieces in proptest::collection::vec(proptest::sample::select(PIECES), 0..12)) {
+        let s: String = pieces.concat();
+        let once = redact(&s);
+        prop_assert_eq!(redact(&once), once);
+    }
+
     /// A redactor that knows secrets masks them in any text, and is a fixed point.
     #[test]
     fn a_redactor_masks_its_secret_anywhere(
@@ -341,6 +349,49 @@ proptest! {
         }
     }
 }
+
+/// Pieces of text that matter to URLs, key/value pairs and quoting.
+const PIECES: &[&str] = &[
+    "postgres",
+    "sqlite",
+    "mysql",
+    "file",
+    "://",
+    ":",
+    "@",
+    "/",
+    "?",
+    "#",
+    "&",
+    "=",
+    "%",
+    "%4",
+    "%zz",
+    ",",
+    "[",
+    "]",
+    "'",
+    "\"",
+    "\\",
+    " ",
+    "\n",
+    "password",
+    "Some(",
+    "-",
+    "0",
+    "9",
+    "99999999999999999999",
+    "ms",
+    "h",
+    ".db",
+    ":memory:",
+    "é",
+    "☕",
+    "\u{0}",
+    "🦀",
+    "pw",
+    "u",
+];
 
 /// A value of the right kind for `var`, as a user would write it.
 fn typical_value(var: &str) -> &'static str {
