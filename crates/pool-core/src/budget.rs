@@ -1230,6 +1230,29 @@ mod tests {
         assert_eq!(json["classes"][1]["reserved"], 5);
         assert_eq!(json["healthy"], true);
     }
+
+    // Tests added from the mutation run (docs/mutants.md).
+
+    #[test]
+    fn every_limit_is_accepted_at_its_bound() {
+        let max = crate::config::MAX_CONNECTIONS;
+        // total = MAX_CONNECTIONS, reserved = max = total, floors summing to the total.
+        let b = Budget::builder(max).class("all", max, max).build().unwrap();
+        assert_eq!(b.total(), max);
+        let b = Budget::builder(4)
+            .class("a", 2, 4)
+            .class("b", 2, 2)
+            .build()
+            .unwrap();
+        assert_eq!(b.snapshot().classes.len(), 2);
+    }
+
+    #[test]
+    fn class_ids_are_positions_in_the_builder() {
+        let b = field_report();
+        let (auto, adhoc) = ids(&b);
+        assert_eq!((auto.index(), adhoc.index()), (0, 1));
+    }
 }
 
 /// Model checks: every interleaving of the budget's operations, on the same code (the lock
