@@ -85,10 +85,14 @@ def main():
 
     first = OrderedDict()  # name -> (file, status) in the first run that tested it
     final = OrderedDict()  # name -> (file, status) in the last run that tested it
+    runs = []  # the tool's summary of each run
     for path in args.outcomes:
+        run = dict.fromkeys(COLUMNS, 0)
         for name, file, status in mutant_outcomes(path):
             first.setdefault(name, (file, status))
             final[name] = (file, status)
+            run[status] = run.get(status, 0) + 1
+        runs.append(run)
     table = read_dispositions(args.dispositions)
 
     counts = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
@@ -105,11 +109,34 @@ def main():
         "do not edit by hand (dispositions live in `docs/mutants-dispositions.tsv`)."
     )
     out.append("")
-    out.append("Command:")
+    out.append(
+        "Commands (run from the workspace root; each later run with `--iterate` retests only "
+        "the mutants not caught before, after tests were added):"
+    )
     out.append("")
     out.append("```sh")
     out.append(args.command)
     out.append("```")
+    out.append("")
+    out.append(
+        "Each run replaces `mutants.out/` (gitignored): keep each run's "
+        "`mutants.out/outcomes.json`, then regenerate this file with:"
+    )
+    out.append("")
+    out.append("```sh")
+    out.append(
+        "scripts/mutants-table.py --command \"$(cat COMMANDS)\" "
+        "--dispositions docs/mutants-dispositions.tsv "
+        + " ".join(f"RUN{i + 1}/outcomes.json" for i in range(len(args.outcomes)))
+        + " > docs/mutants.md"
+    )
+    out.append("```")
+    out.append("")
+    for i, run in enumerate(runs, 1):
+        out.append(
+            f"- Run {i}: {sum(run.values())} mutants tested: {run['missed']} missed, "
+            f"{run['caught']} caught, {run['unviable']} unviable, {run['timeout']} timeouts."
+        )
     out.append("")
     out.append(
         f"Mutants: {len(final)}. Caught {totals['caught']}, missed {totals['missed']}, "

@@ -1248,6 +1248,61 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_counts_permits_acquired_by_each_class() {
+        let b = field_report();
+        let (auto, adhoc) = ids(&b);
+        let held = [
+            b.try_acquire(auto),
+            b.try_acquire(auto),
+            b.try_acquire(adhoc),
+        ];
+        assert!(held.iter().all(Option::is_some));
+        drop(held);
+        let s = b.snapshot();
+        assert_eq!(
+            (s.classes[0].acquired, s.classes[1].acquired),
+            (2, 1),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_waiter_held_back_by_its_own_cap_asks_nobody_to_give_back() {
+        let b = Budget::builder(3)
+            .class("borrower", 0, 2)
+            .class("capped", 0, 1)
+            .build()
+            .unwrap();
+        let borrower = b.class_id("borrower").unwrap();
+        let capped = b.class_id("capped").unwrap();
+        let held = [
+            b.try_acquire(borrower),
+            b.try_acquire(borrower),
+            b.try_acquire(capped),
+        ];
+        assert!(held.iter().all(Option::is_some));
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(capped, Duration::from_secs(10)).is_ok())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while b.waiters(capped) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the capped class never queued"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            b.reclaim_wanted(borrower),
+            0,
+            "a permit given back would not go to a class at its cap"
+        );
+        drop(held);
+        assert!(waiter.join().unwrap());
+    }
+
+    #[test]
     fn class_ids_are_positions_in_the_builder() {
         let b = field_report();
         let (auto, adhoc) = ids(&b);
