@@ -530,4 +530,25 @@ mod tests {
             "older than HOPELESS_RECHECK and before this checkout: recheck first"
         );
     }
+
+    #[test]
+    fn the_last_error_is_quoted_only_to_checkouts_that_saw_it_happen() {
+        let h = ServerHealth::default();
+        let before = Instant::now();
+        assert_eq!(h.last_error_since(before), None, "no failure yet");
+        h.failed(ConnectClass::Transient, "connection refused".into());
+        std::thread::sleep(Duration::from_millis(2));
+        let after = Instant::now();
+        assert_eq!(
+            h.last_error_since(before).as_deref(),
+            Some("connection refused")
+        );
+        assert_eq!(
+            h.last_error_since(after),
+            None,
+            "it failed before that checkout"
+        );
+        h.succeeded();
+        assert_eq!(h.last_error_since(before), None, "the server is back");
+    }
 }
