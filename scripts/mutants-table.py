@@ -34,10 +34,13 @@ STATUS = {
 COLUMNS = ["caught", "missed", "timeout", "unviable"]
 
 
-def mutant_outcomes(path):
-    """(name, file, status) for every mutant of one run, in the run's order."""
+def load(path):
     with open(path, encoding="utf-8") as f:
-        run = json.load(f)
+        return json.load(f)
+
+
+def mutant_outcomes(run):
+    """(name, file, status) for every mutant of one run, in the run's order."""
     for outcome in run["outcomes"]:
         scenario = outcome["scenario"]
         if not isinstance(scenario, dict) or "Mutant" not in scenario:
@@ -87,11 +90,13 @@ def main():
     final = OrderedDict()  # name -> (file, status) in the last run that tested it
     runs = []  # the tool's summary of each run
     for path in args.outcomes:
+        outcomes = load(path)
         run = dict.fromkeys(COLUMNS, 0)
-        for name, file, status in mutant_outcomes(path):
+        for name, file, status in mutant_outcomes(outcomes):
             first.setdefault(name, (file, status))
             final[name] = (file, status)
             run[status] = run.get(status, 0) + 1
+        run["interrupted"] = outcomes.get("end_time") is None
         runs.append(run)
     table = read_dispositions(args.dispositions)
 
@@ -133,9 +138,12 @@ def main():
     out.append("```")
     out.append("")
     for i, run in enumerate(runs, 1):
+        tested = sum(run[c] for c in COLUMNS)
+        stopped = " (interrupted: the rest was left for a later run)" if run["interrupted"] else ""
         out.append(
-            f"- Run {i}: {sum(run.values())} mutants tested: {run['missed']} missed, "
-            f"{run['caught']} caught, {run['unviable']} unviable, {run['timeout']} timeouts."
+            f"- Run {i}: {tested} mutants tested: {run['missed']} missed, "
+            f"{run['caught']} caught, {run['unviable']} unviable, {run['timeout']} timeouts"
+            f"{stopped}."
         )
     out.append("")
     out.append(

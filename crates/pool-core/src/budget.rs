@@ -1303,6 +1303,22 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_and_a_permit_show_what_they_hold() {
+        let b = field_report();
+        let (auto, _) = ids(&b);
+        let permit = b.try_acquire(auto).unwrap();
+        let shown = format!("{b:?} {permit:?}");
+        assert!(
+            shown.contains("Budget") && shown.contains("in_use: 1"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("Permit") && shown.contains("automation"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn class_ids_are_positions_in_the_builder() {
         let b = field_report();
         let (auto, adhoc) = ids(&b);
