@@ -1319,10 +1319,27 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_nobody_wants_any_more_is_abandoned_not_timed_out() {
+        let b = Budget::builder(1).class("a", 0, 1).build().unwrap();
+        let a = b.class_id("a").unwrap();
+        let _held = b.try_acquire(a).unwrap();
+        match b.acquire_while(a, Duration::from_secs(2), &|| false) {
+            Err(AcquireError::Abandoned { class }) => assert_eq!(class, "a"),
+            other => panic!("expected Abandoned, got {other:?}"),
+        }
+        assert_eq!(b.waiters(a), 0, "it left the queue");
+    }
+
+    #[test]
     fn class_ids_are_positions_in_the_builder() {
         let b = field_report();
         let (auto, adhoc) = ids(&b);
         assert_eq!((auto.index(), adhoc.index()), (0, 1));
+        assert_eq!(b.classes().collect::<Vec<_>>(), [auto, adhoc]);
+        assert_eq!(
+            (b.class_name(auto), b.class_name(adhoc)),
+            ("automation", "adhoc")
+        );
     }
 }
 
