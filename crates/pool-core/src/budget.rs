@@ -1323,10 +1323,14 @@ mod tests {
         let b = Budget::builder(1).class("a", 0, 1).build().unwrap();
         let a = b.class_id("a").unwrap();
         let _held = b.try_acquire(a).unwrap();
-        match b.acquire_while(a, Duration::from_secs(2), &|| false) {
+        let started = std::time::Instant::now();
+        match b.acquire_while(a, Duration::from_secs(5), &|| false) {
             Err(AcquireError::Abandoned { class }) => assert_eq!(class, "a"),
             other => panic!("expected Abandoned, got {other:?}"),
         }
+        // The bound this test exists for: at once, not at the 5 s deadline.
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(2500), "gave up after {took:?}");
         assert_eq!(b.waiters(a), 0, "it left the queue");
     }
 
