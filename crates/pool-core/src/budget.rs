@@ -1335,6 +1335,29 @@ mod tests {
     }
 
     #[test]
+    fn timeouts_the_caller_owns_are_counted() {
+        let b = field_report();
+        let (auto, _) = ids(&b);
+        b.record_timeout(auto);
+        let err = b.timed_out(auto, Duration::from_millis(5));
+        assert!(matches!(err, AcquireError::Timeout { ref class, .. } if class == "automation"));
+        let s = b.snapshot();
+        assert_eq!(
+            (s.classes[0].timeouts, s.classes[1].timeouts),
+            (2, 0),
+            "{s}"
+        );
+        let _ = adhoc;
+    }
+
+    #[test]
+    fn without_pressure_the_wait_for_it_ends_at_its_timeout_with_zero() {
+        let b = field_report();
+        let (auto, _) = ids(&b);
+        assert_eq!(b.wait_for_pressure(auto, Duration::from_millis(20)), 0);
+    }
+
+    #[test]
     fn class_ids_are_positions_in_the_builder() {
         let b = field_report();
         let (auto, adhoc) = ids(&b);
