@@ -1347,7 +1347,6 @@ mod tests {
             (2, 0),
             "{s}"
         );
-        let _ = adhoc;
     }
 
     #[test]
