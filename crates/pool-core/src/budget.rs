@@ -1357,6 +1357,51 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_future_polled_with_a_new_waker_is_woken_through_it() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let b = Budget::builder(1).class("a", 0, 1).build().unwrap();
+        let a = b.class_id("a").unwrap();
+        assert!(b.is_healthy());
+        let held = b.try_acquire(a).unwrap();
+        let (old, new) = (
+            std::sync::Arc::new(Flag(AtomicBool::new(false))),
+            std::sync::Arc::new(Flag(AtomicBool::new(false))),
+        );
+        let (old_waker, new_waker) = (Waker::from(old.clone()), Waker::from(new.clone()));
+        let mut acquire = std::pin::pin!(b.acquire_async(a));
+        assert!(acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(&old_waker))
+            .is_pending());
+        let shown = format!("{:?} {:?}", acquire, b.pressure_async(a));
+        assert!(
+            shown.contains("Acquire") && shown.contains("queued: true"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("Pressure") && shown.contains("\"a\""),
+            "{shown}"
+        );
+        // The task moved (another executor thread): the next poll brings a new waker.
+        assert!(acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(&new_waker))
+            .is_pending());
+        drop(held);
+        assert!(new.0.load(Ordering::SeqCst), "the new waker was not woken");
+        assert!(!old.0.load(Ordering::SeqCst), "the old waker was woken");
+        assert!(acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(&new_waker))
+            .is_ready());
+    }
+
+    #[test]
     fn class_ids_are_positions_in_the_builder() {
         let b = field_report();
         let (auto, adhoc) = ids(&b);
