@@ -1230,6 +1230,188 @@ mod tests {
         assert_eq!(json["classes"][1]["reserved"], 5);
         assert_eq!(json["healthy"], true);
     }
+
+    // Tests added from the mutation run (docs/mutants.md).
+
+    #[test]
+    fn every_limit_is_accepted_at_its_bound() {
+        let max = crate::config::MAX_CONNECTIONS;
+        // total = MAX_CONNECTIONS, reserved = max = total, floors summing to the total.
+        let b = Budget::builder(max).class("all", max, max).build().unwrap();
+        assert_eq!(b.total(), max);
+        let b = Budget::builder(4)
+            .class("a", 2, 4)
+            .class("b", 2, 2)
+            .build()
+            .unwrap();
+        assert_eq!(b.snapshot().classes.len(), 2);
+    }
+
+    #[test]
+    fn the_snapshot_counts_permits_acquired_by_each_class() {
+        let b = field_report();
+        let (auto, adhoc) = ids(&b);
+        let held = [
+            b.try_acquire(auto),
+            b.try_acquire(auto),
+            b.try_acquire(adhoc),
+        ];
+        assert!(held.iter().all(Option::is_some));
+        drop(held);
+        let s = b.snapshot();
+        assert_eq!(
+            (s.classes[0].acquired, s.classes[1].acquired),
+            (2, 1),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_waiter_held_back_by_its_own_cap_asks_nobody_to_give_back() {
+        let b = Budget::builder(3)
+            .class("borrower", 0, 2)
+            .class("capped", 0, 1)
+            .build()
+            .unwrap();
+        let borrower = b.class_id("borrower").unwrap();
+        let capped = b.class_id("capped").unwrap();
+        let held = [
+            b.try_acquire(borrower),
+            b.try_acquire(borrower),
+            b.try_acquire(capped),
+        ];
+        assert!(held.iter().all(Option::is_some));
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(capped, Duration::from_secs(10)).is_ok())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while b.waiters(capped) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the capped class never queued"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            b.reclaim_wanted(borrower),
+            0,
+            "a permit given back would not go to a class at its cap"
+        );
+        drop(held);
+        assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn a_budget_and_a_permit_show_what_they_hold() {
+        let b = field_report();
+        let (auto, _) = ids(&b);
+        let permit = b.try_acquire(auto).unwrap();
+        let shown = format!("{b:?} {permit:?}");
+        assert!(
+            shown.contains("Budget") && shown.contains("in_use: 1"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("Permit") && shown.contains("automation"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_wait_nobody_wants_any_more_is_abandoned_not_timed_out() {
+        let b = Budget::builder(1).class("a", 0, 1).build().unwrap();
+        let a = b.class_id("a").unwrap();
+        let _held = b.try_acquire(a).unwrap();
+        let started = std::time::Instant::now();
+        match b.acquire_while(a, Duration::from_secs(5), &|| false) {
+            Err(AcquireError::Abandoned { class }) => assert_eq!(class, "a"),
+            other => panic!("expected Abandoned, got {other:?}"),
+        }
+        // The bound this test exists for: at once, not at the 5 s deadline.
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(2500), "gave up after {took:?}");
+        assert_eq!(b.waiters(a), 0, "it left the queue");
+    }
+
+    #[test]
+    fn timeouts_the_caller_owns_are_counted() {
+        let b = field_report();
+        let (auto, _) = ids(&b);
+        b.record_timeout(auto);
+        let err = b.timed_out(auto, Duration::from_millis(5));
+        assert!(matches!(err, AcquireError::Timeout { ref class, .. } if class == "automation"));
+        let s = b.snapshot();
+        assert_eq!(
+            (s.classes[0].timeouts, s.classes[1].timeouts),
+            (2, 0),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn without_pressure_the_wait_for_it_ends_at_its_timeout_with_zero() {
+        let b = field_report();
+        let (auto, _) = ids(&b);
+        assert_eq!(b.wait_for_pressure(auto, Duration::from_millis(20)), 0);
+    }
+
+    #[test]
+    fn a_waiting_future_polled_with_a_new_waker_is_woken_through_it() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let b = Budget::builder(1).class("a", 0, 1).build().unwrap();
+        let a = b.class_id("a").unwrap();
+        assert!(b.is_healthy());
+        let held = b.try_acquire(a).unwrap();
+        let (old, new) = (
+            std::sync::Arc::new(Flag(AtomicBool::new(false))),
+            std::sync::Arc::new(Flag(AtomicBool::new(false))),
+        );
+        let (old_waker, new_waker) = (Waker::from(old.clone()), Waker::from(new.clone()));
+        let mut acquire = std::pin::pin!(b.acquire_async(a));
+        assert!(acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(&old_waker))
+            .is_pending());
+        let shown = format!("{:?} {:?}", acquire, b.pressure_async(a));
+        assert!(
+            shown.contains("Acquire") && shown.contains("queued: true"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("Pressure") && shown.contains("\"a\""),
+            "{shown}"
+        );
+        // The task moved (another executor thread): the next poll brings a new waker.
+        assert!(acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(&new_waker))
+            .is_pending());
+        drop(held);
+        assert!(new.0.load(Ordering::SeqCst), "the new waker was not woken");
+        assert!(!old.0.load(Ordering::SeqCst), "the old waker was woken");
+        assert!(acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(&new_waker))
+            .is_ready());
+    }
+
+    #[test]
+    fn class_ids_are_positions_in_the_builder() {
+        let b = field_report();
+        let (auto, adhoc) = ids(&b);
+        assert_eq!((auto.index(), adhoc.index()), (0, 1));
+        assert_eq!(b.classes().collect::<Vec<_>>(), [auto, adhoc]);
+        assert_eq!(
+            (b.class_name(auto), b.class_name(adhoc)),
+            ("automation", "adhoc")
+        );
+    }
 }
 
 /// Model checks: every interleaving of the budget's operations, on the same code (the lock

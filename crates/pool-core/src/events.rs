@@ -395,4 +395,58 @@ mod tests {
         });
         assert_eq!(*seen.lock().unwrap(), ["jobs"]);
     }
+
+    /// The log lines `f` writes on this thread.
+    fn lines_of(f: impl FnOnce()) -> Vec<(log::Level, String, String)> {
+        let _ = log::set_logger(&Capture);
+        log::set_max_level(log::LevelFilter::Trace);
+        LINES.with(|l| l.borrow_mut().clear());
+        f();
+        LINES.with(|l| std::mem::take(&mut *l.borrow_mut()))
+    }
+
+    fn pool_state(listener: Arc<dyn EventListener>) -> crate::engine::PoolState {
+        let config = crate::config::PoolConfig::builder("postgres://app@db/app")
+            .build()
+            .unwrap();
+        crate::engine::PoolState::new(config, listener, None).unwrap()
+    }
+
+    fn saying<'a>(lines: &'a [(log::Level, String, String)], what: &str) -> Vec<&'a str> {
+        lines
+            .iter()
+            .map(|(_, _, message)| message.as_str())
+            .filter(|m| m.contains(what))
+            .collect()
+    }
+
+    #[test]
+    fn a_panicking_listener_is_logged_once_and_a_calm_one_never() {
+        let event = PoolEvent::Invalidated {
+            pool: "p",
+            reason: "x",
+        };
+        let panicky = pool_state(Arc::new(|_: &PoolEvent<'_>| panic!("listener bug")));
+        let first = lines_of(|| panicky.emit(&event));
+        assert_eq!(saying(&first, "listener panicked").len(), 1, "{first:?}");
+        let again = lines_of(|| panicky.emit(&event));
+        assert!(saying(&again, "listener panicked").is_empty(), "{again:?}");
+        let calm = pool_state(Arc::new(|_: &PoolEvent<'_>| {}));
+        let lines = lines_of(|| calm.emit(&event));
+        assert!(saying(&lines, "listener panicked").is_empty(), "{lines:?}");
+    }
+
+    #[test]
+    fn a_missing_probe_is_warned_about_once() {
+        let p = pool_state(Arc::new(|_: &PoolEvent<'_>| {}));
+        let warned = lines_of(|| {
+            p.set_probe_available(true, "still there");
+            p.set_probe_available(false, "no socket");
+            p.set_probe_available(false, "no socket");
+        });
+        let warned = saying(&warned, "no zero-round-trip liveness probe");
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("no socket"), "{warned:?}");
+        assert!(!p.probe_available());
+    }
 }

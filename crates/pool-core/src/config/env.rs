@@ -61,11 +61,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                     .to_owned(),
             )
         }
-        other => {
-            return Err(format!(
-                "has an unknown unit {other:?}; use ms, s, m or h (e.g. 30s)"
-            ))
-        }
+        // The unit is not quoted: the value may hold a piece of a password, and the value
+        // is shown (masked) before this phrase.
+        _ => return Err("has an unknown unit; use ms, s, m or h (e.g. 30s)".to_owned()),
     };
     d.filter(|d| *d <= MAX_DURATION).ok_or_else(too_long)
 }
@@ -95,13 +93,13 @@ pub(super) fn from_lookup(
         given: Vec::new(),
     };
     // A shifted environment file can put the password into another variable: it is masked
-    // in every value an error shows.
-    let mut secret = None;
+    // in every value an error shows: the user-info password and `password=`-like parameters.
+    let mut secrets = None;
     let url = match env.get("DATABASE_URL")? {
         Some(url) => {
             let parsed =
                 crate::url::DatabaseUrl::parse(&url).map_err(|e| bad_database_url(&url, e))?;
-            secret = parsed.password().map(str::to_owned);
+            secrets = Some(parsed.redactor().clone());
             url
         }
         None => match fallback_url {
@@ -113,12 +111,14 @@ pub(super) fn from_lookup(
             }
         },
     };
-    read_settings(&mut env, &url).map_err(|e| match (e, &secret) {
-        (ConfigError::InvalidVar { var, value, reason }, Some(secret)) => ConfigError::InvalidVar {
-            value: redact::redact_with(&value, secret),
-            var,
-            reason,
-        },
+    read_settings(&mut env, &url).map_err(|e| match (e, &secrets) {
+        (ConfigError::InvalidVar { var, value, reason }, Some(secrets)) => {
+            ConfigError::InvalidVar {
+                value: secrets.redact(&value),
+                var,
+                reason,
+            }
+        }
         (e, _) => e,
     })
 }
@@ -513,6 +513,46 @@ mod tests {
             c.unwrap().connect.application_name.as_deref(),
             Some("orders-app")
         );
+    }
+
+    #[test]
+    fn a_password_parameter_is_masked_in_other_variables_values_too() {
+        // Found by tests/parsing_props.rs: only the user-info password used to be masked.
+        for url in [
+            "postgres://app@db/app?password=S3NT1NEL",
+            "postgres://app@db/app?sslmode=require&sslpassword=S3NT%31NEL",
+            "mysql://app@db/app?password=S3NT1NEL",
+        ] {
+            for value in ["S3NT1NEL", "S3NT%31NEL"] {
+                let e = from(&[("DATABASE_URL", url), ("DB_POOL_SIZE", value)]).unwrap_err();
+                let (shown, debug) = (e.to_string(), format!("{e:?}"));
+                assert!(shown.starts_with("DB_POOL_SIZE=\"***\""), "{url}: {shown}");
+                assert!(!debug.contains("S3NT"), "{url}: {debug}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_password_with_surrounding_spaces_is_masked_when_a_value_is_trimmed() {
+        // Found by tests/parsing_props.rs: values are trimmed, so the password without its
+        // spaces showed.
+        let url = ("DATABASE_URL", "postgres://app:%20S3NT1NEL%20@db/app");
+        for value in [" S3NT1NEL ", "S3NT1NEL", "S3NT1NEL  "] {
+            let e = from(&[url, ("DB_POOL_TIMEOUT", value)]).unwrap_err();
+            let (shown, debug) = (e.to_string(), format!("{e:?}"));
+            assert!(shown.starts_with("DB_POOL_TIMEOUT=\"***\""), "{shown}");
+            assert!(!debug.contains("S3NT"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn a_reason_quotes_no_piece_of_a_masked_value() {
+        // Found by tests/parsing_props.rs: the unknown unit was quoted in the reason.
+        let url = ("DATABASE_URL", "postgres://app:5S3NT1NEL@db/app");
+        let e = from(&[url, ("DB_POOL_TIMEOUT", "5S3NT1NEL")]).unwrap_err();
+        let (shown, debug) = (e.to_string(), format!("{e:?}"));
+        assert!(shown.starts_with("DB_POOL_TIMEOUT=\"***\" has an unknown unit"));
+        assert!(!debug.contains("3NT") && !debug.contains("3nt"), "{debug}");
     }
 
     #[test]

@@ -461,4 +461,94 @@ mod tests {
         h.succeeded();
         assert_eq!(h.failed(ConnectClass::Transient, "a".into()), Report::Down);
     }
+
+    // Tests added from the mutation run (docs/mutants.md).
+
+    #[test]
+    fn classes_have_their_names() {
+        assert_eq!(ConnectClass::Hopeless.as_str(), "hopeless");
+        assert_eq!(ConnectClass::Transient.as_str(), "transient");
+    }
+
+    /// The pause before the next attempt, as the state shows it right after a failure.
+    fn pause_after(failures: u32) -> Duration {
+        let h = ServerHealth::default();
+        for _ in 0..failures {
+            h.failed(ConnectClass::Transient, "refused".into());
+        }
+        Duration::from_millis(h.state().next_attempt_in_ms.expect("down"))
+    }
+
+    #[test]
+    fn the_transient_backoff_doubles_from_25ms_to_its_cap_with_half_jitter() {
+        // 1 failure: 50 ms with full jitter over its upper half, 25..=50 ms.
+        for _ in 0..50 {
+            let pause = pause_after(1);
+            assert!(pause <= Duration::from_millis(50), "{pause:?}");
+        }
+        // From 3 failures on: the cap, 75..=150 ms. A little slack for the time the state
+        // takes to be read on a busy machine.
+        for _ in 0..50 {
+            let pause = pause_after(4);
+            assert!(
+                pause >= Duration::from_millis(60) && pause <= TRANSIENT_BACKOFF_CAP,
+                "{pause:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_recent_hopeless_failure_fails_a_checkout_that_started_after_it() {
+        let h = ServerHealth::default();
+        h.failed(
+            ConnectClass::Hopeless,
+            "password authentication failed".into(),
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        let started = Instant::now();
+        assert!(
+            h.fail_fast(started, None).is_some(),
+            "less than HOPELESS_RECHECK old: no point waiting"
+        );
+    }
+
+    #[test]
+    fn an_old_hopeless_failure_fails_only_checkouts_that_saw_it_happen() {
+        let h = ServerHealth::default();
+        let before = Instant::now();
+        h.failed(
+            ConnectClass::Hopeless,
+            "password authentication failed".into(),
+        );
+        std::thread::sleep(HOPELESS_RECHECK + Duration::from_millis(50));
+        assert!(
+            h.fail_fast(before, None).is_some(),
+            "it failed while this checkout waited"
+        );
+        assert!(
+            h.fail_fast(Instant::now(), None).is_none(),
+            "older than HOPELESS_RECHECK and before this checkout: recheck first"
+        );
+    }
+
+    #[test]
+    fn the_last_error_is_quoted_only_to_checkouts_that_saw_it_happen() {
+        let h = ServerHealth::default();
+        let before = Instant::now();
+        assert_eq!(h.last_error_since(before), None, "no failure yet");
+        h.failed(ConnectClass::Transient, "connection refused".into());
+        std::thread::sleep(Duration::from_millis(2));
+        let after = Instant::now();
+        assert_eq!(
+            h.last_error_since(before).as_deref(),
+            Some("connection refused")
+        );
+        assert_eq!(
+            h.last_error_since(after),
+            None,
+            "it failed before that checkout"
+        );
+        h.succeeded();
+        assert_eq!(h.last_error_since(before), None, "the server is back");
+    }
 }

@@ -298,3 +298,412 @@ fn a_pool_without_the_probe_says_so_in_its_stats_and_status_report() {
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["pools"][0]["probe_available"], false);
 }
+
+// Tests added from the mutation run (docs/mutants.md): each pins a decision a mutant of
+// conn_state.rs changed without any test failing.
+
+/// A pool taking its permits from a budget class `app` with floor `reserved` and cap `max`,
+/// beside a class `other` (floor 0, cap `total`).
+fn pool_in_budget(
+    b: crate::config::PoolConfigBuilder,
+    total: u32,
+    reserved: u32,
+    max: u32,
+) -> (Arc<PoolState>, crate::budget::Budget) {
+    let budget = crate::budget::Budget::builder(total)
+        .class("app", reserved, max)
+        .class("other", 0, total)
+        .build()
+        .unwrap();
+    let class = budget.class_id("app").unwrap();
+    let state = PoolState::new(
+        b.build().unwrap(),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+        Some((budget.clone(), class)),
+    )
+    .unwrap();
+    (Arc::new(state), budget)
+}
+
+#[test]
+fn a_connection_shows_its_pool_and_id_and_says_whether_it_is_fresh_out_or_broken() {
+    let p = pool(2, 0);
+    let mut a = ConnState::opened(&p, Duration::ZERO, None);
+    let b = ConnState::opened(&p, Duration::ZERO, None);
+    assert_ne!(a.id(), b.id(), "ids are unique within the pool");
+    let shown = format!("{a:?}");
+    assert!(
+        shown.contains("ConnState") && shown.contains(&format!("id: {}", a.id())),
+        "{shown}"
+    );
+    assert!(a.take_fresh(), "a new connection is fresh");
+    assert!(!a.take_fresh(), "only once");
+    assert!(!a.is_broken());
+    assert!(!a.is_checked_out());
+    a.handed_out(Instant::now(), None);
+    assert!(a.is_checked_out());
+    assert_eq!(a.checkin(false), None);
+    assert!(!a.is_checked_out());
+}
+
+#[test]
+fn a_close_reason_set_by_the_adapter_is_the_one_recorded() {
+    let p = pool(1, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    c.set_close_reason(CloseReason::Expired);
+    assert_eq!(c.close_reason(), Some(CloseReason::Expired));
+    drop(c);
+    let closed = p.stats().snapshot(Default::default()).closed;
+    assert_eq!((closed.expired, closed.released), (1, 0));
+}
+
+#[test]
+fn an_idle_connection_within_the_budget_floor_is_pinged_not_closed() {
+    let b = PoolConfig::builder("postgres://app@db/app").idle_timeout(Some(Duration::from_secs(1)));
+    let (p, _budget) = pool_in_budget(b, 4, 1, 4);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    let idle = Instant::now() + Duration::from_secs(2);
+    // One open, floor 1: kept, by a ping at checkout and by the sweep.
+    assert!(matches!(
+        c.begin_checkout(|| ProbeResult::Alive, idle),
+        CheckoutStep::Ping { .. }
+    ));
+    assert!(c.finish_ping(true));
+    assert_eq!(
+        c.sweep(|| ProbeResult::Alive, idle + Duration::from_secs(2)),
+        None
+    );
+    // Two open, floor 1: the idle one goes.
+    let mut d = ConnState::opened(&p, Duration::ZERO, None);
+    let later = Instant::now() + Duration::from_secs(2);
+    assert_eq!(
+        d.sweep(|| ProbeResult::Alive, later),
+        Some(CloseReason::IdleTimeout)
+    );
+    assert_eq!(
+        d.begin_checkout(|| ProbeResult::Alive, later),
+        CheckoutStep::Discard(CloseReason::IdleTimeout)
+    );
+}
+
+#[test]
+fn the_sweep_retires_dead_and_broken_connections_and_keeps_live_ones() {
+    let p = pool(2, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(c.sweep(|| ProbeResult::Alive, Instant::now()), None);
+    assert_eq!(
+        c.sweep(|| ProbeResult::Dead, Instant::now()),
+        Some(CloseReason::ProbeDead)
+    );
+    assert_eq!(c.close_reason(), Some(CloseReason::ProbeDead));
+    let mut d = ConnState::opened(&p, Duration::ZERO, None);
+    d.observe_error(crate::classify::ErrorClass::ConnectionLost);
+    assert_eq!(
+        d.sweep(|| ProbeResult::Alive, Instant::now()),
+        Some(CloseReason::Broken)
+    );
+}
+
+#[test]
+fn a_keepalive_is_due_once_nothing_vouched_for_the_connection_for_its_interval() {
+    let p = pool(1, 0);
+    let c = ConnState::opened(&p, Duration::ZERO, None);
+    let last = c.lifecycle().last_used.max(c.lifecycle().last_validated);
+    let every = Duration::from_secs(10);
+    assert!(!c.keepalive_due(every, last));
+    assert!(!c.keepalive_due(every, last + Duration::from_secs(9)));
+    assert!(c.keepalive_due(every, last + every), "due at the interval");
+    assert!(c.keepalive_due(every, last + Duration::from_secs(11)));
+}
+
+#[test]
+fn an_unanswered_ping_makes_connections_idle_since_before_it_suspect_and_no_others() {
+    let p = pool(3, 0);
+    let mut idle = ConnState::opened(&p, Duration::ZERO, None);
+    let mut pinged = ConnState::opened(&p, Duration::ZERO, None);
+    std::thread::sleep(Duration::from_millis(2));
+    pinged.ping_starting();
+    std::thread::sleep(Duration::from_millis(2));
+    // Used after the ping started: vouched for since.
+    let mut used = ConnState::opened(&p, Duration::ZERO, None);
+    used.handed_out(Instant::now(), None);
+    assert_eq!(used.checkin(false), None);
+    std::thread::sleep(Duration::from_millis(2));
+    let epoch = p.epoch();
+    pinged.finish_ping_silent();
+    assert_eq!(pinged.close_reason(), Some(CloseReason::PingFailed));
+    assert!(p.epoch() > epoch, "the pool is invalidated");
+    assert!(idle.is_suspect());
+    assert!(!used.is_suspect(), "used after the silent ping started");
+    assert_eq!(
+        idle.begin_checkout(
+            || panic!("a suspect connection is not probed"),
+            Instant::now()
+        ),
+        CheckoutStep::Discard(CloseReason::Invalidated)
+    );
+    assert!(matches!(
+        used.begin_checkout(|| ProbeResult::Alive, Instant::now()),
+        CheckoutStep::Ping { .. }
+    ));
+}
+
+#[test]
+fn a_checkin_after_use_restarts_the_idle_time_but_one_after_a_sweep_does_not() {
+    let p = pool(1, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    let opened = c.lifecycle().last_used;
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(c.sweep(|| ProbeResult::Alive, Instant::now()), None);
+    assert_eq!(c.checkin(false), None);
+    assert_eq!(c.lifecycle().last_used, opened, "a sweep is no use");
+    c.handed_out(Instant::now(), None);
+    assert_eq!(c.checkin(false), None);
+    assert!(c.lifecycle().last_used > opened, "a checkout is");
+}
+
+#[test]
+fn borrowed_budget_headroom_is_given_back_at_checkin_only_when_another_class_waits() {
+    let (p, budget) = pool_in_budget(PoolConfig::builder("postgres://app@db/app"), 2, 0, 2);
+    let app = budget.class_id("app").unwrap();
+    let other = budget.class_id("other").unwrap();
+    let mut conns: Vec<ConnState> = (0..2)
+        .map(|_| {
+            let permit = budget.try_acquire(app).expect("a free permit");
+            ConnState::opened(&p, Duration::ZERO, Some(permit))
+        })
+        .collect();
+    conns[0].handed_out(Instant::now(), None);
+    assert_eq!(conns[0].checkin(false), None, "nobody waits: kept");
+    let waiter = {
+        let budget = budget.clone();
+        std::thread::spawn(move || budget.acquire(other, Duration::from_secs(10)).is_ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget.waiters(other) == 0 {
+        assert!(Instant::now() < deadline, "the other class never queued");
+        std::thread::yield_now();
+    }
+    conns[1].handed_out(Instant::now(), None);
+    assert_eq!(conns[1].checkin(false), Some(CloseReason::Reclaimed));
+    drop(conns.pop());
+    assert!(
+        waiter.join().unwrap(),
+        "the waiter got the permit given back"
+    );
+}
+
+#[test]
+fn the_gate_counts_the_permits_held() {
+    let gate = Gate::new(3);
+    assert_eq!(gate.in_use(), 0);
+    let a = gate.try_enter().unwrap();
+    let b = gate.try_enter().unwrap();
+    assert_eq!(gate.in_use(), 2);
+    drop(a);
+    assert_eq!(gate.in_use(), 1);
+    drop(b);
+    assert_eq!(gate.in_use(), 0);
+}
+
+#[test]
+fn no_leak_is_reported_before_the_threshold() {
+    let reports = Arc::new(AtomicU32::new(0));
+    let r = reports.clone();
+    let p = pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .leak_detection_threshold(Some(Duration::from_secs(60))),
+        Arc::new(move |e: &PoolEvent<'_>| {
+            if let PoolEvent::LeakSuspected { .. } = e {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    c.handed_out(Instant::now(), None);
+    // A report due now would be made within milliseconds by the reporter thread.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reports.load(Ordering::SeqCst),
+        0,
+        "a leak was reported 60 s early"
+    );
+    assert_eq!(c.checkin(false), None);
+}
+
+#[test]
+fn the_pool_state_shows_its_name_budget_floor_and_initial_size() {
+    let p = pool_with(
+        PoolConfig::builder("postgres://app:S3NT1NEL@db/app")
+            .name("automation")
+            .pool_size(3)
+            .pool_timeout(Duration::from_secs(10)),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    );
+    assert_eq!(p.name(), "automation");
+    let shown = format!("{p:?}");
+    assert!(
+        shown.contains("PoolState") && shown.contains("automation"),
+        "{shown}"
+    );
+    assert!(!shown.contains("S3NT1NEL"), "{shown}");
+    assert!(p.budget().is_none());
+    assert_eq!((p.floor(), p.initial_size()), (0, 3), "a plain pool");
+    assert_eq!(p.below_floor(), None);
+    assert_eq!(
+        p.connect_permit_wait(),
+        Duration::from_secs(8),
+        "80% of pool_timeout"
+    );
+    let (p, budget) = pool_in_budget(PoolConfig::builder("postgres://app@db/app"), 4, 2, 4);
+    let (b, class) = p.budget().expect("the pool's budget");
+    assert_eq!(class, budget.class_id("app").unwrap());
+    assert_eq!(b.total(), 4);
+    assert_eq!(
+        (p.floor(), p.initial_size()),
+        (2, 2),
+        "a budget class's floor"
+    );
+    assert_eq!(p.below_floor(), Some(2));
+    let one = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(p.below_floor(), Some(2));
+    let two = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(p.below_floor(), None, "the floor is open");
+    drop((one, two));
+}
+
+/// A pool whose listener counts `Invalidated` events.
+fn pool_counting_invalidations() -> (Arc<PoolState>, Arc<AtomicU32>) {
+    let events = Arc::new(AtomicU32::new(0));
+    let e = events.clone();
+    let p = pool_with(
+        PoolConfig::builder("postgres://app:S3NT1NEL@db/app"),
+        Arc::new(move |event: &PoolEvent<'_>| {
+            if let PoolEvent::Invalidated { .. } = event {
+                e.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    );
+    (p, events)
+}
+
+#[test]
+fn a_burst_of_invalidations_is_reported_once() {
+    let (p, events) = pool_counting_invalidations();
+    p.invalidate("first");
+    p.invalidate("second, at once");
+    assert_eq!(p.epoch(), 2, "each one invalidates");
+    assert_eq!(
+        events.load(Ordering::SeqCst),
+        1,
+        "one event per second at most"
+    );
+}
+
+#[test]
+fn suspects_are_the_connections_last_good_strictly_before_the_silent_ping() {
+    let (p, events) = pool_counting_invalidations();
+    let us = Duration::from_micros(1);
+    let t = Instant::now() + Duration::from_millis(5);
+    assert!(!p.is_suspect(t - us), "no silent ping yet");
+    p.path_went_silent(t);
+    assert_eq!((p.epoch(), events.load(Ordering::SeqCst)), (1, 1));
+    assert!(p.is_suspect(t - us));
+    assert!(
+        !p.is_suspect(t),
+        "good at the very instant the ping started"
+    );
+    assert!(!p.is_suspect(t + us));
+    // The same silence again, or an older one, changes nothing.
+    p.path_went_silent(t);
+    p.path_went_silent(t - us);
+    assert_eq!(p.epoch(), 1);
+    assert!(!p.is_suspect(t));
+}
+
+#[test]
+fn a_silent_ping_started_before_the_pool_was_made_still_invalidates_it() {
+    let (p, _) = pool_counting_invalidations();
+    let Some(earlier) = Instant::now().checked_sub(Duration::from_secs(1)) else {
+        return; // a clock that starts at its origin: nothing before it
+    };
+    p.path_went_silent(earlier);
+    assert_eq!(p.epoch(), 1);
+}
+
+#[test]
+fn connect_failures_are_redacted_counted_and_cleared_by_a_success() {
+    let (p, _) = pool_counting_invalidations();
+    assert_eq!(p.redact("auth failed for S3NT1NEL"), "auth failed for ***");
+    let snapshot = p.snapshot(0, 0);
+    assert!(snapshot.server_down.is_none(), "{snapshot:?}");
+    let shown = p.connect_failed(
+        super::health::ConnectClass::Transient,
+        "password S3NT1NEL refused",
+    );
+    assert_eq!(shown, "password *** refused");
+    assert!(p.health().is_down());
+    let down = p.snapshot(0, 0).server_down.expect("down");
+    assert_eq!(down.failed_attempts, 1);
+    assert_eq!(down.last_error, "password *** refused");
+    p.connect_succeeded();
+    assert!(!p.health().is_down(), "a success ends the outage");
+    assert!(p.snapshot(0, 0).server_down.is_none());
+}
+
+#[test]
+fn a_reclaim_request_retires_that_many_idle_connections_at_checkout() {
+    let p = pool(3, 0);
+    assert_eq!(p.request_reclaim(3), 0, "none pending");
+    assert_eq!(p.request_reclaim(1), 3, "replaced");
+    let mut a = ConnState::opened(&p, Duration::ZERO, None);
+    let mut b = ConnState::opened(&p, Duration::ZERO, None);
+    assert_eq!(
+        a.begin_checkout(|| ProbeResult::Alive, Instant::now()),
+        CheckoutStep::Discard(CloseReason::Reclaimed)
+    );
+    assert_eq!(
+        b.begin_checkout(|| ProbeResult::Alive, Instant::now()),
+        CheckoutStep::Reuse,
+        "one was asked for"
+    );
+}
+
+#[test]
+fn the_snapshot_counts_budget_waiters_as_waiters() {
+    let (p, budget) = pool_in_budget(PoolConfig::builder("postgres://app@db/app"), 1, 0, 1);
+    let app = budget.class_id("app").unwrap();
+    let held = budget.try_acquire(app).unwrap();
+    let waiter = {
+        let budget = budget.clone();
+        std::thread::spawn(move || budget.acquire(app, Duration::from_secs(10)).is_ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget.waiters(app) == 0 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        std::thread::yield_now();
+    }
+    assert_eq!(p.snapshot(0, 0).waiters, Some(1));
+    drop(held);
+    assert!(waiter.join().unwrap());
+}
+
+#[test]
+fn the_pool_state_passes_events_on_to_its_listener() {
+    let (p, events) = pool_counting_invalidations();
+    let listener: &dyn EventListener = &*p;
+    listener.on_event(&PoolEvent::Invalidated {
+        pool: "default",
+        reason: "test",
+    });
+    assert_eq!(events.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_watchdog_shows_whether_it_runs() {
+    let shown = format!("{:?}", Watchdog::global());
+    assert!(
+        shown.contains("Watchdog") && shown.contains("running: true"),
+        "{shown}"
+    );
+}

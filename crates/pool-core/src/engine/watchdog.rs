@@ -373,4 +373,49 @@ mod tests {
         assert_eq!(hits.load(Ordering::SeqCst), 1, "later deadlines still fire");
         assert!(dog.is_running());
     }
+
+    // Tests added from the mutation run (docs/mutants.md).
+
+    #[test]
+    fn dropping_the_guard_disarms_and_deadlines_at_one_instant_all_fire() {
+        let dog = Watchdog::start(8);
+        let (hits, add) = counter();
+        let at = Instant::now() + Duration::from_millis(20);
+        let armed = dog.arm(at, add(100));
+        let shown = format!("{armed:?}");
+        assert!(
+            shown.contains("Armed") && shown.contains("deadline"),
+            "{shown}"
+        );
+        drop(armed);
+        let _one = dog.arm(at, add(1));
+        let _two = dog.arm(at, add(10));
+        wait_for(&hits, 11);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            11,
+            "both deadlines of that instant fire, the dropped one never"
+        );
+    }
+
+    #[test]
+    fn an_earlier_deadline_wakes_a_watchdog_sleeping_until_a_later_one() {
+        let dog = Watchdog::start(8);
+        let (hits, add) = counter();
+        let _later = dog.arm(Instant::now() + Duration::from_secs(30), add(100));
+        // Let the watchdog go to sleep until that one.
+        std::thread::sleep(Duration::from_millis(50));
+        let due = Instant::now() + Duration::from_millis(20);
+        let _earlier = dog.arm(due, add(1));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hits.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the earlier deadline did not fire: the watchdog was not woken for it"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
 }
