@@ -55,9 +55,12 @@ pub enum BuildError {
 /// A diesel-async connection pool with validation, lifetimes, keepalives and stats.
 ///
 /// Dereferences to the [`bb8::Pool`] it wraps (`pool.state()` works as before).
-/// [`ExtPool::get`] returns bb8's own `PooledConnection`; check out through it (not through
-/// the wrapped pool) to be served in arrival order and counted by the budget, the stats and
-/// leak detection: connections are opened only for checkouts made through it. Cloning is
+/// [`ExtPool::get`] and [`ExtPool::get_owned`] return bb8's own `PooledConnection`; they,
+/// and [`ExtPool::dedicated_connection`], are this pool's own methods, so a call written for
+/// bb8 reaches them, not bb8's: checkouts are served in arrival order and counted by the
+/// budget, the stats and leak detection. Connections are opened only for checkouts made
+/// through this pool; the wrapped pool's `add` would put a connection past its bookkeeping
+/// (do not). Cloning is
 /// cheap and shares the pool; the maintenance task stops when the last clone is dropped.
 pub struct ExtPool<C: ExtConnection> {
     parts: Parts<C>,
@@ -189,6 +192,36 @@ impl<C: ExtConnection> ExtPool<C> {
         &self,
         timeout: Duration,
     ) -> Result<PooledConnection<'_, ExtManager<C>>, ExtError> {
+        self.checkout(timeout, || self.parts.inner.get()).await
+    }
+
+    /// An owned checkout (`PooledConnection<'static, _>`, for a task or a struct that outlives
+    /// the borrow of the pool, such as an axum extractor): the same gate, arrival order,
+    /// validation, budget and stats as [`ExtPool::get`], waiting at most `pool_timeout`.
+    ///
+    /// Call it on this pool, not on [`ExtPool::inner`]: the wrapped bb8 pool's own
+    /// `get_owned` would skip the gate and the pool's bookkeeping.
+    ///
+    /// # Errors
+    /// As [`ExtPool::get`].
+    pub async fn get_owned(&self) -> Result<PooledConnection<'static, ExtManager<C>>, ExtError> {
+        let timeout = self.parts.state.config().pool_timeout;
+        self.checkout(timeout, || self.parts.inner.get_owned())
+            .await
+    }
+
+    /// The checkout both forms share: `fetch` is bb8's own `get` or `get_owned`.
+    async fn checkout<'c, F, Fut>(
+        &self,
+        timeout: Duration,
+        fetch: F,
+    ) -> Result<PooledConnection<'c, ExtManager<C>>, ExtError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<
+            Output = Result<PooledConnection<'c, ExtManager<C>>, bb8::RunError<ExtError>>,
+        >,
+    {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
         let state = &self.parts.state;
@@ -205,7 +238,7 @@ impl<C: ExtConnection> ExtPool<C> {
         loop {
             let got = tokio::select! {
                 biased;
-                got = tokio::time::timeout_at(deadline, self.parts.inner.get()) => got,
+                got = tokio::time::timeout_at(deadline, fetch()) => got,
                 unavailable = self.parts.unavailable(started) => {
                     state.stats().record_checkout_timeout();
                     return Err(unavailable);

@@ -247,3 +247,42 @@ async fn a_cancelled_sqlite_transaction_never_stays_in_the_pool() {
         "requests dropped inside their transaction were closed"
     );
 }
+
+/// `get_owned` (the form an axum extractor or a spawned task needs) goes through the pool's
+/// gate, budget and stats like `get`: it is counted, and it waits its turn instead of
+/// slipping past the wrapped bb8 pool (which `Deref` would otherwise reach).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_owned_is_a_checkout_of_this_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = SqlitePool::builder(&db(&dir))
+        .pool_size(1)
+        .max_overflow(0)
+        .pool_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let before = pool.stats().checkouts;
+    let owned = pool.get_owned().await.expect("an owned checkout");
+    let held = tokio::spawn(async move {
+        let mut conn = owned;
+        diesel::sql_query("SELECT 1 AS n")
+            .get_result::<Count>(&mut conn)
+            .await
+            .map(|c| c.n)
+    });
+    assert_eq!(held.await.unwrap().unwrap(), 1);
+    assert_eq!(pool.stats().checkouts, before + 1, "counted as a checkout");
+    assert_eq!(pool.stats().in_use, 0, "returned when the task dropped it");
+
+    let first = pool.get_owned().await.unwrap();
+    assert_eq!(pool.stats().in_use, 1, "the pool sees it checked out");
+    let second = tokio::time::timeout(Duration::from_secs(5), pool.get_owned())
+        .await
+        .expect("the pool's own pool_timeout (300 ms) ends the wait");
+    assert!(
+        second.is_err(),
+        "a pool of 1 with its connection out has nothing to give"
+    );
+    assert!(pool.stats().timeouts >= 1, "the timeout is counted");
+    drop(first);
+}
