@@ -218,9 +218,7 @@ impl<C: ExtConnection> ExtPool<C> {
     ) -> Result<PooledConnection<'c, ExtManager<C>>, ExtError>
     where
         F: Fn() -> Fut,
-        Fut: Future<
-            Output = Result<PooledConnection<'c, ExtManager<C>>, bb8::RunError<ExtError>>,
-        >,
+        Fut: Future<Output = Result<PooledConnection<'c, ExtManager<C>>, bb8::RunError<ExtError>>>,
     {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;

@@ -22,6 +22,7 @@
 //! ```
 
 mod env;
+mod file;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -31,7 +31,8 @@ pub enum ConfigError {
         /// The variable's name.
         var: String,
     },
-    /// An environment variable holds a value that cannot be used.
+    /// An environment variable (or a setting of a configuration file) holds a value that
+    /// cannot be used.
     #[error("{var}={value:?} {reason}")]
     InvalidVar {
         /// The variable's name.
@@ -49,6 +50,15 @@ pub enum ConfigError {
         setting: &'static str,
         /// What is wrong and what to set instead.
         reason: String,
+    },
+    /// A configuration file names a setting that does not exist.
+    #[error(
+        "unknown setting {name:?}; use `url` and the names of the settings table \
+         (pool_size, max_overflow, pool_timeout, max_lifetime, ...)"
+    )]
+    UnknownSetting {
+        /// The name as written (redacted, in case a line slipped).
+        name: String,
     },
     /// An `sslmode` that libpq does not know.
     #[error(
@@ -78,7 +88,7 @@ fn unsupported_scheme_message(scheme: &str) -> String {
 }
 
 fn missing_var_hint(var: &str) -> &'static str {
-    if var == "DATABASE_URL" {
+    if var == "DATABASE_URL" || var == "url" {
         "set it to the database URL, e.g. postgres://user:password@host:5432/dbname or \
          sqlite://app.db"
     } else {

@@ -99,6 +99,7 @@ mod no_secret_leaks {
             ConfigError::InvalidVar { .. } => "InvalidVar",
             ConfigError::Invalid { .. } => "Invalid",
             ConfigError::UnknownSslMode { .. } => "UnknownSslMode",
+            ConfigError::UnknownSetting { .. } => "UnknownSetting",
         }
     }
 
@@ -171,6 +172,11 @@ mod no_secret_leaks {
                 .build()
                 .unwrap_err(),
             "password=S3NT1NEL".parse::<SslMode>().unwrap_err(),
+            PoolConfig::from_settings([
+                ("url", "postgres://app:S3NT1NEL@db/app"),
+                ("S3NT1NEL", "1"),
+            ])
+            .unwrap_err(),
         ];
         let mut seen = std::collections::BTreeSet::new();
         for e in &errors {
@@ -178,7 +184,7 @@ mod no_secret_leaks {
             assert_clean("ConfigError Display", &e.to_string());
             assert_clean("ConfigError Debug", &format!("{e:?}"));
         }
-        assert_eq!(seen.len(), 6, "every variant is exercised: {seen:?}");
+        assert_eq!(seen.len(), 7, "every variant is exercised: {seen:?}");
     }
 }
 

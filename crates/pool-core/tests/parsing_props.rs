@@ -300,6 +300,37 @@ proptest! {
         }
     }
 
+    /// A configuration file's settings (by name, as `serde` gives them): any values, the
+    /// password also in other settings and in a setting's name. No panic, and the password
+    /// shows neither in the error nor in the configuration's `Debug`.
+    #[test]
+    fn configuration_files_never_show_the_password(
+        (url, password) in any_url(),
+        values in proptest::collection::vec((0..6u8, plain_text(), any::<bool>()), 30),
+    ) {
+        let mut settings: Vec<(String, String)> = vec![("url".to_owned(), url.clone())];
+        for (setting, (choice, junk, encode)) in pool_core::settings::SETTINGS.iter().zip(values) {
+            let typical = setting.env.map_or(setting.default, typical_value);
+            let value = match choice {
+                0 => continue,
+                1 => junk,
+                2 => typical.to_owned(),
+                3 if encode => percent_encode(&password),
+                3 => password.clone(),
+                4 => {
+                    settings.push((password.clone(), "1".to_owned()));
+                    continue;
+                }
+                _ => format!("{typical} {junk}"),
+            };
+            settings.push((setting.name.to_owned(), value));
+        }
+        match PoolConfig::from_settings(settings.clone()) {
+            Ok(c) => assert_hidden(&format!("{c:?}"), &password, &format!("{settings:?}"))?,
+            Err(e) => assert_hidden(&format!("{e} {e:?}"), &password, &format!("{settings:?}"))?,
+        }
+    }
+
     /// Any text as a variable's value: no panic, and an error names the variable.
     #[test]
     fn any_variable_value_is_read_or_refused_by_name(

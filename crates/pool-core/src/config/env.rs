@@ -128,6 +128,90 @@ fn read_settings(env: &mut Reader<'_>, url: &str) -> Result<PoolConfig, ConfigEr
     b.build().map_err(|e| env.name_the_variable(e))
 }
 
+/// [`PoolConfig::from_settings`]: settings by name (`url` and the settings table's names),
+/// values as text; an error names the setting and shows its value redacted.
+pub(super) fn from_named(
+    values: &std::collections::BTreeMap<String, String>,
+) -> Result<PoolConfig, ConfigError> {
+    let Some(raw_url) = values.get("url") else {
+        return Err(ConfigError::MissingVar {
+            var: "url".to_owned(),
+        });
+    };
+    let parsed = crate::url::DatabaseUrl::parse(raw_url.trim()).map_err(|e| {
+        let reason = match e {
+            ConfigError::InvalidUrl { reason, .. } => {
+                format!("is not a valid database URL: {reason}")
+            }
+            other => format!("is not usable: {other}"),
+        };
+        ConfigError::InvalidVar {
+            var: "url".to_owned(),
+            value: shown_value("DATABASE_URL", raw_url),
+            reason,
+        }
+    })?;
+    let secrets = parsed.redactor().clone();
+    for key in values.keys() {
+        if key != "url" && crate::settings::by_name(key).is_none() {
+            // A shifted line can put the password where a name belongs.
+            return Err(ConfigError::UnknownSetting {
+                name: redact::redact(&secrets.redact(key)),
+            });
+        }
+    }
+    let mut given = Vec::new();
+    let read = |b: PoolConfigBuilder, given: &mut Vec<&'static str>| {
+        crate::with_settings!(crate::config::env::name_reader)(values, given, b)
+    };
+    let result = read(PoolConfig::builder(raw_url.trim()), &mut given).and_then(|b| {
+        b.build().map_err(|e| match &e {
+            // The builder's refusal, named after the setting as the file spells it.
+            ConfigError::Invalid { setting, reason } if given.contains(setting) => {
+                let raw = values.get(*setting).map_or("", String::as_str);
+                invalid_var(setting, raw, format!("is not accepted: {reason}"))
+            }
+            _ => e,
+        })
+    });
+    result.map_err(|e| match e {
+        ConfigError::InvalidVar { var, value, reason } => ConfigError::InvalidVar {
+            value: secrets.redact(&value),
+            var,
+            reason,
+        },
+        e => e,
+    })
+}
+
+/// Callback of [`with_settings!`](crate::with_settings): reads every setting by its name.
+macro_rules! name_reader {
+    ($( $(#[doc = $doc:literal])* $name:ident($v:ident : $ty:ty) env $env:tt kind $kind:ident default $default:literal
+        set |$b:ident| $set:expr; get |$c:ident| $get:expr; )*) => {
+        |values: &::std::collections::BTreeMap<String, String>,
+         given: &mut Vec<&'static str>,
+         mut b: PoolConfigBuilder|
+         -> Result<PoolConfigBuilder, ConfigError> {
+            $(
+                if let Some(raw) = values.get(stringify!($name)) {
+                    let value = raw.trim();
+                    if value.is_empty() {
+                        return Err(invalid_var(
+                            stringify!($name),
+                            raw,
+                            "is empty; give a value, or leave the setting out to use the default",
+                        ));
+                    }
+                    given.push(stringify!($name));
+                    b = b.$name(parse::$kind(stringify!($name), value, $default)?);
+                }
+            )*
+            Ok(b)
+        }
+    };
+}
+pub(crate) use name_reader;
+
 /// Callback of [`with_settings!`](crate::with_settings): reads every setting that has a
 /// variable, parsed by its kind.
 macro_rules! env_reader {
