@@ -18,7 +18,11 @@ pub fn run(args: &SizeArgs) -> (String, i32) {
                 serde_json::to_string_pretty(&json!({ "source": source, "slice": s }))
                     .unwrap_or_default()
             } else {
-                text(&source, &s)
+                text(
+                    &source,
+                    &s,
+                    args.classes.is_empty() || args.budget.is_some(),
+                )
             };
             (text, 0)
         }
@@ -80,7 +84,8 @@ fn plan(args: &SizeArgs) -> Result<(serde_json::Value, Slice), String> {
     Ok((source, s))
 }
 
-fn text(source: &serde_json::Value, s: &Slice) -> String {
+/// `compare`: whether a configured size was given to compare (`--budget` with classes).
+fn text(source: &serde_json::Value, s: &Slice, compare: bool) -> String {
     let mut out = format!(
         "pool-doctor size: {} replica(s) sharing {} connection(s)",
         s.replicas, s.total
@@ -112,7 +117,9 @@ fn text(source: &serde_json::Value, s: &Slice) -> String {
             ));
         }
     }
-    if s.fits_as_configured {
+    if !compare {
+        out.push_str("      no --budget given: each replica's ClassPools total is its slice\n");
+    } else if s.fits_as_configured {
         out.push_str(&format!(
             "PASS  as configured: {} × {} = {} fit in {}\n",
             s.replicas,
