@@ -736,6 +736,19 @@ fn pooler(config: &PoolConfig, facts: &Facts) -> Check {
         ));
         transaction = true;
     }
+    let shared: Vec<i32> = facts
+        .pids_second
+        .iter()
+        .copied()
+        .filter(|p| facts.pids.contains(p))
+        .collect();
+    if !shared.is_empty() {
+        signs.push(format!(
+            "two client connections were served by the same backend (pid {})",
+            shared[0]
+        ));
+        transaction = true;
+    }
     let configured_app =
         url_param(config, "application_name").or_else(|| config.connect.application_name.clone());
     if let Some(app) = configured_app {

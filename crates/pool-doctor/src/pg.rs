@@ -192,6 +192,8 @@ pub struct Facts {
     pub round_trips: Vec<Duration>,
     /// `pg_backend_pid()` in consecutive transactions.
     pub pids: Vec<i32>,
+    /// `pg_backend_pid()` of a second client connection, taking turns with the first.
+    pub pids_second: Vec<i32>,
     /// `SHOW pool_mode`, when something answered it.
     pub pool_mode: Option<String>,
     /// This process's TCP sockets to the database's port.
@@ -212,7 +214,8 @@ pub fn doctor_pool(
 ) -> Result<(ExtPool<PgConnection>, Duration), String> {
     let mut c = config.clone();
     c.pool_size = 1;
-    c.max_overflow = 0;
+    // A second connection only for the pooler probe.
+    c.max_overflow = 1;
     c.pool_timeout = timeout;
     c.name = "pool-doctor".to_owned();
     let started = Instant::now();
@@ -253,14 +256,18 @@ pub fn gather(
             .map_err(|e| redact(e.to_string()))?;
         round_trips.push(started.elapsed());
     }
-    let mut pids = Vec::new();
+    // A second client connection, taking turns with the first: directly or through a
+    // session-mode pooler each keeps its own backend; a transaction-mode pooler hands the
+    // backend one just used to the other (or moves one between backends).
+    let mut second = pool.get_timeout(timeout).ok();
+    let (mut pids, mut pids_second) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        if let Ok(pid) =
-            diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()")).get_result::<i32>(conn)
-        {
-            pids.push(pid);
+        pids.extend(backend_pid(conn));
+        if let Some(second) = second.as_mut() {
+            pids_second.extend(backend_pid(second));
         }
     }
+    drop(second);
     let pool_mode = show_pool_mode(conn);
     let peer = config
         .url
@@ -280,9 +287,16 @@ pub fn gather(
         activity,
         round_trips,
         pids,
+        pids_second,
         pool_mode,
         sockets,
     })
+}
+
+fn backend_pid(conn: &mut PgConnection) -> Option<i32> {
+    diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()"))
+        .get_result::<i32>(conn)
+        .ok()
 }
 
 #[derive(QueryableByName)]
