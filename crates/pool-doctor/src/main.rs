@@ -29,7 +29,7 @@ fn main() {
         .collect();
     let code = match args::parse(&argv) {
         Ok(args::Command::Help) => {
-            print!("{}", args::USAGE);
+            print_out(args::USAGE);
             0
         }
         Ok(args::Command::Check(a)) => {
@@ -39,12 +39,12 @@ fn main() {
             } else {
                 report.to_text()
             };
-            println!("{}", text.trim_end());
+            print_out(&text);
             report.exit_code()
         }
         Ok(args::Command::Size(a)) => {
             let (text, code) = size::run(&a);
-            println!("{}", text.trim_end());
+            print_out(&text);
             code
         }
         Ok(args::Command::Status(a)) => {
@@ -55,9 +55,17 @@ fn main() {
             code
         }
         Err(e) => {
-            eprintln!("pool-doctor: {e}\n\n{}", args::USAGE);
+            let _ = writeln!(std::io::stderr(), "pool-doctor: {e}\n\n{}", args::USAGE);
             2
         }
     };
     std::process::exit(code);
+}
+
+/// Prints `text` with one final newline; a closed stdout (`| head`) is not an error worth a
+/// panic.
+fn print_out(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", text.trim_end());
+    let _ = out.flush();
 }
