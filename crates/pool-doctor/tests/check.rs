@@ -123,9 +123,16 @@ fn a_budget_above_max_connections_fails_and_one_above_what_is_left_warns() {
     assert_eq!(out.code, 0, "{}", out.stdout);
     let budget = out.check("budget");
     assert_eq!(budget["outcome"], "warn", "{budget}");
-    assert_eq!(budget["data"]["other_clients"], 4, "{budget}");
+    // 4, or more while an earlier run's backends are still exiting on a loaded machine.
+    let others = budget["data"]["other_clients"].as_u64().unwrap();
+    assert!(others >= 4, "{budget}");
+    let left = 17u64.saturating_sub(others);
+    assert_eq!(budget["data"]["available"], left, "{budget}");
     assert!(
-        budget["fix"].as_str().unwrap().contains("13 or fewer"),
+        budget["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{left} or fewer")),
         "{budget}"
     );
 
@@ -141,7 +148,7 @@ fn a_budget_above_max_connections_fails_and_one_above_what_is_left_warns() {
             "--class",
             "adhoc:reserved=2",
             "--budget",
-            "12",
+            "10",
         ],
         &env,
     ));
@@ -197,7 +204,7 @@ fn plain_text_and_a_role_connection_limit_are_reported() {
         &[
             ("DB_KEEPALIVES", "off"),
             ("DB_TCP_USER_TIMEOUT", "off"),
-            ("DB_POOL_SIZE", "2"),
+            ("DB_POOL_SIZE", "1"),
             ("DB_MAX_OVERFLOW", "1"),
             ("DB_POOL_RECYCLE", "off"),
         ],
@@ -216,6 +223,20 @@ fn plain_text_and_a_role_connection_limit_are_reported() {
         .unwrap()
         .contains("DB_POOL_RECYCLE"));
     assert_eq!(out.outcome("role_limit"), "pass");
+
+    // `size` slices what the role's limit leaves, not what max_connections would.
+    let out = run(doctor(
+        &["size", "--json", "--replicas", "2", "--url", &pg.url()],
+        &[],
+    ));
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    let json = out.json();
+    let total = json["slice"]["total"].as_u64().unwrap();
+    assert!((2..=5).contains(&total), "{json}");
+    assert_eq!(json["source"]["role_limit_left"], total, "{json}");
+    assert_eq!(json["slice"]["fits_as_configured"], false, "{json}");
+    let s = &json["slice"];
+    assert!(s["pool_size"].as_u64().unwrap() + s["max_overflow"].as_u64().unwrap() <= total / 2);
 }
 
 #[test]
@@ -337,6 +358,38 @@ fn bad_urls_and_bad_values_fail_clearly_without_showing_the_secret() {
             .unwrap()
             .contains("DB_POOL_TIMEOUT is not valid UTF-8"));
     }
+    // Slices that cannot be made say why.
+    let out = run(doctor(
+        &["size", "--json", "--replicas", "10", "--total", "5"],
+        &[],
+    ));
+    assert_eq!(out.code, 2);
+    assert!(out.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("5 connection(s) cannot be shared by 10 replicas"));
+    let out = run(doctor(
+        &[
+            "size",
+            "--replicas",
+            "2",
+            "--total",
+            "10",
+            "--class",
+            "adhoc:reserved=6",
+        ],
+        &[],
+    ));
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stdout.contains("reserve 6 connection(s) per replica"),
+        "{}",
+        out.stdout
+    );
+    let out = run(doctor(&["size", "--replicas", "2"], &[]));
+    assert_eq!(out.code, 2);
+    assert!(out.stdout.contains("--total"), "{}", out.stdout);
+
     // Bad flags: the usage, exit code 2, no panic.
     for args in [
         &["check", "--bogus"][..],
