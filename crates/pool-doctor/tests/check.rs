@@ -112,7 +112,7 @@ fn a_budget_above_max_connections_fails_and_one_above_what_is_left_warns() {
     assert_eq!(out.json()["exit_code"], 2);
 
     // 15 fits 17, but not once 4 other clients (named after a class) hold connections.
-    let others: Vec<PgConnection> = (0..4)
+    let held: Vec<PgConnection> = (0..4)
         .map(|_| {
             PgConnection::establish(&pg.url_with("sslmode=require&application_name=adhoc"))
                 .expect("other client")
@@ -178,7 +178,7 @@ fn a_budget_above_max_connections_fails_and_one_above_what_is_left_warns() {
     ));
     assert_eq!(out.outcome("classes"), "fail", "{}", out.stdout);
     assert_eq!(out.code, 2);
-    drop(others);
+    drop(held);
 }
 
 #[test]
