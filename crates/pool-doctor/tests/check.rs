@@ -263,7 +263,8 @@ fn a_sentinel_password_never_shows_in_any_output() {
         assert!(out.stdout.contains("app:***@127.0.0.1"), "{}", out.stdout);
     }
     let out = run(doctor(&["check", "--json", "--url", &good], &[]));
-    assert_eq!(out.outcome("connect"), "pass", "{}", out.stdout);
+    // pass, or warn if a loaded machine made the connect slower than 2 s.
+    assert_ne!(out.outcome("connect"), "fail", "{}", out.stdout);
 
     // A wrong password that holds the sentinel: a clear failure, nothing shown.
     let wrong = good.replace("S3nt", "S3ntX");
