@@ -18,6 +18,7 @@ mod pg;
 mod report;
 mod size;
 mod socket;
+mod sqlite;
 mod status;
 
 use std::io::Write;
