@@ -22,6 +22,8 @@
 
 use std::fmt;
 
+pub mod slices;
+
 /// The server's settings and every client backend it has, as `pg_stat_activity` counts them
 /// (`clients`). Columns: `max_connections`, `superuser_reserved`, `reserved_connections`,
 /// `clients`, each an `int`.
