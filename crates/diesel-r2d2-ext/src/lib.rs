@@ -63,4 +63,9 @@ pub use pool::PgPool;
 pub use pool::SqlitePool;
 pub use pool::{BuildError, Builder, ExtPool};
 pub use pool_core;
+/// The pool crate this one wraps, re-exported: name its types (`r2d2::PooledConnection`,
+/// ...) through it so that both always agree.
+pub use r2d2;
+/// The checkout [`ExtPool::get`] returns: r2d2's own.
+pub use r2d2::PooledConnection;
 pub use retry::{commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy};
