@@ -90,6 +90,11 @@ pub mod tls;
 mod tracker;
 
 pub use backend::ExtConnection;
+/// The pool crate this one wraps, re-exported: name its types (`bb8::PooledConnection`,
+/// ...) through it so that both always agree.
+pub use bb8;
+/// The checkout [`ExtPool::get`] returns: bb8's own.
+pub use bb8::PooledConnection;
 pub use classes::{Class, ClassPools};
 pub use manager::{ConnectCause, ExtError, ExtManager};
 #[cfg(feature = "postgres")]
@@ -100,11 +105,6 @@ pub use pool::PgPool;
 pub use pool::SqlitePool;
 pub use pool::{BuildError, Builder, ExtPool};
 pub use pool_core;
-/// The pool crate this one wraps, re-exported: name its types (`bb8::PooledConnection`,
-/// ...) through it so that both always agree.
-pub use bb8;
-/// The checkout [`ExtPool::get`] returns: bb8's own.
-pub use bb8::PooledConnection;
 pub use retry::{commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy};
 #[cfg(feature = "postgres")]
 pub use tls::{RootCerts, TlsSettings, Verification};

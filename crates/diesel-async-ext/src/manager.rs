@@ -250,6 +250,11 @@ pub struct ExtManager<C: ExtConnection> {
     last: Arc<LastError>,
 }
 
+/// A hedge's connect, boxed (see its use in validation).
+type HedgeFuture<'a, C> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<Result<C, ExtError>>> + Send + 'a>,
+>;
+
 impl<C: ExtConnection> Clone for ExtManager<C> {
     fn clone(&self) -> Self {
         ExtManager {
@@ -454,13 +459,7 @@ impl<C: ExtConnection> ExtManager<C> {
                     let deadline = tokio::time::Instant::from_std(started + timeout);
                     // Boxed: the hedge's connect is a deep future, and it is only built on
                     // this slow path (it keeps every checkout future's type shallow).
-                    let mut hedge: std::pin::Pin<
-                        Box<
-                            dyn std::future::Future<Output = Option<Result<C, ExtError>>>
-                                + Send
-                                + '_,
-                        >,
-                    > = Box::pin(self.open_hedge());
+                    let mut hedge: HedgeFuture<'_, C> = Box::pin(self.open_hedge());
                     let mut racing = true;
                     loop {
                         tokio::select! {

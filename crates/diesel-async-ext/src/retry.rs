@@ -57,11 +57,12 @@ use diesel::QueryResult;
 use diesel_async::{AsyncConnection, TransactionManager};
 use diesel_ext_common::resolve::{asked, is_unique_violation, key_probe_answer};
 use pool_core::retry::{
-    finish_ambiguous, no_txid_reason, run_async, sql, Asked, AttemptError, Resolution, Resolved,
+    finish_ambiguous, no_txid_reason, run_async, Asked, AttemptError, Resolution, Resolved,
     RetryHooks, Step,
 };
 pub use pool_core::retry::{
-    Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus, IDEMPOTENCY_TABLE_SQL,
+    IdempotencyTable, Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus,
+    IDEMPOTENCY_TABLE_SQL, MAX_IDEMPOTENCY_KEY_CHARS,
 };
 
 use crate::backend::ExtConnection;
@@ -190,15 +191,17 @@ pub trait RetryConnection: AsyncConnection + Send {
         txid: i64,
     ) -> impl Future<Output = diesel::QueryResult<TxStatus>> + Send;
 
-    /// Inserts `key` into the idempotency table ([`IDEMPOTENCY_TABLE_SQL`]).
+    /// Inserts `key` into the idempotency table `table` ([`IdempotencyTable`]).
     fn insert_idempotency_key(
         &mut self,
+        table: &IdempotencyTable,
         key: &str,
     ) -> impl Future<Output = diesel::QueryResult<()>> + Send;
 }
 
 /// Creates the idempotency table if it does not exist (for applications that do not run the
-/// migration).
+/// migration). For a table set with `RetryPolicy::builder().idempotency_table(..)`, run
+/// `conn.batch_execute(&policy.idempotency_table().create_sql())` instead.
 pub async fn ensure_idempotency_table<C>(conn: &mut C) -> diesel::QueryResult<()>
 where
     C: diesel_async::SimpleAsyncConnection + Send,
@@ -240,9 +243,13 @@ impl RetryConnection for diesel_async::AsyncPgConnection {
         Ok(TxStatus::from_txid_status(status.as_deref()))
     }
 
-    async fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
+    async fn insert_idempotency_key(
+        &mut self,
+        table: &IdempotencyTable,
+        key: &str,
+    ) -> diesel::QueryResult<()> {
         use diesel_async::RunQueryDsl;
-        diesel::sql_query(sql::INSERT_KEY_PG)
+        diesel::sql_query(table.insert_sql_pg())
             .bind::<diesel::sql_types::Text, _>(key)
             .execute(self)
             .await
@@ -262,9 +269,13 @@ impl RetryConnection
         Ok(TxStatus::Unknown)
     }
 
-    async fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
+    async fn insert_idempotency_key(
+        &mut self,
+        table: &IdempotencyTable,
+        key: &str,
+    ) -> diesel::QueryResult<()> {
         use diesel_async::RunQueryDsl;
-        diesel::sql_query(sql::INSERT_KEY_SQLITE)
+        diesel::sql_query(table.insert_sql_sqlite())
             .bind::<diesel::sql_types::Text, _>(key.to_owned())
             .execute(self)
             .await
@@ -382,9 +393,12 @@ where
 }
 
 /// Like [`commit_with_retry`], for any backend: inserts `key` into the idempotency table
-/// ([`IDEMPOTENCY_TABLE_SQL`]) in the same transaction, so that a commit cut off by a lost
-/// connection is resolved by looking the key up, and a call repeated with the same key does
-/// nothing.
+/// (the policy's [`IdempotencyTable`], whose rustdoc shows the SQL) in the same transaction,
+/// so that a commit cut off by a lost connection is resolved by looking the key up, and a
+/// call repeated with the same key does nothing. Keys are at most
+/// [`MAX_IDEMPOTENCY_KEY_CHARS`] characters (an empty or longer key is refused before any
+/// round trip, as [`RetryError::Permanent`]) and share one table: namespace them by what
+/// they guard (`webhook:stripe:evt_...`).
 ///
 /// Resolution inserts the key again on a fresh connection: if the cut-off transaction is
 /// still running, the insert waits on its lock, so the answer is never read too early.
@@ -401,7 +415,12 @@ where
         + for<'r> RetryBody<'r, P::Connection, Result<T, E>>,
     E: From<DieselError> + Classify + Display,
 {
-    let mode = Mode::Key(key.to_owned());
+    if let Err(reason) = pool_core::retry::check_idempotency_key(key) {
+        return Err(RetryError::Permanent(
+            DieselError::QueryBuilderError(reason.into()).into(),
+        ));
+    }
+    let mode = Mode::Key(key.to_owned(), policy.idempotency_table().clone());
     Ok(match run_transactions(pool, policy, &mode, body).await? {
         Outcome::Value(value) => Keyed::Committed(value),
         Outcome::AlreadyCommitted => Keyed::AlreadyCommitted,
@@ -413,7 +432,7 @@ enum Mode {
     /// Read `txid_current()` before `COMMIT` (if `verify`), ask `txid_status()` after a cut.
     Txid { verify: bool },
     /// Insert the idempotency key in the transaction; look it up after a cut.
-    Key(String),
+    Key(String, IdempotencyTable),
 }
 
 /// What an attempt's preparation left to do.
@@ -445,8 +464,8 @@ where
     E: From<DieselError>,
 {
     begin(conn).await.map_err(|e| AttemptError::Op(e.into()))?;
-    if let Mode::Key(key) = mode {
-        match conn.insert_idempotency_key(key).await {
+    if let Mode::Key(key, table) = mode {
+        match conn.insert_idempotency_key(table, key).await {
             Ok(()) => {}
             Err(e) if is_unique_violation(&e) => {
                 let _ = rollback(conn).await;
@@ -481,7 +500,7 @@ where
     P::Connection: RetryConnection,
 {
     let question = match (mode, txid) {
-        (Mode::Key(key), _) => Question::Key(key.clone()),
+        (Mode::Key(key, table), _) => Question::Key(key.clone(), table.clone()),
         (Mode::Txid { .. }, Some(txid)) => Question::Txid(txid),
         (Mode::Txid { verify }, None) => return Err(no_txid_reason(*verify)),
     };
@@ -586,16 +605,16 @@ enum Question {
     Txid(i64),
     /// Insert the key again in a throwaway transaction: a unique violation means the cut-off
     /// transaction committed; success means it did not (the probe is rolled back).
-    Key(String),
+    Key(String, IdempotencyTable),
 }
 
 /// Asks once.
 async fn ask<C: RetryConnection>(conn: &mut C, question: &Question) -> QueryResult<Asked> {
     match question {
         Question::Txid(txid) => Ok(conn.txid_status(*txid).await?.answer(*txid)),
-        Question::Key(key) => {
+        Question::Key(key, table) => {
             begin(conn).await?;
-            let probe = conn.insert_idempotency_key(key).await;
+            let probe = conn.insert_idempotency_key(table, key).await;
             let _ = rollback(conn).await;
             key_probe_answer(probe)
         }

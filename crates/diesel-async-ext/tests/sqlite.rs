@@ -286,3 +286,47 @@ async fn get_owned_is_a_checkout_of_this_pool() {
     assert!(pool.stats().timeouts >= 1, "the timeout is counted");
     drop(first);
 }
+
+/// The policy's own idempotency table is the one the async `commit_with_key` uses, and an
+/// over-long key is refused up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_go_to_the_policy_table_and_long_keys_are_refused() {
+    use diesel_async::SimpleAsyncConnection;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = SqlitePool::builder(&db(&dir)).build().await.unwrap();
+    let policy = RetryPolicy::builder()
+        .idempotency_table("webhook_keys")
+        .build()
+        .unwrap();
+    {
+        let mut conn = pool.get().await.unwrap();
+        conn.batch_execute(&format!(
+            "{}; CREATE TABLE hooks (id INTEGER PRIMARY KEY);",
+            policy.idempotency_table().create_sql()
+        ))
+        .await
+        .unwrap();
+    }
+    let insert = async |conn: &mut diesel_async::sync_connection_wrapper::SyncConnectionWrapper<
+        diesel::SqliteConnection,
+    >| {
+        diesel::sql_query("INSERT INTO hooks DEFAULT VALUES")
+            .execute(conn)
+            .await
+    };
+    let first = commit_with_key(&pool, &policy, "stripe:evt_1", insert).await;
+    assert_eq!(first.unwrap(), Keyed::Committed(1));
+    let again = commit_with_key(&pool, &policy, "stripe:evt_1", insert).await;
+    assert_eq!(again.unwrap(), Keyed::AlreadyCommitted);
+    assert_eq!(
+        count(&pool, "SELECT count(*) AS n FROM webhook_keys").await,
+        1
+    );
+    let long = "k".repeat(256);
+    let refused = commit_with_key(&pool, &policy, &long, insert).await;
+    assert!(
+        matches!(&refused, Err(diesel_async_ext::RetryError::Permanent(e)) if e.to_string().contains("256")),
+        "{refused:?}"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) AS n FROM hooks").await, 1);
+}

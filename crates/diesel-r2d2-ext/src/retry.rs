@@ -56,7 +56,8 @@ use pool_core::retry::{
     RetryHooks, Step,
 };
 pub use pool_core::retry::{
-    Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus, IDEMPOTENCY_TABLE_SQL,
+    IdempotencyTable, Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus,
+    IDEMPOTENCY_TABLE_SQL, MAX_IDEMPOTENCY_KEY_CHARS,
 };
 
 use crate::classify::{classify_diesel, Classify, DRIVER};
@@ -156,8 +157,12 @@ pub trait RetryConnection: Connection {
     /// What became of transaction `txid`, asked on another connection.
     fn txid_status(&mut self, txid: i64) -> diesel::QueryResult<TxStatus>;
 
-    /// Inserts `key` into the idempotency table ([`IDEMPOTENCY_TABLE_SQL`]).
-    fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()>;
+    /// Inserts `key` into the idempotency table `table` ([`IdempotencyTable`]).
+    fn insert_idempotency_key(
+        &mut self,
+        table: &IdempotencyTable,
+        key: &str,
+    ) -> diesel::QueryResult<()>;
 
     /// Inside a transaction: waiting for a lock longer than `limit` fails the statement
     /// instead (PostgreSQL `SET LOCAL lock_timeout`). Backends without a per-transaction
@@ -168,7 +173,8 @@ pub trait RetryConnection: Connection {
 }
 
 /// Creates the idempotency table if it does not exist (for applications that do not run the
-/// crate's migration).
+/// crate's migration). For a table set with `RetryPolicy::builder().idempotency_table(..)`,
+/// run `conn.batch_execute(&policy.idempotency_table().create_sql())` instead.
 pub fn ensure_idempotency_table<C: Connection>(conn: &mut C) -> diesel::QueryResult<()> {
     conn.batch_execute(IDEMPOTENCY_TABLE_SQL)
 }
@@ -196,9 +202,13 @@ impl RetryConnection for diesel::PgConnection {
         Ok(TxStatus::from_txid_status(status.as_deref()))
     }
 
-    fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
+    fn insert_idempotency_key(
+        &mut self,
+        table: &IdempotencyTable,
+        key: &str,
+    ) -> diesel::QueryResult<()> {
         use diesel::RunQueryDsl;
-        diesel::sql_query(sql::INSERT_KEY_PG)
+        diesel::sql_query(table.insert_sql_pg())
             .bind::<diesel::sql_types::Text, _>(key)
             .execute(self)
             .map(drop)
@@ -220,9 +230,13 @@ impl RetryConnection for diesel::SqliteConnection {
         Ok(TxStatus::Unknown)
     }
 
-    fn insert_idempotency_key(&mut self, key: &str) -> diesel::QueryResult<()> {
+    fn insert_idempotency_key(
+        &mut self,
+        table: &IdempotencyTable,
+        key: &str,
+    ) -> diesel::QueryResult<()> {
         use diesel::RunQueryDsl;
-        diesel::sql_query(sql::INSERT_KEY_SQLITE)
+        diesel::sql_query(table.insert_sql_sqlite())
             .bind::<diesel::sql_types::Text, _>(key)
             .execute(self)
             .map(drop)
@@ -310,9 +324,13 @@ where
 }
 
 /// Like [`commit_with_retry`], for any backend: inserts `key` into the idempotency table
-/// (`migrations/`, or [`ensure_idempotency_table`]) in the same transaction, so that a commit
-/// cut off by a lost connection is resolved by looking the key up, and a call repeated with
-/// the same key (say, by a job runner after a crash) does nothing.
+/// (`migrations/`, or [`ensure_idempotency_table`]; the policy's [`IdempotencyTable`], whose
+/// rustdoc shows the SQL) in the same transaction, so that a commit cut off by a lost
+/// connection is resolved by looking the key up, and a call repeated with the same key (say,
+/// by a job runner after a crash) does nothing. Keys are at most
+/// [`MAX_IDEMPOTENCY_KEY_CHARS`] characters (an empty or longer key is refused before any
+/// round trip, as [`RetryError::Permanent`]) and share one table: namespace them by what
+/// they guard (`webhook:stripe:evt_...`).
 ///
 /// Resolution inserts the key again on a fresh connection: if the cut-off transaction is
 /// still running, the insert waits on its lock, so the answer is never read too early.
@@ -328,12 +346,18 @@ where
     F: FnMut(&mut P::Connection) -> Result<T, E>,
     E: From<DieselError> + Classify + Display,
 {
+    if let Err(reason) = pool_core::retry::check_idempotency_key(key) {
+        return Err(RetryError::Permanent(
+            DieselError::QueryBuilderError(reason.into()).into(),
+        ));
+    }
+    let table = policy.idempotency_table();
     run_transactions(
         pool,
         policy,
         |conn| {
             let value = run_body(conn, &mut |conn: &mut P::Connection| match conn
-                .insert_idempotency_key(key)
+                .insert_idempotency_key(table, key)
             {
                 Ok(()) => body(conn).map(Keyed::Committed),
                 Err(e) if is_unique_violation(&e) => Ok(Keyed::AlreadyCommitted),
@@ -446,7 +470,7 @@ where
         // the resolution may take.
         let probe = conn
             .limit_lock_wait(left)
-            .and_then(|()| conn.insert_idempotency_key(key));
+            .and_then(|()| conn.insert_idempotency_key(policy.idempotency_table(), key));
         let _ = rollback(conn);
         key_probe_answer(probe)
     })

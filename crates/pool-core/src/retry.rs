@@ -55,8 +55,8 @@ use crate::stats::PoolStats;
 mod commit;
 
 pub use commit::{
-    finish_ambiguous, no_txid_reason, sql, Asked, Keyed, Resolution, Resolved, Step, TxStatus,
-    IDEMPOTENCY_TABLE_SQL,
+    check_idempotency_key, finish_ambiguous, no_txid_reason, sql, Asked, IdempotencyTable, Keyed,
+    Resolution, Resolved, Step, TxStatus, IDEMPOTENCY_TABLE_SQL, MAX_IDEMPOTENCY_KEY_CHARS,
 };
 
 /// How to retry: attempts, time limit, backoff, and whether commits are verified.
@@ -70,6 +70,7 @@ pub use commit::{
 /// | `retry_pool_timeout` | true |
 /// | `verify_commit` | true (PostgreSQL: one `txid_current()` per transaction) |
 /// | `commit_resolution_timeout` | 10 s |
+/// | `idempotency_table` | `resilient_diesel_idempotency_keys` (see [`IdempotencyTable`]) |
 /// | `seed` | none (random) |
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
@@ -80,6 +81,7 @@ pub struct RetryPolicy {
     retry_pool_timeout: bool,
     verify_commit: bool,
     commit_resolution_timeout: Duration,
+    idempotency_table: IdempotencyTable,
     seed: Option<u64>,
 }
 
@@ -93,6 +95,7 @@ impl Default for RetryPolicy {
             retry_pool_timeout: true,
             verify_commit: true,
             commit_resolution_timeout: Duration::from_secs(10),
+            idempotency_table: IdempotencyTable::default(),
             seed: None,
         }
     }
@@ -102,6 +105,7 @@ impl RetryPolicy {
     /// A builder starting from the defaults.
     pub fn builder() -> RetryPolicyBuilder {
         RetryPolicyBuilder {
+            table: None,
             policy: RetryPolicy::default(),
         }
     }
@@ -155,6 +159,11 @@ impl RetryPolicy {
         self.seed
     }
 
+    /// The table `commit_with_key` records its keys in.
+    pub fn idempotency_table(&self) -> &IdempotencyTable {
+        &self.idempotency_table
+    }
+
     /// Whether an error of `class` may be retried under this policy.
     pub fn retries(&self, class: ErrorClass) -> bool {
         match class {
@@ -175,6 +184,8 @@ impl RetryPolicy {
 #[must_use = "a builder does nothing until .build() is called"]
 pub struct RetryPolicyBuilder {
     policy: RetryPolicy,
+    /// A table name given to [`RetryPolicyBuilder::idempotency_table`], checked by `build`.
+    table: Option<String>,
 }
 
 impl RetryPolicyBuilder {
@@ -226,9 +237,22 @@ impl RetryPolicyBuilder {
         self
     }
 
+    /// The table `commit_with_key` records its keys in (`table` or `schema.table`; see
+    /// [`IdempotencyTable`]), instead of `resilient_diesel_idempotency_keys`.
+    pub fn idempotency_table(mut self, name: &str) -> Self {
+        self.table = Some(name.to_owned());
+        self
+    }
+
     /// Checks the values and returns the policy.
     pub fn build(self) -> Result<RetryPolicy, PolicyError> {
-        let p = self.policy;
+        let mut p = self.policy;
+        if let Some(name) = &self.table {
+            p.idempotency_table = IdempotencyTable::new(name).map_err(|problem| PolicyError {
+                setting: "idempotency_table",
+                problem,
+            })?;
+        }
         if p.max_attempts == 0 {
             return Err(PolicyError {
                 setting: "max_attempts",

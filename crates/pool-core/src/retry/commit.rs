@@ -46,6 +46,123 @@ pub const IDEMPOTENCY_TABLE_SQL: &str =
      idempotency_key VARCHAR(255) PRIMARY KEY, \
      created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)";
 
+/// The longest idempotency key `commit_with_key` accepts, in characters: the key column is
+/// `VARCHAR(255)`. Keys share one table across the application: namespace them by what
+/// they guard (`webhook:stripe:evt_1NXa...`, `job:send-invoice:4711`).
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
+/// Why `key` cannot be an idempotency key (empty, or longer than
+/// [`MAX_IDEMPOTENCY_KEY_CHARS`]); the key itself is not quoted.
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    let chars = key.chars().count();
+    if chars == 0 {
+        return Err("the idempotency key is empty; give each operation its own key".to_owned());
+    }
+    if chars > MAX_IDEMPOTENCY_KEY_CHARS {
+        return Err(format!(
+            "the idempotency key is {chars} characters long; the limit is \
+             {MAX_IDEMPOTENCY_KEY_CHARS} (hash a longer natural key)"
+        ));
+    }
+    Ok(())
+}
+
+/// The table `commit_with_key` records its keys in: `resilient_diesel_idempotency_keys` by
+/// default, or a name set with
+/// [`RetryPolicyBuilder::idempotency_table`](super::RetryPolicyBuilder::idempotency_table)
+/// (`table` or `schema.table`: lowercase letters, digits and `_`, not starting with a digit,
+/// at most 63 bytes each, so it is never quoted and never an injection).
+///
+/// Its SQL, for PostgreSQL, SQLite and MySQL alike:
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS resilient_diesel_idempotency_keys (
+///     idempotency_key VARCHAR(255) PRIMARY KEY,
+///     created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)
+/// -- in the transaction of commit_with_key, before its body:
+/// INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES ($1)
+/// ```
+///
+/// A unique violation on that insert means the key was committed before: the body is not
+/// run. Rows are never deleted by the library; prune old ones by `created_at` when the
+/// operations they guard can no longer be repeated.
+///
+/// ```
+/// use pool_core::retry::IdempotencyTable;
+/// let table = IdempotencyTable::new("billing.webhook_keys")?;
+/// assert!(table.create_sql().starts_with("CREATE TABLE IF NOT EXISTS billing.webhook_keys ("));
+/// assert!(IdempotencyTable::new("keys; DROP TABLE users").is_err());
+/// # Ok::<(), String>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyTable {
+    name: String,
+}
+
+impl Default for IdempotencyTable {
+    fn default() -> Self {
+        IdempotencyTable {
+            name: IdempotencyTable::DEFAULT.to_owned(),
+        }
+    }
+}
+
+impl IdempotencyTable {
+    /// The default table's name.
+    pub const DEFAULT: &'static str = "resilient_diesel_idempotency_keys";
+
+    /// A table called `name` (`table` or `schema.table`).
+    ///
+    /// # Errors
+    /// A sentence saying what is wrong with the name, for a name that is not a plain
+    /// lowercase SQL identifier (or two, joined by a dot).
+    pub fn new(name: &str) -> Result<IdempotencyTable, String> {
+        let parts: Vec<&str> = name.split('.').collect();
+        let plain = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 63
+                && !p.starts_with(|c: char| c.is_ascii_digit())
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if parts.len() > 2 || !parts.iter().all(|p| plain(p)) {
+            return Err(format!(
+                "{:?} is not a table name this library writes unquoted; use `table` or \
+                 `schema.table` in lowercase letters, digits and _ (at most 63 each)",
+                crate::redact::redact(name)
+            ));
+        }
+        Ok(IdempotencyTable {
+            name: name.to_owned(),
+        })
+    }
+
+    /// The table's name, as written in the SQL.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `CREATE TABLE IF NOT EXISTS` for this table (PostgreSQL, SQLite and MySQL).
+    pub fn create_sql(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (\
+             idempotency_key VARCHAR(255) PRIMARY KEY, \
+             created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+            self.name
+        )
+    }
+
+    /// PostgreSQL: the insert of a key bound as `$1`.
+    pub fn insert_sql_pg(&self) -> String {
+        format!("INSERT INTO {} (idempotency_key) VALUES ($1)", self.name)
+    }
+
+    /// SQLite and MySQL: the insert of a key bound as `?`.
+    pub fn insert_sql_sqlite(&self) -> String {
+        format!("INSERT INTO {} (idempotency_key) VALUES (?)", self.name)
+    }
+}
+
 /// The SQL the adapters send to make a commit resolvable and to resolve it.
 pub mod sql {
     use std::time::Duration;
@@ -272,6 +389,54 @@ mod tests {
         for insert in [sql::INSERT_KEY_PG, sql::INSERT_KEY_SQLITE] {
             assert!(insert.contains("resilient_diesel_idempotency_keys (idempotency_key)"));
         }
+    }
+
+    #[test]
+    fn the_default_table_is_the_migrations_table() {
+        let t = IdempotencyTable::default();
+        assert_eq!(t.create_sql(), IDEMPOTENCY_TABLE_SQL);
+        assert_eq!(t.insert_sql_pg(), sql::INSERT_KEY_PG);
+        assert_eq!(t.insert_sql_sqlite(), sql::INSERT_KEY_SQLITE);
+    }
+
+    #[test]
+    fn only_plain_lowercase_names_are_tables() {
+        for ok in ["keys", "billing.keys", "_k9", "a_b.c_d"] {
+            let t = IdempotencyTable::new(ok).unwrap();
+            assert_eq!(t.name(), ok);
+            assert!(t.insert_sql_pg().contains(&format!("INTO {ok} (")));
+        }
+        let long = "k".repeat(64);
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a.b.c",
+            "9keys",
+            "Keys",
+            "keys;",
+            "keys --",
+            "k\"eys",
+            "ké",
+            "a b",
+            long.as_str(),
+        ] {
+            assert!(IdempotencyTable::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(IdempotencyTable::new(&"k".repeat(63)).is_ok());
+    }
+
+    #[test]
+    fn keys_are_checked_for_length_in_characters() {
+        assert!(check_idempotency_key("").is_err());
+        assert!(check_idempotency_key("a").is_ok());
+        assert!(
+            check_idempotency_key(&"é".repeat(255)).is_ok(),
+            "255 characters, 510 bytes"
+        );
+        let e = check_idempotency_key(&"x".repeat(256)).unwrap_err();
+        assert!(e.contains("256") && e.contains("255"), "{e}");
     }
 
     #[test]
