@@ -1001,7 +1001,8 @@ mod tests {
     fn a_saturated_class_never_takes_the_reserved_floor() {
         let b = field_report();
         let (auto, adhoc) = ids(&b);
-        let held: Vec<_> = std::iter::from_fn(|| b.try_acquire(auto)).collect();
+        // Bounded: a budget that grants past its cap must fail here, not fill the memory.
+        let held: Vec<_> = std::iter::from_fn(|| b.try_acquire(auto)).take(1000).collect();
         assert_eq!(held.len(), 55, "automation stops at its cap");
         // Automation waiters pile up...
         let waiters: Vec<_> = (0..4)
@@ -1035,9 +1036,14 @@ mod tests {
         std::thread::scope(|s| {
             let w = s.spawn(|| {
                 waiting.store(true, Ordering::SeqCst);
-                b.acquire(a, Duration::from_secs(30))
+                b.acquire(a, Duration::from_secs(5))
             });
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while b.snapshot().classes[0].waiters == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the waiter never showed up in the snapshot"
+                );
                 std::thread::yield_now();
             }
             drop(held);
@@ -1057,8 +1063,8 @@ mod tests {
         let mut borrowed: Vec<_> = (0..25).map(|_| b.try_acquire(adhoc).unwrap()).collect();
         assert_eq!(b.reclaim_wanted(adhoc), 0, "nobody is waiting");
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| b.acquire(auto, Duration::from_secs(30)));
-            let wanted = b.wait_for_pressure(adhoc, Duration::from_secs(30));
+            let waiter = s.spawn(|| b.acquire(auto, Duration::from_secs(5)));
+            let wanted = b.wait_for_pressure(adhoc, Duration::from_secs(5));
             assert_eq!(wanted, 1);
             assert_eq!(b.reclaim_wanted(auto), 0, "automation borrows nothing");
             borrowed.pop();

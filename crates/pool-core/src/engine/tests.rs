@@ -238,12 +238,14 @@ fn the_gate_serves_waiters_in_arrival_order() {
     for i in 0..8 {
         let (g, order) = (gate.clone(), order.clone());
         threads.push(std::thread::spawn(move || {
-            let permit = g.enter(Duration::from_secs(10)).unwrap();
+            let permit = g.enter(Duration::from_secs(5)).unwrap();
             order.lock().push(i);
             drop(permit);
         }));
         // The next one arrives only once this one is queued.
+        let deadline = Instant::now() + Duration::from_secs(5);
         while gate.waiters() < i + 1 {
+            assert!(Instant::now() < deadline, "waiter {i} never queued");
             std::thread::yield_now();
         }
     }
