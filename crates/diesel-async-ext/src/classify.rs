@@ -1,4 +1,4 @@
-//! diesel-async's errors mapped to [`ErrorClass`](pool_core::classify::ErrorClass).
+//! diesel-async's errors mapped to [`pool_core::classify::ErrorClass`].
 //!
 //! diesel-async reports errors differently from sync Diesel (see the crate's notes):
 //!

@@ -1,7 +1,7 @@
 //! Budget slices: one server's connections shared by the replicas of one service.
 //!
 //! Three replicas each configured for 20 connections need 60; a server with 40 left serves
-//! the first two and refuses the third's connects with *too many clients*. [`slice`] takes
+//! the first two and refuses the third's connects with *too many clients*. [`slice()`] takes
 //! what the server has left (or a role's `CONNECTION LIMIT`), the number of replicas and the
 //! classes of one replica, and gives each replica an equal slice: its budget total, pool
 //! sizes and class sizes, with every reserved class kept whole. Pure arithmetic: the server
@@ -34,7 +34,7 @@ use crate::classes::{Class, ClassSpecs};
 use crate::config::MAX_CONNECTIONS;
 
 /// One class of work as one replica declares it (the sizes of
-/// [`Class`](crate::classes::Class)).
+/// [`crate::classes::Class`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClassShare {
     /// The class's name.

@@ -109,7 +109,7 @@ impl ConnState {
     /// State for a pooled connection the pool lost track of (the application replaced what
     /// carried its state, e.g. Diesel's instrumentation slot, while it had the connection
     /// checked out): it takes back what that state held (its id, budget permit, gate permit
-    /// and place in the open count: see [`PoolState::orphan`]), so the connection never
+    /// and place in the open count: see `PoolState::orphan`), so the connection never
     /// escapes the budget or the sizes; it is treated as unvalidated and idle past the
     /// bypass window, so its next checkout pings it. Without an orphan to take back (a
     /// connection the pool never tracked), it is counted as a new connection.
