@@ -173,6 +173,10 @@ impl ExtError {
     }
 }
 
+/// A hedge's connect, boxed (see `ExtManager::validate`).
+type HedgeFuture<'a, C> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Result<C, ExtError>>> + Send + 'a>>;
+
 /// The last error bb8 reported (through its error sink), with when it happened: what a
 /// checkout that times out quotes, since bb8 itself only ever says "timed out".
 #[derive(Debug, Default)]
@@ -454,13 +458,7 @@ impl<C: ExtConnection> ExtManager<C> {
                     let deadline = tokio::time::Instant::from_std(started + timeout);
                     // Boxed: the hedge's connect is a deep future, and it is only built on
                     // this slow path (it keeps every checkout future's type shallow).
-                    let mut hedge: std::pin::Pin<
-                        Box<
-                            dyn std::future::Future<Output = Option<Result<C, ExtError>>>
-                                + Send
-                                + '_,
-                        >,
-                    > = Box::pin(self.open_hedge());
+                    let mut hedge: HedgeFuture<'_, C> = Box::pin(self.open_hedge());
                     let mut racing = true;
                     loop {
                         tokio::select! {
