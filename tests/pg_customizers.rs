@@ -341,7 +341,13 @@ fn the_standalone_manager_in_a_stock_r2d2_pool_turns_a_mass_terminate_into_zero_
     let Some(pg) = server() else { return };
     // Ours: the stock builder, only the manager swapped; counted by a proxy.
     let (ours_proxy, ours_url) = proxied(&pg, "sslmode=disable&application_name=stock_ours");
-    let manager = ExtManager::<PgConnection>::standalone(&ours_url).expect("manager");
+    // A bypass window of an hour: no connection is pinged at checkout, so only the liveness
+    // probe stands between a dead connection and the caller.
+    let config = resilient_diesel::PoolConfig::builder(&ours_url)
+        .validation_bypass_window(Duration::from_secs(3600))
+        .build()
+        .expect("config");
+    let manager = ExtManager::<PgConnection>::standalone_with(config).expect("manager");
     let stats = manager.stats_handle();
     let ours = r2d2::Pool::builder()
         .max_size(4)

@@ -164,7 +164,13 @@ async fn a_bad_value_is_a_clear_error_never_a_panic_and_fails_the_connects() {
 async fn the_standalone_manager_in_a_stock_bb8_pool_turns_a_mass_terminate_into_zero_errors() {
     let Some(pg) = server() else { return };
     let (ours_proxy, ours_url) = proxied(&pg, "sslmode=disable&application_name=astock_ours");
-    let manager = ExtManager::<AsyncPgConnection>::standalone(&ours_url).expect("manager");
+    // A bypass window of an hour: no connection is pinged at checkout, so only the liveness
+    // probe stands between a dead connection and the caller.
+    let config = pool_core::config::PoolConfig::builder(&ours_url)
+        .validation_bypass_window(Duration::from_secs(3600))
+        .build()
+        .expect("config");
+    let manager = ExtManager::<AsyncPgConnection>::standalone_with(config).expect("manager");
     let stats = manager.stats_handle();
     let ours: Stock = bb8::Pool::builder()
         .max_size(4)
@@ -294,17 +300,19 @@ async fn a_failing_after_connect_hook_fails_that_connect_at_once_with_its_cause(
 }
 
 /// The connect function an app hands diesel-async's `ManagerConfig::custom_setup`, counting
-/// its calls.
+/// the connections it opened.
 fn counting_connect(
     calls: Arc<AtomicUsize>,
 ) -> impl for<'a> Fn(&'a str) -> BoxFuture<'a, ConnectionResult<AsyncPgConnection>> + Send + Sync {
     move |url| {
-        calls.fetch_add(1, Ordering::SeqCst);
+        let opened = calls.clone();
         Box::pin(async move {
             let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
                 .await
                 .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-            AsyncPgConnection::try_from_client_and_connection(client, conn).await
+            let conn = AsyncPgConnection::try_from_client_and_connection(client, conn).await?;
+            opened.fetch_add(1, Ordering::SeqCst);
+            Ok(conn)
         })
     }
 }
