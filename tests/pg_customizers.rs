@@ -16,6 +16,17 @@ use diesel::sql_types::{BigInt, Integer, Text};
 use resilient_diesel::customize::{Both, SessionSettings, SqlitePragmas, TcpKeepalives};
 use resilient_diesel::ExtManager;
 
+/// Taken by every test of this file: `TcpKeepalives` tells a new connection's socket from
+/// the process's other sockets by one round trip, and a socket another test keeps busy at that
+/// instant (a query in a loop, a proxy forwarding) cannot be told apart (the customizer then
+/// warns and sets nothing). Applications share a process with their own traffic too: the
+/// tiebreak's repeated rounds with random pauses usually separate them; a test must not
+/// depend on "usually".
+fn serial() -> parking_lot::MutexGuard<'static, ()> {
+    static LOCK: parking_lot::Mutex<()> = parking_lot::const_mutex(());
+    LOCK.lock()
+}
+
 #[derive(QueryableByName, Debug)]
 struct Setting {
     #[diesel(sql_type = Text)]
@@ -46,6 +57,7 @@ fn assert_session_settings(conn: &mut PgConnection) {
 
 #[test]
 fn session_settings_are_in_effect_on_every_connection_of_a_stock_r2d2_pool() {
+    let _serial = serial();
     let Some(pg) = server() else { return };
     let pool = r2d2::Pool::builder()
         .max_size(3)
@@ -71,6 +83,7 @@ fn session_settings_are_in_effect_on_every_connection_of_a_stock_r2d2_pool() {
 
 #[test]
 fn session_settings_work_with_the_standalone_manager_too() {
+    let _serial = serial();
     let Some(pg) = server() else { return };
     let manager = ExtManager::<PgConnection>::standalone(&pg.url_with("sslmode=disable"))
         .expect("standalone manager");
@@ -101,6 +114,7 @@ fn session_settings_work_with_the_standalone_manager_too() {
 
 #[test]
 fn a_bad_value_is_a_clear_error_never_a_panic_and_fails_the_connects() {
+    let _serial = serial();
     let e = session()
         .statement_timeout(Duration::from_micros(300))
         .validate()
@@ -163,6 +177,7 @@ fn journal_mode(conn: &mut SqliteConnection) -> String {
 
 #[test]
 fn sqlite_pragmas_are_in_effect_on_every_connection_of_a_stock_r2d2_pool() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("app.db");
     let pool = r2d2::Pool::builder()
@@ -280,6 +295,7 @@ fn client_port(conn: &mut PgConnection) -> u16 {
 
 #[test]
 fn tcp_keepalives_and_user_timeout_are_set_on_each_connections_socket() {
+    let _serial = serial();
     let Some(pg) = server() else { return };
     // keepalives=0: libpq leaves the socket alone, so whatever is set is the customizer's.
     let url = pg.url_with("sslmode=disable&keepalives=0");
@@ -338,6 +354,7 @@ fn after_mass_terminate<P: Checkout>(pg: &PgServer, pool: &P, app: &str) -> Vec<
 
 #[test]
 fn the_standalone_manager_in_a_stock_r2d2_pool_turns_a_mass_terminate_into_zero_errors() {
+    let _serial = serial();
     let Some(pg) = server() else { return };
     // Ours: the stock builder, only the manager swapped; counted by a proxy.
     let (ours_proxy, ours_url) = proxied(&pg, "sslmode=disable&application_name=stock_ours");
@@ -414,6 +431,7 @@ fn the_standalone_manager_in_a_stock_r2d2_pool_turns_a_mass_terminate_into_zero_
 
 #[test]
 fn weakened_control_plain_r2d2_without_checkout_test_surfaces_a_mass_terminate() {
+    let _serial = serial();
     let Some(pg) = server() else { return };
     let pool = r2d2::Pool::builder()
         .max_size(4)
@@ -431,6 +449,7 @@ fn weakened_control_plain_r2d2_without_checkout_test_surfaces_a_mass_terminate()
 
 #[test]
 fn the_after_connect_hook_runs_on_every_new_connection_of_the_extended_pool() {
+    let _serial = serial();
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "hook_ok", 2)
         .after_connect(|conn| conn.batch_execute("SET work_mem = '7MB'"))
@@ -448,6 +467,7 @@ fn the_after_connect_hook_runs_on_every_new_connection_of_the_extended_pool() {
 
 #[test]
 fn a_failing_after_connect_hook_fails_that_connect_at_once_with_its_cause() {
+    let _serial = serial();
     let Some(pg) = server() else { return };
     let err = ext_pool(&pg, "hook_bad", 1)
         .pool_timeout(Duration::from_secs(30))
@@ -464,4 +484,25 @@ fn a_failing_after_connect_hook_fails_that_connect_at_once_with_its_cause() {
         !text.contains("within"),
         "the error says it waited the pool timeout out: {text}"
     );
+}
+
+#[test]
+fn an_after_connect_error_quoting_the_password_is_redacted_everywhere() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let err = ext_pool(&pg, "hook_secret", 1)
+        .after_connect(|_conn| {
+            Err(diesel::result::Error::QueryBuilderError(
+                format!("cannot log in with {}", PgServer::PASSWORD).into(),
+            ))
+        })
+        .build()
+        .expect_err("every connect fails");
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("cannot log in with"), "{text}");
+    assert!(
+        !text.contains(PgServer::PASSWORD),
+        "the password leaked: {text}"
+    );
+    assert_no_secret_in_logs();
 }

@@ -508,7 +508,8 @@ impl<C: ExtConnection> Builder<C> {
     /// classified by its text (libpq's and the server's wordings; `InvalidConnectionUrl` is
     /// hopeless, the rest is retried unless recognised). The URL's settings and the
     /// builder's connection settings (keepalives, TLS, `application_name`) are then the
-    /// function's to apply: the pool does not see its socket.
+    /// function's to apply: the pool does not see its socket. The URL is still read by the
+    /// pool at build (so that it can redact it), and must be one it accepts.
     ///
     /// ```no_run
     /// use diesel::{ConnectionError, ConnectionResult};

@@ -56,14 +56,14 @@ impl CustomizeError for diesel::r2d2::Error {
 impl CustomizeError for ExtError {
     fn from_query(error: diesel::result::Error) -> Self {
         ExtError::Setup {
-            target: "(connection customizer)".to_owned(),
+            target: "the server".to_owned(),
             message: error.to_string(),
         }
     }
 
     fn from_settings(error: SettingsError) -> Self {
         ExtError::Setup {
-            target: "(connection customizer)".to_owned(),
+            target: "the server".to_owned(),
             message: error.to_string(),
         }
     }

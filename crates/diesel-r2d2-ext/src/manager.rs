@@ -462,7 +462,8 @@ impl<C: ExtConnection> ExtManager<C> {
                 return;
             }
         };
-        if conn.after_connect(pool.config()).is_err() {
+        if conn.after_connect(pool.config()).is_err() || self.run_after_connect(&mut conn).is_err()
+        {
             return;
         }
         let mut state = ConnState::opened(pool, started.elapsed(), permit);
