@@ -15,7 +15,7 @@ use diesel::sql_types::Text;
 use diesel::{ConnectionError, ConnectionResult, QueryableByName};
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use diesel_async_ext::customize::SessionSettings;
+use diesel_async_ext::customize::{Both, SessionSettings};
 use diesel_async_ext::{BoxFuture, ConnectCause, ExtManager};
 
 type Stock = bb8::Pool<ExtManager<AsyncPgConnection>>;
@@ -101,14 +101,21 @@ async fn session_settings_work_with_the_standalone_manager_too() {
     let pool = bb8::Pool::builder()
         .max_size(2)
         .connection_timeout(Duration::from_secs(20))
-        .connection_customizer(Box::new(session()))
+        .connection_customizer(Box::new(Both(
+            session(),
+            // Run second: its application_name wins.
+            SessionSettings::new().application_name("acust_both"),
+        )))
         .build(manager)
         .await
         .expect("stock pool with our manager");
     let mut a = pool.get().await.expect("checkout");
     let mut b = pool.get().await.expect("checkout");
-    assert_session_settings(&mut a).await;
-    assert_session_settings(&mut b).await;
+    for conn in [&mut a, &mut b] {
+        assert_eq!(show(conn, "statement_timeout").await, "1234ms");
+        assert_eq!(show(conn, "lock_timeout").await, "2s");
+        assert_eq!(show(conn, "application_name").await, "acust_both");
+    }
 }
 
 /// bb8's error sink, kept for the test to read.
