@@ -127,3 +127,27 @@ impl<E: CustomizeError> bb8::CustomizeConnection<diesel_async::AsyncPgConnection
         })
     }
 }
+
+/// Two customizers in one, run in order (bb8 takes one per pool):
+/// `.connection_customizer(Box::new(Both(SessionSettings::new()..., your_own)))`. Nest it for
+/// more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Both<A, B>(pub A, pub B);
+
+impl<C, E, A, B> bb8::CustomizeConnection<C, E> for Both<A, B>
+where
+    C: Send + 'static,
+    E: 'static,
+    A: bb8::CustomizeConnection<C, E>,
+    B: bb8::CustomizeConnection<C, E>,
+{
+    fn on_acquire<'a>(
+        &'a self,
+        conn: &'a mut C,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), E>> + Send + 'a>> {
+        Box::pin(async move {
+            self.0.on_acquire(conn).await?;
+            self.1.on_acquire(conn).await
+        })
+    }
+}

@@ -341,7 +341,7 @@ impl TcpKeepalives {
     }
 
     /// Sets the options on `fd` (a TCP socket; a Unix-domain one is left alone).
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", feature = "postgres"))]
     fn apply(&self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
         fn set(fd: std::os::fd::RawFd, level: i32, name: i32, value: u32) -> std::io::Result<()> {
             let value = value as libc::c_int;

@@ -142,7 +142,7 @@ pub(crate) fn begin_connect() -> ConnectWindow {
 /// `tiebreak`'s round trips as in [`ConnectWindow::finish`]. The module's invariant holds:
 /// the connection is open and its socket among the candidates when this runs. Release the
 /// claim (drop the socket) once done with it.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+#[cfg_attr(not(all(target_os = "linux", feature = "postgres")), allow(dead_code))]
 pub(crate) fn find_established(tiebreak: &mut dyn FnMut() -> bool) -> SocketClaim {
     ConnectWindow {
         before: supported().then(Vec::new),
@@ -269,7 +269,7 @@ impl ConnSocket {
     }
 
     /// Our duplicate's descriptor (socket options set on it act on the connection's socket).
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    #[cfg_attr(not(all(target_os = "linux", feature = "postgres")), allow(dead_code))]
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.raw()
     }
