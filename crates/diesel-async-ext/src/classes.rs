@@ -144,6 +144,7 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
     /// the total, zero sizes), else as [`Builder::build`].
     pub async fn build(self) -> Result<ClassPools<C>, BuildError> {
         let (budget, plans) = self.specs.plan()?;
+        let hooks = self.base.hooks.clone();
         let (base, listener) = self.base.into_parts();
         let mut pools = Vec::with_capacity(plans.len());
         for plan in plans {
@@ -151,7 +152,8 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
             let class = Some((budget.clone(), plan.class_id));
             pools.push((
                 plan.name,
-                crate::pool::build(config, listener.clone(), class).await?,
+                crate::pool::build_pool(config, listener.clone(), class, false, hooks.clone())
+                    .await?,
             ));
         }
         Ok(ClassPools(Classes::new(budget, pools)))

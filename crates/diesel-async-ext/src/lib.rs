@@ -66,6 +66,7 @@
 //! | [`ExtPool`], [`Builder`] | the pool, its builder (every setting of the sync pool, the same environment variables) |
 //! | [`classes`] | [`ClassPools`]: pools of different kinds of work sharing one connection budget |
 //! | [`retry`] | [`with_retry`], [`commit_with_retry`], [`commit_with_key`]: retries that never commit twice |
+//! | [`customize`] | [`customize::SessionSettings`]: session settings for a stock bb8 builder, in one line |
 //! | [`classify`] | diesel-async's errors mapped to error classes |
 //! | [`pg`], [`tls`] | the PostgreSQL connector |
 //!
@@ -79,6 +80,7 @@ pub mod backend;
 pub mod capacity;
 pub mod classes;
 pub mod classify;
+pub mod customize;
 mod demand;
 mod manager;
 #[cfg(feature = "postgres")]
@@ -96,7 +98,9 @@ pub use bb8;
 /// The checkout [`ExtPool::get`] returns: bb8's own.
 pub use bb8::PooledConnection;
 pub use classes::{Class, ClassPools};
-pub use manager::{ConnectCause, ExtError, ExtManager};
+pub use manager::{
+    AfterConnect, BoxFuture, ConnectCause, CustomConnect, ExtError, ExtManager, ManagerStats,
+};
 #[cfg(feature = "postgres")]
 pub use pg::{establish, ConnectError, PgConnectConfig, PgConnector, PgTarget};
 #[cfg(feature = "postgres")]

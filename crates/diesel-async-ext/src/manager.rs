@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use pool_core::budget::{Budget, ClassId, Permit};
 use pool_core::config::PoolConfig;
-use pool_core::engine::{Attempt, CheckoutStep, ConnState, PoolState};
+use pool_core::engine::{Attempt, CheckoutStep, ConnState, ConnectClass, PoolState};
 use pool_core::error::ConfigError;
 use pool_core::lifecycle::{CloseReason, ProbeResult};
 
+use crate::backend::sealed::OpenFailure;
 use crate::backend::ExtConnection;
 use crate::demand::{Claim, Demand};
 use crate::tracker::{tracker, tracker_of};
@@ -173,6 +174,30 @@ impl ExtError {
     }
 }
 
+/// A hedge's connect, boxed (see `ExtManager::validate`).
+type HedgeFuture<'a, C> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Result<C, ExtError>>> + Send + 'a>>;
+
+/// A custom connect's error, classified by what it says (the shape of the application's
+/// `ConnectionError` is all there is to go by) and redacted.
+fn custom_connect_failure(e: &diesel::ConnectionError, config: &PoolConfig) -> OpenFailure {
+    use diesel::ConnectionError as E;
+    let message = config.redact(&format!("the custom connect failed: {e}"));
+    let (cause, class) = match e {
+        E::InvalidConnectionUrl(_) => (ConnectCause::Config, ConnectClass::Hopeless),
+        E::CouldntSetupConfiguration(_) => (ConnectCause::Setup, ConnectClass::Transient),
+        _ => (
+            ConnectCause::Other,
+            ConnectClass::of_libpq_message(&message),
+        ),
+    };
+    OpenFailure {
+        cause,
+        class,
+        message,
+    }
+}
+
 /// The last error bb8 reported (through its error sink), with when it happened: what a
 /// checkout that times out quotes, since bb8 itself only ever says "timed out".
 #[derive(Debug, Default)]
@@ -248,6 +273,48 @@ pub struct ExtManager<C: ExtConnection> {
     opener: Arc<C::Opener>,
     /// Where connect failures are kept for the timeout errors that quote them.
     last: Arc<LastError>,
+    /// The application's own connect and after-connect hook, if any.
+    hooks: Hooks<C>,
+    /// Built by `standalone`: no `ExtPool` around it (no demand, one attempt per connect).
+    standalone: bool,
+}
+
+/// A boxed future, as hooks return them (`Box::pin(async move { .. })`).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// A hook run on every new connection right after it is opened (see
+/// [`Builder::after_connect`](crate::Builder::after_connect)).
+pub type AfterConnect<C> =
+    Arc<dyn for<'a> Fn(&'a mut C) -> BoxFuture<'a, diesel::QueryResult<()>> + Send + Sync>;
+
+/// The application's own connect function (see
+/// [`Builder::custom_connect`](crate::Builder::custom_connect)): the shape of diesel-async's
+/// `ManagerConfig::custom_setup`, given the pool's URL.
+pub type CustomConnect<C> =
+    Arc<dyn for<'a> Fn(&'a str) -> BoxFuture<'a, diesel::ConnectionResult<C>> + Send + Sync>;
+
+/// The application's hooks on opening connections.
+pub(crate) struct Hooks<C> {
+    pub(crate) after_connect: Option<AfterConnect<C>>,
+    pub(crate) custom_connect: Option<CustomConnect<C>>,
+}
+
+impl<C> Default for Hooks<C> {
+    fn default() -> Self {
+        Hooks {
+            after_connect: None,
+            custom_connect: None,
+        }
+    }
+}
+
+impl<C> Clone for Hooks<C> {
+    fn clone(&self) -> Self {
+        Hooks {
+            after_connect: self.after_connect.clone(),
+            custom_connect: self.custom_connect.clone(),
+        }
+    }
 }
 
 /// A hedge's connect, boxed (see its use in validation).
@@ -262,7 +329,21 @@ impl<C: ExtConnection> Clone for ExtManager<C> {
             demand: self.demand.clone(),
             opener: self.opener.clone(),
             last: self.last.clone(),
+            hooks: self.hooks.clone(),
+            standalone: self.standalone,
         }
+    }
+}
+
+/// The counters of a [`ExtManager::standalone`] manager (see [`ExtManager::stats_handle`]).
+#[derive(Debug, Clone)]
+pub struct ManagerStats(Arc<PoolState>);
+
+impl ManagerStats {
+    /// The counters now. Gauges of connections in use and idle are bb8's (`pool.state()`)
+    /// and read 0 here.
+    pub fn snapshot(&self) -> pool_core::stats::StatsSnapshot {
+        self.0.snapshot(0, 0)
     }
 }
 
@@ -287,7 +368,168 @@ impl<C: ExtConnection> ExtManager<C> {
             demand,
             opener,
             last,
+            hooks: Hooks::default(),
+            standalone: false,
         })
+    }
+
+    pub(crate) fn with_hooks(mut self, hooks: Hooks<C>) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// A manager for a stock `bb8::Pool::builder()` (for those who keep building their pool
+    /// themselves), with the URL's and the defaults' settings: see
+    /// [`ExtManager::standalone_with`].
+    ///
+    /// # Errors
+    /// A URL or setting that cannot work (redacted).
+    pub fn standalone(url: &str) -> Result<ExtManager<C>, ConfigError> {
+        Self::standalone_with(PoolConfig::builder(url).build()?)
+    }
+
+    /// A manager for a stock `bb8::Pool::builder()`, with `config`'s connection settings
+    /// (libpq's URL meanings, openssl TLS with libpq's `sslmode`s, keepalives and
+    /// `tcp_user_timeout` in tokio-postgres's config, `connect_timeout` over the whole
+    /// connect; SQLite pragmas), its validation settings (liveness probe, bypass window,
+    /// `validation_timeout`, hedging) and `max_lifetime` (jittered, at checkout).
+    ///
+    /// ```no_run
+    /// use diesel_async::AsyncPgConnection;
+    /// use diesel_async_ext::ExtManager;
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = bb8::Pool::builder() // your builder, unchanged
+    ///     .max_size(15)
+    ///     .build(ExtManager::<AsyncPgConnection>::standalone("postgres://app@db/app")?)
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// What it gives inside a stock pool, on bb8's hooks: every checkout runs the
+    /// zero-round-trip liveness probe (the client's closed state) and pings only past the
+    /// bypass window or after a disconnect was seen, that ping bounded by
+    /// `validation_timeout`, and a connection whose ping was cut short is closed; a
+    /// connection whose client closed, returned inside a transaction, with its transaction
+    /// manager broken by a cancelled `BEGIN`/`COMMIT`, or during a panic, is never put back,
+    /// and a disconnect makes the pool's older connections re-validated before their next
+    /// use. Connect errors are redacted and name their cause (bb8's error sink gets them).
+    /// Keep bb8's `test_on_check_out(true)` (its default): with it off, bb8 never asks the
+    /// manager at checkout.
+    ///
+    /// What only the full pool ([`ExtPool`](crate::ExtPool)) gives: arrival-order checkouts,
+    /// connections opened only for waiting checkouts, `pool_size` + `max_overflow`, budgets
+    /// and classes, fail-fast on hopeless connect errors and timeouts that name their cause
+    /// (bb8's `get()` only ever says "timed out"), leak detection, keepalive pings and idle
+    /// timeouts of its maintenance task, stats and the status report. `pool_size`,
+    /// `max_overflow`, `pool_timeout`, `idle_timeout`, `keepalive_ping` and
+    /// `leak_detection_threshold` of `config` are not used: the bb8 builder's own settings
+    /// rule. Each connect is one attempt; bb8 retries.
+    ///
+    /// # Errors
+    /// A setting that cannot work.
+    pub fn standalone_with(mut config: PoolConfig) -> Result<ExtManager<C>, ConfigError> {
+        // bb8 decides how many connections there are: never close one at checkin for being
+        // above `pool_size`, and let a hedge connect whenever the ping is slow.
+        config.pool_size = pool_core::config::MAX_CONNECTIONS;
+        config.max_overflow = 0;
+        config.lifecycle.idle_timeout = None;
+        config.lifecycle.keepalive_ping = None;
+        config.lifecycle.leak_detection_threshold = None;
+        let state = Arc::new(PoolState::new(
+            config,
+            Arc::new(pool_core::events::LogListener),
+            None,
+        )?);
+        let mut manager = Self::new(
+            state,
+            Arc::new(Demand::default()),
+            Arc::new(LastError::default()),
+        )?;
+        manager.standalone = true;
+        Ok(manager)
+    }
+
+    /// Runs `hook` on every new connection right after it is opened (see
+    /// [`Builder::after_connect`](crate::Builder::after_connect), which it is for a
+    /// standalone manager).
+    pub fn after_connect(
+        mut self,
+        hook: impl for<'a> Fn(&'a mut C) -> BoxFuture<'a, diesel::QueryResult<()>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.hooks.after_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Opens connections with `connect` instead of the built-in connector (see
+    /// [`Builder::custom_connect`](crate::Builder::custom_connect), which it is for a
+    /// standalone manager).
+    pub fn custom_connect(
+        mut self,
+        connect: impl for<'a> Fn(&'a str) -> BoxFuture<'a, diesel::ConnectionResult<C>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.hooks.custom_connect = Some(Arc::new(connect));
+        self
+    }
+
+    /// A handle on the manager's counters (connects, pings, probes that found a dead
+    /// connection, ...): take it before the manager goes into the pool, which keeps it.
+    pub fn stats_handle(&self) -> ManagerStats {
+        ManagerStats(self.pool.clone())
+    }
+
+    /// Opens one connection: the application's connect if it gave one (bounded by
+    /// `connect_timeout`), else the backend's; then the application's after-connect hook
+    /// (bounded by `connect_timeout` too). Errors are redacted and classified.
+    async fn open_raw(&self) -> Result<C, OpenFailure> {
+        let config = self.config();
+        let bound = config.connect.connect_timeout;
+        let timed_out = |what: &str| OpenFailure {
+            cause: ConnectCause::Timeout,
+            class: ConnectClass::Transient,
+            message: format!("{what} did not finish within connect_timeout ({bound:?})"),
+        };
+        let mut conn = match &self.hooks.custom_connect {
+            None => C::open(&*self.opener, config).await?,
+            Some(connect) => {
+                let url = config.url.expose_secret();
+                let result = match bound {
+                    Some(bound) => tokio::time::timeout(bound, connect(url))
+                        .await
+                        .map_err(|_| timed_out("the custom connect"))?,
+                    None => connect(url).await,
+                };
+                result.map_err(|e| custom_connect_failure(&e, config))?
+            }
+        };
+        if let Some(hook) = &self.hooks.after_connect {
+            let result = match bound {
+                Some(bound) => tokio::time::timeout(bound, hook(&mut conn))
+                    .await
+                    .map_err(|_| timed_out("the after_connect hook"))?,
+                None => hook(&mut conn).await,
+            };
+            if let Err(e) = result {
+                return Err(OpenFailure {
+                    cause: ConnectCause::Setup,
+                    // A lost connection may pass next time; a rejected `SET` never will.
+                    class: if C::classify(&e).is_disconnect() {
+                        ConnectClass::Transient
+                    } else {
+                        ConnectClass::Hopeless
+                    },
+                    message: config.redact(&format!("the after_connect hook failed: {e}")),
+                });
+            }
+        }
+        Ok(conn)
     }
 
     fn config(&self) -> &PoolConfig {
@@ -322,13 +564,11 @@ impl<C: ExtConnection> ExtManager<C> {
             Some((budget, class)) => Some(self.permit(budget, class, claimed).await?),
             None => None,
         };
-        let conn = C::open(&*self.opener, self.config())
-            .await
-            .map_err(|f| ExtError::Connect {
-                pool: pool.name().to_owned(),
-                cause: f.cause,
-                message: pool.connect_failed(f.class, &f.message),
-            })?;
+        let conn = self.open_raw().await.map_err(|f| ExtError::Connect {
+            pool: pool.name().to_owned(),
+            cause: f.cause,
+            message: pool.connect_failed(f.class, &f.message),
+        })?;
         Ok((permit, conn))
     }
 
@@ -515,7 +755,7 @@ impl<C: ExtConnection> ExtManager<C> {
         };
         let started = Instant::now();
         let pool = &self.pool;
-        let opened = C::open(&*self.opener, self.config()).await;
+        let opened = self.open_raw().await;
         Some(match opened {
             Ok(mut conn) => {
                 let state = ConnState::opened(pool, started.elapsed(), permit);
@@ -544,6 +784,14 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
     type Error = ExtError;
 
     async fn connect(&self) -> Result<C, ExtError> {
+        if self.standalone {
+            // No pool of ours around it: one attempt, its failure to bb8 (which retries).
+            let opened = self.open(false).await;
+            if let Err(error) = &opened {
+                self.last.record(error.clone());
+            }
+            return opened;
+        }
         // bb8 starts a connect for every checkout that finds nothing idle, including the
         // maintenance's: open only for a checkout that waits and has no connect of its own.
         let claim: Claim<'_> = self.demand.claim().await.map_err(|_| ExtError::Closed {

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::backend::ExtConnection;
 use crate::demand::{Demand, Held};
-use crate::manager::{ExtError, ExtManager, LastError, Mode, Sink, MODE};
+use crate::manager::{BoxFuture, ExtError, ExtManager, Hooks, LastError, Mode, Sink, MODE};
 use crate::tracker::tracker_of;
 
 /// Why a pool could not be built. Never contains a password.
@@ -144,6 +144,7 @@ impl<C: ExtConnection> ExtPool<C> {
         Builder {
             config: PoolConfig::builder(url),
             listener: None,
+            hooks: Hooks::default(),
             _conn: std::marker::PhantomData,
         }
     }
@@ -488,10 +489,93 @@ async fn join_all<F: Future>(futures: Vec<std::pin::Pin<Box<F>>>) -> Vec<F::Outp
 pub struct Builder<C> {
     config: PoolConfigBuilder,
     listener: Option<Arc<dyn EventListener>>,
+    pub(crate) hooks: Hooks<C>,
     _conn: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<C: ExtConnection> Builder<C> {
+    /// Runs `hook` on every new connection right after it is opened, before any checkout
+    /// sees it: per-session setup such as `SET`. Bounded by `connect_timeout`. Default: none.
+    ///
+    /// Its error fails that connect: the message (redacted) is what waiting checkouts and
+    /// `build()` report ([`ConnectCause::Setup`](crate::ConnectCause::Setup)), and it is
+    /// classified like a connect error: a lost connection is retried as usual, anything else
+    /// (a rejected `SET`) counts as hopeless, so checkouts fail at once with it instead of
+    /// waiting `pool_timeout`, and it is retried at most once a second.
+    ///
+    /// ```no_run
+    /// use diesel_async::SimpleAsyncConnection;
+    /// use diesel_async_ext::PgPool;
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::builder("postgres://app@db/app")
+    ///     .after_connect(|conn| Box::pin(conn.batch_execute("SET search_path TO app, public")))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn after_connect(
+        mut self,
+        hook: impl for<'a> Fn(&'a mut C) -> BoxFuture<'a, diesel::QueryResult<()>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.hooks.after_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Opens connections with the application's own function instead of the built-in
+    /// connector: the function an app already hands diesel-async's
+    /// `ManagerConfig::custom_setup` (its documented way to TLS, e.g. rustls through
+    /// tokio-postgres-rustls), called with the pool's URL as written. Default: the built-in
+    /// connector (libpq's URL meanings, openssl TLS).
+    ///
+    /// Everything around the connect stays the pool's: each call is bounded by
+    /// `connect_timeout`, counted against the pool's sizes and budget, paced by the server's
+    /// health (backoff, fail-fast on hopeless errors), followed by `after_connect`, and its
+    /// connection validated and checked in like any other. Its error is redacted and
+    /// classified by its text (libpq's and the server's wordings; `InvalidConnectionUrl` is
+    /// hopeless, the rest is retried unless recognised). The URL's settings and the
+    /// builder's connection settings (keepalives, TLS, `application_name`) are then the
+    /// function's to apply: the pool does not see its socket. The URL is still read by the
+    /// pool at build (so that it can redact it), and must be one it accepts.
+    ///
+    /// ```no_run
+    /// use diesel::{ConnectionError, ConnectionResult};
+    /// use diesel_async::AsyncPgConnection;
+    /// use diesel_async_ext::{BoxFuture, PgPool};
+    ///
+    /// // The function the app gave `ManagerConfig::custom_setup`, unchanged.
+    /// fn establish_connection(url: &str) -> BoxFuture<'_, ConnectionResult<AsyncPgConnection>> {
+    ///     Box::pin(async move {
+    ///         let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    ///             .await
+    ///             .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+    ///         AsyncPgConnection::try_from_client_and_connection(client, conn).await
+    ///     })
+    /// }
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::builder("postgres://app@db/app")
+    ///     .custom_connect(establish_connection)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn custom_connect(
+        mut self,
+        connect: impl for<'a> Fn(&'a str) -> BoxFuture<'a, diesel::ConnectionResult<C>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.hooks.custom_connect = Some(Arc::new(connect));
+        self
+    }
+
     // One setter per row of pool-core's settings table (same names, docs and defaults as
     // `PoolConfigBuilder`'s, and as the sync pool's builder).
     pool_core::with_settings!(pool_core::forward_settings);
@@ -517,8 +601,9 @@ impl<C: ExtConnection> Builder<C> {
     /// [`BuildError::Config`] for a bad setting, [`BuildError::Connect`] (naming the cause)
     /// when the first connections cannot be opened.
     pub async fn build(self) -> Result<ExtPool<C>, BuildError> {
+        let hooks = self.hooks.clone();
         let (config, listener) = self.into_parts();
-        build(config.build()?, listener, None).await
+        build_pool(config.build()?, listener, None, false, hooks).await
     }
 
     /// Validates the settings and returns the pool without opening any connection: for a
@@ -528,8 +613,9 @@ impl<C: ExtConnection> Builder<C> {
     /// `fail_fast_when_down`), and they fail at once when it refuses connections for a
     /// reason no retry can fix. Returns without waiting for anything.
     pub async fn build_lazy(self) -> Result<ExtPool<C>, BuildError> {
+        let hooks = self.hooks.clone();
         let (config, listener) = self.into_parts();
-        build_pool(config.build()?, listener, None, true).await
+        build_pool(config.build()?, listener, None, true, hooks).await
     }
 }
 
@@ -538,19 +624,21 @@ pub(crate) async fn build<C: ExtConnection>(
     listener: Arc<dyn EventListener>,
     budget: Option<(Budget, ClassId)>,
 ) -> Result<ExtPool<C>, BuildError> {
-    build_pool(config, listener, budget, false).await
+    build_pool(config, listener, budget, false, Hooks::default()).await
 }
 
-async fn build_pool<C: ExtConnection>(
+pub(crate) async fn build_pool<C: ExtConnection>(
     config: PoolConfig,
     listener: Arc<dyn EventListener>,
     budget: Option<(Budget, ClassId)>,
     lazy: bool,
+    hooks: Hooks<C>,
 ) -> Result<ExtPool<C>, BuildError> {
     let state = Arc::new(PoolState::new(config, listener, budget)?);
     let demand = Arc::new(Demand::default());
     let last = Arc::new(LastError::default());
-    let manager = ExtManager::<C>::new(state.clone(), demand.clone(), last.clone())?;
+    let manager =
+        ExtManager::<C>::new(state.clone(), demand.clone(), last.clone())?.with_hooks(hooks);
     let cfg = state.config();
     // bb8's `min_idle` top-up, reaper, lifetimes and idle timeouts are all off: `pool_size`
     // is the most kept open (overflow closes on return, see `ConnState::checkin`); idle

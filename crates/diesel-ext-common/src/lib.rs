@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`classify`] | [`Classify`], and Diesel's errors mapped to error classes as each [`Driver`] reports them |
 //! | [`tracker`] | [`Tracker`]: the pool's per-connection state, carried in the connection's instrumentation slot |
+//! | [`session`] | session settings (`SET statement_timeout`, ...) validated and rendered for the adapters' customizers |
 //! | [`resolve`] | Diesel's side of resolving a cut-off `COMMIT` (the idempotency key's answer, a failed question) |
 //! | `capacity` | the capacity query's row and [`CapacityError`] (feature `postgres`) |
 //! | `sqlite` | the pragmas applied to every new SQLite connection (feature `sqlite`) |
@@ -31,6 +32,7 @@
 pub mod capacity;
 pub mod classify;
 pub mod resolve;
+pub mod session;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod tracker;

@@ -151,6 +151,7 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
     /// the total, zero sizes), else as [`Builder::build`].
     pub fn build(self) -> Result<ClassPools<C>, BuildError> {
         let (budget, plans) = self.specs.plan()?;
+        let hook = self.base.after_connect.clone();
         let (base, listener) = self.base.into_parts();
         let mut pools = Vec::with_capacity(plans.len());
         for plan in plans {
@@ -158,7 +159,7 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
             let class = Some((budget.clone(), plan.class_id));
             pools.push((
                 plan.name,
-                crate::pool::build(config, listener.clone(), class)?,
+                crate::pool::build_pool(config, listener.clone(), class, false, hook.clone())?,
             ));
         }
         Ok(ClassPools(Classes::new(budget, pools)))

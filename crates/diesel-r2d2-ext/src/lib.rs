@@ -45,6 +45,7 @@
 pub mod capacity;
 pub mod classes;
 pub mod classify;
+pub mod customize;
 mod demand;
 mod forge;
 mod manager;
@@ -56,7 +57,7 @@ mod socket;
 mod tracker;
 
 pub use classes::{Class, ClassPools};
-pub use manager::{ExtConnection, ExtError, ExtManager};
+pub use manager::{AfterConnect, ExtConnection, ExtError, ExtManager, ManagerStats};
 #[cfg(feature = "postgres")]
 pub use pool::PgPool;
 #[cfg(feature = "sqlite")]

@@ -121,15 +121,35 @@ pub enum ExtError {
     },
 }
 
+/// The counters of a [`ExtManager::standalone`] manager (see [`ExtManager::stats_handle`]).
+#[derive(Debug, Clone)]
+pub struct ManagerStats(Arc<PoolState>);
+
+impl ManagerStats {
+    /// The counters now. Gauges of connections in use and idle are r2d2's (`pool.state()`)
+    /// and read 0 here.
+    pub fn snapshot(&self) -> pool_core::stats::StatsSnapshot {
+        self.0.snapshot(0, 0)
+    }
+}
+
+/// A hook run on every new connection right after it is opened (see
+/// [`Builder::after_connect`](crate::Builder::after_connect)).
+pub type AfterConnect<C> = Arc<dyn Fn(&mut C) -> diesel::QueryResult<()> + Send + Sync>;
+
 /// r2d2 connection manager for Diesel connections with the lifecycle policy applied.
 ///
 /// Built by [`ExtPool`](crate::ExtPool); you rarely name it except in type aliases such as
-/// `r2d2::PooledConnection<ExtManager<PgConnection>>`.
+/// `r2d2::PooledConnection<ExtManager<PgConnection>>`. To keep building a stock r2d2 pool
+/// yourself, make one with [`ExtManager::standalone`].
 pub struct ExtManager<C> {
     pub(crate) pool: Arc<PoolState>,
     pub(crate) demand: Arc<Demand>,
     conninfo: String,
     peers: Option<PeerFilter>,
+    /// Built by `standalone`: no `ExtPool` around it (no demand, one attempt per connect).
+    standalone: bool,
+    after_connect: Option<AfterConnect<C>>,
     _conn: PhantomData<fn() -> C>,
 }
 
@@ -175,8 +195,96 @@ impl<C: ExtConnection> ExtManager<C> {
             demand,
             conninfo,
             peers,
+            standalone: false,
+            after_connect: None,
             _conn: PhantomData,
         })
+    }
+
+    /// Sets the hook run on every new connection (see `Builder::after_connect`).
+    pub(crate) fn with_after_connect(mut self, hook: Option<AfterConnect<C>>) -> Self {
+        self.after_connect = hook;
+        self
+    }
+
+    /// A manager for a stock `r2d2::Pool::builder()` (for those who keep building their
+    /// pool themselves), with the URL's and the defaults' settings: see
+    /// [`ExtManager::standalone_with`].
+    ///
+    /// # Errors
+    /// A URL or setting that cannot work (redacted).
+    pub fn standalone(url: &str) -> Result<ExtManager<C>, ConfigError> {
+        Self::standalone_with(PoolConfig::builder(url).build()?)
+    }
+
+    /// A manager for a stock `r2d2::Pool::builder()`, with `config`'s connection settings
+    /// (keepalives, `tcp_user_timeout`, `connect_timeout`, TLS, `application_name`, SQLite
+    /// pragmas: rendered into the connection string as the extended pool does) and
+    /// validation settings (liveness probe, bypass window, `validation_timeout`, hedging),
+    /// and `max_lifetime` (jittered) retiring connections at checkout.
+    ///
+    /// ```no_run
+    /// use diesel::PgConnection;
+    /// use diesel_r2d2_ext::ExtManager;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = r2d2::Pool::builder() // your builder, unchanged
+    ///     .max_size(15)
+    ///     .build(ExtManager::<PgConnection>::standalone("postgres://app@db/app")?)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// What it gives inside a stock pool, on r2d2's hooks: every checkout runs the
+    /// zero-round-trip liveness probe and pings only past the bypass window or after a
+    /// disconnect was seen, that ping bounded by `validation_timeout` even against a hung
+    /// server; a connection that saw a connection-class error, or is returned inside a
+    /// transaction or during a panic, is never put back, and a disconnect makes the pool's
+    /// older connections re-validated before their next use. Keep r2d2's
+    /// `test_on_check_out(true)` (its default): with it off, r2d2 never asks the manager at
+    /// checkout and only the checkin checks remain.
+    ///
+    /// What only the full pool ([`ExtPool`](crate::ExtPool)) gives: arrival-order
+    /// checkouts, connections opened only for waiting checkouts, `pool_size` +
+    /// `max_overflow`, budgets and classes, fail-fast on hopeless connect errors, leak
+    /// detection, keepalive pings and idle timeouts of its maintenance thread, stats and
+    /// the status report. `pool_size`, `max_overflow`, `pool_timeout`, `idle_timeout`,
+    /// `keepalive_ping` and `leak_detection_threshold` of `config` are not used here: the
+    /// r2d2 builder's own settings rule. Each connect is one attempt; r2d2 retries.
+    ///
+    /// # Errors
+    /// A setting that cannot work.
+    pub fn standalone_with(mut config: PoolConfig) -> Result<ExtManager<C>, ConfigError> {
+        // r2d2 decides how many connections there are: never close one at checkin for
+        // being above `pool_size`, and let a hedge connect whenever the ping is slow.
+        config.pool_size = pool_core::config::MAX_CONNECTIONS;
+        config.max_overflow = 0;
+        config.lifecycle.idle_timeout = None;
+        config.lifecycle.keepalive_ping = None;
+        config.lifecycle.leak_detection_threshold = None;
+        let state = Arc::new(PoolState::new(
+            config,
+            Arc::new(pool_core::events::LogListener),
+            None,
+        )?);
+        let mut manager = Self::new(state, Arc::new(Demand::default()))?;
+        manager.standalone = true;
+        Ok(manager)
+    }
+
+    /// Runs `hook` on every new connection right after it is opened, before r2d2 sees it;
+    /// its error fails that connect (see `Builder::after_connect`).
+    pub fn after_connect(
+        self,
+        hook: impl Fn(&mut C) -> diesel::QueryResult<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.with_after_connect(Some(Arc::new(hook)))
+    }
+
+    /// A handle on the manager's counters (connects, pings, probes that found a dead
+    /// connection, ...): take it before the manager goes into the pool, which keeps it.
+    pub fn stats_handle(&self) -> ManagerStats {
+        ManagerStats(self.pool.clone())
     }
 
     /// Opens the connection and finds its socket (no lock: see [`socket`]).
@@ -258,8 +366,27 @@ impl<C: ExtConnection> ExtManager<C> {
             demand: self.demand.clone(),
             conninfo: self.conninfo.clone(),
             peers: self.peers.clone(),
+            standalone: self.standalone,
+            after_connect: self.after_connect.clone(),
             _conn: PhantomData,
         }
+    }
+
+    /// Runs the application's after-connect hook, if any. Its error is redacted and
+    /// classified: a lost connection may pass on the next attempt, anything else (a bad
+    /// `SET`) will fail every time.
+    fn run_after_connect(&self, conn: &mut C) -> Result<(), (ConnectClass, String)> {
+        let Some(hook) = &self.after_connect else {
+            return Ok(());
+        };
+        hook(conn).map_err(|e| {
+            let class = if crate::classify::classify_diesel(&e).is_disconnect() {
+                ConnectClass::Transient
+            } else {
+                ConnectClass::Hopeless
+            };
+            (class, format!("the after_connect hook failed: {e}"))
+        })
     }
 
     /// A checkout's validation: the ping bounded by the watchdog, **hedged**: once it has
@@ -335,7 +462,8 @@ impl<C: ExtConnection> ExtManager<C> {
                 return;
             }
         };
-        if conn.after_connect(pool.config()).is_err() {
+        if conn.after_connect(pool.config()).is_err() || self.run_after_connect(&mut conn).is_err()
+        {
             return;
         }
         let mut state = ConnState::opened(pool, started.elapsed(), permit);
@@ -350,6 +478,35 @@ impl<C: ExtConnection> ExtManager<C> {
         }
         // Else the ping came back first: `conn` is closed here (r2d2 cannot take a
         // connection it did not open itself).
+    }
+}
+
+impl<C: ExtConnection> ExtManager<C> {
+    /// A standalone manager's connect (no `ExtPool` around it): one attempt, its failure
+    /// returned to r2d2, which retries with its own backoff.
+    fn connect_once(&self) -> Result<C, ExtError> {
+        let pool = &self.pool;
+        let started = Instant::now();
+        let (mut conn, socket) = self.establish().map_err(|e| {
+            let text = e.to_string();
+            ExtError::Connect {
+                target: self.target_redacted(),
+                message: pool.connect_failed(ConnectClass::of_libpq_message(&text), &text),
+            }
+        })?;
+        conn.after_connect(pool.config())
+            .map_err(|e| ExtError::Setup {
+                target: self.target_redacted(),
+                message: pool.redact(&e.to_string()),
+            })?;
+        self.run_after_connect(&mut conn)
+            .map_err(|(class, text)| ExtError::Setup {
+                target: self.target_redacted(),
+                message: pool.connect_failed(class, &text),
+            })?;
+        let state = ConnState::opened(pool, started.elapsed(), None);
+        conn.set_instrumentation(tracker(state, socket));
+        Ok(conn)
     }
 }
 
@@ -373,6 +530,9 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
         // fast when it is hopeless), never handed back to r2d2, whose own retry pauses grow
         // to half the pool timeout (a checkout would be served up to seconds after the
         // server's return).
+        if self.standalone {
+            return self.connect_once();
+        }
         loop {
             // A checkout must want this connection (see `demand`), and a budget class needs
             // a permit first: no connection is opened beyond the budget, and nothing is
@@ -411,6 +571,12 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                     target: self.target_redacted(),
                     message: pool.redact(&e.to_string()),
                 })?;
+            if let Err((class, text)) = self.run_after_connect(&mut conn) {
+                // Recorded like a failed connect: a hopeless one fails waiting checkouts at
+                // once with the cause, and is retried at most once a second.
+                pool.connect_failed(class, &text);
+                continue;
+            }
             let state = ConnState::opened(pool, started.elapsed(), permit);
             conn.set_instrumentation(tracker(state, socket));
             claim.opened();
@@ -420,6 +586,7 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
 
     fn is_valid(&self, conn: &mut C) -> Result<(), ExtError> {
         if tracker_of(conn).is_none() {
+            // (also a connection opened by another manager: a stock pool never mixes them)
             // The application replaced the connection's instrumentation: we know nothing of
             // this connection any more, so treat it as unvalidated.
             conn.set_instrumentation(tracker(ConnState::adopted(&self.pool), SocketSlot::None));

@@ -19,7 +19,7 @@ use r2d2::PooledConnection;
 
 use crate::demand::Demand;
 use crate::forge;
-use crate::manager::{sweeping, ExtConnection, ExtError, ExtManager};
+use crate::manager::{sweeping, AfterConnect, ExtConnection, ExtError, ExtManager};
 use crate::tracker::tracker_of;
 
 /// Why a pool could not be built. Never contains a password.
@@ -132,6 +132,7 @@ impl<C: ExtConnection> ExtPool<C> {
         Builder {
             config: PoolConfig::builder(url),
             listener: None,
+            after_connect: None,
             _conn: std::marker::PhantomData,
         }
     }
@@ -405,10 +406,40 @@ impl<C: ExtConnection> Parts<C> {
 pub struct Builder<C> {
     config: PoolConfigBuilder,
     listener: Option<Arc<dyn EventListener>>,
+    pub(crate) after_connect: Option<AfterConnect<C>>,
     _conn: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<C: ExtConnection> Builder<C> {
+    /// Runs `hook` on every new connection right after it is opened (and after the pool's
+    /// own settings), before any checkout sees it: per-session setup such as `SET`.
+    /// Default: none.
+    ///
+    /// Its error fails that connect: the message (redacted) is what waiting checkouts and
+    /// `build()` report, and it is classified like a connect error: a lost connection is
+    /// retried as usual, anything else (a rejected `SET`) counts as hopeless, so checkouts
+    /// fail at once with it instead of waiting `pool_timeout`, and it is retried at most
+    /// once a second.
+    ///
+    /// ```no_run
+    /// use diesel::connection::SimpleConnection;
+    /// use diesel_r2d2_ext::PgPool;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::builder("postgres://app@db/app")
+    ///     .after_connect(|conn| conn.batch_execute("SET search_path TO app, public"))
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn after_connect(
+        mut self,
+        hook: impl Fn(&mut C) -> diesel::QueryResult<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.after_connect = Some(Arc::new(hook));
+        self
+    }
+
     // One setter per row of pool-core's settings table (same names, docs and defaults as
     // `PoolConfigBuilder`'s).
     pool_core::with_settings!(pool_core::forward_settings);
@@ -429,8 +460,9 @@ impl<C: ExtConnection> Builder<C> {
     /// Validates the settings, opens `pool_size` connections (waiting at most
     /// `pool_timeout`) and returns the pool.
     pub fn build(self) -> Result<ExtPool<C>, BuildError> {
+        let hook = self.after_connect.clone();
         let (config, listener) = self.into_parts();
-        build(config.build()?, listener, None)
+        build_pool(config.build()?, listener, None, false, hook)
     }
 
     /// Validates the settings and returns the pool without opening any connection: for a
@@ -440,8 +472,9 @@ impl<C: ExtConnection> Builder<C> {
     /// `fail_fast_when_down`), and they fail at once when it refuses connections for a
     /// reason no retry can fix.
     pub fn build_lazy(self) -> Result<ExtPool<C>, BuildError> {
+        let hook = self.after_connect.clone();
         let (config, listener) = self.into_parts();
-        build_pool(config.build()?, listener, None, true)
+        build_pool(config.build()?, listener, None, true, hook)
     }
 }
 
@@ -450,18 +483,20 @@ pub(crate) fn build<C: ExtConnection>(
     listener: Arc<dyn EventListener>,
     budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
 ) -> Result<ExtPool<C>, BuildError> {
-    build_pool(config, listener, budget, false)
+    build_pool(config, listener, budget, false, None)
 }
 
-fn build_pool<C: ExtConnection>(
+pub(crate) fn build_pool<C: ExtConnection>(
     config: PoolConfig,
     listener: Arc<dyn EventListener>,
     budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
     lazy: bool,
+    after_connect: Option<AfterConnect<C>>,
 ) -> Result<ExtPool<C>, BuildError> {
     let state = Arc::new(PoolState::new(config, listener, budget)?);
     let demand = Arc::new(Demand::default());
-    let manager = ExtManager::<C>::new(state.clone(), demand.clone())?;
+    let manager =
+        ExtManager::<C>::new(state.clone(), demand.clone())?.with_after_connect(after_connect);
     let cfg = state.config();
     // r2d2 keeps `min_idle` connections idle *besides* those in use and has its own reaper;
     // both are off: `pool_size` is the most kept open (overflow closes on return, see

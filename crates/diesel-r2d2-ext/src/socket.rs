@@ -136,6 +136,20 @@ pub(crate) fn begin_connect() -> ConnectWindow {
     ConnectWindow { before }
 }
 
+/// Finds and claims the socket of a connection established earlier, outside any connect
+/// window (a customizer of a stock pool runs right after the pool's own connect): every
+/// connected, unclaimed stream socket of the process is a candidate, told apart by
+/// `tiebreak`'s round trips as in [`ConnectWindow::finish`]. The module's invariant holds:
+/// the connection is open and its socket among the candidates when this runs. Release the
+/// claim (drop the socket) once done with it.
+#[cfg_attr(not(all(target_os = "linux", feature = "postgres")), allow(dead_code))]
+pub(crate) fn find_established(tiebreak: &mut dyn FnMut() -> bool) -> SocketClaim {
+    ConnectWindow {
+        before: supported().then(Vec::new),
+    }
+    .finish(&PeerFilter::any(), tiebreak)
+}
+
 /// The process's sockets before a connect (see [`begin_connect`]).
 #[derive(Debug)]
 #[must_use = "call finish() once the connection is established"]
@@ -252,6 +266,12 @@ impl Drop for Claimed {
 impl ConnSocket {
     fn raw(&self) -> RawFd {
         self.0.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
+    }
+
+    /// Our duplicate's descriptor (socket options set on it act on the connection's socket).
+    #[cfg_attr(not(all(target_os = "linux", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.raw()
     }
 
     /// The socket's inode (tests compare it with the connection's own descriptor).

@@ -555,7 +555,10 @@ impl PoolConfig {
 
 /// PostgreSQL keeps at most 63 bytes of `application_name` and replaces anything but
 /// printable ASCII with `?`: refuse instead of letting it be mangled silently.
-fn check_application_name(name: &str) -> Result<(), ConfigError> {
+///
+/// # Errors
+/// [`ConfigError::Invalid`] saying what is wrong with the name.
+pub fn check_application_name(name: &str) -> Result<(), ConfigError> {
     let reason = if name.is_empty() {
         "is empty; give a name such as \"orders-api\", or leave it unset"
     } else if name.len() > 63 {

@@ -1,0 +1,508 @@
+//! One line added to a stock r2d2 builder: the customizers (session settings, SQLite
+//! pragmas, TCP keepalives) read back from the server, the SQLite file and the kernel, and
+//! `ExtManager::standalone` inside an unchanged `r2d2::Pool::builder()` against a mass
+//! terminate, with plain r2d2 at its defaults and without its checkout test as controls.
+//! Also the extended pool's `after_connect` hook.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::ConnectionManager;
+use diesel::sql_types::{BigInt, Integer, Text};
+use resilient_diesel::customize::{Both, SessionSettings, SqlitePragmas, TcpKeepalives};
+use resilient_diesel::ExtManager;
+
+/// Taken by every test of this file: `TcpKeepalives` tells a new connection's socket from
+/// the process's other sockets by one round trip, and a socket another test keeps busy at that
+/// instant (a query in a loop, a proxy forwarding) cannot be told apart (the customizer then
+/// warns and sets nothing). Applications share a process with their own traffic too: the
+/// tiebreak's repeated rounds with random pauses usually separate them; a test must not
+/// depend on "usually".
+fn serial() -> parking_lot::MutexGuard<'static, ()> {
+    static LOCK: parking_lot::Mutex<()> = parking_lot::const_mutex(());
+    LOCK.lock()
+}
+
+#[derive(QueryableByName, Debug)]
+struct Setting {
+    #[diesel(sql_type = Text)]
+    v: String,
+}
+
+fn show(conn: &mut PgConnection, name: &str) -> String {
+    diesel::sql_query(format!("SELECT current_setting('{name}') AS v"))
+        .get_result::<Setting>(conn)
+        .unwrap_or_else(|e| panic!("reading {name}: {e}"))
+        .v
+}
+
+fn session() -> SessionSettings {
+    SessionSettings::new()
+        .statement_timeout(Duration::from_millis(1234))
+        .lock_timeout(Duration::from_secs(2))
+        .idle_in_transaction_session_timeout(Duration::from_secs(3))
+        .application_name("cust_session")
+}
+
+fn assert_session_settings(conn: &mut PgConnection) {
+    assert_eq!(show(conn, "statement_timeout"), "1234ms");
+    assert_eq!(show(conn, "lock_timeout"), "2s");
+    assert_eq!(show(conn, "idle_in_transaction_session_timeout"), "3s");
+    assert_eq!(show(conn, "application_name"), "cust_session");
+}
+
+#[test]
+fn session_settings_are_in_effect_on_every_connection_of_a_stock_r2d2_pool() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let pool = r2d2::Pool::builder()
+        .max_size(3)
+        .connection_timeout(Duration::from_secs(20))
+        .connection_customizer(Box::new(session().validate().expect("valid settings")))
+        .build(ConnectionManager::<PgConnection>::new(
+            pg.url_with("sslmode=disable"),
+        ))
+        .expect("stock pool with the customizer");
+    // All three at once: three distinct connections.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = pool.get().expect("checkout");
+        assert_session_settings(&mut conn);
+        held.push(conn);
+    }
+    assert_eq!(
+        settle_backends(&pg, "cust_session", 3),
+        3,
+        "pg_stat_activity shows the application_name of every connection"
+    );
+}
+
+#[test]
+fn session_settings_work_with_the_standalone_manager_too() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let manager = ExtManager::<PgConnection>::standalone(&pg.url_with("sslmode=disable"))
+        .expect("standalone manager");
+    let pool = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(20))
+        .connection_customizer(Box::new(Both(
+            session(),
+            TcpKeepalives::new().idle(Duration::from_secs(11)),
+        )))
+        .build(manager)
+        .expect("stock pool with our manager");
+    let mut a = pool.get().expect("checkout");
+    let mut b = pool.get().expect("checkout");
+    for conn in [&mut a, &mut b] {
+        assert_session_settings(conn);
+        // The manager renders its own keepalive defaults (idle 30 s) into the URL; the
+        // customizer, run after, wins on the socket the manager found.
+        let port = client_port(conn);
+        let options = socket_options_of_local_port(port).expect("the connection's socket");
+        assert_eq!(
+            options,
+            [1, 11, 10, 3, 30_000],
+            "SO_KEEPALIVE, idle, interval, count, user timeout"
+        );
+    }
+}
+
+#[test]
+fn a_bad_value_is_a_clear_error_never_a_panic_and_fails_the_connects() {
+    let _serial = serial();
+    let e = session()
+        .statement_timeout(Duration::from_micros(300))
+        .validate()
+        .unwrap_err();
+    assert_eq!(e.setting, "statement_timeout");
+    assert!(e.to_string().contains("whole milliseconds"), "{e}");
+    let e = SessionSettings::new()
+        .application_name("naïve")
+        .validate()
+        .unwrap_err();
+    assert_eq!(e.setting, "application_name");
+    let e = TcpKeepalives::new().count(0).validate().unwrap_err();
+    assert_eq!(e.setting, "keepalives_count");
+    let e = TcpKeepalives::new()
+        .idle(Duration::from_millis(1500))
+        .validate()
+        .unwrap_err();
+    assert_eq!(e.setting, "keepalives_idle");
+    let e = SqlitePragmas::new()
+        .busy_timeout(Duration::from_secs(10_000_000))
+        .validate()
+        .unwrap_err();
+    assert_eq!(e.setting, "busy_timeout");
+
+    // Not validated, handed to a pool anyway: every connect fails with the same message.
+    let Some(pg) = server() else { return };
+    let err = r2d2::Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_secs(2))
+        .connection_customizer(Box::new(
+            SessionSettings::new().lock_timeout(Duration::from_nanos(5)),
+        ))
+        .build(ConnectionManager::<PgConnection>::new(
+            pg.url_with("sslmode=disable"),
+        ))
+        .expect_err("no connection can be customized");
+    assert!(err.to_string().contains("lock_timeout"), "{err}");
+    assert!(!err.to_string().contains(PgServer::PASSWORD), "{err}");
+}
+
+#[derive(QueryableByName, Debug)]
+struct PragmaInt {
+    #[diesel(sql_type = BigInt)]
+    v: i64,
+}
+
+fn pragma_int(conn: &mut SqliteConnection, sql: &str) -> i64 {
+    diesel::sql_query(sql)
+        .get_result::<PragmaInt>(conn)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .v
+}
+
+fn journal_mode(conn: &mut SqliteConnection) -> String {
+    diesel::sql_query("SELECT journal_mode AS v FROM pragma_journal_mode()")
+        .get_result::<Setting>(conn)
+        .expect("journal_mode")
+        .v
+}
+
+#[test]
+fn sqlite_pragmas_are_in_effect_on_every_connection_of_a_stock_r2d2_pool() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("app.db");
+    let pool = r2d2::Pool::builder()
+        .max_size(3)
+        .connection_timeout(Duration::from_secs(20))
+        .connection_customizer(Box::new(
+            SqlitePragmas::new().busy_timeout(Duration::from_millis(2500)),
+        ))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            path.to_str().expect("utf-8 path"),
+        ))
+        .expect("stock SQLite pool");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = pool.get().expect("checkout");
+        assert_eq!(
+            pragma_int(&mut conn, "SELECT timeout AS v FROM pragma_busy_timeout()"),
+            2500
+        );
+        assert_eq!(journal_mode(&mut conn), "wal");
+        assert_eq!(
+            pragma_int(
+                &mut conn,
+                "SELECT foreign_keys AS v FROM pragma_foreign_keys()"
+            ),
+            1
+        );
+        held.push(conn);
+    }
+    drop(held);
+
+    // Turned off: foreign keys off, the journal left as it is (a new file: DELETE).
+    let other = dir.path().join("other.db");
+    let pool = r2d2::Pool::builder()
+        .max_size(1)
+        .connection_customizer(Box::new(
+            SqlitePragmas::new().wal(false).foreign_keys(false),
+        ))
+        .build(ConnectionManager::<SqliteConnection>::new(
+            other.to_str().expect("utf-8 path"),
+        ))
+        .expect("stock SQLite pool");
+    let mut conn = pool.get().expect("checkout");
+    assert_eq!(
+        pragma_int(&mut conn, "SELECT timeout AS v FROM pragma_busy_timeout()"),
+        5000
+    );
+    assert_eq!(journal_mode(&mut conn), "delete");
+    assert_eq!(
+        pragma_int(
+            &mut conn,
+            "SELECT foreign_keys AS v FROM pragma_foreign_keys()"
+        ),
+        0
+    );
+}
+
+/// The TCP options of the process's socket whose local port is `port`, read with
+/// getsockopt: (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT).
+fn socket_options_of_local_port(port: u16) -> Option<[i32; 5]> {
+    fn get(fd: i32, level: i32, name: i32) -> i32 {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        v
+    }
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: zeroed sockaddr_storage is valid; getsockname writes at most `len` bytes.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockname(
+                fd,
+                (&mut addr as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || i32::from(addr.ss_family) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: the family says it holds a sockaddr_in.
+        let sin = unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+        if u16::from_be(sin.sin_port) != port {
+            continue;
+        }
+        return Some([
+            get(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            get(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            get(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            get(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            get(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+        ]);
+    }
+    None
+}
+
+fn client_port(conn: &mut PgConnection) -> u16 {
+    let port: i32 = diesel::select(diesel::dsl::sql::<Integer>("inet_client_port()"))
+        .get_result(conn)
+        .expect("inet_client_port()");
+    u16::try_from(port).expect("a TCP port")
+}
+
+#[test]
+fn tcp_keepalives_and_user_timeout_are_set_on_each_connections_socket() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    // keepalives=0: libpq leaves the socket alone, so whatever is set is the customizer's.
+    let url = pg.url_with("sslmode=disable&keepalives=0");
+    let pool = r2d2::Pool::builder()
+        .max_size(3)
+        .connection_timeout(Duration::from_secs(20))
+        .connection_customizer(Box::new(
+            TcpKeepalives::new()
+                .idle(Duration::from_secs(7))
+                .interval(Duration::from_secs(3))
+                .count(4)
+                .user_timeout(Duration::from_millis(4500)),
+        ))
+        .build(ConnectionManager::<PgConnection>::new(url.clone()))
+        .expect("stock pool with keepalives");
+    // r2d2 opened its three connections at once, on its own threads: the socket of each was
+    // told apart from the others' by the tiebreak.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = pool.get().expect("checkout");
+        let port = client_port(&mut conn);
+        let options = socket_options_of_local_port(port).expect("the connection's socket");
+        assert_eq!(
+            options,
+            [1, 7, 3, 4, 4500],
+            "SO_KEEPALIVE, idle, interval, count, user timeout"
+        );
+        held.push(conn);
+    }
+
+    // Control: the same pool without the customizer leaves keepalives off.
+    let plain = r2d2::Pool::builder()
+        .max_size(1)
+        .build(ConnectionManager::<PgConnection>::new(url))
+        .expect("plain pool");
+    let mut conn = plain.get().expect("checkout");
+    let port = client_port(&mut conn);
+    let options = socket_options_of_local_port(port).expect("the connection's socket");
+    assert_eq!(
+        options[0], 0,
+        "libpq with keepalives=0 sets no SO_KEEPALIVE: {options:?}"
+    );
+}
+
+/// 100 checkouts + queries after every backend of `app` was terminated: the errors seen.
+fn after_mass_terminate<P: Checkout>(pg: &PgServer, pool: &P, app: &str) -> Vec<String> {
+    warm(pool, 4);
+    assert_eq!(
+        settle_backends(pg, app, 4),
+        4,
+        "{app}: four backends before the fault"
+    );
+    terminate_all(pg, app);
+    errors_over(pool, 100)
+}
+
+#[test]
+fn the_standalone_manager_in_a_stock_r2d2_pool_turns_a_mass_terminate_into_zero_errors() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    // Ours: the stock builder, only the manager swapped; counted by a proxy.
+    let (ours_proxy, ours_url) = proxied(&pg, "sslmode=disable&application_name=stock_ours");
+    // A bypass window of an hour: no connection is pinged at checkout, so only the liveness
+    // probe stands between a dead connection and the caller.
+    let config = resilient_diesel::PoolConfig::builder(&ours_url)
+        .validation_bypass_window(Duration::from_secs(3600))
+        .build()
+        .expect("config");
+    let manager = ExtManager::<PgConnection>::standalone_with(config).expect("manager");
+    let stats = manager.stats_handle();
+    let ours = r2d2::Pool::builder()
+        .max_size(4)
+        .build(manager)
+        .expect("stock pool with our manager");
+    // Control: plain r2d2 at its defaults (a SELECT 1 before every checkout), but for its
+    // size, the same as ours.
+    let (ctl_proxy, ctl_url) = proxied(&pg, "sslmode=disable&application_name=stock_r2d2");
+    let control = r2d2::Pool::builder()
+        .max_size(4)
+        .build(ConnectionManager::<PgConnection>::new(ctl_url))
+        .expect("plain pool");
+
+    warm(&ours, 4);
+    warm(&control, 4);
+    assert_eq!(
+        settle_backends(&pg, "stock_ours", 4),
+        4,
+        "ours: four backends"
+    );
+    assert_eq!(
+        settle_backends(&pg, "stock_r2d2", 4),
+        4,
+        "control: four backends"
+    );
+    terminate_all(&pg, "stock_ours");
+    terminate_all(&pg, "stock_r2d2");
+    ours_proxy.reset_counts();
+    ctl_proxy.reset_counts();
+
+    let errors = errors_over(&ours, 100);
+    assert!(
+        errors.is_empty(),
+        "errors surfaced through our manager: {errors:?}"
+    );
+    let errors = errors_over(&control, 100);
+    assert!(
+        errors.is_empty(),
+        "plain r2d2 at its defaults survives this: {errors:?}"
+    );
+    let (a, b) = (
+        ours_proxy.messages().round_trips(),
+        ctl_proxy.messages().round_trips(),
+    );
+    let s = stats.snapshot();
+    println!(
+        "mass terminate, 100 checkouts + queries: standalone manager {a} round trips \
+         ({} reconnects, {} dead found by the probe, {} pings), plain r2d2 at its defaults {b} \
+         ({} reconnects)",
+        ours_proxy.connections_accepted(),
+        s.probe_detected_dead,
+        s.pings,
+        ctl_proxy.connections_accepted()
+    );
+    assert!(
+        s.probe_detected_dead >= 1,
+        "the probe found the dead connections: {s:?}"
+    );
+    // Plain r2d2 pings before every checkout: about 200 round trips for 100 queries; ours
+    // about one per query.
+    assert!(a * 10 <= b * 6, "ours {a} vs plain r2d2 {b} round trips");
+    assert_no_secret_in_logs();
+}
+
+#[test]
+fn weakened_control_plain_r2d2_without_checkout_test_surfaces_a_mass_terminate() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let pool = r2d2::Pool::builder()
+        .max_size(4)
+        .test_on_check_out(false)
+        .build(ConnectionManager::<PgConnection>::new(
+            pg.url_with("sslmode=disable&application_name=stock_notest"),
+        ))
+        .expect("plain pool");
+    let errors = after_mass_terminate(&pg, &pool, "stock_notest");
+    assert!(
+        !errors.is_empty(),
+        "the terminate must hurt plain r2d2 without its checkout test"
+    );
+}
+
+#[test]
+fn the_after_connect_hook_runs_on_every_new_connection_of_the_extended_pool() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let pool = ext_pool(&pg, "hook_ok", 2)
+        .after_connect(|conn| conn.batch_execute("SET work_mem = '7MB'"))
+        .build()
+        .expect("pool with a hook");
+    let held = hold(&pool, 2);
+    drop(held);
+    // Every backend, new ones included: terminate them, the replacements run it too.
+    terminate_all(&pg, "hook_ok");
+    for _ in 0..4 {
+        let mut conn = pool.get().expect("checkout after the terminate");
+        assert_eq!(show(&mut conn, "work_mem"), "7MB");
+    }
+}
+
+#[test]
+fn a_failing_after_connect_hook_fails_that_connect_at_once_with_its_cause() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let err = ext_pool(&pg, "hook_bad", 1)
+        .pool_timeout(Duration::from_secs(30))
+        .after_connect(|conn| conn.batch_execute("SET no_such_setting_here = 1"))
+        .build()
+        .expect_err("every connect fails");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(text.contains("after_connect hook failed"), "{text}");
+    assert!(text.contains("no_such_setting_here"), "{text}");
+    assert!(!text.contains(PgServer::PASSWORD), "{text}");
+    // Hopeless: `build()` returned with the cause instead of waiting its 30 s pool timeout.
+    assert!(
+        !text.contains("within"),
+        "the error says it waited the pool timeout out: {text}"
+    );
+}
+
+#[test]
+fn an_after_connect_error_quoting_the_password_is_redacted_everywhere() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let err = ext_pool(&pg, "hook_secret", 1)
+        .after_connect(|_conn| {
+            Err(diesel::result::Error::QueryBuilderError(
+                format!("cannot log in with {}", PgServer::PASSWORD).into(),
+            ))
+        })
+        .build()
+        .expect_err("every connect fails");
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("cannot log in with"), "{text}");
+    assert!(
+        !text.contains(PgServer::PASSWORD),
+        "the password leaked: {text}"
+    );
+    assert_no_secret_in_logs();
+}
