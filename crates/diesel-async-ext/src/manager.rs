@@ -317,11 +317,6 @@ impl<C> Clone for Hooks<C> {
     }
 }
 
-/// A hedge's connect, boxed (see its use in validation).
-type HedgeFuture<'a, C> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Option<Result<C, ExtError>>> + Send + 'a>,
->;
-
 impl<C: ExtConnection> Clone for ExtManager<C> {
     fn clone(&self) -> Self {
         ExtManager {

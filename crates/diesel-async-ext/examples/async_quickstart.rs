@@ -2,8 +2,8 @@
 //! workload (each insert in `commit_with_retry`), print the status.
 //!
 //! ```text
-//! cargo run -p diesel-async-ext --example quickstart                      # SQLite in a temp file
-//! DATABASE_URL=postgres://... cargo run -p diesel-async-ext --example quickstart
+//! cargo run -p diesel-async-ext --example async_quickstart                      # SQLite in a temp file
+//! DATABASE_URL=postgres://... cargo run -p diesel-async-ext --example async_quickstart
 //! ```
 //!
 //! Pool settings come from the environment (`DB_POOL_SIZE`, `DB_MAX_OVERFLOW`,
