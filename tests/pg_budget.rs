@@ -179,8 +179,10 @@ fn saturated_automation_never_locks_adhoc_out(pg: &PgServer, app: &str, pools: P
         max_seen <= 60,
         "the server saw {max_seen} connections for a budget of 60"
     );
+    // Sampled: automation's cap (55) at least; adhoc's moments on top may fall between two
+    // samples on a loaded machine.
     assert!(
-        max_seen >= 56,
+        max_seen >= 55,
         "the saturation reached the server ({max_seen})"
     );
     assert!(pools.budget().is_healthy());
@@ -397,7 +399,22 @@ fn the_capacity_check_counts_a_replicas_connections_as_other_clients() {
     };
     let a = replica();
     let b = replica();
-    assert_eq!(pg.count_backends("budget_replicas").unwrap(), 6);
+    // Each replica settles at its reserved floor of 3 (a connect r2d2 started while the
+    // pool filled can still be finishing right after build).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = pg.count_backends("budget_replicas").unwrap();
+        if n == 6 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two replicas at rest hold 6 backends, not {n}: {} / {}",
+            a.status(),
+            b.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let capacity = a.check_server_capacity().unwrap();
     assert!(
         (3..=4).contains(&capacity.other_clients),
@@ -444,7 +461,12 @@ fn a_checkout_that_gave_up_on_the_budget_leaves_no_connect_waiting_for_a_permit(
         "adhoc opened a connection nobody asked for"
     );
     drop(held);
-    assert!(adhoc.get().is_ok(), "a new checkout is served");
+    // Served once automation gives headroom back (a reclaim and a connect: allow for a
+    // loaded machine; the 300 ms above is the class's own timeout, meant to expire).
+    assert!(
+        adhoc.get_timeout(Duration::from_secs(5)).is_ok(),
+        "a new checkout is served"
+    );
 }
 
 /// Query logging, as applications install it: replaces the pool's own instrumentation.
@@ -492,5 +514,18 @@ fn replacing_a_connections_instrumentation_never_lets_it_escape_the_budget() {
         .get()
         .expect("adhoc after automation returned its connections");
     assert_eq!(query(&mut conn), 1);
-    assert!(pg.count_backends(app).unwrap() <= 2);
+    // The reclaimed connection was closed on our side before adhoc's opened; its backend may
+    // take a moment to exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let seen = pg.count_backends(app).unwrap();
+        if seen <= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{seen} backends stayed for a budget of 2"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

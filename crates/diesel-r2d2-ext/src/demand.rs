@@ -12,6 +12,7 @@
 //! Only checkouts through [`ExtPool::get`](crate::ExtPool::get) count as demand: a checkout
 //! through the wrapped r2d2 pool directly is served by idle connections only.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -43,8 +44,19 @@ pub(crate) struct Demand {
     queued_count: AtomicU32,
 }
 
-/// One checkout's share of the demand; leaving ends it.
-pub(crate) struct Wanting<'a>(&'a Demand);
+thread_local! {
+    /// This thread's checkout wants a connection (a [`Wanting`] is alive here), and whether
+    /// it was served already: a checkout that took a fresh connection stops counting as
+    /// waiting at that moment, not when its wait returns, or a connect asleep in between
+    /// would see one more checkout waiting than connects working and open a connection for
+    /// nobody (a pool of 3 warmed with 4).
+    /// (the `Demand`'s address, served); address 0: no checkout waits on this thread.
+    static HERE: Cell<(usize, bool)> = const { Cell::new((0, false)) };
+}
+
+/// One checkout's share of the demand; leaving ends it. Not `Send`: it is dropped on the
+/// thread that took it, where r2d2 runs that checkout's `is_valid` (see `HERE`).
+pub(crate) struct Wanting<'a>(&'a Demand, std::marker::PhantomData<*const ()>);
 
 /// A connect working for a waiting checkout; dropping it (the attempt is over) lets another
 /// connect work for it.
@@ -67,10 +79,9 @@ impl Drop for Claim<'_> {
 
 impl Drop for Wanting<'_> {
     fn drop(&mut self) {
-        if self.0.waiting.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.queued_count.load(Ordering::SeqCst) > 0
-        {
-            self.0.wake_queued();
+        let (_, served) = HERE.with(|h| h.replace((0, false)));
+        if !served {
+            self.0.stop_waiting();
         }
     }
 }
@@ -81,8 +92,34 @@ impl Demand {
         // SeqCst pairs with `wait_for_demand`: either it sees this increment, or this sees
         // its sleeper and wakes it under the lock.
         self.waiting.fetch_add(1, Ordering::SeqCst);
+        HERE.with(|h| h.set((self.key(), false)));
         self.wake_sleepers();
-        Wanting(self)
+        Wanting(self, std::marker::PhantomData)
+    }
+
+    /// This demand's identity for `HERE`.
+    fn key(&self) -> usize {
+        self as *const Demand as usize
+    }
+
+    /// One checkout less waits; the last one lets connects queued for a permit go.
+    fn stop_waiting(&self) {
+        if self.waiting.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.queued_count.load(Ordering::SeqCst) > 0
+        {
+            self.wake_queued();
+        }
+    }
+
+    /// The fresh connection this thread's checkout took did not pass validation after all:
+    /// the checkout waits again (and a connect may work for it).
+    pub(crate) fn unserve(&self) {
+        let (wanting, served) = HERE.with(Cell::get);
+        if wanting == self.key() && served {
+            HERE.with(|h| h.set((wanting, false)));
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            self.wake_sleepers();
+        }
     }
 
     fn wake_sleepers(&self) {
@@ -102,7 +139,16 @@ impl Demand {
     }
 
     /// A connection opened for a waiting checkout was taken out of the idle list.
+    ///
+    /// Taken by a checkout of this pool (on its own thread), that checkout stops waiting at
+    /// the same time (see `HERE`); [`Demand::unserve`] undoes it if validation then refuses
+    /// the connection.
     pub(crate) fn taken_fresh(&self) {
+        let (wanting, served) = HERE.with(Cell::get);
+        if wanting == self.key() && !served {
+            HERE.with(|h| h.set((wanting, true)));
+            self.stop_waiting();
+        }
         let _ = self
             .fresh
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));

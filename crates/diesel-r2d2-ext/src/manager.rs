@@ -482,6 +482,37 @@ impl<C: ExtConnection> ExtManager<C> {
 }
 
 impl<C: ExtConnection> ExtManager<C> {
+    /// [`ManageConnection::is_valid`]'s checks, on a tracked connection.
+    fn check_out(&self, conn: &mut C) -> Result<(), ExtError> {
+        let Some(tracker) = tracker_of(conn) else {
+            return Ok(());
+        };
+        let (state, socket) = (&mut tracker.state, &mut tracker.extra);
+        let now = Instant::now();
+        if SWEEPING.with(|s| s.get()) {
+            return match state.sweep(|| probe_of(socket), now) {
+                Some(reason) => Err(ExtError::Retired(reason)),
+                None => Ok(()),
+            };
+        }
+        match state.begin_checkout(|| probe_of(socket), now) {
+            CheckoutStep::Reuse => Ok(()),
+            CheckoutStep::Discard(reason) => Err(ExtError::Retired(reason)),
+            CheckoutStep::Ping { timeout } => self.validate(conn, timeout).map_err(|e| match e {
+                ExtError::PingFailed {
+                    elapsed_ms,
+                    timeout_ms,
+                    message,
+                } => ExtError::PingFailed {
+                    elapsed_ms,
+                    timeout_ms,
+                    message: self.pool.redact(&message),
+                },
+                other => other,
+            }),
+        }
+    }
+
     /// A standalone manager's connect (no `ExtPool` around it): one attempt, its failure
     /// returned to r2d2, which retries with its own backoff.
     fn connect_once(&self) -> Result<C, ExtError> {
@@ -594,33 +625,15 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
         let Some(tracker) = tracker_of(conn) else {
             return Ok(());
         };
-        let (state, socket) = (&mut tracker.state, &mut tracker.extra);
-        if state.take_fresh() {
+        let served = tracker.state.take_fresh();
+        if served {
             self.demand.taken_fresh();
         }
-        let now = Instant::now();
-        if SWEEPING.with(|s| s.get()) {
-            return match state.sweep(|| probe_of(socket), now) {
-                Some(reason) => Err(ExtError::Retired(reason)),
-                None => Ok(()),
-            };
+        let checked = self.check_out(conn);
+        if served && checked.is_err() {
+            self.demand.unserve();
         }
-        match state.begin_checkout(|| probe_of(socket), now) {
-            CheckoutStep::Reuse => Ok(()),
-            CheckoutStep::Discard(reason) => Err(ExtError::Retired(reason)),
-            CheckoutStep::Ping { timeout } => self.validate(conn, timeout).map_err(|e| match e {
-                ExtError::PingFailed {
-                    elapsed_ms,
-                    timeout_ms,
-                    message,
-                } => ExtError::PingFailed {
-                    elapsed_ms,
-                    timeout_ms,
-                    message: self.pool.redact(&message),
-                },
-                other => other,
-            }),
-        }
+        checked
     }
 
     fn has_broken(&self, conn: &mut C) -> bool {

@@ -1002,7 +1002,9 @@ mod tests {
         let b = field_report();
         let (auto, adhoc) = ids(&b);
         // Bounded: a budget that grants past its cap must fail here, not fill the memory.
-        let held: Vec<_> = std::iter::from_fn(|| b.try_acquire(auto)).take(1000).collect();
+        let held: Vec<_> = std::iter::from_fn(|| b.try_acquire(auto))
+            .take(1000)
+            .collect();
         assert_eq!(held.len(), 55, "automation stops at its cap");
         // Automation waiters pile up...
         let waiters: Vec<_> = (0..4)
