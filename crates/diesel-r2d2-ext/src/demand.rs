@@ -43,8 +43,38 @@ pub(crate) struct Demand {
     queued_count: AtomicU32,
 }
 
-/// One checkout's share of the demand; leaving ends it.
-pub(crate) struct Wanting<'a>(&'a Demand);
+/// One checkout's share of the demand; leaving ends it. Not `Send`: it is dropped on the
+/// thread that took it, which is where r2d2 runs that checkout's `is_valid` (see
+/// [`Demand::taken_fresh`]).
+pub(crate) struct Wanting<'a>(&'a Demand, std::marker::PhantomData<*const ()>);
+
+thread_local! {
+    /// Per thread and demand (by address): the wants this thread holds, and how many of them
+    /// were already counted out of `waiting` because their checkout took a fresh connection.
+    static MINE: std::cell::RefCell<Vec<(usize, u32, u32)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's (held, served) counts for `demand`.
+fn mine<T>(demand: &Demand, f: impl FnOnce(&mut u32, &mut u32) -> T) -> T {
+    let key = demand as *const Demand as usize;
+    MINE.with(|m| {
+        let mut m = m.borrow_mut();
+        let i = match m.iter().position(|e| e.0 == key) {
+            Some(i) => i,
+            None => {
+                m.push((key, 0, 0));
+                m.len() - 1
+            }
+        };
+        let entry = &mut m[i];
+        let out = f(&mut entry.1, &mut entry.2);
+        if entry.1 == 0 {
+            m.swap_remove(i);
+        }
+        out
+    })
+}
 
 /// A connect working for a waiting checkout; dropping it (the attempt is over) lets another
 /// connect work for it.
@@ -67,22 +97,37 @@ impl Drop for Claim<'_> {
 
 impl Drop for Wanting<'_> {
     fn drop(&mut self) {
-        if self.0.waiting.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.queued_count.load(Ordering::SeqCst) > 0
-        {
-            self.0.wake_queued();
+        let counted_out = mine(self.0, |held, served| {
+            *held -= 1;
+            let was = *served > 0;
+            *served = served.saturating_sub(1);
+            was
+        });
+        if counted_out {
+            return;
         }
+        self.0.leave();
     }
 }
 
 impl Demand {
+    /// One waiting checkout fewer.
+    fn leave(&self) {
+        if self.waiting.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.queued_count.load(Ordering::SeqCst) > 0
+        {
+            self.wake_queued();
+        }
+    }
+
     /// A checkout starts waiting for a connection.
     pub(crate) fn want(&self) -> Wanting<'_> {
         // SeqCst pairs with `wait_for_demand`: either it sees this increment, or this sees
         // its sleeper and wakes it under the lock.
         self.waiting.fetch_add(1, Ordering::SeqCst);
+        mine(self, |held, _| *held += 1);
         self.wake_sleepers();
-        Wanting(self)
+        Wanting(self, std::marker::PhantomData)
     }
 
     fn wake_sleepers(&self) {
@@ -101,8 +146,24 @@ impl Demand {
             .map(|(_, e)| e.clone())
     }
 
-    /// A connection opened for a waiting checkout was taken out of the idle list.
+    /// A connection opened for a waiting checkout was taken out of the idle list. If the
+    /// thread taking it holds a want of this pool (the checkout it serves: r2d2 runs
+    /// `is_valid` on the caller's thread), that want is counted out now, in the same step:
+    /// otherwise, until the checkout returned and dropped it, a connect woken here would see
+    /// one checkout waiting and nothing working for it, and open a connection nobody wants.
     pub(crate) fn taken_fresh(&self) {
+        // The want first, then the fresh count: in between, connects working (claims + fresh)
+        // never drop below checkouts waiting, so none claims for a checkout already served.
+        let served = mine(self, |held, served| {
+            let serve = *served < *held;
+            if serve {
+                *served += 1;
+            }
+            serve
+        });
+        if served {
+            self.leave();
+        }
         let _ = self
             .fresh
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
