@@ -211,10 +211,21 @@ pub struct StatsSnapshot {
     /// Hedges the fresh connection won (the slow connection was closed).
     #[serde(default)]
     pub hedges_won: u64,
-    /// Connections the zero-round-trip liveness probe found closed by the server.
+    /// Connections the zero-round-trip liveness probe found closed by the server, at a
+    /// checkout (each is closed: `closed.probe_dead` also counts those the maintenance's walk
+    /// found, which do not invalidate the pool).
     pub probe_detected_dead: u64,
-    /// Pool-wide invalidations (a disconnect made every older connection suspect).
+    /// Times the pool was invalidated (every older connection made suspect: pinged before its
+    /// next use): once per cause seen — each disconnect a query or the probe saw, each
+    /// unanswered ping, each failover, each `invalidate()` call. A restart seen by 8
+    /// connections counts 8 here and 1 in [`StatsSnapshot::invalidation_events`].
+    /// Connections closed because of it are counted by reason in [`StatsSnapshot::closed`]
+    /// (`probe_dead`, `ping_failed`, `invalidated`), not here.
     pub invalidations: u64,
+    /// Invalidations reported as an `Invalidated` event (and log line): at most one a second,
+    /// so a burst caused by one fault counts once.
+    #[serde(default)]
+    pub invalidation_events: u64,
     /// Connections held longer than the leak detection threshold.
     pub leaks: u64,
     /// Operations retried after a transient error.
@@ -358,6 +369,7 @@ pub struct PoolStats {
     hedges_won: AtomicU64,
     probe_dead: AtomicU64,
     invalidations: AtomicU64,
+    invalidation_events: AtomicU64,
     leaks: AtomicU64,
     retries: AtomicU64,
     retries_exhausted: AtomicU64,
@@ -402,6 +414,7 @@ impl PoolStats {
             hedges_won: zero(),
             probe_dead: zero(),
             invalidations: zero(),
+            invalidation_events: zero(),
             leaks: zero(),
             retries: zero(),
             retries_exhausted: zero(),
@@ -449,9 +462,16 @@ impl PoolStats {
         bump(&self.probe_dead);
     }
 
-    /// The pool was invalidated (every older connection is pinged before reuse).
+    /// The pool was invalidated (every older connection is pinged before reuse): once per
+    /// cause seen (each connection that saw the same restart counts).
     pub fn record_invalidation(&self) {
         bump(&self.invalidations);
+    }
+
+    /// An invalidation was reported (the `Invalidated` event, at most one a second: a burst
+    /// of invalidations by one fault counts once here).
+    pub fn record_invalidation_event(&self) {
+        bump(&self.invalidation_events);
     }
 
     /// A connection was held longer than the leak detection threshold.
@@ -524,6 +544,7 @@ impl PoolStats {
             hedges_won: self.hedges_won.load(Relaxed),
             probe_detected_dead: self.probe_dead.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),
+            invalidation_events: self.invalidation_events.load(Relaxed),
             leaks: self.leaks.load(Relaxed),
             retries: self.retries.load(Relaxed),
             retries_exhausted: self.retries_exhausted.load(Relaxed),

@@ -301,6 +301,7 @@ impl ConnState {
         if ok {
             self.lifecycle.validated_epoch = self.ping_epoch;
             self.lifecycle.last_validated = Instant::now();
+            self.pool.server_answered(self.lifecycle.last_validated);
             if let Some(started) = self.ping_started {
                 self.pool.record_ping_rtt(started.elapsed());
             }
@@ -393,6 +394,11 @@ impl ConnState {
         let now = Instant::now();
         let pool = self.pool.clone();
         if let Some(at) = self.checked_out_at.take() {
+            if !dirty && !self.lifecycle.broken {
+                // Used and returned unbroken: the server answered it (as the bypass window
+                // trusts it).
+                pool.server_answered(now);
+            }
             pool.emit(&PoolEvent::CheckedIn {
                 pool: pool.name(),
                 connection_id: self.id,
