@@ -11,6 +11,7 @@
 //! | [`lifecycle`] | [`LifecyclePolicy`]: when a connection is trusted, checked or retired |
 //! | [`stats`] | [`PoolStats`]: counters and wait-time percentiles, read as a [`StatsSnapshot`] |
 //! | [`status`] | [`StatusReport`]: the snapshots as a report for people and as JSON |
+//! | [`metrics`](mod@metrics) | the pools' metrics through the `metrics` facade (feature `metrics`): OpenTelemetry's `db.client.connection.*` and ours |
 //! | [`readiness`] | [`Health`](readiness::Health): whether a pool can serve now, for readiness probes; [`WarmUp`](readiness::WarmUp) for startup gates |
 //! | [`events`] | [`PoolEvent`]s, the [`EventListener`] trait and the [`LogListener`] |
 //! | [`budget`] | [`Budget`]: a connection budget shared by classes with reserved floors |
@@ -64,6 +65,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
+pub mod metrics;
 pub mod readiness;
 pub mod redact;
 pub mod retry;

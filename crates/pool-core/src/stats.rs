@@ -375,6 +375,7 @@ pub struct PoolStats {
     retries_exhausted: AtomicU64,
     commits_resolved: AtomicU64,
     waits: WaitHistogram,
+    metrics: crate::metrics::PoolMetrics,
 }
 
 impl Default for PoolStats {
@@ -420,18 +421,35 @@ impl PoolStats {
             retries_exhausted: zero(),
             commits_resolved: zero(),
             waits: WaitHistogram::new(),
+            metrics: crate::metrics::PoolMetrics::default(),
         }
+    }
+
+    /// All counters at zero, each event also reported to `metrics` (see
+    /// [`crate::metrics`]).
+    pub fn with_metrics(metrics: crate::metrics::PoolMetrics) -> Self {
+        PoolStats {
+            metrics,
+            ..Self::new()
+        }
+    }
+
+    /// The metric handles events are reported to (empty without the `metrics` feature).
+    pub fn metrics(&self) -> &crate::metrics::PoolMetrics {
+        &self.metrics
     }
 
     /// A checkout succeeded after waiting `waited` (zero when a connection was at hand).
     pub fn record_checkout(&self, waited: Duration) {
         bump(&self.checkouts);
         self.waits.record(waited);
+        self.metrics.waited(waited);
     }
 
     /// A checkout gave up after `pool_timeout`.
     pub fn record_checkout_timeout(&self) {
         bump(&self.timeouts);
+        self.metrics.timeout();
     }
 
     /// A connection was opened.
@@ -452,6 +470,7 @@ impl PoolStats {
     /// A validation ping was sent; `ok` is whether it succeeded in time.
     pub fn record_ping(&self, ok: bool) {
         bump(&self.pings);
+        self.metrics.ping();
         if !ok {
             bump(&self.pings_failed);
         }
@@ -460,12 +479,14 @@ impl PoolStats {
     /// The liveness probe found a connection closed by the server.
     pub fn record_probe_dead(&self) {
         bump(&self.probe_dead);
+        self.metrics.found_dead();
     }
 
     /// The pool was invalidated (every older connection is pinged before reuse): once per
     /// cause seen (each connection that saw the same restart counts).
     pub fn record_invalidation(&self) {
         bump(&self.invalidations);
+        self.metrics.invalidation();
     }
 
     /// An invalidation was reported (the `Invalidated` event, at most one a second: a burst
@@ -477,16 +498,19 @@ impl PoolStats {
     /// A connection was held longer than the leak detection threshold.
     pub fn record_leak(&self) {
         bump(&self.leaks);
+        self.metrics.leak();
     }
 
     /// An operation is being retried after a transient error.
     pub fn record_retry(&self) {
         bump(&self.retries);
+        self.metrics.retry();
     }
 
     /// An operation failed after exhausting its retries.
     pub fn record_retry_exhausted(&self) {
         bump(&self.retries_exhausted);
+        self.metrics.retry_exhausted();
     }
 
     /// A slow validation ping was raced against a fresh connect; `won`: the fresh
@@ -501,6 +525,7 @@ impl PoolStats {
     /// An ambiguous commit (connection lost during COMMIT) was resolved by verification.
     pub fn record_commit_resolved(&self) {
         bump(&self.commits_resolved);
+        self.metrics.commit_resolved();
     }
 
     /// The counters combined with the pool's `gauges` (which also carry its name).

@@ -103,9 +103,25 @@ impl PoolState {
     ) -> Result<PoolState, ConfigError> {
         config.validate()?;
         let gate = Gate::new(config.max_size());
+        let metrics = match &budget {
+            Some((b, class)) => crate::metrics::PoolMetrics::register(
+                &config.name,
+                Some(b.class_name(*class)),
+                config.max_size(),
+                config.pool_size,
+                b.limits(*class).reserved,
+            ),
+            None => crate::metrics::PoolMetrics::register(
+                &config.name,
+                None,
+                config.max_size(),
+                config.pool_size,
+                0,
+            ),
+        };
         Ok(PoolState {
             config,
-            stats: PoolStats::new(),
+            stats: PoolStats::with_metrics(metrics),
             epoch: Epoch::default(),
             listener,
             budget,
@@ -139,6 +155,14 @@ impl PoolState {
     /// The pool's counters.
     pub fn stats(&self) -> &PoolStats {
         &self.stats
+    }
+
+    /// A checkout under way without a connection: counted in
+    /// `db.client.connection.pending_requests` until the guard is dropped (nothing without
+    /// the `metrics` feature).
+    #[inline]
+    pub fn pending(&self) -> crate::metrics::Pending {
+        self.stats.metrics().pending()
     }
 
     /// The budget this pool's connections take permits from, and its class.
@@ -367,6 +391,7 @@ impl PoolState {
     /// attempt.
     pub fn connect_failed(&self, class: ConnectClass, message: &str) -> String {
         self.stats.record_connect_failure();
+        self.stats.metrics().connect_failed(class);
         self.last_bad
             .store(self.mark(Instant::now()), Ordering::Release);
         let message = self.redact(message);
