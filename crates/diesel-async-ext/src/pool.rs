@@ -234,6 +234,8 @@ impl<C: ExtConnection> ExtPool<C> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
         let state = &self.parts.state;
+        // In `db.client.connection.pending_requests` until this returns (feature `metrics`).
+        let _pending = state.pending();
         // The gate first (arrival order); a dropped wait leaves its queue at once.
         let gate = match state.gate().try_enter() {
             Some(permit) => permit,

@@ -182,6 +182,8 @@ impl<C: ExtConnection> ExtPool<C> {
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         let started = Instant::now();
         let state = &self.parts.state;
+        // In `db.client.connection.pending_requests` until this returns (feature `metrics`).
+        let _pending = state.pending();
         let gate = state.gate();
         // Not saturated: a permit at once, without reading the clock again.
         if let Some(permit) = gate.try_enter() {
