@@ -63,6 +63,7 @@ fn a_stopped_server_is_unreachable_with_the_connect_errors_class_and_the_status_
     let pool = pool(&pg, "health_stopped", 1, Duration::from_millis(100));
     warm(&pool, 1);
     pg.stop().expect("stop the server");
+    // Past the bypass window: the evidence of the warm-up no longer answers for the server.
     std::thread::sleep(Duration::from_millis(300));
     let health = pool.health();
     assert_eq!(

@@ -66,6 +66,7 @@ async fn a_stopped_server_is_unreachable_with_the_connect_errors_class_and_the_s
     let pool = pool(&pg, "ahealth_stopped", 1, Duration::from_millis(100)).await;
     pool.warm(1).await;
     pg.stop().expect("stop the server");
+    // Past the bypass window: the evidence of the warm-up no longer answers for the server.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let health = pool.health().await;
     assert_eq!(

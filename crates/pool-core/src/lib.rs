@@ -12,7 +12,7 @@
 //! | [`stats`] | [`PoolStats`]: counters and wait-time percentiles, read as a [`StatsSnapshot`] |
 //! | [`status`] | [`StatusReport`]: the snapshots as a report for people and as JSON |
 //! | [`metrics`](mod@metrics) | the pools' metrics through the `metrics` facade (feature `metrics`): OpenTelemetry's `db.client.connection.*` and ours |
-//! | [`readiness`] | [`Health`](readiness::Health): whether a pool can serve now, for readiness probes; [`WarmUp`](readiness::WarmUp) for startup gates |
+//! | [`readiness`] | [`Health`]: whether a pool can serve now, for readiness probes; [`WarmUp`] for startup gates |
 //! | [`events`] | [`PoolEvent`]s, the [`EventListener`] trait and the [`LogListener`] |
 //! | [`budget`] | [`Budget`]: a connection budget shared by classes with reserved floors |
 //! | [`classes`] | [`Class`](classes::Class) and [`Classes`](classes::Classes): one pool per class of work, planned from the budget |

@@ -219,7 +219,7 @@ fn pool_lines(p: &StatsSnapshot) -> Vec<String> {
     lines.push(closed);
     lines.push(format!(
         "Validations failed: {} of {} pings; found dead by probe: {}; invalidations: {} \
-         (by {} reported event(s))",
+         ({} reported)",
         p.validations_failed,
         p.pings,
         p.probe_detected_dead,
