@@ -36,10 +36,10 @@ fn cycle_ns(pool: &Arc<PoolState>) -> f64 {
         .map(|_| {
             let start = Instant::now();
             for _ in 0..OPS {
-                let pending = pool.pending();
-                let gate = pool.gate().try_enter();
-                let asked = Instant::now();
-                drop(pending);
+                let (asked, gate) = {
+                    let _pending = pool.pending();
+                    (Instant::now(), pool.gate().try_enter())
+                };
                 conn.handed_out(asked, gate);
                 black_box(conn.checkin(false));
             }
