@@ -82,6 +82,7 @@ pub mod classes;
 pub mod classify;
 pub mod customize;
 mod demand;
+mod health;
 mod manager;
 #[cfg(feature = "postgres")]
 pub mod pg;

@@ -256,6 +256,9 @@ pub(crate) enum Mode {
     /// Walk: retire only dead, broken, expired and (above the floor) idle-too-long
     /// connections; no ping, no reclaim, no leak timer. Its checkin leaves the idle time alone.
     Sweep,
+    /// A readiness check (`ExtPool::health`): a checkout's decision (a dead connection is
+    /// closed and invalidates the pool), without its ping: the check pings it itself.
+    Health,
 }
 
 tokio::task_local! {
@@ -738,9 +741,9 @@ impl<C: ExtConnection> ExtManager<C> {
         }
     }
 
-    /// A fresh connection for a hedge, if the pool has room at once (below its sizes, and a
-    /// budget permit free without waiting); `None` otherwise.
-    async fn open_hedge(&self) -> Option<Result<C, ExtError>> {
+    /// A fresh connection for a hedge (or a readiness check), if the pool has room at once
+    /// (below its sizes, and a budget permit free without waiting); `None` otherwise.
+    pub(crate) async fn open_hedge(&self) -> Option<Result<C, ExtError>> {
         if !self.pool.hedge_room() {
             return None;
         }
@@ -840,6 +843,13 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
             return match t.state.sweep(|| probe, now) {
                 Some(reason) => Err(ExtError::Retired(reason)),
                 None => Ok(()),
+            };
+        }
+        if mode == Some(Mode::Health) {
+            // No await here: the check takes an idle connection in one poll.
+            return match t.state.begin_checkout(|| probe, now) {
+                CheckoutStep::Discard(reason) => Err(ExtError::Retired(reason)),
+                CheckoutStep::Reuse | CheckoutStep::Ping { .. } => Ok(()),
             };
         }
         if t.state.take_read_only_suspect() {

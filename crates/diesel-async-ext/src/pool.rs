@@ -171,6 +171,16 @@ impl<C: ExtConnection> ExtPool<C> {
         &self.parts.state
     }
 
+    /// What the pool's connects open connections for (see `demand`).
+    pub(crate) fn demand(&self) -> &Arc<Demand> {
+        &self.parts.demand
+    }
+
+    /// The manager the pool opens and checks its connections with.
+    pub(crate) fn manager(&self) -> &ExtManager<C> {
+        &self.parts.manager
+    }
+
     /// Checks out a connection, waiting at most `pool_timeout`: bb8's own
     /// `PooledConnection`, which every diesel-async call and every `&mut AsyncPgConnection`
     /// helper accepts. Callers are served in arrival order (a returned connection goes to the
@@ -224,6 +234,8 @@ impl<C: ExtConnection> ExtPool<C> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
         let state = &self.parts.state;
+        // In `db.client.connection.pending_requests` until this returns (feature `metrics`).
+        let _pending = state.pending();
         // The gate first (arrival order); a dropped wait leaves its queue at once.
         let gate = match state.gate().try_enter() {
             Some(permit) => permit,

@@ -48,6 +48,7 @@ pub mod classify;
 pub mod customize;
 mod demand;
 mod forge;
+mod health;
 mod manager;
 #[cfg(feature = "postgres")]
 mod pg;

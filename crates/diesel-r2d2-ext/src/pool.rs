@@ -159,6 +159,11 @@ impl<C: ExtConnection> ExtPool<C> {
         &self.parts.state
     }
 
+    /// What the pool's connects open connections for (see `demand`).
+    pub(crate) fn demand(&self) -> &Arc<Demand> {
+        &self.parts.demand
+    }
+
     /// Checks out a connection, waiting at most `pool_timeout`. Same signature and result
     /// as r2d2's `get`, plus: callers are served in arrival order (a returned connection
     /// goes to the one that waited longest), the wait counts in the stats, and a checkout
@@ -177,6 +182,8 @@ impl<C: ExtConnection> ExtPool<C> {
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         let started = Instant::now();
         let state = &self.parts.state;
+        // In `db.client.connection.pending_requests` until this returns (feature `metrics`).
+        let _pending = state.pending();
         let gate = state.gate();
         // Not saturated: a permit at once, without reading the clock again.
         if let Some(permit) = gate.try_enter() {
@@ -631,7 +638,7 @@ thread_local! {
     static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn quiet_timeouts<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn quiet_timeouts<T>(f: impl FnOnce() -> T) -> T {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {

@@ -210,6 +210,8 @@ pub enum BudgetError {
 pub struct BudgetBuilder {
     total: u32,
     classes: Vec<(String, ClassLimits)>,
+    /// Report permits in use as metrics (not for a pool's checkout gate).
+    metrics: bool,
 }
 
 impl BudgetBuilder {
@@ -217,6 +219,13 @@ impl BudgetBuilder {
     pub fn class(mut self, name: impl Into<String>, reserved: u32, max: u32) -> Self {
         self.classes
             .push((name.into(), ClassLimits { reserved, max }));
+        self
+    }
+
+    /// No `resilient_diesel.budget.in_use` gauges: for a queue that is no connection budget
+    /// (a pool's checkout gate).
+    pub(crate) fn without_metrics(mut self) -> Self {
+        self.metrics = false;
         self
     }
 
@@ -274,6 +283,17 @@ impl BudgetBuilder {
         Ok(Budget {
             inner: Arc::new(Inner {
                 total,
+                metrics: if self.metrics {
+                    crate::metrics::BudgetMetrics::register(
+                        &self
+                            .classes
+                            .iter()
+                            .map(|(n, _)| n.clone())
+                            .collect::<Vec<_>>(),
+                    )
+                } else {
+                    crate::metrics::BudgetMetrics::default()
+                },
                 names: self.classes.iter().map(|(n, _)| n.clone()).collect(),
                 limits: self.classes.iter().map(|(_, l)| *l).collect(),
                 state: Mutex::new(State {
@@ -332,6 +352,8 @@ struct State {
 struct Inner {
     total: u32,
     names: Vec<String>,
+    /// `resilient_diesel.budget.in_use` per class (see [`crate::metrics`]).
+    metrics: crate::metrics::BudgetMetrics,
     limits: Vec<ClassLimits>,
     state: Mutex<State>,
     #[cfg(not(loom))]
@@ -471,6 +493,7 @@ impl fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        self.budget.inner.metrics.released(self.class);
         self.budget.inner.release(self.class);
     }
 }
@@ -517,6 +540,7 @@ impl Budget {
         BudgetBuilder {
             total,
             classes: Vec::new(),
+            metrics: true,
         }
     }
 
@@ -546,6 +570,7 @@ impl Budget {
     }
 
     fn permit(&self, class: usize) -> Permit {
+        self.inner.metrics.acquired(class);
         Permit {
             budget: self.clone(),
             class,

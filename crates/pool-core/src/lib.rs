@@ -11,6 +11,8 @@
 //! | [`lifecycle`] | [`LifecyclePolicy`]: when a connection is trusted, checked or retired |
 //! | [`stats`] | [`PoolStats`]: counters and wait-time percentiles, read as a [`StatsSnapshot`] |
 //! | [`status`] | [`StatusReport`]: the snapshots as a report for people and as JSON |
+//! | [`metrics`](mod@metrics) | the pools' metrics through the `metrics` facade (feature `metrics`): OpenTelemetry's `db.client.connection.*` and ours |
+//! | [`readiness`] | [`Health`]: whether a pool can serve now, for readiness probes; [`WarmUp`] for startup gates |
 //! | [`events`] | [`PoolEvent`]s, the [`EventListener`] trait and the [`LogListener`] |
 //! | [`budget`] | [`Budget`]: a connection budget shared by classes with reserved floors |
 //! | [`classes`] | [`Class`](classes::Class) and [`Classes`](classes::Classes): one pool per class of work, planned from the budget |
@@ -63,6 +65,8 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
+pub mod metrics;
+pub mod readiness;
 pub mod redact;
 pub mod retry;
 pub mod settings;
@@ -76,6 +80,7 @@ pub use crate::config::{parse_duration, PoolConfig, PoolConfigBuilder, SslMode};
 pub use crate::error::ConfigError;
 pub use crate::events::{EventListener, LogListener, PoolEvent};
 pub use crate::lifecycle::LifecyclePolicy;
+pub use crate::readiness::{Health, HealthState, WarmUp};
 pub use crate::redact::{redact, redact_with};
 pub use crate::retry::{RetryError, RetryPolicy};
 pub use crate::stats::{CloseReason, Gauges, PoolStats, StatsSnapshot};

@@ -211,10 +211,21 @@ pub struct StatsSnapshot {
     /// Hedges the fresh connection won (the slow connection was closed).
     #[serde(default)]
     pub hedges_won: u64,
-    /// Connections the zero-round-trip liveness probe found closed by the server.
+    /// Connections the zero-round-trip liveness probe found closed by the server, at a
+    /// checkout (each is closed: `closed.probe_dead` also counts those the maintenance's walk
+    /// found, which do not invalidate the pool).
     pub probe_detected_dead: u64,
-    /// Pool-wide invalidations (a disconnect made every older connection suspect).
+    /// Times the pool was invalidated (every older connection made suspect: pinged before its
+    /// next use): once per cause seen — each disconnect a query or the probe saw, each
+    /// unanswered ping, each failover, each `invalidate()` call. A restart seen by 8
+    /// connections counts 8 here and 1 in [`StatsSnapshot::invalidation_events`].
+    /// Connections closed because of it are counted by reason in [`StatsSnapshot::closed`]
+    /// (`probe_dead`, `ping_failed`, `invalidated`), not here.
     pub invalidations: u64,
+    /// Invalidations reported as an `Invalidated` event (and log line): at most one a second,
+    /// so a burst caused by one fault counts once.
+    #[serde(default)]
+    pub invalidation_events: u64,
     /// Connections held longer than the leak detection threshold.
     pub leaks: u64,
     /// Operations retried after a transient error.
@@ -358,11 +369,13 @@ pub struct PoolStats {
     hedges_won: AtomicU64,
     probe_dead: AtomicU64,
     invalidations: AtomicU64,
+    invalidation_events: AtomicU64,
     leaks: AtomicU64,
     retries: AtomicU64,
     retries_exhausted: AtomicU64,
     commits_resolved: AtomicU64,
     waits: WaitHistogram,
+    metrics: crate::metrics::PoolMetrics,
 }
 
 impl Default for PoolStats {
@@ -402,23 +415,41 @@ impl PoolStats {
             hedges_won: zero(),
             probe_dead: zero(),
             invalidations: zero(),
+            invalidation_events: zero(),
             leaks: zero(),
             retries: zero(),
             retries_exhausted: zero(),
             commits_resolved: zero(),
             waits: WaitHistogram::new(),
+            metrics: crate::metrics::PoolMetrics::default(),
         }
+    }
+
+    /// All counters at zero, each event also reported to `metrics` (see
+    /// [`crate::metrics`]).
+    pub fn with_metrics(metrics: crate::metrics::PoolMetrics) -> Self {
+        PoolStats {
+            metrics,
+            ..Self::new()
+        }
+    }
+
+    /// The metric handles events are reported to (empty without the `metrics` feature).
+    pub fn metrics(&self) -> &crate::metrics::PoolMetrics {
+        &self.metrics
     }
 
     /// A checkout succeeded after waiting `waited` (zero when a connection was at hand).
     pub fn record_checkout(&self, waited: Duration) {
         bump(&self.checkouts);
         self.waits.record(waited);
+        self.metrics.waited(waited);
     }
 
     /// A checkout gave up after `pool_timeout`.
     pub fn record_checkout_timeout(&self) {
         bump(&self.timeouts);
+        self.metrics.timeout();
     }
 
     /// A connection was opened.
@@ -439,6 +470,7 @@ impl PoolStats {
     /// A validation ping was sent; `ok` is whether it succeeded in time.
     pub fn record_ping(&self, ok: bool) {
         bump(&self.pings);
+        self.metrics.ping();
         if !ok {
             bump(&self.pings_failed);
         }
@@ -447,26 +479,38 @@ impl PoolStats {
     /// The liveness probe found a connection closed by the server.
     pub fn record_probe_dead(&self) {
         bump(&self.probe_dead);
+        self.metrics.found_dead();
     }
 
-    /// The pool was invalidated (every older connection is pinged before reuse).
+    /// The pool was invalidated (every older connection is pinged before reuse): once per
+    /// cause seen (each connection that saw the same restart counts).
     pub fn record_invalidation(&self) {
         bump(&self.invalidations);
+        self.metrics.invalidation();
+    }
+
+    /// An invalidation was reported (the `Invalidated` event, at most one a second: a burst
+    /// of invalidations by one fault counts once here).
+    pub fn record_invalidation_event(&self) {
+        bump(&self.invalidation_events);
     }
 
     /// A connection was held longer than the leak detection threshold.
     pub fn record_leak(&self) {
         bump(&self.leaks);
+        self.metrics.leak();
     }
 
     /// An operation is being retried after a transient error.
     pub fn record_retry(&self) {
         bump(&self.retries);
+        self.metrics.retry();
     }
 
     /// An operation failed after exhausting its retries.
     pub fn record_retry_exhausted(&self) {
         bump(&self.retries_exhausted);
+        self.metrics.retry_exhausted();
     }
 
     /// A slow validation ping was raced against a fresh connect; `won`: the fresh
@@ -481,6 +525,7 @@ impl PoolStats {
     /// An ambiguous commit (connection lost during COMMIT) was resolved by verification.
     pub fn record_commit_resolved(&self) {
         bump(&self.commits_resolved);
+        self.metrics.commit_resolved();
     }
 
     /// The counters combined with the pool's `gauges` (which also carry its name).
@@ -524,6 +569,7 @@ impl PoolStats {
             hedges_won: self.hedges_won.load(Relaxed),
             probe_detected_dead: self.probe_dead.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),
+            invalidation_events: self.invalidation_events.load(Relaxed),
             leaks: self.leaks.load(Relaxed),
             retries: self.retries.load(Relaxed),
             retries_exhausted: self.retries_exhausted.load(Relaxed),

@@ -218,8 +218,13 @@ fn pool_lines(p: &StatsSnapshot) -> Vec<String> {
     }
     lines.push(closed);
     lines.push(format!(
-        "Validations failed: {} of {} pings; found dead by probe: {}; invalidations: {}",
-        p.validations_failed, p.pings, p.probe_detected_dead, p.invalidations
+        "Validations failed: {} of {} pings; found dead by probe: {}; invalidations: {} \
+         ({} reported)",
+        p.validations_failed,
+        p.pings,
+        p.probe_detected_dead,
+        p.invalidations,
+        p.invalidation_events
     ));
     lines.push(format!(
         "Retries: {} ({} exhausted), ambiguous commits resolved: {}, leaks: {}",

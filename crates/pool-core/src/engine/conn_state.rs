@@ -59,6 +59,9 @@ pub struct ConnState {
     gate: Option<Permit>,
     /// The budget permit; released after the connection closed.
     _permit: Option<Permit>,
+    /// Counted idle in `db.client.connection.count` (see [`crate::metrics`]).
+    #[cfg(feature = "metrics")]
+    gauged_idle: bool,
 }
 
 impl std::fmt::Debug for ConnState {
@@ -94,9 +97,12 @@ impl ConnState {
             read_only_suspect: false,
             gate: None,
             _permit: permit,
+            #[cfg(feature = "metrics")]
+            gauged_idle: true,
         };
         pool.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         pool.stats().record_connect();
+        pool.stats().metrics().opened(took);
         pool.connect_succeeded();
         pool.emit(&PoolEvent::Connected {
             pool: pool.name(),
@@ -133,6 +139,9 @@ impl ConnState {
                 read_only_suspect: false,
                 gate: orphan.gate,
                 _permit: orphan.permit,
+                // Checked out: counted as used, and uncounted at its checkin.
+                #[cfg(feature = "metrics")]
+                gauged_idle: false,
             },
             None => ConnState::opened(pool, Duration::ZERO, None),
         };
@@ -296,11 +305,22 @@ impl ConnState {
     /// A failed ping marks the connection broken: it is closed, never pooled again (by the
     /// sweep's checkin too).
     pub fn finish_ping(&mut self, ok: bool) -> bool {
+        if !ok {
+            self.pool
+                .stats()
+                .metrics()
+                .validation_failed(crate::metrics::ValidationFailure::Error);
+        }
+        self.finish_ping_quietly(ok)
+    }
+
+    fn finish_ping_quietly(&mut self, ok: bool) -> bool {
         self.ping_in_flight = false;
         self.pool.stats().record_ping(ok);
         if ok {
             self.lifecycle.validated_epoch = self.ping_epoch;
             self.lifecycle.last_validated = Instant::now();
+            self.pool.server_answered(self.lifecycle.last_validated);
             if let Some(started) = self.ping_started {
                 self.pool.record_ping_rtt(started.elapsed());
             }
@@ -322,7 +342,11 @@ impl ConnState {
     /// before this ping started becomes suspect ([`PoolState::path_went_silent`]).
     pub fn finish_ping_silent(&mut self) {
         let started = self.ping_started.unwrap_or_else(Instant::now);
-        self.finish_ping(false);
+        self.pool
+            .stats()
+            .metrics()
+            .validation_failed(crate::metrics::ValidationFailure::Timeout);
+        self.finish_ping_quietly(false);
         self.pool.path_went_silent(started);
     }
 
@@ -336,6 +360,10 @@ impl ConnState {
         self.checked_out_at = Some(now);
         self.gate = gate;
         pool.stats().record_checkout(waited);
+        #[cfg(feature = "metrics")]
+        pool.stats()
+            .metrics()
+            .handed_out(std::mem::take(&mut self.gauged_idle));
         pool.emit(&PoolEvent::CheckedOut {
             pool: pool.name(),
             connection_id: self.id,
@@ -392,7 +420,16 @@ impl ConnState {
         }
         let now = Instant::now();
         let pool = self.pool.clone();
+        #[cfg(feature = "metrics")]
+        let held = self
+            .checked_out_at
+            .map(|at| now.saturating_duration_since(at));
         if let Some(at) = self.checked_out_at.take() {
+            if !dirty && !self.lifecycle.broken {
+                // Used and returned unbroken: the server answered it (as the bypass window
+                // trusts it).
+                pool.server_answered(now);
+            }
             pool.emit(&PoolEvent::CheckedIn {
                 pool: pool.name(),
                 connection_id: self.id,
@@ -426,6 +463,11 @@ impl ConnState {
         } else {
             None
         };
+        #[cfg(feature = "metrics")]
+        if let Some(held) = held {
+            pool.stats().metrics().checked_in(held, reason.is_none());
+            self.gauged_idle = reason.is_none();
+        }
         match reason {
             Some(reason) => self.close_reason = Some(reason),
             // Kept: the next checkout in line may go. (A closed connection keeps its permit
@@ -462,6 +504,10 @@ impl Drop for ConnState {
         }
         let reason = self.close_reason.unwrap_or(CloseReason::Released);
         self.pool.stats().record_close(reason);
+        #[cfg(feature = "metrics")]
+        if self.gauged_idle {
+            self.pool.stats().metrics().idle_closed();
+        }
         self.pool.emit(&PoolEvent::Closed {
             pool: self.pool.name(),
             connection_id: self.id,

@@ -25,6 +25,7 @@ impl Gate {
         let size = size.clamp(1, crate::config::MAX_CONNECTIONS);
         let queue = Budget::builder(size)
             .class("checkout", 0, size)
+            .without_metrics()
             .build()
             .expect("a one-class budget with max = total is valid");
         let class = queue.class_id("checkout").expect("declared above");

@@ -59,6 +59,12 @@ pub struct PoolState {
     /// What the states of checked-out connections held when the application replaced them
     /// (see [`PoolState::orphan`]).
     orphans: Mutex<Vec<Orphan>>,
+    /// Nanoseconds after `born`, plus one, of the latest evidence that the server answers
+    /// (a connect, a successful ping, a connection returned unbroken after use; 0: none).
+    last_good: AtomicU64,
+    /// Nanoseconds after `born`, plus one, of the latest evidence against it (an
+    /// invalidation, a failed connect; 0: none).
+    last_bad: AtomicU64,
 }
 
 /// What a connection's state held (permits, place in the open count) while the connection
@@ -97,9 +103,25 @@ impl PoolState {
     ) -> Result<PoolState, ConfigError> {
         config.validate()?;
         let gate = Gate::new(config.max_size());
+        let metrics = match &budget {
+            Some((b, class)) => crate::metrics::PoolMetrics::register(
+                &config.name,
+                Some(b.class_name(*class)),
+                config.max_size(),
+                config.pool_size,
+                b.limits(*class).reserved,
+            ),
+            None => crate::metrics::PoolMetrics::register(
+                &config.name,
+                None,
+                config.max_size(),
+                config.pool_size,
+                0,
+            ),
+        };
         Ok(PoolState {
             config,
-            stats: PoolStats::new(),
+            stats: PoolStats::with_metrics(metrics),
             epoch: Epoch::default(),
             listener,
             budget,
@@ -115,6 +137,8 @@ impl PoolState {
             health: ServerHealth::default(),
             orphans: Mutex::new(Vec::new()),
             ping_rtt_ns: AtomicU64::new(0),
+            last_good: AtomicU64::new(0),
+            last_bad: AtomicU64::new(0),
         })
     }
 
@@ -131,6 +155,14 @@ impl PoolState {
     /// The pool's counters.
     pub fn stats(&self) -> &PoolStats {
         &self.stats
+    }
+
+    /// A checkout under way without a connection: counted in
+    /// `db.client.connection.pending_requests` until the guard is dropped (nothing without
+    /// the `metrics` feature).
+    #[inline]
+    pub fn pending(&self) -> crate::metrics::Pending {
+        self.stats.metrics().pending()
     }
 
     /// The budget this pool's connections take permits from, and its class.
@@ -219,12 +251,14 @@ impl PoolState {
     pub fn invalidate(&self, reason: &str) {
         self.epoch.bump();
         self.stats.record_invalidation();
+        let now = Instant::now();
+        self.last_bad.store(self.mark(now), Ordering::Release);
         // A restart kills every connection at once: report the first, not each of them.
         let mut last = self.last_invalidation_event.lock();
-        let now = Instant::now();
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             *last = Some(now);
             drop(last);
+            self.stats.record_invalidation_event();
             self.emit(&PoolEvent::Invalidated {
                 pool: self.name(),
                 reason,
@@ -250,6 +284,32 @@ impl PoolState {
                  before it are closed without a ping",
             );
         }
+    }
+
+    /// `at` as a mark on the pool's own clock: nanoseconds after it was made, plus one (so
+    /// that 0 means "never").
+    fn mark(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.born).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// Evidence that the server answers at `at`: a connection was opened, passed a ping, or
+    /// came back unbroken after use. [`PoolState::fresh_evidence`] reads it.
+    pub fn server_answered(&self, at: Instant) {
+        self.last_good.store(self.mark(at), Ordering::Release);
+    }
+
+    /// How long ago the server last answered (see [`PoolState::server_answered`]), if nothing
+    /// has spoken against it since: no invalidation (a disconnect seen, a ping unanswered,
+    /// the application's `invalidate`) and no failed connect after it, and the last connect
+    /// attempt did not fail. `None`: no such evidence, the caller must look for itself.
+    pub fn fresh_evidence(&self, now: Instant) -> Option<Duration> {
+        let good = self.last_good.load(Ordering::Acquire);
+        if good == 0 || good <= self.last_bad.load(Ordering::Acquire) || self.health.is_down() {
+            return None;
+        }
+        let at = self.born + Duration::from_nanos(good - 1);
+        Some(now.saturating_duration_since(at))
     }
 
     /// Whether a connection last known good (used or validated) at `last_good` is suspect:
@@ -331,6 +391,9 @@ impl PoolState {
     /// attempt.
     pub fn connect_failed(&self, class: ConnectClass, message: &str) -> String {
         self.stats.record_connect_failure();
+        self.stats.metrics().connect_failed(class);
+        self.last_bad
+            .store(self.mark(Instant::now()), Ordering::Release);
         let message = self.redact(message);
         match self.health.failed(class, message.clone()) {
             Report::Down => self.emit(&PoolEvent::ConnectFailed {
@@ -353,6 +416,7 @@ impl PoolState {
     /// A connection attempt succeeded: if connects had been failing, says once that the
     /// server is back.
     pub fn connect_succeeded(&self) {
+        self.server_answered(Instant::now());
         if let Some((down_for, failures)) = self.health.succeeded() {
             log::info!(
                 target: LOG_TARGET,

@@ -1,0 +1,190 @@
+//! Readiness of the async pool on a private server: `health()` answers from evidence without a
+//! round trip, checks an idle connection with one bounded ping, finds dead connections (and
+//! invalidates the pool as a checkout would), says unreachable with the cause's class when the
+//! server is stopped, never waits behind a saturated pool; `warm_up` opens `pool_size`.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use diesel_async_ext::PgPool;
+use pool_core::readiness::{HealthSource, HealthState};
+
+/// A pool of `size` on `pg` whose connections carry `app`, trusting a connection used within
+/// `window` without a ping.
+async fn pool(pg: &PgServer, app: &str, size: u32, window: Duration) -> PgPool {
+    ext_pool(pg, app, size)
+        .validation_bypass_window(window)
+        .build()
+        .await
+        .expect("pool")
+}
+
+#[tokio::test]
+async fn a_pool_used_within_the_bypass_window_answers_ready_without_a_round_trip() {
+    let Some(pg) = server() else { return };
+    // A long window: the answer must not depend on how fast this machine is right now.
+    let pool = pool(&pg, "ahealth_evidence", 2, Duration::from_secs(30)).await;
+    pool.warm(2).await;
+    let before = pool.stats();
+    let health = pool.health().await;
+    let after = pool.stats();
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    assert_eq!(health.source, HealthSource::Evidence, "{health}");
+    assert!(!health.round_trip, "{health}");
+    assert_eq!(after.pings, before.pings, "no ping: {health}");
+    assert_eq!(after.connects, before.connects, "no connect: {health}");
+    assert_eq!(after.checkouts, before.checkouts, "a check is no checkout");
+}
+
+#[tokio::test]
+async fn a_pool_idle_past_the_bypass_window_answers_with_one_bounded_check() {
+    let Some(pg) = server() else { return };
+    let window = Duration::from_millis(100);
+    let pool = pool(&pg, "ahealth_idle", 2, window).await;
+    pool.warm(2).await;
+    tokio::time::sleep(window * 3).await;
+    let before = pool.stats();
+    let health = pool.health().await;
+    let after = pool.stats();
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    assert_eq!(health.source, HealthSource::IdleCheck, "{health}");
+    assert!(health.round_trip, "{health}");
+    assert_eq!(after.pings, before.pings + 1, "exactly one ping: {health}");
+    assert_eq!(after.connects, before.connects, "no connect: {health}");
+    assert_eq!(after.idle, 2, "the checked connection is back in the pool");
+    let again = pool.health().await;
+    assert_eq!(again.source, HealthSource::Evidence, "{again}");
+}
+
+#[tokio::test]
+async fn a_stopped_server_is_unreachable_with_the_connect_errors_class_and_the_status_is_not_healthy(
+) {
+    let Some(pg) = server() else { return };
+    let pool = pool(&pg, "ahealth_stopped", 1, Duration::from_millis(100)).await;
+    pool.warm(1).await;
+    pg.stop().expect("stop the server");
+    // Past the bypass window: the evidence of the warm-up no longer answers for the server.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = pool.health().await;
+    assert_eq!(
+        health.state,
+        HealthState::Unreachable,
+        "{}",
+        health.to_json()
+    );
+    assert_eq!(health.source, HealthSource::Connect, "{health}");
+    assert_eq!(health.error_class.as_deref(), Some("transient"), "{health}");
+    assert!(health.round_trip, "{health}");
+    assert!(
+        health.found_dead >= 1,
+        "the stopped server's session: {health}"
+    );
+    let stats = pool.stats();
+    assert!(!stats.is_healthy, "{stats:?}");
+    assert!(stats.server_down.is_some(), "{stats:?}");
+    let text = pool.status().to_string();
+    assert!(text.contains("Server unreachable"), "{text}");
+    assert!(!text.contains("Healthy"), "{text}");
+    assert_eq!(pool.health().await.state, HealthState::Unreachable);
+}
+
+#[tokio::test]
+async fn terminated_backends_are_found_dead_by_the_check_which_invalidates_the_pool_and_reconnects()
+{
+    let Some(pg) = server() else { return };
+    let app = "ahealth_terminated";
+    let window = Duration::from_millis(100);
+    let pool = pool(&pg, app, 2, window).await;
+    pool.warm(2).await;
+    pg.terminate_backends(app).expect("terminate");
+    pg.wait_backends_gone(app, Duration::from_secs(10))
+        .expect("backends gone");
+    // Past the window; meanwhile diesel-async's connection tasks read the FATAL.
+    tokio::time::sleep(window * 3).await;
+    let before = pool.stats();
+    let health = pool.health().await;
+    let after = pool.stats();
+    assert!(health.found_dead >= 1, "{}", health.to_json());
+    assert!(
+        after.invalidations > before.invalidations,
+        "a dead connection invalidates the pool: {after:?}"
+    );
+    assert!(
+        after.closed.probe_dead > before.closed.probe_dead,
+        "{after:?}"
+    );
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    assert_eq!(health.source, HealthSource::Connect, "{health}");
+    assert!(
+        after.idle >= 1,
+        "the reconnected connection stays in the pool"
+    );
+}
+
+#[tokio::test]
+async fn a_saturated_pool_answers_degraded_without_waiting() {
+    let Some(pg) = server() else { return };
+    let pool = ext_pool(&pg, "ahealth_saturated", 1)
+        .pool_timeout(Duration::from_secs(30))
+        .build()
+        .await
+        .expect("pool");
+    let held = pool.get().await.expect("the only connection");
+    let started = Instant::now();
+    let health = tokio::time::timeout(Duration::from_secs(10), pool.health())
+        .await
+        .expect("health() waited behind the saturated pool");
+    let took = started.elapsed();
+    // The bound this test proves: far below `pool_timeout` (30 s), which a wait would take.
+    assert!(took < Duration::from_secs(5), "{took:?}: {health}");
+    assert_eq!(health.state, HealthState::Degraded, "{health}");
+    assert_eq!(health.error_class.as_deref(), Some("saturated"), "{health}");
+    assert!(!health.round_trip, "{health}");
+    drop(held);
+}
+
+#[tokio::test]
+async fn warm_up_opens_pool_size_connections_and_then_finds_them_idle() {
+    let Some(pg) = server() else { return };
+    let app = "ahealth_warm";
+    let pool = ext_pool(&pg, app, 3)
+        .max_overflow(2)
+        .build_lazy()
+        .await
+        .expect("lazy pool");
+    assert_eq!(
+        pg.count_backends(app).expect("count"),
+        0,
+        "lazy: nothing open"
+    );
+    let warm = pool.warm_up(Duration::from_secs(20)).await;
+    assert!(warm.complete(), "{warm:?}");
+    assert_eq!(
+        (warm.wanted, warm.opened, warm.already_idle),
+        (3, 3, 0),
+        "{warm:?}"
+    );
+    assert!(warm.errors.is_empty(), "{warm:?}");
+    assert_eq!(pg.count_backends(app).expect("count"), 3);
+    let again = pool.warm_up(Duration::from_secs(20)).await;
+    assert_eq!((again.opened, again.already_idle), (0, 3), "{again:?}");
+    assert_eq!(pool.stats().idle, 3);
+}
+
+#[tokio::test]
+async fn a_lazy_pool_with_nothing_open_answers_with_one_connect_that_stays_in_the_pool() {
+    let Some(pg) = server() else { return };
+    let pool = ext_pool(&pg, "ahealth_lazy", 2)
+        .build_lazy()
+        .await
+        .expect("lazy pool");
+    let health = pool.health().await;
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    assert_eq!(health.source, HealthSource::Connect, "{health}");
+    assert!(health.round_trip);
+    assert_eq!(pool.stats().connects, 1, "one attempt");
+    assert_eq!(pool.stats().idle, 1, "the connection stays in the pool");
+}
