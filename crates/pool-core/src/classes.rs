@@ -303,3 +303,18 @@ mod tests {
         assert!(classes.class("b").is_ok());
     }
 }
+
+/// From the mutation run: the `Debug` of a set of class pools names its classes.
+#[cfg(all(test, not(loom)))]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_names_the_classes_and_the_budget() {
+        let budget = Budget::builder(3).class("jobs", 0, 3).build().unwrap();
+        let classes = Classes::new(budget, vec![("jobs".to_owned(), ())]);
+        let shown = format!("{classes:?}");
+        assert!(shown.starts_with("ClassPools {"), "{shown}");
+        assert!(shown.contains("classes: [\"jobs\"]"), "{shown}");
+    }
+}

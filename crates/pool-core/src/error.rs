@@ -95,3 +95,26 @@ fn missing_var_hint(var: &str) -> &'static str {
         "set it and start again"
     }
 }
+
+/// From the mutation run: the hints say what to write.
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_say_what_to_write() {
+        let none = unsupported_scheme_message("");
+        assert!(
+            none.contains("no scheme") && none.contains("postgres://"),
+            "{none}"
+        );
+        let redis = unsupported_scheme_message("redis");
+        assert!(
+            redis.contains("\"redis\"") && redis.contains("sqlite://"),
+            "{redis}"
+        );
+        assert!(missing_var_hint("DATABASE_URL").contains("postgres://user:password@"));
+        assert!(missing_var_hint("url").contains("postgres://user:password@"));
+        assert_eq!(missing_var_hint("DB_OTHER"), "set it and start again");
+    }
+}

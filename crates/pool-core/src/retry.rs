@@ -917,3 +917,119 @@ mod tests {
         }
     }
 }
+
+/// From the mutation run: the policy's accessors and bounds, the retry event's text.
+#[cfg(all(test, not(loom)))]
+mod policy_tests {
+    use super::*;
+    use crate::classify::classify_sqlstate;
+
+    #[test]
+    fn every_setting_reads_back_as_set() {
+        let p = RetryPolicy::builder()
+            .max_attempts(7)
+            .max_elapsed(Some(Duration::from_secs(3)))
+            .base_delay(Duration::from_millis(40))
+            .max_delay(Duration::from_millis(900))
+            .retry_pool_timeout(false)
+            .verify_commit(false)
+            .commit_resolution_timeout(Duration::from_secs(4))
+            .seed(99)
+            .idempotency_table("jobs.keys")
+            .build()
+            .unwrap();
+        assert_eq!(p.max_attempts(), 7);
+        assert_eq!(p.max_elapsed(), Some(Duration::from_secs(3)));
+        assert_eq!(p.base_delay(), Duration::from_millis(40));
+        assert_eq!(p.max_delay(), Duration::from_millis(900));
+        assert!(!p.retry_pool_timeout());
+        assert!(!p.verify_commit());
+        assert_eq!(p.commit_resolution_timeout(), Duration::from_secs(4));
+        assert_eq!(p.seed(), Some(99));
+        assert_eq!(p.idempotency_table().name(), "jobs.keys");
+        let d = RetryPolicy::default();
+        assert!(d.retry_pool_timeout() && d.verify_commit());
+        assert_eq!(d.seed(), None);
+        assert_eq!(RetryPolicy::no_retry().max_attempts(), 1);
+    }
+
+    #[test]
+    fn a_thousand_attempts_is_the_most_a_policy_takes() {
+        let build = |n| RetryPolicy::builder().max_attempts(n).build();
+        assert!(build(1000).is_ok());
+        assert!(build(999).is_ok());
+        assert_eq!(build(1001).unwrap_err().setting, "max_attempts");
+    }
+
+    #[test]
+    fn attempts_are_known_for_every_error_but_a_permanent_one() {
+        let exhausted: RetryError<String> = RetryError::Exhausted {
+            attempts: 3,
+            elapsed: Duration::ZERO,
+            class: ErrorClass::Deadlock,
+            last: "x".into(),
+        };
+        assert_eq!(exhausted.attempts(), Some(3));
+        let pool: RetryError<String> = RetryError::Pool {
+            attempts: 4,
+            elapsed: Duration::ZERO,
+            error: PoolError::new("timed out"),
+        };
+        assert_eq!(pool.attempts(), Some(4));
+        assert_eq!(RetryError::Permanent("x".to_owned()).attempts(), None);
+    }
+
+    #[test]
+    fn the_retry_event_carries_the_error_redacted() {
+        let seen: &'static parking_lot::Mutex<Vec<String>> =
+            Box::leak(Box::new(parking_lot::Mutex::new(Vec::new())));
+        let listener = move |e: &PoolEvent<'_>| {
+            if let PoolEvent::Retry { error, class, .. } = e {
+                seen.lock().push(format!("{class}: {error}"));
+            }
+        };
+        let hooks = RetryHooks {
+            pool: "p",
+            stats: None,
+            listener: &listener,
+        };
+        let policy = RetryPolicy::builder()
+            .max_attempts(2)
+            .base_delay(Duration::from_micros(10))
+            .max_delay(Duration::from_micros(100))
+            .build()
+            .unwrap();
+        let out: Result<(), _> = run_sync(
+            &policy,
+            &hooks,
+            |_: &String| ErrorClass::Deadlock,
+            |_| {
+                Err(AttemptError::Op(
+                    "deadlock detected; postgres://app:S3NT1NEL@db/app".to_owned(),
+                ))
+            },
+        );
+        assert!(out.is_err());
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].starts_with("deadlock: deadlock detected"),
+            "{seen:?}"
+        );
+        assert!(!seen[0].contains("S3NT1NEL"), "{seen:?}");
+    }
+
+    #[test]
+    fn disconnects_and_session_timeouts_are_what_they_are() {
+        assert!(ErrorClass::ConnectionLost.is_disconnect());
+        assert!(ErrorClass::AdminShutdown.is_disconnect());
+        assert!(!ErrorClass::Deadlock.is_disconnect());
+        assert!(ErrorClass::ConnectionLost.invalidates_pool());
+        assert!(!ErrorClass::ReadOnlyTransaction.invalidates_pool());
+        assert_eq!(ErrorClass::LockTimeout.as_str(), "lock_timeout");
+        assert_eq!(ErrorClass::PoolTimeout.to_string(), "pool_timeout");
+        // idle_session_timeout and idle_in_transaction_session_timeout end the session.
+        assert_eq!(classify_sqlstate("57P05"), ErrorClass::ConnectionLost);
+        assert_eq!(classify_sqlstate("25P03"), ErrorClass::ConnectionLost);
+    }
+}

@@ -709,3 +709,172 @@ fn the_watchdog_shows_whether_it_runs() {
         "{shown}"
     );
 }
+
+// ---- From the mutation run: decisions the adapters' server tests exercise, pinned here
+// ---- where a wrong constant or comparison fails in milliseconds.
+
+fn hedging_pool(validation_timeout: Duration) -> Arc<PoolState> {
+    pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .pool_size(2)
+            .max_overflow(1)
+            .validation_timeout(validation_timeout),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    )
+}
+
+#[test]
+fn the_hedge_delay_is_four_round_trips_with_a_floor_and_a_ceiling() {
+    let p = hedging_pool(Duration::from_secs(5));
+    // No round trip seen yet: the floor.
+    assert_eq!(p.hedge_delay(), Some(HEDGE_FLOOR));
+    // A steady 80 ms round trip: 4 x 80 ms.
+    for _ in 0..64 {
+        p.record_ping_rtt(Duration::from_millis(80));
+    }
+    assert_eq!(p.hedge_delay(), Some(Duration::from_millis(320)));
+    // Round trips below the floor's quarter: the floor.
+    let fast = hedging_pool(Duration::from_secs(5));
+    fast.record_ping_rtt(Duration::from_millis(1));
+    assert_eq!(fast.hedge_delay(), Some(HEDGE_FLOOR));
+    // Never more than half the validation timeout.
+    let slow = hedging_pool(Duration::from_millis(500));
+    slow.record_ping_rtt(Duration::from_secs(2));
+    assert_eq!(slow.hedge_delay(), Some(Duration::from_millis(250)));
+    // Off: none.
+    let off = pool_with(
+        PoolConfig::builder("postgres://app@db/app").hedged_validation(false),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    );
+    assert_eq!(off.hedge_delay(), None);
+}
+
+#[test]
+fn the_round_trip_estimate_moves_an_eighth_of_the_way_per_ping() {
+    let p = hedging_pool(Duration::from_secs(10));
+    p.record_ping_rtt(Duration::from_millis(80)); // first: taken as is
+    assert_eq!(p.hedge_delay(), Some(Duration::from_millis(320)));
+    p.record_ping_rtt(Duration::from_millis(160)); // 80 - 10 + 20 = 90 ms
+    assert_eq!(p.hedge_delay(), Some(Duration::from_millis(360)));
+    p.record_ping_rtt(Duration::from_millis(90)); // 90 - 11.25 + 11.25 = 90 ms
+    assert_eq!(p.hedge_delay(), Some(Duration::from_millis(360)));
+}
+
+#[test]
+fn a_hedge_fits_only_below_the_pool_sizes() {
+    let p = hedging_pool(Duration::from_secs(5)); // 2 + 1
+    let mut conns = Vec::new();
+    for n in 0..3 {
+        assert!(p.hedge_room(), "{n} open of 3: room for a hedge");
+        conns.push(ConnState::opened(&p, Duration::ZERO, None));
+    }
+    assert!(!p.hedge_room(), "3 open of 3: no hedge");
+    conns.pop();
+    assert!(p.hedge_room());
+}
+
+#[test]
+fn an_orphan_is_taken_back_not_counted_twice() {
+    let p = pool(2, 0);
+    let mut c = ConnState::opened(&p, Duration::ZERO, None);
+    c.handed_out(Instant::now(), None);
+    assert_eq!(p.open_connections(), 1);
+    // The application replaced the connection's state while it was checked out.
+    drop(c);
+    assert_eq!(p.open_connections(), 1, "still open: its place is kept");
+    let mut back = ConnState::adopted(&p);
+    assert_eq!(p.open_connections(), 1, "the orphan's place, not a new one");
+    back.checkin(false);
+    drop(back);
+    assert_eq!(p.open_connections(), 0);
+    // Without an orphan, an adopted connection is counted as a new one.
+    let stranger = ConnState::adopted(&p);
+    assert_eq!(p.open_connections(), 1);
+    drop(stranger);
+}
+
+#[test]
+fn retries_on_a_pool_report_to_its_stats() {
+    let p = pool(1, 0);
+    let hooks = p.retry_hooks();
+    assert_eq!(hooks.pool, p.name());
+    let stats = hooks.stats.expect("the pool's stats");
+    stats.record_retry();
+    assert_eq!(p.stats().snapshot(Default::default()).retries, 1);
+}
+
+#[test]
+fn maintenance_waits_on_the_budget_only_for_classes_that_borrow() {
+    use crate::budget::Budget;
+    let budget = Budget::builder(4)
+        .class("floor_only", 2, 2)
+        .class("borrower", 0, 4)
+        .build()
+        .unwrap();
+    let make = |class: &str| {
+        let id = budget.class_id(class).unwrap();
+        PoolState::new(
+            PoolConfig::builder("postgres://app@db/app")
+                .pool_size(2)
+                .build()
+                .unwrap(),
+            Arc::new(|_: &PoolEvent<'_>| {}),
+            Some((budget.clone(), id)),
+        )
+        .unwrap()
+    };
+    assert!(!Maintenance::new(&make("floor_only")).borrows());
+    assert!(Maintenance::new(&make("borrower")).borrows());
+    assert!(!Maintenance::new(&pool(2, 0)).borrows(), "no budget");
+}
+
+#[test]
+fn a_sweep_is_due_one_interval_after_the_last() {
+    let p = pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .keepalive_ping(Some(Duration::from_millis(100))),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    );
+    let mut m = Maintenance::new(&p);
+    assert!(!m.sweep_due(), "not right after the pool is made");
+    std::thread::sleep(Duration::from_millis(70));
+    assert!(m.sweep_due(), "the interval is half the keepalive: 50 ms");
+    m.swept();
+    assert!(!m.sweep_due(), "one interval from now again");
+    assert!(m.tick(Duration::from_secs(1)) <= Duration::from_millis(50));
+    let none = pool_with(
+        PoolConfig::builder("postgres://app@db/app")
+            .max_lifetime(None)
+            .idle_timeout(None),
+        Arc::new(|_: &PoolEvent<'_>| {}),
+    );
+    let m = Maintenance::new(&none);
+    assert!(!m.sweep_due());
+    assert_eq!(m.tick(Duration::from_secs(5)), Duration::from_secs(1));
+}
+
+#[test]
+fn idle_timeouts_and_lifetimes_set_the_sweep_interval_too() {
+    let interval = |b: crate::config::PoolConfigBuilder| {
+        super::maintenance::sweep_interval(&b.build().unwrap())
+    };
+    let url = "postgres://app@db/app";
+    // A quarter of the idle timeout.
+    assert_eq!(
+        interval(
+            PoolConfig::builder(url)
+                .max_lifetime(None)
+                .idle_timeout(Some(Duration::from_secs(40)))
+        ),
+        Some(Duration::from_secs(10))
+    );
+    // An eighth of the lifetime.
+    assert_eq!(
+        interval(
+            PoolConfig::builder(url)
+                .idle_timeout(None)
+                .max_lifetime(Some(Duration::from_secs(80)))
+        ),
+        Some(Duration::from_secs(10))
+    );
+}

@@ -440,6 +440,30 @@ mod tests {
     }
 
     #[test]
+    fn the_small_pieces_say_what_they_mean() {
+        assert_eq!(
+            sql::lock_timeout(Duration::from_millis(250)),
+            "SET LOCAL lock_timeout = 250"
+        );
+        assert_eq!(
+            sql::lock_timeout(Duration::ZERO),
+            "SET LOCAL lock_timeout = 1",
+            "0 would mean no limit"
+        );
+        assert!(no_txid_reason(true).contains("commit_with_key"));
+        assert!(no_txid_reason(false).contains("verification is off"));
+        let policy = RetryPolicy::builder()
+            .commit_resolution_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let left = Resolution::start(&policy).left();
+        assert!(
+            left > Duration::from_millis(1500) && left <= Duration::from_secs(2),
+            "{left:?}"
+        );
+    }
+
+    #[test]
     fn txid_status_answers_map_to_resolutions() {
         let asked = |text| TxStatus::from_txid_status(text).answer(7);
         assert_eq!(asked(Some("committed")), Asked::Answer(Resolved::Committed));
