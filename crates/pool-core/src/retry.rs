@@ -55,8 +55,8 @@ use crate::stats::PoolStats;
 mod commit;
 
 pub use commit::{
-    finish_ambiguous, no_txid_reason, sql, Asked, Keyed, Resolution, Resolved, Step, TxStatus,
-    IDEMPOTENCY_TABLE_SQL,
+    finish_ambiguous, no_txid_reason, other_server_reason, sql, Asked, Keyed, Resolution, Resolved,
+    Step, TxStatus, IDEMPOTENCY_TABLE_SQL,
 };
 
 /// How to retry: attempts, time limit, backoff, and whether commits are verified.
