@@ -225,8 +225,24 @@ impl PgBouncer {
         );
         admin_query(&conninfo, command).map_err(|message| TestSupportError::Admin {
             command: command.to_owned(),
-            message: redact(&message),
+            message: format!(
+                "{} (the pgbouncer process {})\nlast lines of {}:\n{}",
+                redact(&message),
+                self.process_state(),
+                self.log.display(),
+                last_lines(&log_since(&self.log, 0), 10)
+            ),
         })
+    }
+
+    /// "runs", "exited with ...", or "is not started", for messages.
+    fn process_state(&self) -> String {
+        match self.child.lock().as_mut().map(Child::try_wait) {
+            None => "is not started".into(),
+            Some(Ok(None)) => "runs".into(),
+            Some(Ok(Some(status))) => format!("exited with {status}"),
+            Some(Err(e)) => format!("cannot be waited for: {e}"),
+        }
     }
 
     /// `RECONNECT app`: every server connection is closed once it is released (after its
@@ -244,6 +260,42 @@ impl PgBouncer {
     /// `RESUME app`, after [`PgBouncer::kill_db`].
     pub fn resume(&self) -> Result<(), TestSupportError> {
         self.admin("RESUME app").map(drop)
+    }
+
+    /// `KILL app`, `pause`, then `RESUME app`: every client and server connection of `app`
+    /// is cut, as a pooler's operator does it. PgBouncer itself sometimes crashes (SIGSEGV)
+    /// on `KILL` while clients are busy (seen here with 1.18; pgbouncer/pgbouncer#1401
+    /// reports it in 1.24.1): then it is restarted, which cuts every client too, and the
+    /// returned value is `true`. Call it from the thread that started it (see
+    /// [`PgBouncer::restart`]).
+    pub fn kill_and_resume(&self, pause: Duration) -> Result<bool, TestSupportError> {
+        let killed = self.kill_db();
+        std::thread::sleep(pause);
+        match killed.and_then(|()| self.resume()) {
+            Ok(()) => Ok(false),
+            Err(e) => {
+                log::warn!("test-support: PgBouncer did not survive KILL, restarting it: {e}");
+                self.restart().map(|()| true)
+            }
+        }
+    }
+
+    /// Restarts PgBouncer if its process has exited (crashed: see
+    /// [`PgBouncer::kill_and_resume`]); `true` if it did. Call it from the thread that
+    /// started it.
+    pub fn restart_if_crashed(&self) -> Result<bool, TestSupportError> {
+        let exited = matches!(
+            self.child.lock().as_mut().map(Child::try_wait),
+            Some(Ok(Some(_)))
+        );
+        if !exited {
+            return Ok(false);
+        }
+        log::warn!(
+            "test-support: PgBouncer {}, restarting it",
+            self.process_state()
+        );
+        self.restart().map(|()| true)
     }
 
     /// `SHOW POOLS`, the row of database `app` (`cl_active`, `cl_waiting`, `sv_active`,
