@@ -32,7 +32,7 @@ pub enum Kind {
     Fraction,
     /// libpq's `sslmode` spelling.
     SslMode,
-    /// `none`, `session` or `transaction` (see [`Pooler`](crate::config::Pooler)).
+    /// `none`, `session` or `transaction` (see [`Pooler`]).
     Pooler,
     /// A file path.
     Path,
