@@ -129,6 +129,29 @@ fn run_steps<P>(pool: &P, first_worker: i32, threads: i32, steps: i32, retried: 
 where
     P: Checkout + RetryablePool<Connection = PgConnection> + Sync,
 {
+    run(pool, first_worker, threads, steps, retried, false)
+}
+
+/// [`run_steps`] for a control: every worker stops once any error was seen (a pool that
+/// fails may also fail slowly, each checkout waiting out its timeout).
+fn run_until_error<P>(pool: &P, first_worker: i32, steps: i32) -> Tally
+where
+    P: Checkout + RetryablePool<Connection = PgConnection> + Sync,
+{
+    run(pool, first_worker, CLIENTS as i32, steps, false, true)
+}
+
+fn run<P>(
+    pool: &P,
+    first_worker: i32,
+    threads: i32,
+    steps: i32,
+    retried: bool,
+    until_error: bool,
+) -> Tally
+where
+    P: Checkout + RetryablePool<Connection = PgConnection> + Sync,
+{
     let tally = Arc::new(Mutex::new(Tally::default()));
     let policy = patient();
     std::thread::scope(|s| {
@@ -136,6 +159,9 @@ where
             let (tally, policy) = (&tally, &policy);
             s.spawn(move || {
                 for k in 0..steps {
+                    if until_error && !tally.lock().unwrap().errors.is_empty() {
+                        break;
+                    }
                     step(pool, policy, retried, w, k, tally);
                 }
             });
@@ -218,22 +244,33 @@ fn in_transaction_mode_diesels_defaults_fail_plain_r2d2_and_our_pool_without_the
         return;
     };
     let url = bouncer.url_with("sslmode=disable");
-    // Plain r2d2 at its defaults: its checkout test (`SELECT 1`) is itself a cached statement.
+    // Plain r2d2 at its defaults but for a short timeout: its checkout test (`SELECT 1`) is
+    // itself a cached statement, and once every server connection holds `__diesel_stmt_0`,
+    // each new connection fails it and r2d2 keeps reconnecting until the timeout.
     let plain = r2d2::Pool::builder()
         .max_size(CLIENTS)
+        .connection_timeout(Duration::from_secs(3))
         .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(&url))
         .expect("plain pool");
-    let ours_off = ours(&bouncer, "pooler-off", Pooler::None);
+    let ours_off = PgPool::builder(&url)
+        .application_name("pooler-off")
+        .pool_size(CLIENTS)
+        .max_overflow(0)
+        .pool_timeout(Duration::from_secs(3))
+        .build()
+        .expect("pool through pgbouncer");
     let (t_plain, t_off) = std::thread::scope(|s| {
-        let p = s.spawn(|| run_steps(&plain, 0, CLIENTS as i32, 20, false));
-        let o = s.spawn(|| run_steps(&ours_off, 100, CLIENTS as i32, 20, false));
+        let p = s.spawn(|| run_until_error(&plain, 0, 20));
+        let o = s.spawn(|| run_until_error(&ours_off, 100, 20));
         (p.join().unwrap(), o.join().unwrap())
     });
     for (name, tally) in [("plain r2d2", &t_plain), ("ours, pooler none", &t_off)] {
         eprintln!(
-            "{name}: {} errors in {} steps, e.g. {:?}",
+            "{name}: {} errors in {} queries and {} transactions before its workers stopped, \
+             e.g. {:?}",
             tally.errors.len(),
-            CLIENTS * 20 * 2,
+            tally.queries,
+            tally.committed.len(),
             statement_error(&tally.errors)
         );
         assert!(
