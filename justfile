@@ -6,7 +6,7 @@ demo:
 
 # Everything CI runs.
 test:
-    cargo test --workspace
+    cargo test --workspace --features metrics
 
 # Lints as CI expects them.
 lint:

@@ -21,7 +21,7 @@
 #![deny(missing_docs)]
 
 pub use diesel_r2d2_ext::*;
-pub use pool_core::config::{PoolConfig, PoolConfigBuilder, SslMode};
+pub use pool_core::config::{PoolConfig, PoolConfigBuilder, Pooler, SslMode};
 pub use pool_core::status::StatusReport;
 
 #[doc = include_str!("../README.md")]

@@ -100,9 +100,9 @@ mod pg_backend {
 
         async fn open(
             opener: &PgConnector,
-            _config: &PoolConfig,
+            config: &PoolConfig,
         ) -> Result<AsyncPgConnection, OpenFailure> {
-            opener.connect().await.map_err(|e| {
+            let mut conn = opener.connect().await.map_err(|e| {
                 let class = match &e {
                     ConnectError::Auth { .. } | ConnectError::Config(_) => ConnectClass::Hopeless,
                     ConnectError::Server {
@@ -129,7 +129,19 @@ mod pg_backend {
                     class,
                     message: e.to_string(),
                 }
-            })
+            })?;
+            if config.connect.pooler.is_transaction_mode() {
+                // Behind a transaction-mode pooler a cached statement (a named statement
+                // `sN` kept on the server connection it was prepared on) is missing where the
+                // next transaction runs. Uncached, each statement is closed right after it
+                // ran, inside its transaction. (tokio-postgres still prepares every statement
+                // in a round trip of its own, before binding it: see the README for the
+                // PgBouncer versions that support that outside transactions.)
+                use diesel::connection::CacheSize;
+                use diesel_async::AsyncConnection;
+                conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+            }
+            Ok(conn)
         }
 
         fn probe(&mut self) -> ProbeResult {

@@ -56,9 +56,10 @@ use diesel::result::Error as DieselError;
 use diesel::QueryResult;
 use diesel_async::{AsyncConnection, TransactionManager};
 use diesel_ext_common::resolve::{asked, is_unique_violation, key_probe_answer};
+use pool_core::config::Pooler;
 use pool_core::retry::{
-    finish_ambiguous, no_txid_reason, run_async, Asked, AttemptError, Resolution, Resolved,
-    RetryHooks, Step,
+    finish_ambiguous, no_txid_reason, other_server_reason, run_async, sql, Asked, AttemptError,
+    Resolution, Resolved, RetryHooks, Step,
 };
 pub use pool_core::retry::{
     IdempotencyTable, Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus,
@@ -96,6 +97,13 @@ pub trait RetryablePool: Sync {
     fn answer_timeout(&self) -> Duration {
         Duration::from_secs(5)
     }
+
+    /// The pooler in front of the server (the `pooler` setting): behind a transaction-mode
+    /// pooler, an ambiguous commit is resolved only on the server that ran it, and the
+    /// question is asked inside a transaction. A plain bb8 pool knows of none.
+    fn pooler(&self) -> Pooler {
+        Pooler::None
+    }
 }
 
 impl<C: ExtConnection> RetryablePool for ExtPool<C> {
@@ -120,6 +128,10 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
 
     fn answer_timeout(&self) -> Duration {
         self.config().lifecycle.validation.timeout
+    }
+
+    fn pooler(&self) -> Pooler {
+        self.config().connect.pooler
     }
 }
 
@@ -197,6 +209,26 @@ pub trait RetryConnection: AsyncConnection + Send {
         table: &IdempotencyTable,
         key: &str,
     ) -> impl Future<Output = diesel::QueryResult<()>> + Send;
+
+    /// Behind a transaction-mode pooler: the current transaction's id and the identity of
+    /// the server running it, in one round trip; `None` if the backend has no transaction
+    /// ids.
+    fn current_txid_and_server(
+        &mut self,
+    ) -> impl Future<Output = diesel::QueryResult<Option<(i64, String)>>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Behind a transaction-mode pooler: what became of transaction `txid`, if the server
+    /// answering is `server` and not a standby; `None` when it is not (the answer would be a
+    /// guess).
+    fn txid_status_on(
+        &mut self,
+        _txid: i64,
+        _server: &str,
+    ) -> impl Future<Output = diesel::QueryResult<Option<TxStatus>>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// Creates the idempotency table if it does not exist (for applications that do not run the
@@ -241,6 +273,39 @@ impl RetryConnection for diesel_async::AsyncPgConnection {
             .get_result(self)
             .await?;
         Ok(TxStatus::from_txid_status(status.as_deref()))
+    }
+
+    async fn current_txid_and_server(&mut self) -> diesel::QueryResult<Option<(i64, String)>> {
+        use diesel::sql_types::{BigInt, Text};
+        use diesel_async::RunQueryDsl;
+        diesel::select(diesel::dsl::sql::<(BigInt, Text)>(&format!(
+            "{}, {}",
+            sql::TXID_CURRENT,
+            sql::SERVER_IDENTITY
+        )))
+        .get_result(self)
+        .await
+        .map(Some)
+    }
+
+    async fn txid_status_on(
+        &mut self,
+        txid: i64,
+        server: &str,
+    ) -> diesel::QueryResult<Option<TxStatus>> {
+        use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+        use diesel_async::RunQueryDsl;
+        let (status, answering, standby): (Option<String>, String, bool) = diesel::select(
+            diesel::dsl::sql::<(Nullable<Text>, Text, Bool)>(&format!("{}(", sql::TXID_STATUS))
+                .bind::<BigInt, _>(txid)
+                .sql(&format!("), {}", sql::TXID_STATUS_ON_SERVER)),
+        )
+        .get_result(self)
+        .await?;
+        Ok(
+            (answering == server && !standby)
+                .then(|| TxStatus::from_txid_status(status.as_deref())),
+        )
     }
 
     async fn insert_idempotency_key(
@@ -385,6 +450,7 @@ where
 {
     let mode = Mode::Txid {
         verify: policy.verify_commit(),
+        pooled: pool.pooler().is_transaction_mode(),
     };
     match run_transactions(pool, policy, &mode, body).await? {
         Outcome::Value(value) => Ok(value),
@@ -430,7 +496,9 @@ where
 /// How a transaction's commit is made resolvable.
 enum Mode {
     /// Read `txid_current()` before `COMMIT` (if `verify`), ask `txid_status()` after a cut.
-    Txid { verify: bool },
+    /// Behind a transaction-mode pooler (`pooled`), with the identity of the server that
+    /// runs the transaction, and the answer taken only from that server.
+    Txid { verify: bool, pooled: bool },
     /// Insert the idempotency key in the transaction; look it up after a cut.
     Key(String, IdempotencyTable),
 }
@@ -438,9 +506,16 @@ enum Mode {
 /// What an attempt's preparation left to do.
 enum Prepared<T> {
     /// The body ran inside an open transaction: commit it.
-    Commit { value: T, txid: Option<i64> },
+    Commit { value: T, txid: Option<Txid> },
     /// A transaction with this key had committed before; nothing to commit.
     AlreadyCommitted,
+}
+
+/// A transaction's id, read before `COMMIT`, and (behind a transaction-mode pooler) the
+/// identity of the server that ran it.
+struct Txid {
+    id: i64,
+    server: Option<String>,
 }
 
 /// What [`run_transactions`] ended with.
@@ -479,11 +554,27 @@ where
         Err(e) => return Err(abandon(conn, e).await),
     };
     let txid = match mode {
-        Mode::Txid { verify: true } => match conn.current_txid().await {
-            Ok(txid) => txid,
-            Err(e) => return Err(abandon(conn, e.into()).await),
-        },
-        _ => None,
+        Mode::Txid {
+            verify: true,
+            pooled: false,
+        } => conn
+            .current_txid()
+            .await
+            .map(|id| id.map(|id| Txid { id, server: None })),
+        Mode::Txid {
+            verify: true,
+            pooled: true,
+        } => conn.current_txid_and_server().await.map(|id| {
+            id.map(|(id, server)| Txid {
+                id,
+                server: Some(server),
+            })
+        }),
+        _ => Ok(None),
+    };
+    let txid = match txid {
+        Ok(txid) => txid,
+        Err(e) => return Err(abandon(conn, e.into()).await),
     };
     Ok(Prepared::Commit { value, txid })
 }
@@ -493,7 +584,7 @@ async fn resolve<P>(
     pool: &P,
     policy: &RetryPolicy,
     mode: &Mode,
-    txid: Option<i64>,
+    txid: Option<&Txid>,
 ) -> Result<Resolved, String>
 where
     P: RetryablePool,
@@ -501,8 +592,15 @@ where
 {
     let question = match (mode, txid) {
         (Mode::Key(key, table), _) => Question::Key(key.clone(), table.clone()),
-        (Mode::Txid { .. }, Some(txid)) => Question::Txid(txid),
-        (Mode::Txid { verify }, None) => return Err(no_txid_reason(*verify)),
+        (Mode::Txid { .. }, Some(Txid { id, server: None })) => Question::Txid(*id),
+        (
+            Mode::Txid { .. },
+            Some(Txid {
+                id,
+                server: Some(server),
+            }),
+        ) => Question::TxidOn(*id, server.clone()),
+        (Mode::Txid { verify, .. }, None) => return Err(no_txid_reason(*verify)),
     };
     poll_until(pool, policy, &question).await
 }
@@ -571,8 +669,14 @@ where
                 return Err(AttemptError::Op(commit_error.into()));
             }
             drop(guard);
-            let resolution = resolve(pool, policy, mode, txid).await;
-            finish_ambiguous(hooks_ref, commit_error, txid, resolution, value)
+            let resolution = resolve(pool, policy, mode, txid.as_ref()).await;
+            finish_ambiguous(
+                hooks_ref,
+                commit_error,
+                txid.map(|t| t.id),
+                resolution,
+                value,
+            )
         },
         tokio::time::sleep,
     )
@@ -603,6 +707,11 @@ async fn abandon<C: AsyncConnection, E>(conn: &mut C, e: E) -> AttemptError<E> {
 enum Question {
     /// `txid_status()` of the transaction id read before `COMMIT`.
     Txid(i64),
+    /// The same behind a transaction-mode pooler, asked inside a transaction (tokio-postgres
+    /// prepares a statement in a round trip of its own, and between round trips outside a
+    /// transaction such a pooler may switch server connections), and answered only by the
+    /// server identified so.
+    TxidOn(i64, String),
     /// Insert the key again in a throwaway transaction: a unique violation means the cut-off
     /// transaction committed; success means it did not (the probe is rolled back).
     Key(String, IdempotencyTable),
@@ -612,6 +721,15 @@ enum Question {
 async fn ask<C: RetryConnection>(conn: &mut C, question: &Question) -> QueryResult<Asked> {
     match question {
         Question::Txid(txid) => Ok(conn.txid_status(*txid).await?.answer(*txid)),
+        Question::TxidOn(txid, server) => {
+            begin(conn).await?;
+            let status = conn.txid_status_on(*txid, server).await;
+            let _ = rollback(conn).await;
+            Ok(match status? {
+                Some(status) => status.answer(*txid),
+                None => Asked::Final(other_server_reason(*txid)),
+            })
+        }
         Question::Key(key, table) => {
             begin(conn).await?;
             let probe = conn.insert_idempotency_key(table, key).await;

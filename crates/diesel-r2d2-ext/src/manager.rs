@@ -39,6 +39,10 @@ pub(crate) mod sealed {
             Ok(())
         }
 
+        /// Right after `establish`, before anything else runs on the connection: what the
+        /// configured [`Pooler`](pool_core::config::Pooler) needs.
+        fn for_pooler(&mut self, _config: &PoolConfig) {}
+
         /// After a "read-only transaction" error: is the server a standby now (a failover)?
         /// An error answering counts as yes.
         fn is_standby(&mut self) -> bool {
@@ -52,6 +56,20 @@ pub(crate) mod sealed {
             let url = crate::pg::render(config)?;
             let filter = PeerFilter::from_conninfo(&url, &|var| std::env::var(var).ok());
             Ok((url, Some(filter)))
+        }
+
+        /// Behind a transaction-mode pooler, Diesel's statement cache is turned off: a
+        /// cached statement is a named prepared statement (`__diesel_stmt_N`) that lives on
+        /// the server connection it was prepared on, which the next transaction may not get
+        /// (`prepared statement "__diesel_stmt_0" does not exist`) while another client may
+        /// (`... already exists`). Uncached, Diesel 2.3 sends each statement with
+        /// `PQsendQueryParams`: parse, bind and execute in one message sequence, the unnamed
+        /// statement, nothing left behind.
+        fn for_pooler(&mut self, config: &PoolConfig) {
+            if config.connect.pooler.is_transaction_mode() {
+                use diesel::connection::{CacheSize, Connection};
+                self.set_prepared_statement_cache_size(CacheSize::Disabled);
+            }
         }
 
         fn is_standby(&mut self) -> bool {
@@ -289,11 +307,16 @@ impl<C: ExtConnection> ExtManager<C> {
 
     /// Opens the connection and finds its socket (no lock: see [`socket`]).
     fn establish(&self) -> Result<(C, SocketSlot), diesel::ConnectionError> {
+        let config = self.pool.config();
         let Some(peers) = self.peers.as_ref().filter(|_| socket::supported()) else {
-            return Ok((C::establish(&self.conninfo)?, SocketSlot::None));
+            let mut conn = C::establish(&self.conninfo)?;
+            conn.for_pooler(config);
+            return Ok((conn, SocketSlot::None));
         };
         let window = socket::begin_connect();
         let mut conn = C::establish(&self.conninfo)?;
+        // Before the tiebreak's ping: nothing may be prepared and cached before this.
+        conn.for_pooler(config);
         let slot = match window.finish(peers, &mut || conn.ping().is_ok()) {
             SocketClaim::Found(sock) => SocketSlot::Known(sock),
             SocketClaim::Ambiguous(candidates) => SocketSlot::Pending(candidates),

@@ -51,9 +51,10 @@ use diesel::connection::{Connection, TransactionManager};
 use diesel::result::Error as DieselError;
 use diesel::QueryResult;
 use diesel_ext_common::resolve::{asked, is_unique_violation, key_probe_answer};
+use pool_core::config::Pooler;
 use pool_core::retry::{
-    finish_ambiguous, no_txid_reason, run_sync, sql, Asked, AttemptError, Resolution, Resolved,
-    RetryHooks, Step,
+    finish_ambiguous, no_txid_reason, other_server_reason, run_sync, sql, Asked, AttemptError,
+    Resolution, Resolved, RetryHooks, Step,
 };
 pub use pool_core::retry::{
     IdempotencyTable, Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus,
@@ -87,6 +88,13 @@ pub trait RetryablePool {
     /// Where attempts are reported (pool name, stats, listener).
     fn hooks(&self) -> RetryHooks<'_> {
         RetryHooks::default()
+    }
+
+    /// The pooler in front of the server (the `pooler` setting): behind a transaction-mode
+    /// pooler, an ambiguous commit is resolved only on the server that ran it. A plain r2d2
+    /// pool knows of none.
+    fn pooler(&self) -> Pooler {
+        Pooler::None
     }
 
     /// `text` with every secret masked, for the messages resolution reports. The extended
@@ -146,6 +154,10 @@ impl<C: ExtConnection> RetryablePool for ExtPool<C> {
     fn hooks(&self) -> RetryHooks<'_> {
         self.state().retry_hooks()
     }
+
+    fn pooler(&self) -> Pooler {
+        self.config().connect.pooler
+    }
 }
 
 /// What [`commit_with_retry`] and [`commit_with_key`] need from a backend. Implemented for the
@@ -163,6 +175,24 @@ pub trait RetryConnection: Connection {
         table: &IdempotencyTable,
         key: &str,
     ) -> diesel::QueryResult<()>;
+
+    /// Behind a transaction-mode pooler: the current transaction's id and the identity of
+    /// the server running it, in one round trip; `None` if the backend has no transaction
+    /// ids.
+    fn current_txid_and_server(&mut self) -> diesel::QueryResult<Option<(i64, String)>> {
+        Ok(None)
+    }
+
+    /// Behind a transaction-mode pooler: what became of transaction `txid`, if the server
+    /// answering is `server` and not a standby; `None` when it is not (the answer would be a
+    /// guess).
+    fn txid_status_on(
+        &mut self,
+        _txid: i64,
+        _server: &str,
+    ) -> diesel::QueryResult<Option<TxStatus>> {
+        Ok(None)
+    }
 
     /// Inside a transaction: waiting for a lock longer than `limit` fails the statement
     /// instead (PostgreSQL `SET LOCAL lock_timeout`). Backends without a per-transaction
@@ -200,6 +230,33 @@ impl RetryConnection for diesel::PgConnection {
         )
         .get_result(self)?;
         Ok(TxStatus::from_txid_status(status.as_deref()))
+    }
+
+    fn current_txid_and_server(&mut self) -> diesel::QueryResult<Option<(i64, String)>> {
+        use diesel::sql_types::{BigInt, Text};
+        use diesel::RunQueryDsl;
+        diesel::select(diesel::dsl::sql::<(BigInt, Text)>(&format!(
+            "{}, {}",
+            sql::TXID_CURRENT,
+            sql::SERVER_IDENTITY
+        )))
+        .get_result(self)
+        .map(Some)
+    }
+
+    fn txid_status_on(&mut self, txid: i64, server: &str) -> diesel::QueryResult<Option<TxStatus>> {
+        use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+        use diesel::RunQueryDsl;
+        let (status, answering, standby): (Option<String>, String, bool) = diesel::select(
+            diesel::dsl::sql::<(Nullable<Text>, Text, Bool)>(&format!("{}(", sql::TXID_STATUS))
+                .bind::<BigInt, _>(txid)
+                .sql(&format!("), {}", sql::TXID_STATUS_ON_SERVER)),
+        )
+        .get_result(self)?;
+        Ok(
+            (answering == server && !standby)
+                .then(|| TxStatus::from_txid_status(status.as_deref())),
+        )
     }
 
     fn insert_idempotency_key(
@@ -304,21 +361,35 @@ where
     F: FnMut(&mut P::Connection) -> Result<T, E>,
     E: From<DieselError> + Classify + Display,
 {
+    // Behind a transaction-mode pooler the connection that answers `txid_status()` may be
+    // on another server than the one that ran the transaction: its identity is read with
+    // the id, and an answer from anywhere else is not taken.
+    let pooled = pool.pooler().is_transaction_mode();
     run_transactions(
         pool,
         policy,
         |conn| {
             let value = run_body(conn, &mut body)?;
-            let txid = if policy.verify_commit() {
-                conn.current_txid().map_err(|e| abandon(conn, e.into()))?
-            } else {
-                None
-            };
+            let txid = match (policy.verify_commit(), pooled) {
+                (false, _) => Ok(None),
+                (true, false) => conn.current_txid().map(|id| id.map(Txid::direct)),
+                (true, true) => conn.current_txid_and_server().map(|id| {
+                    id.map(|(id, server)| Txid {
+                        id,
+                        server: Some(server),
+                    })
+                }),
+            }
+            .map_err(|e| abandon(conn, e.into()))?;
             Ok(Prepared::Commit { value, txid })
         },
         |txid| match txid {
             None => Err(no_txid_reason(policy.verify_commit())),
-            Some(txid) => resolve_by_txid(pool, policy, txid),
+            Some(Txid { id, server: None }) => resolve_by_txid(pool, policy, *id),
+            Some(Txid {
+                id,
+                server: Some(server),
+            }) => resolve_by_txid_on(pool, policy, *id, server),
         },
     )
 }
@@ -373,10 +444,23 @@ where
     )
 }
 
+/// A transaction's id, read before `COMMIT`, and (behind a transaction-mode pooler) the
+/// identity of the server that ran it.
+struct Txid {
+    id: i64,
+    server: Option<String>,
+}
+
+impl Txid {
+    fn direct(id: i64) -> Txid {
+        Txid { id, server: None }
+    }
+}
+
 /// What an attempt's preparation left to do.
 enum Prepared<T> {
     /// The body ran inside an open transaction: commit it.
-    Commit { value: T, txid: Option<i64> },
+    Commit { value: T, txid: Option<Txid> },
     /// Nothing to commit (the transaction was rolled back); return this.
     Done(T),
 }
@@ -388,7 +472,7 @@ fn run_transactions<P, T, E>(
     pool: &P,
     policy: &RetryPolicy,
     mut prepare: impl FnMut(&mut P::Connection) -> Result<Prepared<T>, AttemptError<E>>,
-    resolve: impl Fn(Option<i64>) -> Result<Resolved, String>,
+    resolve: impl Fn(Option<&Txid>) -> Result<Resolved, String>,
 ) -> Result<T, RetryError<E>>
 where
     P: RetryablePool,
@@ -408,7 +492,8 @@ where
             return Err(AttemptError::Op(commit_error.into()));
         }
         drop(guard);
-        finish_ambiguous(hooks, commit_error, txid, resolve(txid), value)
+        let resolved = resolve(txid.as_ref());
+        finish_ambiguous(hooks, commit_error, txid.map(|t| t.id), resolved, value)
     })
 }
 
@@ -454,6 +539,27 @@ where
 {
     poll_until(pool, policy, |conn: &mut P::Connection, _left| {
         Ok(conn.txid_status(txid)?.answer(txid))
+    })
+}
+
+/// [`resolve_by_txid`] behind a transaction-mode pooler: an answer counts only from `server`
+/// (the one that ran the transaction) and not from a standby; from anywhere else the commit
+/// stays ambiguous.
+fn resolve_by_txid_on<P>(
+    pool: &P,
+    policy: &RetryPolicy,
+    txid: i64,
+    server: &str,
+) -> Result<Resolved, String>
+where
+    P: RetryablePool,
+    P::Connection: RetryConnection,
+{
+    poll_until(pool, policy, |conn: &mut P::Connection, _left| {
+        Ok(match conn.txid_status_on(txid, server)? {
+            Some(status) => status.answer(txid),
+            None => Asked::Final(other_server_reason(txid)),
+        })
     })
 }
 

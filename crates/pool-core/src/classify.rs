@@ -225,6 +225,30 @@ const SERVER_MESSAGES: &[(Form, ErrorClass)] = &[
         Form::Exact("canceling statement due to lock timeout"),
         ErrorClass::LockTimeout,
     ),
+    // PgBouncer (seen from 1.18): pooler errors after which it closes the client's
+    // connection: `KILL db`, a server connection lost in the middle of a transaction, a
+    // server restarting under a client (`invalid server parameter`), a server that is down.
+    (Form::Exact("database removed"), ErrorClass::ConnectionLost),
+    (
+        Form::Exact("invalid server parameter"),
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        Form::Prefix("server login has been failing, try again later"),
+        ErrorClass::AdminShutdown,
+    ),
+    (
+        Form::Exact("server conn crashed?"),
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        Form::Exact("query_wait_timeout"),
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        Form::Exact("no more connections allowed (max_client_conn)"),
+        ErrorClass::TooManyConnections,
+    ),
     // SQLite.
     (Form::Exact("database is locked"), ErrorClass::LockTimeout),
     (
@@ -416,6 +440,21 @@ mod tests {
             classify_server_message("server closed the connection unexpectedly"),
             ErrorClass::Permanent,
             "client phrases are not server messages"
+        );
+        assert_eq!(
+            classify_server_message("database removed"),
+            ErrorClass::ConnectionLost,
+            "PgBouncer's KILL"
+        );
+        assert_eq!(
+            classify_server_message(
+                "server login has been failing, try again later (server_login_retry)"
+            ),
+            ErrorClass::AdminShutdown
+        );
+        assert_eq!(
+            classify_server_message("server conn crashed?"),
+            ErrorClass::ConnectionLost
         );
         assert_eq!(
             classify_client_message(

@@ -106,6 +106,69 @@ impl fmt::Display for SslMode {
     }
 }
 
+/// The connection pooler between the pool and PostgreSQL (PgBouncer, Supavisor, RDS Proxy),
+/// set with [`pooler`](PoolConfigBuilder::pooler) / `DB_POOLER`.
+///
+/// Only [`Pooler::Transaction`] changes anything: there the server connection behind a
+/// client connection may change after every transaction, so session state does not survive
+/// and a named prepared statement may not exist (or may already exist) where the next
+/// statement runs. The adapters then keep no prepared statement past its statement, send no
+/// session-level `SET` and no startup `options`, and trust `txid_status()` only on the server
+/// that ran the transaction (README, "Behind PgBouncer / Supavisor").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooler {
+    /// A direct connection to PostgreSQL (the default).
+    #[default]
+    None,
+    /// A pooler in session mode: one server connection per client connection, for as long as
+    /// it lasts. Nothing changes.
+    Session,
+    /// A pooler in transaction mode: the server connection may change between transactions.
+    Transaction,
+}
+
+impl Pooler {
+    /// The spelling the setting takes: `none`, `session`, `transaction`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooler::None => "none",
+            Pooler::Session => "session",
+            Pooler::Transaction => "transaction",
+        }
+    }
+
+    /// Whether the server connection may change between transactions.
+    pub fn is_transaction_mode(self) -> bool {
+        self == Pooler::Transaction
+    }
+}
+
+impl FromStr for Pooler {
+    type Err = ConfigError;
+
+    /// Parses `none`, `session` or `transaction`, ignoring case and surrounding whitespace.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "off" => Ok(Pooler::None),
+            "session" => Ok(Pooler::Session),
+            "transaction" => Ok(Pooler::Transaction),
+            _ => Err(ConfigError::Invalid {
+                setting: "pooler",
+                reason: format!(
+                    "{:?} is not a pooler mode; use none, session or transaction",
+                    crate::redact::redact(s)
+                ),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Pooler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// TCP keepalives: how a connection dropped by a NAT or a dead peer is noticed while idle.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -150,6 +213,8 @@ pub struct ConnectSettings {
     pub ssl_root_cert: Option<PathBuf>,
     /// Name shown in `pg_stat_activity.application_name`. Default: `None`.
     pub application_name: Option<String>,
+    /// The pooler between the pool and the server. Default: [`Pooler::None`].
+    pub pooler: Pooler,
 }
 
 impl Default for ConnectSettings {
@@ -161,6 +226,7 @@ impl Default for ConnectSettings {
             ssl_mode: None,
             ssl_root_cert: None,
             application_name: None,
+            pooler: Pooler::None,
         }
     }
 }
@@ -269,6 +335,7 @@ impl PoolConfig {
     /// | `DB_SSLMODE` | [`ssl_mode`](PoolConfigBuilder::ssl_mode) | `verify-full` |
     /// | `DB_SSLROOTCERT` | [`ssl_root_cert`](PoolConfigBuilder::ssl_root_cert) | `/etc/ssl/rds.pem` |
     /// | `DB_APPLICATION_NAME` | [`application_name`](PoolConfigBuilder::application_name) | `orders-api` |
+    /// | `DB_POOLER` | [`pooler`](PoolConfigBuilder::pooler) | `transaction` |
     /// | `DB_POOL_NAME` | [`name`](PoolConfigBuilder::name) | `automation` |
     ///
     /// Durations are whole numbers with a unit (`250ms`, `30s`, `5m`, `1h`) or plain seconds
@@ -754,6 +821,29 @@ mod tests {
             "verify_full".parse::<SslMode>(),
             Err(ConfigError::UnknownSslMode { .. })
         ));
+    }
+
+    #[test]
+    fn pooler_modes_parse_and_a_bad_one_is_refused_naming_the_variable() {
+        for mode in ["none", "session", "transaction"] {
+            assert_eq!(mode.parse::<Pooler>().unwrap().as_str(), mode);
+        }
+        assert_eq!(
+            " Transaction ".parse::<Pooler>().unwrap(),
+            Pooler::Transaction
+        );
+        assert!(Pooler::Transaction.is_transaction_mode());
+        assert!(!Pooler::Session.is_transaction_mode());
+        let lookup = |name: &str| (name == "DB_POOLER").then(|| "statement".to_owned());
+        let err = PoolConfig::from_lookup(lookup, Some("postgres://app@db/app")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::InvalidVar { var, .. } if var == "DB_POOLER"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("none, session or transaction"),
+            "{err}"
+        );
     }
 
     #[test]

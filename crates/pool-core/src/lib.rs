@@ -76,7 +76,7 @@ pub mod url;
 
 pub use crate::budget::{Budget, BudgetError, BudgetSnapshot, ClassId, Permit};
 pub use crate::classify::ErrorClass;
-pub use crate::config::{parse_duration, PoolConfig, PoolConfigBuilder, SslMode};
+pub use crate::config::{parse_duration, PoolConfig, PoolConfigBuilder, Pooler, SslMode};
 pub use crate::error::ConfigError;
 pub use crate::events::{EventListener, LogListener, PoolEvent};
 pub use crate::lifecycle::LifecyclePolicy;

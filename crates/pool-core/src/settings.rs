@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{PoolConfig, SslMode};
+use crate::config::{PoolConfig, Pooler, SslMode};
 
 /// How a setting's value is written (in the environment) and shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,8 @@ pub enum Kind {
     Fraction,
     /// libpq's `sslmode` spelling.
     SslMode,
+    /// `none`, `session` or `transaction` (see [`Pooler`]).
+    Pooler,
     /// A file path.
     Path,
     /// Text.
@@ -48,6 +50,7 @@ impl Kind {
             Kind::Bool => "on/off",
             Kind::Fraction => "fraction",
             Kind::SslMode => "sslmode",
+            Kind::Pooler => "none/session/transaction",
             Kind::Path => "path",
             Kind::Text => "text",
         }
@@ -166,6 +169,12 @@ impl Show for Option<SslMode> {
     }
 }
 
+impl Show for Pooler {
+    fn show(&self) -> String {
+        self.as_str().to_owned()
+    }
+}
+
 /// The table. Each row: doc comment, `name(v: Type)`, `env "VAR"` (or `env none`), `kind`,
 /// `default "shown"`, `set |b| ...` (on a `&mut PoolConfigBuilder`), `get |c| ...` (on a
 /// `&PoolConfig`). Invoked with a callback macro that turns the rows into code; not meant
@@ -266,6 +275,12 @@ macro_rules! with_settings {
             /// `application_name` in the URL wins.
             application_name(v: impl Into<::std::string::String>) env "DB_APPLICATION_NAME" kind Text default "unset"
                 set |b| b.connect.application_name = Some(v.into()); get |c| c.connect.application_name;
+            /// The connection pooler in front of PostgreSQL: `none`, `session`, or
+            /// `transaction` for PgBouncer/Supavisor in transaction mode, where the server
+            /// connection changes between transactions: no prepared statement outlives its
+            /// statement, and an ambiguous commit is resolved only on the server that ran it.
+            pooler(v: $crate::config::Pooler) env "DB_POOLER" kind Pooler default "none"
+                set |b| b.connect.pooler = v; get |c| c.connect.pooler;
             /// How long a SQLite writer waits for a lock instead of failing with
             /// "database is locked".
             sqlite_busy_timeout(v: ::std::time::Duration) env none kind Duration default "5s"
@@ -401,6 +416,7 @@ mod tests {
             ("DB_SSLMODE", "verify-full"),
             ("DB_SSLROOTCERT", "/etc/ssl/root.pem"),
             ("DB_APPLICATION_NAME", "orders"),
+            ("DB_POOLER", "transaction"),
         ];
         let lookup = |name: &str| {
             vars.iter()
@@ -417,6 +433,7 @@ mod tests {
             ("DB_SSLMODE", "verify-full"),
             ("DB_SSLROOTCERT", "/etc/ssl/root.pem"),
             ("DB_APPLICATION_NAME", "orders"),
+            ("DB_POOLER", "transaction"),
         ] {
             let setting = by_env(var).unwrap();
             assert_eq!(shown[setting.name], expected, "{var}");

@@ -108,6 +108,20 @@ pub enum TestSupportError {
         source: std::io::Error,
     },
 
+    /// PgBouncer is not installed and could not be installed
+    /// (`scripts/install-pgbouncer.sh`).
+    #[error("PgBouncer is not available: {0}")]
+    PgBouncerMissing(String),
+
+    /// A PgBouncer admin console command failed.
+    #[error("PgBouncer admin command {command:?} failed: {message}")]
+    Admin {
+        /// The command.
+        command: String,
+        /// libpq's or PgBouncer's message (redacted).
+        message: String,
+    },
+
     /// The per-process template cluster could not be prepared earlier in this process.
     #[error("the template cluster of this process could not be prepared: {0}")]
     Template(String),

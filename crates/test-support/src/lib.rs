@@ -6,6 +6,10 @@
 //!   it. Dropping it stops the server and removes its files, also when the test panicked.
 //! - [`FaultProxy`]: a TCP proxy that resets, stalls, delays, or cuts a connection right
 //!   after the `COMMIT` went through.
+//! - [`PgBouncer`]: a private PgBouncer (session or transaction pooling, 2 server
+//!   connections by default, admin console for `RECONNECT`/`KILL`/`SHOW POOLS`) in front of a
+//!   `PgServer`; the package is installed by `scripts/install-pgbouncer.sh` when missing
+//!   ([`pgbouncer_or_skip`] skips or, under `CI=true`, fails when it cannot be had).
 //! - [`SilentServer`]: accepts TCP connections and never answers.
 //! - [`capture_logs`] / [`captured_logs`]: assert that a secret never reaches the logs.
 //!
@@ -23,6 +27,7 @@ mod error;
 mod logs;
 mod netns;
 mod pg;
+mod pgbouncer;
 mod proxy;
 mod silent;
 mod sys;
@@ -37,6 +42,7 @@ pub use error::TestSupportError;
 pub use logs::{capture_logs, captured_logs};
 pub use netns::NetNs;
 pub use pg::{BackendPause, PgOptions, PgServer};
+pub use pgbouncer::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode};
 pub use proxy::{FaultProxy, MessageCounts};
 pub use silent::SilentServer;
 pub use sys::process_alive;

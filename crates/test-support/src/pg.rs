@@ -197,7 +197,7 @@ fn base_dir() -> &'static Path {
 }
 
 /// Every place an earlier process may have left clusters in.
-fn sweep_dirs() -> Vec<PathBuf> {
+pub(crate) fn sweep_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![base_dir().to_path_buf()];
     for candidate in ["/dev/shm", "/tmp"] {
         if !dirs.iter().any(|d| d == Path::new(candidate)) {
@@ -224,7 +224,10 @@ const TEMPLATE_PREFIX: &str = "rdpg-tpl-";
 
 /// A temp dir named after our pid (so a later process can tell it is stale), owned by the
 /// server's user, mode 0700.
-fn make_root(prefix: &str, run_as: RunAs) -> Result<tempfile::TempDir, TestSupportError> {
+pub(crate) fn make_root(
+    prefix: &str,
+    run_as: RunAs,
+) -> Result<tempfile::TempDir, TestSupportError> {
     let base = base_dir();
     let dir = tempfile::Builder::new()
         .prefix(&format!("{prefix}{}-", std::process::id()))

@@ -238,7 +238,7 @@ mod parse {
     use std::time::Duration;
 
     use super::{boolean, count, invalid_var, optional_duration, positive_duration};
-    use crate::config::{parse_duration, SslMode};
+    use crate::config::{parse_duration, Pooler, SslMode};
     use crate::error::ConfigError;
 
     pub(super) fn Count(var: &str, v: &str, example: &str) -> Result<u32, ConfigError> {
@@ -281,6 +281,16 @@ mod parse {
                 var,
                 v,
                 "is not an sslmode; use disable, allow, prefer, require, verify-ca or verify-full",
+            )
+        })
+    }
+
+    pub(super) fn Pooler(var: &str, v: &str, _example: &str) -> Result<Pooler, ConfigError> {
+        v.parse::<Pooler>().map_err(|_| {
+            invalid_var(
+                var,
+                v,
+                "is not a pooler mode; use none, session or transaction",
             )
         })
     }

@@ -174,6 +174,19 @@ pub mod sql {
     /// by [`TxStatus::from_txid_status`](super::TxStatus::from_txid_status).
     pub const TXID_STATUS: &str = "txid_status";
 
+    /// PostgreSQL: which server (cluster) runs the statement, as text: its
+    /// `system_identifier` (an expression, selected; `pg_control_system()` is executable by
+    /// every role by default). Behind a transaction-mode pooler it is read with the
+    /// transaction id before `COMMIT` and again with `txid_status()`, whose answer is trusted
+    /// only when the two match (see [`TXID_STATUS_ON_SERVER`]).
+    pub const SERVER_IDENTITY: &str = "(SELECT system_identifier::text FROM pg_control_system())";
+
+    /// PostgreSQL: the columns selected, after `txid_status($1)`, when resolving behind a
+    /// transaction-mode pooler: the answering server's identity ([`SERVER_IDENTITY`]) and
+    /// whether it is a standby (whose `txid_status()` lags the primary's).
+    pub const TXID_STATUS_ON_SERVER: &str =
+        "(SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery()";
+
     /// PostgreSQL: inserts the idempotency key bound as `$1`.
     pub const INSERT_KEY_PG: &str =
         "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES ($1)";
@@ -225,6 +238,17 @@ impl TxStatus {
             }
         }
     }
+}
+
+/// Why `txid_status()` is not asked behind a transaction-mode pooler: the server connection
+/// that would answer is not on the server (cluster) that ran transaction `txid`, or is a
+/// standby. Its answer would be a guess: the commit stays ambiguous.
+pub fn other_server_reason(txid: i64) -> String {
+    format!(
+        "behind a transaction-mode pooler, the server connection that would answer \
+         txid_status({txid}) is on another server or a standby, whose answer would be a guess; \
+         use commit_with_key to make such commits resolvable"
+    )
 }
 
 /// How an ambiguous commit was resolved.
