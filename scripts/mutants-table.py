@@ -92,16 +92,22 @@ def main():
     for path in args.outcomes:
         outcomes = load(path)
         run = dict.fromkeys(COLUMNS, 0)
+        seen = defaultdict(int)
         for name, file, status in mutant_outcomes(outcomes):
-            first.setdefault(name, (file, status))
-            final[name] = (file, status)
+            # Lines move between runs (tests and fixes land in between): a mutant is its
+            # name without `:line:col`, numbered among the same-named ones of its run.
+            stem = without_position(name)
+            seen[stem] += 1
+            key = (stem, seen[stem])
+            first.setdefault(key, (file, status, name))
+            final[key] = (file, status, name)
             run[status] = run.get(status, 0) + 1
         run["interrupted"] = outcomes.get("end_time") is None
         runs.append(run)
     table = read_dispositions(args.dispositions)
 
     counts = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
-    for name, (file, status) in final.items():
+    for _key, (file, status, _name) in final.items():
         counts[file][status] = counts[file].get(status, 0) + 1
     totals = {c: sum(counts[f].get(c, 0) for f in counts) for c in COLUMNS}
     killed_later = [n for n in final if first[n][1] == "missed" and final[n][1] == "caught"]
@@ -115,8 +121,9 @@ def main():
     )
     out.append("")
     out.append(
-        "Commands (run from the workspace root; each later run with `--iterate` retests only "
-        "the mutants not caught before, after tests were added):"
+        "Commands (run from the workspace root; a later run retests the functions whose "
+        "mutants were not caught before (`-F` filters), after tests were added; mutants are "
+        "matched across runs by name without `:line:col`):"
     )
     out.append("")
     out.append("```sh")
@@ -169,8 +176,8 @@ def main():
         out.append(f"## {title}")
         out.append("")
         by_file = defaultdict(list)
-        for n in names:
-            by_file[final[n][0]].append(n)
+        for key in names:
+            by_file[final[key][0]].append(final[key][2])
         for file in sorted(by_file):
             out.append(f"### `{file}`")
             out.append("")
