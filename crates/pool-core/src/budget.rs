@@ -1168,44 +1168,60 @@ mod tests {
             .class("c", 1, 3)
             .build()
             .unwrap();
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let checker = s.spawn(|| {
+        // Plain threads and a deadline, not a scope: a budget broken into never answering
+        // must fail this test, not hang it.
+        let b = std::sync::Arc::new(b);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let checker = {
+            let (b, stop) = (b.clone(), stop.clone());
+            std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     check(&b.snapshot());
                     n += 1;
                 }
                 n
-            });
-            let workers: Vec<_> = (0..8)
-                .map(|t| {
-                    let b = &b;
-                    s.spawn(move || {
-                        let mut held = Vec::new();
-                        for i in 0..3000u32 {
-                            let class = ClassId(((i + t) % 3) as usize);
-                            if rand::random_bool(0.5) {
-                                let wait = Duration::from_micros(rand::random_range(0..200));
-                                if let Ok(p) = b.acquire(class, wait) {
-                                    held.push(p);
-                                }
-                            } else if let Some(p) = b.try_acquire(class) {
+            })
+        };
+        let workers: Vec<_> = (0..8)
+            .map(|t| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for i in 0..3000u32 {
+                        let class = ClassId(((i + t) % 3) as usize);
+                        if rand::random_bool(0.5) {
+                            let wait = Duration::from_micros(rand::random_range(0..200));
+                            if let Ok(p) = b.acquire(class, wait) {
                                 held.push(p);
                             }
-                            if held.len() > 2 || rand::random_bool(0.3) {
-                                held.clear();
-                            }
+                        } else if let Some(p) = b.try_acquire(class) {
+                            held.push(p);
                         }
-                    })
+                        if held.len() > 2 || rand::random_bool(0.3) {
+                            held.clear();
+                        }
+                    }
                 })
-                .collect();
-            for w in workers {
-                w.join().unwrap();
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !workers.iter().all(|w| w.is_finished()) {
+            if std::time::Instant::now() >= deadline {
+                stop.store(true, Ordering::Relaxed);
+                panic!(
+                    "a worker is stuck in the budget (3000 short acquires each take well under \
+                     a second)"
+                );
             }
-            stop.store(true, Ordering::Relaxed);
-            assert!(checker.join().unwrap() > 0);
-        });
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        stop.store(true, Ordering::Relaxed);
+        for worker in joined {
+            worker.expect("a worker panicked (see above)");
+        }
+        assert!(checker.join().unwrap() > 0);
         let s = b.snapshot();
         assert_eq!(s.free, 6, "{s}");
         assert!(s.classes.iter().all(|c| c.waiters == 0));
@@ -1357,7 +1373,17 @@ mod tests {
         let a = b.class_id("a").unwrap();
         let _held = b.try_acquire(a).unwrap();
         let started = std::time::Instant::now();
-        match b.acquire_while(a, Duration::from_secs(5), &|| false) {
+        // On a thread of its own: a budget broken into never giving up fails this test (by
+        // the receive's deadline) instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = b.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(waiting.acquire_while(a, Duration::from_secs(5), &|| false));
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("acquire_while never returned (its own timeout is 5 s)");
+        match got {
             Err(AcquireError::Abandoned { class }) => assert_eq!(class, "a"),
             other => panic!("expected Abandoned, got {other:?}"),
         }
