@@ -960,6 +960,16 @@ mod policy_tests {
         assert!(build(1000).is_ok());
         assert!(build(999).is_ok());
         assert_eq!(build(1001).unwrap_err().setting, "max_attempts");
+        let delay = |d| RetryPolicy::builder().max_delay(d).build();
+        assert!(
+            delay(Duration::from_secs(3600)).is_ok(),
+            "an hour is allowed"
+        );
+        assert!(delay(Duration::from_secs(1800)).is_ok());
+        assert_eq!(
+            delay(Duration::from_secs(3601)).unwrap_err().setting,
+            "max_delay"
+        );
     }
 
     #[test]
@@ -1032,5 +1042,6 @@ mod policy_tests {
         // idle_session_timeout and idle_in_transaction_session_timeout end the session.
         assert_eq!(classify_sqlstate("57P05"), ErrorClass::ConnectionLost);
         assert_eq!(classify_sqlstate("25P03"), ErrorClass::ConnectionLost);
+        assert_eq!(classify_sqlstate("55P03"), ErrorClass::LockTimeout);
     }
 }
