@@ -12,7 +12,6 @@
 //! Only checkouts through [`ExtPool::get`](crate::ExtPool::get) count as demand: a checkout
 //! through the wrapped r2d2 pool directly is served by idle connections only.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -44,19 +43,38 @@ pub(crate) struct Demand {
     queued_count: AtomicU32,
 }
 
+/// One checkout's share of the demand; leaving ends it. Not `Send`: it is dropped on the
+/// thread that took it, which is where r2d2 runs that checkout's `is_valid` (see
+/// [`Demand::taken_fresh`]).
+pub(crate) struct Wanting<'a>(&'a Demand, std::marker::PhantomData<*const ()>);
+
 thread_local! {
-    /// This thread's checkout wants a connection (a [`Wanting`] is alive here), and whether
-    /// it was served already: a checkout that took a fresh connection stops counting as
-    /// waiting at that moment, not when its wait returns, or a connect asleep in between
-    /// would see one more checkout waiting than connects working and open a connection for
-    /// nobody (a pool of 3 warmed with 4).
-    /// (the `Demand`'s address, served); address 0: no checkout waits on this thread.
-    static HERE: Cell<(usize, bool)> = const { Cell::new((0, false)) };
+    /// Per thread and demand (by address): the wants this thread holds, and how many of them
+    /// were already counted out of `waiting` because their checkout took a fresh connection.
+    static MINE: std::cell::RefCell<Vec<(usize, u32, u32)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One checkout's share of the demand; leaving ends it. Not `Send`: it is dropped on the
-/// thread that took it, where r2d2 runs that checkout's `is_valid` (see `HERE`).
-pub(crate) struct Wanting<'a>(&'a Demand, std::marker::PhantomData<*const ()>);
+/// Runs `f` on this thread's (held, served) counts for `demand`.
+fn mine<T>(demand: &Demand, f: impl FnOnce(&mut u32, &mut u32) -> T) -> T {
+    let key = demand as *const Demand as usize;
+    MINE.with(|m| {
+        let mut m = m.borrow_mut();
+        let i = match m.iter().position(|e| e.0 == key) {
+            Some(i) => i,
+            None => {
+                m.push((key, 0, 0));
+                m.len() - 1
+            }
+        };
+        let entry = &mut m[i];
+        let out = f(&mut entry.1, &mut entry.2);
+        if entry.1 == 0 {
+            m.swap_remove(i);
+        }
+        out
+    })
+}
 
 /// A connect working for a waiting checkout; dropping it (the attempt is over) lets another
 /// connect work for it.
@@ -79,31 +97,22 @@ impl Drop for Claim<'_> {
 
 impl Drop for Wanting<'_> {
     fn drop(&mut self) {
-        let (_, served) = HERE.with(|h| h.replace((0, false)));
-        if !served {
-            self.0.stop_waiting();
+        let counted_out = mine(self.0, |held, served| {
+            *held -= 1;
+            let was = *served > 0;
+            *served = served.saturating_sub(1);
+            was
+        });
+        if counted_out {
+            return;
         }
+        self.0.leave();
     }
 }
 
 impl Demand {
-    /// A checkout starts waiting for a connection.
-    pub(crate) fn want(&self) -> Wanting<'_> {
-        // SeqCst pairs with `wait_for_demand`: either it sees this increment, or this sees
-        // its sleeper and wakes it under the lock.
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        HERE.with(|h| h.set((self.key(), false)));
-        self.wake_sleepers();
-        Wanting(self, std::marker::PhantomData)
-    }
-
-    /// This demand's identity for `HERE`.
-    fn key(&self) -> usize {
-        self as *const Demand as usize
-    }
-
-    /// One checkout less waits; the last one lets connects queued for a permit go.
-    fn stop_waiting(&self) {
+    /// One waiting checkout fewer.
+    fn leave(&self) {
         if self.waiting.fetch_sub(1, Ordering::SeqCst) == 1
             && self.queued_count.load(Ordering::SeqCst) > 0
         {
@@ -112,14 +121,29 @@ impl Demand {
     }
 
     /// The fresh connection this thread's checkout took did not pass validation after all:
-    /// the checkout waits again (and a connect may work for it).
+    /// the checkout waits again (counted back in, so that a connect may work for it).
     pub(crate) fn unserve(&self) {
-        let (wanting, served) = HERE.with(Cell::get);
-        if wanting == self.key() && served {
-            HERE.with(|h| h.set((wanting, false)));
+        let undone = mine(self, |held, served| {
+            let undo = *served > 0 && *held > 0;
+            if undo {
+                *served -= 1;
+            }
+            undo
+        });
+        if undone {
             self.waiting.fetch_add(1, Ordering::SeqCst);
             self.wake_sleepers();
         }
+    }
+
+    /// A checkout starts waiting for a connection.
+    pub(crate) fn want(&self) -> Wanting<'_> {
+        // SeqCst pairs with `wait_for_demand`: either it sees this increment, or this sees
+        // its sleeper and wakes it under the lock.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        mine(self, |held, _| *held += 1);
+        self.wake_sleepers();
+        Wanting(self, std::marker::PhantomData)
     }
 
     fn wake_sleepers(&self) {
@@ -138,16 +162,23 @@ impl Demand {
             .map(|(_, e)| e.clone())
     }
 
-    /// A connection opened for a waiting checkout was taken out of the idle list.
-    ///
-    /// Taken by a checkout of this pool (on its own thread), that checkout stops waiting at
-    /// the same time (see `HERE`); [`Demand::unserve`] undoes it if validation then refuses
-    /// the connection.
+    /// A connection opened for a waiting checkout was taken out of the idle list. If the
+    /// thread taking it holds a want of this pool (the checkout it serves: r2d2 runs
+    /// `is_valid` on the caller's thread), that want is counted out now, in the same step:
+    /// otherwise, until the checkout returned and dropped it, a connect woken here would see
+    /// one checkout waiting and nothing working for it, and open a connection nobody wants.
     pub(crate) fn taken_fresh(&self) {
-        let (wanting, served) = HERE.with(Cell::get);
-        if wanting == self.key() && !served {
-            HERE.with(|h| h.set((wanting, true)));
-            self.stop_waiting();
+        // The want first, then the fresh count: in between, connects working (claims + fresh)
+        // never drop below checkouts waiting, so none claims for a checkout already served.
+        let served = mine(self, |held, served| {
+            let serve = *served < *held;
+            if serve {
+                *served += 1;
+            }
+            serve
+        });
+        if served {
+            self.leave();
         }
         let _ = self
             .fresh
