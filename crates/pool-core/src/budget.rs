@@ -1412,7 +1412,42 @@ mod tests {
     fn without_pressure_the_wait_for_it_ends_at_its_timeout_with_zero() {
         let b = field_report();
         let (auto, _) = ids(&b);
+        let started = std::time::Instant::now();
         assert_eq!(b.wait_for_pressure(auto, Duration::from_millis(20)), 0);
+        assert!(
+            started.elapsed() >= Duration::from_millis(20),
+            "returned before its timeout: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn pressure_already_there_is_answered_at_once() {
+        let b = field_report();
+        let (auto, adhoc) = ids(&b);
+        let _auto_held: Vec<_> = (0..35).map(|_| b.try_acquire(auto).unwrap()).collect();
+        let _borrowed: Vec<_> = (0..25).map(|_| b.try_acquire(adhoc).unwrap()).collect();
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(auto, Duration::from_secs(5)).is_ok())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while b.reclaim_wanted(adhoc) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never queued"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(b.wait_for_pressure(adhoc, Duration::from_secs(5)), 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited {:?} for pressure that was already there",
+            started.elapsed()
+        );
+        drop(_borrowed);
+        assert!(waiter.join().unwrap(), "served once adhoc gave back");
     }
 
     #[test]

@@ -317,4 +317,19 @@ mod debug_tests {
         assert!(shown.starts_with("ClassPools {"), "{shown}");
         assert!(shown.contains("classes: [\"jobs\"]"), "{shown}");
     }
+
+    #[test]
+    fn classes_come_back_in_declaration_order() {
+        let budget = Budget::builder(3)
+            .class("jobs", 0, 3)
+            .class("adhoc", 1, 3)
+            .build()
+            .unwrap();
+        let classes = Classes::new(
+            budget,
+            vec![("jobs".to_owned(), 1), ("adhoc".to_owned(), 2)],
+        );
+        let seen: Vec<(&str, i32)> = classes.classes().map(|(n, p)| (n, *p)).collect();
+        assert_eq!(seen, [("jobs", 1), ("adhoc", 2)]);
+    }
 }
