@@ -988,6 +988,26 @@ mod policy_tests {
         };
         assert_eq!(pool.attempts(), Some(4));
         assert_eq!(RetryError::Permanent("x".to_owned()).attempts(), None);
+        assert_eq!(exhausted.database_error().map(String::as_str), Some("x"));
+        assert_eq!(
+            RetryError::Permanent("p".to_owned())
+                .database_error()
+                .map(String::as_str),
+            Some("p")
+        );
+        assert!(
+            pool.database_error().is_none(),
+            "a pool timeout is no database error"
+        );
+    }
+
+    #[test]
+    fn hooks_show_their_pool_in_debug() {
+        let shown = format!("{:?}", RetryHooks::default());
+        assert!(
+            shown.contains("RetryHooks") && shown.contains("\"default\""),
+            "{shown}"
+        );
     }
 
     #[test]
