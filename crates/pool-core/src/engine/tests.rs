@@ -878,3 +878,22 @@ fn idle_timeouts_and_lifetimes_set_the_sweep_interval_too() {
         Some(Duration::from_secs(10))
     );
 }
+
+#[test]
+fn fresh_evidence_is_exactly_as_old_as_the_last_answer() {
+    let before = Instant::now();
+    let p = pool(1, 0);
+    assert_eq!(p.fresh_evidence(Instant::now()), None, "no answer yet");
+    // An answer stamped before the pool was made still counts (mark 1, not "never").
+    p.server_answered(before);
+    assert!(p.fresh_evidence(Instant::now()).is_some());
+    let at = Instant::now();
+    p.server_answered(at);
+    assert_eq!(
+        p.fresh_evidence(at + Duration::from_millis(100)),
+        Some(Duration::from_millis(100)),
+        "to the nanosecond"
+    );
+    p.invalidate("test");
+    assert_eq!(p.fresh_evidence(at + Duration::from_millis(100)), None);
+}
