@@ -476,6 +476,11 @@ mod tests {
         );
         assert!(no_txid_reason(true).contains("commit_with_key"));
         assert!(no_txid_reason(false).contains("verification is off"));
+        let other = other_server_reason(42);
+        assert!(
+            other.contains("txid_status(42)") && other.contains("commit_with_key"),
+            "{other}"
+        );
         let policy = RetryPolicy::builder()
             .commit_resolution_timeout(Duration::from_secs(2))
             .build()
@@ -537,6 +542,7 @@ mod tests {
         );
         // 20 ms, then doubling (each pause cut short by the deadline).
         assert_eq!(pauses.first(), Some(&Duration::from_millis(20)));
+        assert_eq!(pauses.get(1), Some(&Duration::from_millis(40)), "doubled");
         assert!(pauses.windows(2).all(|w| w[1] <= w[0] * 2), "{pauses:?}");
     }
 }
