@@ -17,9 +17,6 @@ use crate::backend::ExtConnection;
 use crate::manager::{ExtError, ExtManager, Mode, MODE};
 use crate::pool::ExtPool;
 
-/// Connect errors a [`WarmUp`] keeps (the last ones).
-const MAX_ERRORS: usize = 5;
-
 /// Connections the pool found dead so far (by the probe at a checkout, or a failed ping).
 fn dead(s: &StatsSnapshot) -> u64 {
     s.probe_detected_dead + s.validations_failed
@@ -197,12 +194,7 @@ impl<C: ExtConnection> ExtPool<C> {
                 }
                 _ => {
                     if let Some(e) = state.health().last_error_since(started) {
-                        if errors.last() != Some(&e) {
-                            if errors.len() == MAX_ERRORS {
-                                errors.remove(0);
-                            }
-                            errors.push(e);
-                        }
+                        WarmUp::record_error(&mut errors, e);
                     }
                     if state.health().fail_fast(started, None).is_some()
                         || tokio::time::Instant::now() >= deadline
@@ -215,16 +207,7 @@ impl<C: ExtConnection> ExtPool<C> {
         drop(wanting);
         let got = u32::try_from(held.len()).unwrap_or(u32::MAX);
         drop(held);
-        let opened = u32::try_from(self.stats().connects.saturating_sub(connects_before))
-            .unwrap_or(u32::MAX)
-            .min(got);
-        WarmUp {
-            pool: state.name().to_owned(),
-            wanted,
-            opened,
-            already_idle: got - opened,
-            errors,
-            took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        }
+        let connects = self.stats().connects.saturating_sub(connects_before);
+        WarmUp::finish(state.name(), wanted, got, connects, errors, started)
     }
 }

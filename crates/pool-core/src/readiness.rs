@@ -337,6 +337,42 @@ pub struct WarmUp {
 }
 
 impl WarmUp {
+    /// The most connect errors a warm-up keeps (the last ones, each once in a row).
+    pub const MAX_ERRORS: usize = 5;
+
+    /// Keeps `error` (already redacted) unless it repeats the last one, dropping the oldest
+    /// past [`WarmUp::MAX_ERRORS`]: what both adapters' `warm_up` record per failed wait.
+    pub fn record_error(errors: &mut Vec<String>, error: String) {
+        if errors.last() == Some(&error) {
+            return;
+        }
+        if errors.len() == Self::MAX_ERRORS {
+            errors.remove(0);
+        }
+        errors.push(error);
+    }
+
+    /// The report of a warm-up of `pool` that held `got` connections, `connects` of them
+    /// opened by it (the pool's connect count moved that much; capped at `got`).
+    pub fn finish(
+        pool: &str,
+        wanted: u32,
+        got: u32,
+        connects: u64,
+        errors: Vec<String>,
+        started: std::time::Instant,
+    ) -> WarmUp {
+        let opened = u32::try_from(connects).unwrap_or(u32::MAX).min(got);
+        WarmUp {
+            pool: pool.to_owned(),
+            wanted,
+            opened,
+            already_idle: got - opened,
+            errors,
+            took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
     /// Whether the pool holds what it aimed for.
     pub fn complete(&self) -> bool {
         self.opened.saturating_add(self.already_idle) >= self.wanted
@@ -346,10 +382,30 @@ impl WarmUp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::config::PoolConfig;
     use crate::engine::{ConnState, ConnectClass};
     use crate::events::PoolEvent;
     use std::sync::Arc;
+
+    #[test]
+    fn a_warm_up_keeps_the_last_distinct_errors_and_counts_what_it_opened() {
+        let mut errors = Vec::new();
+        for e in ["a", "a", "b", "c", "d", "e", "f", "f"] {
+            WarmUp::record_error(&mut errors, e.to_owned());
+        }
+        assert_eq!(errors, ["b", "c", "d", "e", "f"]);
+        let w = WarmUp::finish("p", 3, 3, 2, errors, std::time::Instant::now());
+        assert_eq!((w.opened, w.already_idle), (2, 1));
+        assert!(w.complete());
+        let w = WarmUp::finish("p", 3, 1, 9, Vec::new(), std::time::Instant::now());
+        assert_eq!(
+            (w.opened, w.already_idle),
+            (1, 0),
+            "capped at what it holds"
+        );
+        assert!(!w.complete());
+    }
 
     fn pool() -> Arc<PoolState> {
         let config = PoolConfig::builder("postgres://app:S3NT1NEL@db/app")
