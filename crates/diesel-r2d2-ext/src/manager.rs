@@ -272,14 +272,8 @@ impl<C: ExtConnection> ExtManager<C> {
     ///
     /// # Errors
     /// A setting that cannot work.
-    pub fn standalone_with(mut config: PoolConfig) -> Result<ExtManager<C>, ConfigError> {
-        // r2d2 decides how many connections there are: never close one at checkin for
-        // being above `pool_size`, and let a hedge connect whenever the ping is slow.
-        config.pool_size = pool_core::config::MAX_CONNECTIONS;
-        config.max_overflow = 0;
-        config.lifecycle.idle_timeout = None;
-        config.lifecycle.keepalive_ping = None;
-        config.lifecycle.leak_detection_threshold = None;
+    pub fn standalone_with(config: PoolConfig) -> Result<ExtManager<C>, ConfigError> {
+        let config = config.for_stock_pool();
         let state = Arc::new(PoolState::new(
             config,
             Arc::new(pool_core::events::LogListener),

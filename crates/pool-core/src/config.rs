@@ -369,6 +369,20 @@ impl PoolConfig {
         env::from_lookup(&lookup, fallback_url)
     }
 
+    /// This configuration as a manager inside a stock r2d2/bb8 pool uses it: the stock
+    /// builder decides how many connections there are and when idle ones go, so the sizes
+    /// never close a connection at checkin and leave a hedge room (`pool_size` at
+    /// [`MAX_CONNECTIONS`], no overflow), and idle timeouts, keepalive pings and leak
+    /// detection (which need the full pool's maintenance) are off.
+    pub fn for_stock_pool(mut self) -> PoolConfig {
+        self.pool_size = MAX_CONNECTIONS;
+        self.max_overflow = 0;
+        self.lifecycle.idle_timeout = None;
+        self.lifecycle.keepalive_ping = None;
+        self.lifecycle.leak_detection_threshold = None;
+        self
+    }
+
     /// The most connections the pool opens: `pool_size + max_overflow`.
     pub fn max_size(&self) -> u32 {
         self.pool_size.saturating_add(self.max_overflow)
