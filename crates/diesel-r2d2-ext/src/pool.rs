@@ -182,17 +182,19 @@ impl<C: ExtConnection> ExtPool<C> {
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
         let started = Instant::now();
         let state = &self.parts.state;
-        // In `db.client.connection.pending_requests` until this returns (feature `metrics`).
-        let _pending = state.pending();
         let gate = state.gate();
         // Not saturated: a permit at once, without reading the clock again.
         if let Some(permit) = gate.try_enter() {
             if let Some(conn) = self.parts.inner.try_get() {
                 return Ok(self.handed_out(conn, started, Some(permit)));
             }
+            // In `db.client.connection.pending_requests` while it waits (feature `metrics`;
+            // a checkout served at once above never was pending, and pays nothing for it).
+            let _pending = state.pending();
             let conn = self.parts.wait(started, started + timeout, false)?;
             return Ok(self.handed_out(conn, started, Some(permit)));
         }
+        let _pending = state.pending();
         let gate = match gate.enter(timeout) {
             Ok(permit) => permit,
             Err(_) => {
