@@ -169,18 +169,29 @@ impl Iterator for Schedule {
 }
 
 /// Injects faults in the seeded order ([`Schedule`]) until `deadline` (no fault starts that
-/// would end after it); returns what was injected.
+/// would end after it), or, while fewer than `min_faults` have run, until `hard_deadline`;
+/// returns what was injected.
 pub fn run_schedule(
     t: &Targets<'_>,
     shared: &Arc<Shared>,
     seed: u64,
     warmup: Duration,
     deadline: Instant,
+    min_faults: usize,
+    hard_deadline: Instant,
 ) -> Vec<FaultRecord> {
     let mut records = Vec::new();
     std::thread::sleep(warmup);
     for planned in Schedule::new(seed) {
-        if Instant::now() + planned.window > deadline {
+        // Until `min_faults` have run the schedule may go on past `deadline`, never past
+        // `hard_deadline`: on a loaded machine a fault takes longer than its window (a cut
+        // COMMIT waits for a commit to cut), and a short soak must still see its first faults.
+        let end = if records.len() < min_faults {
+            hard_deadline
+        } else {
+            deadline
+        };
+        if Instant::now() + planned.window > end {
             break;
         }
         let kind = planned.kind;
@@ -196,9 +207,16 @@ pub fn run_schedule(
             took_ms: started.elapsed().as_millis() as u64,
             detail,
         });
-        let calm_end = (Instant::now() + planned.calm).min(deadline);
+        // The calm ends at the deadline; past it (the schedule ran over to reach
+        // `min_faults`) the writers still get the whole calm to recover in.
+        let now = Instant::now();
+        let calm_end = if now < deadline {
+            (now + planned.calm).min(deadline)
+        } else {
+            now + planned.calm
+        };
         std::thread::sleep(calm_end.saturating_duration_since(Instant::now()));
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline && records.len() >= min_faults {
             break;
         }
     }

@@ -53,6 +53,9 @@ pub struct Options {
     pub seed: Option<u64>,
     /// Print progress to stderr.
     pub progress: bool,
+    /// Faults that must run even if they take the soak past `seconds` (up to three times
+    /// `seconds`): a short soak on a loaded machine still meets its first faults.
+    pub min_faults: usize,
 }
 
 /// The pools' and writers' settings (one set for every system of ours).
@@ -322,6 +325,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     }
 
     let deadline = shared.started + Duration::from_secs(opts.seconds);
+    let hard_deadline = shared.started + Duration::from_secs(opts.seconds * 3);
     // The blackhole's moment and window come from the seed too (its own stream).
     let mut bh_rng = StdRng::seed_from_u64(seed ^ 0xB1AC_C401E);
     let run_ms = opts.seconds * 1000;
@@ -341,8 +345,15 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             let w = scope.spawn(|| {
                 faults::watch_budget(pg_ref, &shared, budgets, Duration::from_millis(50))
             });
-            let records =
-                faults::run_schedule(&targets, &shared, seed, Duration::from_secs(1), deadline);
+            let records = faults::run_schedule(
+                &targets,
+                &shared,
+                seed,
+                Duration::from_secs(1),
+                deadline,
+                opts.min_faults,
+                hard_deadline,
+            );
             std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
             say(opts, &shared, "deadline: stopping the writers");
             shared.stop.store(true, Ordering::SeqCst);
@@ -359,6 +370,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             let _ = t.await;
         }
     });
+    let ran_ms = shared.elapsed_ms();
     say(opts, &shared, "writers stopped");
     std::thread::sleep(sync_work::SETTLE);
     tallies[0].set_leaked(
@@ -397,6 +409,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     Ok(Report {
         seed,
         seconds: opts.seconds,
+        ran_ms,
         results,
         faults: records,
         budget_samples: samples,

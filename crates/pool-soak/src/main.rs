@@ -10,6 +10,7 @@ fn main() {
         seconds: 60,
         seed: None,
         progress: true,
+        min_faults: 0,
     };
     let mut json = false;
     while let Some(arg) = args.next() {

@@ -14,8 +14,11 @@ pub const OURS: [&str; 4] = ["ours-sync", "ours-async", "bh-ours-sync", "bh-ours
 pub struct Report {
     /// The fault order's seed.
     pub seed: u64,
-    /// How long the writers wrote.
+    /// How long the writers were asked to write (`--seconds`).
     pub seconds: u64,
+    /// How long the writers actually ran, ms (past `seconds` when the first faults ran
+    /// over it).
+    pub ran_ms: u64,
     /// One line per system.
     pub results: Vec<SystemResult>,
     /// The faults injected, in order.
@@ -130,6 +133,7 @@ impl Report {
         json!({
             "seed": self.seed,
             "seconds": self.seconds,
+            "ran_ms": self.ran_ms,
             "acknowledged": self.ours_acknowledged(),
             "found": self.ours().map(|r| r.found).sum::<u64>(),
             "lost": z.lost,
@@ -164,8 +168,12 @@ impl Report {
         let mut out = String::new();
         let z = self.zeros();
         out.push_str(&format!(
-            "pool-soak: {} s, seed {} (rerun: cargo run --release -p pool-soak -- --seconds {} --seed {})\n",
-            self.seconds, self.seed, self.seconds, self.seed
+            "pool-soak: {} s (writers ran {:.1} s), seed {} (rerun: cargo run --release -p pool-soak -- --seconds {} --seed {})\n",
+            self.seconds,
+            self.ran_ms as f64 / 1000.0,
+            self.seed,
+            self.seconds,
+            self.seed
         ));
         let per_kind: Vec<String> = counts(&self.faults)
             .into_iter()
