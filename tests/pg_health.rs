@@ -183,3 +183,39 @@ fn a_lazy_pool_with_nothing_open_answers_with_one_connect_that_stays_in_the_pool
     assert_eq!(pool.stats().connects, 1, "one attempt");
     assert_eq!(pool.stats().idle, 1, "the connection stays in the pool");
 }
+
+#[test]
+fn a_class_set_answers_per_class_a_saturated_class_degraded_beside_a_ready_reserved_one() {
+    use resilient_diesel::classes::{Class, ClassPools};
+    let Some(pg) = server() else { return };
+    let pools = ClassPools::<diesel::PgConnection>::builder(&pg.url_with("sslmode=disable"), 3)
+        .class("automation", Class::new().pool_size(2).max_overflow(0))
+        .class("adhoc", Class::new().reserved(1))
+        .configure(|b| {
+            b.application_name("health_classes")
+                .pool_timeout(Duration::from_secs(30))
+        })
+        .build()
+        .expect("class pools");
+    let automation = pools.class("automation").expect("automation");
+    let held = [automation.get().expect("1"), automation.get().expect("2")];
+    let started = Instant::now();
+    let health = pools.health();
+    // The bound this test proves: no class's check waits out `pool_timeout` (30 s).
+    assert!(started.elapsed() < Duration::from_secs(5), "{health}");
+    assert_eq!(health.state, HealthState::Degraded, "{}", health.to_json());
+    assert!(!health.is_ready());
+    let a = health.class("automation").expect("automation's answer");
+    assert_eq!(a.state, HealthState::Degraded, "{health}");
+    assert_eq!(a.error_class.as_deref(), Some("saturated"), "{health}");
+    let adhoc = health.class("adhoc").expect("adhoc's answer");
+    assert_eq!(adhoc.state, HealthState::Ready, "{health}");
+    drop(held);
+    let health = pools.health();
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    pg.stop().expect("stop the server");
+    std::thread::sleep(Duration::from_millis(300));
+    pools.class("adhoc").expect("adhoc").invalidate();
+    let health = pools.health();
+    assert_eq!(health.state, HealthState::Unreachable, "{health}");
+}

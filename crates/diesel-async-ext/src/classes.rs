@@ -41,6 +41,7 @@ use std::ops::Deref;
 
 pub use pool_core::classes::{Class, UnknownClass};
 use pool_core::classes::{ClassPool, ClassSpecs, Classes};
+use pool_core::readiness::ClassesHealth;
 use pool_core::stats::StatsSnapshot;
 
 use crate::backend::ExtConnection;
@@ -92,6 +93,19 @@ impl<C: ExtConnection> ClassPools<C> {
             base: ExtPool::builder(url),
             specs: ClassSpecs::new(total),
         }
+    }
+
+    /// Each class's [`ExtPool::health`], one class after another, as one answer for a
+    /// readiness probe (see [`ClassesHealth`] for how the set's state is derived). A probe
+    /// that guards one kind of work reads that class's answer
+    /// (`pools.health().await.class("web")`), or asks only it
+    /// (`pools.class("web")?.health().await`).
+    pub async fn health(&self) -> ClassesHealth {
+        let mut classes = Vec::new();
+        for (name, pool) in self.classes() {
+            classes.push((name.to_owned(), pool.health().await));
+        }
+        ClassesHealth::new(classes)
     }
 }
 

@@ -188,3 +188,46 @@ async fn a_lazy_pool_with_nothing_open_answers_with_one_connect_that_stays_in_th
     assert_eq!(pool.stats().connects, 1, "one attempt");
     assert_eq!(pool.stats().idle, 1, "the connection stays in the pool");
 }
+
+#[tokio::test]
+async fn a_class_set_answers_per_class_a_saturated_class_degraded_beside_a_ready_reserved_one() {
+    use diesel_async::AsyncPgConnection;
+    use diesel_async_ext::{Class, ClassPools};
+    let Some(pg) = server() else { return };
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 3)
+        .class("automation", Class::new().pool_size(2).max_overflow(0))
+        .class("adhoc", Class::new().reserved(1))
+        .configure(|b| {
+            b.application_name("ahealth_classes")
+                .pool_timeout(Duration::from_secs(30))
+        })
+        .build()
+        .await
+        .expect("class pools");
+    let automation = pools.class("automation").expect("automation");
+    let held = [
+        automation.get().await.expect("1"),
+        automation.get().await.expect("2"),
+    ];
+    let started = Instant::now();
+    let health = tokio::time::timeout(Duration::from_secs(10), pools.health())
+        .await
+        .expect("health() waited behind the saturated class");
+    // The bound this test proves: no class's check waits out `pool_timeout` (30 s).
+    assert!(started.elapsed() < Duration::from_secs(5), "{health}");
+    assert_eq!(health.state, HealthState::Degraded, "{}", health.to_json());
+    assert!(!health.is_ready());
+    let a = health.class("automation").expect("automation's answer");
+    assert_eq!(a.state, HealthState::Degraded, "{health}");
+    assert_eq!(a.error_class.as_deref(), Some("saturated"), "{health}");
+    let adhoc = health.class("adhoc").expect("adhoc's answer");
+    assert_eq!(adhoc.state, HealthState::Ready, "{health}");
+    drop(held);
+    let health = pools.health().await;
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    pg.stop().expect("stop the server");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pools.class("adhoc").expect("adhoc").invalidate();
+    let health = pools.health().await;
+    assert_eq!(health.state, HealthState::Unreachable, "{health}");
+}

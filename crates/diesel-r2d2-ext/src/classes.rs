@@ -51,6 +51,7 @@ use std::ops::Deref;
 
 pub use pool_core::classes::{Class, UnknownClass};
 use pool_core::classes::{ClassPool, ClassSpecs, Classes};
+use pool_core::readiness::ClassesHealth;
 use pool_core::stats::StatsSnapshot;
 
 use crate::manager::ExtConnection;
@@ -96,6 +97,18 @@ impl<C: ExtConnection> ClassPools<C> {
             base: ExtPool::builder(url),
             specs: ClassSpecs::new(total),
         }
+    }
+
+    /// Each class's [`ExtPool::health`], one class after another, as one answer for a
+    /// readiness probe (see [`ClassesHealth`] for how the set's state is derived). A probe
+    /// that guards one kind of work reads that class's answer
+    /// (`pools.health().class("web")`), or asks only it (`pools.class("web")?.health()`).
+    pub fn health(&self) -> ClassesHealth {
+        ClassesHealth::new(
+            self.classes()
+                .map(|(name, pool)| (name.to_owned(), pool.health()))
+                .collect(),
+        )
     }
 }
 

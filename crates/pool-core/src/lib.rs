@@ -80,7 +80,7 @@ pub use crate::config::{parse_duration, PoolConfig, PoolConfigBuilder, Pooler, S
 pub use crate::error::ConfigError;
 pub use crate::events::{EventListener, LogListener, PoolEvent};
 pub use crate::lifecycle::LifecyclePolicy;
-pub use crate::readiness::{Health, HealthState, WarmUp};
+pub use crate::readiness::{ClassesHealth, Health, HealthState, WarmUp};
 pub use crate::redact::{redact, redact_with};
 pub use crate::retry::{RetryError, RetryPolicy};
 pub use crate::stats::{CloseReason, Gauges, PoolStats, StatsSnapshot};

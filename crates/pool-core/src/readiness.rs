@@ -308,6 +308,61 @@ impl Check {
     }
 }
 
+/// The health of a class-pool set (`ClassPools::health()`): one [`Health`] per class, in
+/// declaration order. The classes share one server and one budget but not their sizes: a
+/// class saturated by its own work is degraded while another, with a reserved floor, is
+/// ready. A readiness probe that guards one kind of work asks for that class
+/// ([`ClassesHealth::class`]); [`ClassesHealth::state`] is the whole set's.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassesHealth {
+    /// The set's state: unreachable if any class found the server unreachable, ready if every
+    /// class is ready, degraded otherwise.
+    pub state: HealthState,
+    /// Each class's answer (its `pool` field is the class's pool name).
+    pub classes: Vec<(String, Health)>,
+}
+
+impl ClassesHealth {
+    /// The set's health from each class's (name, answer), in declaration order.
+    pub fn new(classes: Vec<(String, Health)>) -> ClassesHealth {
+        let states = || classes.iter().map(|(_, h)| h.state);
+        let state = if states().any(|s| s == HealthState::Unreachable) {
+            HealthState::Unreachable
+        } else if states().all(|s| s == HealthState::Ready) {
+            HealthState::Ready
+        } else {
+            HealthState::Degraded
+        };
+        ClassesHealth { state, classes }
+    }
+
+    /// Whether every class is ready.
+    pub fn is_ready(&self) -> bool {
+        self.state == HealthState::Ready
+    }
+
+    /// The answer of class `name`, if there is such a class.
+    pub fn class(&self, name: &str) -> Option<&Health> {
+        self.classes.iter().find(|(n, _)| n == name).map(|(_, h)| h)
+    }
+
+    /// The answer as pretty-printed JSON (the fields of [`ClassesHealth`]).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()))
+    }
+}
+
+impl std::fmt::Display for ClassesHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "classes: {}", self.state.as_str())?;
+        for (name, h) in &self.classes {
+            write!(f, "\n  {name}: {h}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Whether a checkout made now would queue: nothing available, or callers already waiting.
 pub fn saturated(snapshot: &StatsSnapshot) -> bool {
     snapshot.available == 0 || (snapshot.idle == 0 && snapshot.waiters.unwrap_or(0) > 0)
@@ -405,6 +460,46 @@ mod tests {
             "capped at what it holds"
         );
         assert!(!w.complete());
+    }
+
+    fn health(state: HealthState) -> Health {
+        Health {
+            pool: "p".into(),
+            state,
+            source: HealthSource::Stats,
+            round_trip: false,
+            latency_ms: 0.0,
+            evidence_age_ms: None,
+            found_dead: 0,
+            error_class: None,
+            error: None,
+            stats: HealthStats::default(),
+        }
+    }
+
+    #[test]
+    fn a_set_is_ready_when_every_class_is_and_unreachable_when_any_is() {
+        use HealthState::*;
+        let set = |states: &[HealthState]| {
+            ClassesHealth::new(
+                states
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (format!("c{i}"), health(*s)))
+                    .collect(),
+            )
+        };
+        assert_eq!(set(&[Ready, Ready]).state, Ready);
+        assert!(set(&[Ready, Ready]).is_ready());
+        assert_eq!(set(&[Ready, Degraded]).state, Degraded);
+        assert!(!set(&[Ready, Degraded]).is_ready());
+        assert_eq!(set(&[Degraded, Unreachable, Ready]).state, Unreachable);
+        let s = set(&[Degraded, Ready]);
+        assert_eq!(s.class("c1").map(|h| h.state), Some(Ready));
+        assert!(s.class("nope").is_none());
+        let json: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(json["state"], "degraded");
+        assert!(s.to_string().contains("c1: pool p: ready"), "{s}");
     }
 
     fn pool() -> Arc<PoolState> {
