@@ -237,7 +237,7 @@ impl bb8::ErrorSink<ExtError> for Sink {
             ExtError::Retired(_) | ExtError::Closed { .. } => {}
             ExtError::PingFailed { .. } => {
                 if let Some(pool) = self.pool.upgrade() {
-                    log::info!(target: pool_core::events::LOG_TARGET, "pool {}: {}", pool.name(), pool.redact(&error.to_string()));
+                    log::info!(target: pool_core::events::LOG_TARGET, pool = pool.name(), event = "ping_failed"; "pool {}: {}", pool.name(), pool.redact(&error.to_string()));
                 }
                 self.last.record(error);
             }

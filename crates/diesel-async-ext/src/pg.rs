@@ -401,7 +401,7 @@ impl PgConnector {
                 Ok(conn) => return Ok(conn),
                 Err(err) => {
                     if i + 1 < targets {
-                        log::warn!("{err}; trying the next host");
+                        log::warn!(target: pool_core::events::LOG_TARGET, "{err}; trying the next host");
                     }
                     last = Some(err);
                 }
@@ -431,7 +431,7 @@ impl PgConnector {
                 Ok(conn) => return Ok(conn),
                 Err(err) => {
                     if i + 1 < count {
-                        log::warn!("{err}; trying the next address of {name}");
+                        log::warn!(target: pool_core::events::LOG_TARGET, "{err}; trying the next address of {name}");
                     }
                     last = Some(err);
                 }

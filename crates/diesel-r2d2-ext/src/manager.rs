@@ -315,7 +315,7 @@ impl<C: ExtConnection> ExtManager<C> {
             SocketClaim::Found(sock) => SocketSlot::Known(sock),
             SocketClaim::Ambiguous(candidates) => SocketSlot::Pending(candidates),
             SocketClaim::Unavailable => {
-                log::debug!(target: pool_core::events::LOG_TARGET, "pool {}: could not identify the new connection's socket; it will be validated by pings only", self.pool.name());
+                log::debug!(target: pool_core::events::LOG_TARGET, pool = self.pool.name(), event = "socket_unidentified"; "pool {}: could not identify the new connection's socket; it will be validated by pings only", self.pool.name());
                 SocketSlot::None
             }
         };

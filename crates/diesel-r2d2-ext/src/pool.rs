@@ -608,7 +608,7 @@ impl r2d2::HandleError<ExtError> for ErrorHandler {
         // checkout are routine. Only failed pings are worth a line of their own.
         if let ExtError::PingFailed { .. } = error {
             if let Some(state) = self.0.upgrade() {
-                log::info!(target: pool_core::events::LOG_TARGET, "pool {}: {}", state.name(), state.redact(&error.to_string()));
+                log::info!(target: pool_core::events::LOG_TARGET, pool = state.name(), event = "ping_failed"; "pool {}: {}", state.name(), state.redact(&error.to_string()));
             }
         }
     }

@@ -98,6 +98,22 @@ pub enum PoolEvent<'a> {
 }
 
 impl<'a> PoolEvent<'a> {
+    /// The event's name, as the `event` field of a structured log line: `connected`,
+    /// `connect_failed`, `checked_out`, `checked_in`, `closed`, `invalidated`, `retry`,
+    /// `leak_suspected`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PoolEvent::Connected { .. } => "connected",
+            PoolEvent::ConnectFailed { .. } => "connect_failed",
+            PoolEvent::CheckedOut { .. } => "checked_out",
+            PoolEvent::CheckedIn { .. } => "checked_in",
+            PoolEvent::Closed { .. } => "closed",
+            PoolEvent::Invalidated { .. } => "invalidated",
+            PoolEvent::Retry { .. } => "retry",
+            PoolEvent::LeakSuspected { .. } => "leak_suspected",
+        }
+    }
+
     /// The name of the pool the event happened in.
     pub fn pool(&self) -> &'a str {
         match *self {
@@ -143,7 +159,12 @@ where
 /// | `CheckedOut`, `CheckedIn` | trace |
 /// | `ConnectFailed`, `Invalidated`, `Retry`, `LeakSuspected` | warn |
 ///
-/// Every string is passed through [`redact`] before it is logged.
+/// Every line carries key-values for loggers that read them: `pool`, `event`
+/// ([`PoolEvent::name`]) and the event's own fields (`connection_id`, `took_ms`,
+/// `waited_ms`, `held_ms`, `reason`, `attempt`, `class`, `delay_ms`, `error`).
+///
+/// Every string, in the message and in the fields, is passed through [`redact`] before it is
+/// logged.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LogListener;
 
@@ -219,12 +240,124 @@ impl LogListener {
     }
 }
 
+/// A structured field's value: text is redacted before it gets here.
+enum Field {
+    Text(String),
+    Count(u64),
+    Millis(f64),
+}
+
+impl Field {
+    fn millis(d: Duration) -> Field {
+        Field::Millis(d.as_secs_f64() * 1000.0)
+    }
+
+    fn to_value(&self) -> log::kv::Value<'_> {
+        match self {
+            Field::Text(s) => log::kv::Value::from(s.as_str()),
+            Field::Count(n) => log::kv::Value::from(*n),
+            Field::Millis(ms) => log::kv::Value::from(*ms),
+        }
+    }
+}
+
+/// The event's fields as key-values, every string redacted: `pool` and `event` always, then
+/// the event's own (`connection_id`, `took_ms`, `waited_ms`, `held_ms`, `error`, `reason`,
+/// `attempt`, `class`, `delay_ms`).
+fn fields(event: &PoolEvent<'_>) -> Vec<(&'static str, Field)> {
+    let mut f = vec![
+        ("pool", Field::Text(redact(event.pool()))),
+        ("event", Field::Text(event.name().to_owned())),
+    ];
+    match *event {
+        PoolEvent::Connected {
+            connection_id,
+            took,
+            ..
+        } => {
+            f.push(("connection_id", Field::Count(connection_id)));
+            f.push(("took_ms", Field::millis(took)));
+        }
+        PoolEvent::ConnectFailed { error, .. } => f.push(("error", Field::Text(redact(error)))),
+        PoolEvent::CheckedOut {
+            connection_id,
+            waited,
+            ..
+        } => {
+            f.push(("connection_id", Field::Count(connection_id)));
+            f.push(("waited_ms", Field::millis(waited)));
+        }
+        PoolEvent::CheckedIn {
+            connection_id,
+            held,
+            ..
+        }
+        | PoolEvent::LeakSuspected {
+            connection_id,
+            held,
+            ..
+        } => {
+            f.push(("connection_id", Field::Count(connection_id)));
+            f.push(("held_ms", Field::millis(held)));
+        }
+        PoolEvent::Closed {
+            connection_id,
+            reason,
+            ..
+        } => {
+            f.push(("connection_id", Field::Count(connection_id)));
+            f.push(("reason", Field::Text(reason.to_string())));
+        }
+        PoolEvent::Invalidated { reason, .. } => f.push(("reason", Field::Text(redact(reason)))),
+        PoolEvent::Retry {
+            attempt,
+            class,
+            delay,
+            error,
+            ..
+        } => {
+            f.push(("attempt", Field::Count(u64::from(attempt))));
+            f.push(("class", Field::Text(redact(class))));
+            f.push(("delay_ms", Field::millis(delay)));
+            f.push(("error", Field::Text(redact(error))));
+        }
+    }
+    f
+}
+
+/// The fields as a `log` key-value source.
+struct Fields(Vec<(&'static str, Field)>);
+
+impl log::kv::Source for Fields {
+    fn visit<'kvs>(
+        &'kvs self,
+        visitor: &mut dyn log::kv::VisitSource<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        for (key, value) in &self.0 {
+            visitor.visit_pair(log::kv::Key::from_str(key), value.to_value())?;
+        }
+        Ok(())
+    }
+}
+
 impl EventListener for LogListener {
     fn on_event(&self, event: &PoolEvent<'_>) {
         let level = Self::level(event);
         // Redacting costs a scan of every string: only for lines that will be written.
         if log::log_enabled!(target: LOG_TARGET, level) {
-            log::log!(target: LOG_TARGET, level, "{}", Self::message(event));
+            let fields = Fields(fields(event));
+            let message = Self::message(event);
+            log::logger().log(
+                &log::Record::builder()
+                    .target(LOG_TARGET)
+                    .level(level)
+                    .module_path_static(Some(module_path!()))
+                    .file_static(Some(file!()))
+                    .line(Some(line!()))
+                    .key_values(&fields)
+                    .args(format_args!("{message}"))
+                    .build(),
+            );
         }
     }
 }
@@ -237,6 +370,21 @@ mod tests {
 
     thread_local! {
         static LINES: RefCell<Vec<(log::Level, String, String)>> = const { RefCell::new(Vec::new()) };
+        /// The key-values of the last line logged on this thread.
+        static KVS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    struct Collect(Vec<(String, String)>);
+
+    impl<'kvs> log::kv::VisitSource<'kvs> for Collect {
+        fn visit_pair(
+            &mut self,
+            key: log::kv::Key<'kvs>,
+            value: log::kv::Value<'kvs>,
+        ) -> Result<(), log::kv::Error> {
+            self.0.push((key.to_string(), value.to_string()));
+            Ok(())
+        }
     }
 
     /// Captures log lines per thread, so parallel tests do not see each other's lines.
@@ -252,6 +400,9 @@ mod tests {
                 record.target().to_owned(),
                 record.args().to_string(),
             );
+            let mut kvs = Collect(Vec::new());
+            let _ = record.key_values().visit(&mut kvs);
+            KVS.with(|k| *k.borrow_mut() = kvs.0);
             LINES.with(|l| l.borrow_mut().push(line));
         }
         fn flush(&self) {}
@@ -380,6 +531,97 @@ mod tests {
             let (_, _, line) = captured(&event);
             assert!(!line.contains("S3NT1NEL"), "{line}");
         }
+    }
+
+    /// The key-values LogListener gives `event`.
+    fn kvs_of(event: &PoolEvent<'_>) -> Vec<(String, String)> {
+        captured(event);
+        KVS.with(|k| k.borrow().clone())
+    }
+
+    #[test]
+    fn log_lines_carry_the_pool_the_event_and_its_fields_as_key_values_redacted() {
+        let kv = kvs_of(&PoolEvent::Retry {
+            pool: "orders",
+            attempt: 2,
+            class: "serialization_failure",
+            delay: Duration::from_millis(40),
+            error: SECRET_URL,
+        });
+        let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("pool").as_deref(), Some("orders"), "{kv:?}");
+        assert_eq!(get("event").as_deref(), Some("retry"), "{kv:?}");
+        assert_eq!(get("attempt").as_deref(), Some("2"), "{kv:?}");
+        assert_eq!(get("class").as_deref(), Some("serialization_failure"));
+        assert_eq!(get("delay_ms").as_deref(), Some("40"), "{kv:?}");
+        let error = get("error").expect("the error field");
+        assert!(
+            !error.contains("S3NT1NEL") && error.contains("db"),
+            "{error}"
+        );
+        let kv = kvs_of(&PoolEvent::Closed {
+            pool: SECRET_URL,
+            connection_id: 9,
+            reason: CloseReason::Broken,
+        });
+        let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("event").as_deref(), Some("closed"));
+        assert_eq!(get("connection_id").as_deref(), Some("9"));
+        assert!(get("reason").is_some(), "{kv:?}");
+        assert!(
+            !get("pool").unwrap_or_default().contains("S3NT1NEL"),
+            "{kv:?}"
+        );
+        let names: Vec<&str> = [
+            PoolEvent::Connected {
+                pool: "p",
+                connection_id: 1,
+                took: Duration::ZERO,
+            },
+            PoolEvent::CheckedOut {
+                pool: "p",
+                connection_id: 1,
+                waited: Duration::ZERO,
+            },
+            PoolEvent::CheckedIn {
+                pool: "p",
+                connection_id: 1,
+                held: Duration::ZERO,
+            },
+            PoolEvent::ConnectFailed {
+                pool: "p",
+                error: "e",
+            },
+            PoolEvent::Invalidated {
+                pool: "p",
+                reason: "r",
+            },
+            PoolEvent::LeakSuspected {
+                pool: "p",
+                connection_id: 1,
+                held: Duration::ZERO,
+                checked_out_at: "",
+            },
+        ]
+        .iter()
+        .map(|e| {
+            let kv = kvs_of(e);
+            assert_eq!(kv[0].0, "pool");
+            assert_eq!(kv[1].1, e.name());
+            e.name()
+        })
+        .collect();
+        assert_eq!(
+            names,
+            [
+                "connected",
+                "checked_out",
+                "checked_in",
+                "connect_failed",
+                "invalidated",
+                "leak_suspected"
+            ]
+        );
     }
 
     #[test]

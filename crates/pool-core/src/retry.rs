@@ -545,6 +545,8 @@ impl<'p> Loop<'p> {
             }
             log::warn!(
                 target: crate::events::LOG_TARGET,
+                pool = hooks.pool,
+                event = "retry_exhausted";
                 "pool {}: giving up after attempt {attempts} ({class}): {}",
                 hooks.pool,
                 error.redacted_message()

@@ -240,6 +240,8 @@ impl PoolState {
         if delivered.is_err() && !self.listener_panicked.swap(true, Ordering::Relaxed) {
             log::error!(
                 target: LOG_TARGET,
+                pool = self.name(),
+                event = "listener_panicked";
                 "pool {}: the event listener panicked; events keep being delivered, the pool \
                  is unaffected",
                 self.name()
@@ -367,6 +369,8 @@ impl PoolState {
     pub(super) fn orphan(&self, orphan: Orphan) {
         log::debug!(
             target: LOG_TARGET,
+            pool = self.name(),
+            event = "orphaned";
             "pool {}: connection {} lost its state while checked out (its instrumentation was \
              replaced); its permits stay held until it comes back",
             self.name(),
@@ -420,6 +424,8 @@ impl PoolState {
         if let Some((down_for, failures)) = self.health.succeeded() {
             log::info!(
                 target: LOG_TARGET,
+                pool = self.name(),
+                event = "server_reachable";
                 "pool {}: server reachable again after {down_for:.1?} ({failures} failed \
                  connect attempt(s))",
                 self.name()
@@ -460,6 +466,8 @@ impl PoolState {
         if was && !available {
             log::warn!(
                 target: LOG_TARGET,
+                pool = self.name(),
+                event = "probe_unavailable";
                 "pool {}: no zero-round-trip liveness probe and no stall watchdog here ({why}); \
                  every checkout is validated by a ping, which a hung server can block",
                 self.name()

@@ -379,6 +379,8 @@ where
             }
             log::warn!(
                 target: crate::events::LOG_TARGET,
+                pool = hooks.pool,
+                event = "commit_confirmed";
                 "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
                 hooks.pool
             );
