@@ -216,6 +216,44 @@ fn hedged_validation_serves_well_under_one_validation_timeout_when_every_flow_go
 }
 
 #[test]
+fn at_the_cap_a_slow_connection_is_given_up_at_the_hedge_delay_never_pinged_out_or_exceeded() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // At the cap: 2 of 2 open, no overflow, so a hedge has no room beside the slow ping.
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .application_name("ext_hedge_cap")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .expect("pool");
+    warm(&pool, 2);
+    std::thread::sleep(Duration::from_millis(600));
+    proxy.silence_existing();
+    let started = Instant::now();
+    assert_eq!(select_one(&pool), Ok(1));
+    let first = started.elapsed();
+    let stats = pool.stats();
+    // Waiting the ping out would take the validation timeout (5 s); giving each silent
+    // connection up at the hedge delay (100 ms) costs two delays and a connect.
+    assert!(
+        first < Duration::from_millis(2500),
+        "first request took {first:?}: the slow ping at the cap was waited out: {stats:?}"
+    );
+    assert!(stats.hedges_gave_up >= 1, "{stats:?}");
+    // The first slow connection is given up; the next may be hedged in the room it left.
+    assert!(
+        pool.state().connections <= 2,
+        "never past the sizes: {:?}",
+        pool.state()
+    );
+    assert!(errors_over(&pool, 10).is_empty());
+    println!(
+        "silent, sync, at the cap (2 of 2): first request {first:?}, {} given up",
+        stats.hedges_gave_up
+    );
+}
+
+#[test]
 fn on_a_healthy_pool_hedging_opens_nothing() {
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "ext_hedge_idle", 4)

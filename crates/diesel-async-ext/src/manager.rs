@@ -667,8 +667,11 @@ impl<C: ExtConnection> ExtManager<C> {
     /// see `PoolState::hedge_delay`), a fresh connect starts beside it if the pool has room
     /// (below its sizes, a budget permit free at once), and whichever is ready first is
     /// handed out. If the fresh connection wins, it takes `conn`'s place and the slow one is
-    /// closed; if the ping wins, the connect is dropped. On a healthy pool a ping never
-    /// comes near the delay: no connect, no cost beyond a timer.
+    /// closed; if the ping wins, the connect is dropped. At the cap (no room, or no permit)
+    /// the slow connection is **given up first**: its ping is dropped and the checkout fails
+    /// it, so bb8 closes it and goes on to the next idle connection or a connect in its
+    /// place, never past the sizes or the budget. On a healthy pool a ping never comes near
+    /// the delay: no connect, no cost beyond a timer.
     pub(crate) async fn validate(&self, conn: &mut C, timeout: Duration) -> Result<(), ExtError> {
         let Some(delay) = self.pool.hedge_delay().filter(|d| *d < timeout) else {
             return self.bounded_ping(conn, timeout).await;
@@ -676,6 +679,8 @@ impl<C: ExtConnection> ExtManager<C> {
         enum Winner<C> {
             Ping(Option<diesel::QueryResult<()>>),
             Hedge(C),
+            /// No room for a fresh connection: the slow one is given up (its ping dropped).
+            GaveUp,
         }
         let started = Instant::now();
         if let Some(t) = tracker_of(conn) {
@@ -708,7 +713,9 @@ impl<C: ExtConnection> ExtManager<C> {
                                     hedged = true;
                                     racing = false;
                                 }
-                                None => racing = false,
+                                // At the cap: the slow connection is given up first,
+                                // so that a connect in its place fits the sizes.
+                                None => break Winner::GaveUp,
                             },
                         }
                     }
@@ -731,6 +738,21 @@ impl<C: ExtConnection> ExtManager<C> {
                 // Closed now: its ping may still be answered, but nobody will read it.
                 drop(slow);
                 Ok(())
+            }
+            Winner::GaveUp => {
+                self.pool.stats().record_hedge_gave_up();
+                if let Some(t) = tracker_of(conn) {
+                    // A failed ping (the connection is closed, bb8 goes on to the next one
+                    // or a connect), not silence: one slow ping says nothing about the others.
+                    t.state.finish_ping(false);
+                }
+                Err(ExtError::PingFailed {
+                    elapsed_ms: started.elapsed().as_millis(),
+                    timeout_ms: timeout.as_millis(),
+                    message: "no reply within the hedge delay and no room for a fresh \
+                              connection beside it: the connection was given up"
+                        .to_owned(),
+                })
             }
         }
     }

@@ -180,6 +180,46 @@ async fn hedged_validation_serves_well_under_one_validation_timeout_when_every_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_slow_connection_is_given_up_at_the_hedge_delay_never_pinged_out_or_exceeded()
+{
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // At the cap: 2 of 2 open, no overflow, so a hedge has no room beside the slow ping.
+    let pool = PgPool::builder(&url)
+        .application_name("async_hedge_cap")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.silence_existing();
+    let started = Instant::now();
+    assert_eq!(pool.select_one().await, Ok(1));
+    let first = started.elapsed();
+    let stats = pool.stats();
+    // Waiting the ping out would take the validation timeout (5 s); giving each silent
+    // connection up at the hedge delay (100 ms) costs two delays and a connect.
+    assert!(
+        first < Duration::from_millis(2500),
+        "first request took {first:?}: the slow ping at the cap was waited out: {stats:?}"
+    );
+    assert!(stats.hedges_gave_up >= 1, "{stats:?}");
+    // The first slow connection is given up; the next may be hedged in the room it left.
+    assert!(
+        pool.state().connections <= 2,
+        "never past the sizes: {:?}",
+        pool.state()
+    );
+    assert!(errors_over(&pool, 10).await.is_empty());
+    println!(
+        "silent, async, at the cap (2 of 2): first request {first:?}, {} given up",
+        stats.hedges_gave_up
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_healthy_pool_hedging_opens_nothing() {
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "async_hedge_idle", 4)

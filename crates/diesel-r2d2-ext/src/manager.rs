@@ -371,6 +371,9 @@ enum Race<C> {
     Pinging,
     /// The fresh connection was ready first (the slow connection's socket was shut down).
     Fresh(C),
+    /// The pool had no room for a fresh connection: the slow connection's socket was shut
+    /// down (its ping returns), and it is closed to make room.
+    GaveUp,
     /// The ping is over; a fresh connection arriving now is closed.
     Done,
 }
@@ -412,8 +415,12 @@ impl<C: ExtConnection> ExtManager<C> {
     /// if the pool has room (below its sizes, a budget permit free at once). If the fresh
     /// connection is ready first, the slow connection's socket is shut down (its ping
     /// returns), the fresh connection takes its place and the slow one is closed; if the
-    /// ping comes back first, the fresh connection is closed when it arrives. On a healthy
-    /// pool a ping never comes near the delay: an armed timer, nothing else.
+    /// ping comes back first, the fresh connection is closed when it arrives. At the cap
+    /// (no room, or no permit) the slow connection is **given up first**: its socket is shut
+    /// down at the hedge delay and the checkout fails it, so r2d2 closes it and goes on to
+    /// the next idle connection or a connect in its place, never past the sizes or the
+    /// budget. On a healthy pool a ping never comes near the delay: an armed timer, nothing
+    /// else.
     fn validate(&self, conn: &mut C, timeout: Duration) -> Result<(), ExtError> {
         let delay = self.pool.hedge_delay().filter(|d| *d < timeout);
         let socket = tracker_of(conn).and_then(|t| t.extra.get().cloned());
@@ -447,6 +454,21 @@ impl<C: ExtConnection> ExtManager<C> {
                 drop(slow);
                 Ok(())
             }
+            Race::GaveUp => {
+                self.pool.stats().record_hedge_gave_up();
+                if let Some(t) = tracker_of(conn) {
+                    t.state.set_close_reason(CloseReason::PingFailed);
+                }
+                // Failed even if its reply came in just before the socket was shut down:
+                // the socket is gone either way.
+                Err(ExtError::PingFailed {
+                    elapsed_ms: delay.as_millis(),
+                    timeout_ms: timeout.as_millis(),
+                    message: "no reply within the hedge delay and no room for a fresh \
+                              connection beside it: the connection was given up"
+                        .to_owned(),
+                })
+            }
             Race::Pinging | Race::Done => {
                 if hedged {
                     self.pool.stats().record_hedge(false);
@@ -456,17 +478,28 @@ impl<C: ExtConnection> ExtManager<C> {
         }
     }
 
+    /// The hedge found no room for a fresh connection: gives the slow connection up (its
+    /// socket shut down, so its ping returns) unless the ping is already over.
+    fn give_up(race: &parking_lot::Mutex<Race<C>>, slow: &crate::socket::ConnSocket) {
+        let mut race = race.lock();
+        if let Race::Pinging = *race {
+            *race = Race::GaveUp;
+            slow.shutdown();
+        }
+    }
+
     /// The hedge's side (on its own thread): opens a fresh connection if the pool has room,
-    /// and hands it over if the ping is still waiting, cutting the ping short.
+    /// and hands it over if the ping is still waiting, cutting the ping short; with no room,
+    /// gives the slow connection up.
     fn hedge(&self, race: &parking_lot::Mutex<Race<C>>, slow: &crate::socket::ConnSocket) {
         let pool = &self.pool;
         if !pool.hedge_room() {
-            return;
+            return Self::give_up(race, slow);
         }
         let permit = match pool.budget() {
             Some((budget, class)) => match budget.try_acquire(class) {
                 Some(permit) => Some(permit),
-                None => return,
+                None => return Self::give_up(race, slow),
             },
             None => None,
         };

@@ -211,6 +211,11 @@ pub struct StatsSnapshot {
     /// Hedges the fresh connection won (the slow connection was closed).
     #[serde(default)]
     pub hedges_won: u64,
+    /// Slow validation pings given up at the hedge delay because the pool had no room for a
+    /// fresh connect (at its sizes, or no budget permit free): the slow connection was
+    /// closed, and the checkout went on to the next connection or a connect in its place.
+    #[serde(default)]
+    pub hedges_gave_up: u64,
     /// Connections the zero-round-trip liveness probe found closed by the server, at a
     /// checkout (each is closed: `closed.probe_dead` also counts those the maintenance's walk
     /// found, which do not invalidate the pool).
@@ -367,6 +372,7 @@ pub struct PoolStats {
     pings_failed: AtomicU64,
     hedges: AtomicU64,
     hedges_won: AtomicU64,
+    hedges_gave_up: AtomicU64,
     probe_dead: AtomicU64,
     invalidations: AtomicU64,
     invalidation_events: AtomicU64,
@@ -413,6 +419,7 @@ impl PoolStats {
             pings_failed: zero(),
             hedges: zero(),
             hedges_won: zero(),
+            hedges_gave_up: zero(),
             probe_dead: zero(),
             invalidations: zero(),
             invalidation_events: zero(),
@@ -522,6 +529,12 @@ impl PoolStats {
         }
     }
 
+    /// A slow validation ping was given up at the hedge delay: no room for a fresh connect,
+    /// so the slow connection was closed to make room (see `hedges_gave_up`).
+    pub fn record_hedge_gave_up(&self) {
+        bump(&self.hedges_gave_up);
+    }
+
     /// An ambiguous commit (connection lost during COMMIT) was resolved by verification.
     pub fn record_commit_resolved(&self) {
         bump(&self.commits_resolved);
@@ -567,6 +580,7 @@ impl PoolStats {
             validations_failed: self.pings_failed.load(Relaxed),
             hedges: self.hedges.load(Relaxed),
             hedges_won: self.hedges_won.load(Relaxed),
+            hedges_gave_up: self.hedges_gave_up.load(Relaxed),
             probe_detected_dead: self.probe_dead.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),
             invalidation_events: self.invalidation_events.load(Relaxed),
