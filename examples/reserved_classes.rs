@@ -35,11 +35,9 @@ macro_rules! demo {
         let pools = ClassPools::<$conn>::builder($url, TOTAL)
             // At most 3 of the 5: automation can never take the last 2.
             .class("automation", Class::new().pool_size(3).max_overflow(0))
-            // Always 2, checked out within 250 ms or not at all.
-            .class(
-                "adhoc",
-                Class::new().reserved(2).pool_timeout(ADHOC_TIMEOUT),
-            )
+            // Always 2. (Its checkouts below wait at most ADHOC_TIMEOUT; the class keeps the
+            // default pool_timeout, which also bounds opening its floor at build.)
+            .class("adhoc", Class::new().reserved(2))
             .configure(|b| b.application_name("reserved-classes-example"))
             .build()?;
         let pools = Arc::new(pools);
@@ -71,19 +69,23 @@ macro_rules! demo {
         while automation.stats().waiters.unwrap_or(0) == 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
-        thread::sleep(Duration::from_millis(200));
-        let saturated = automation.stats();
+        // What automation looks like meanwhile, sampled over 200 ms.
+        let (mut in_use, mut waiting) = (0, 0);
+        let sampling = Instant::now();
+        while sampling.elapsed() < Duration::from_millis(200) {
+            let stats = automation.stats();
+            in_use = in_use.max(stats.in_use);
+            waiting = waiting.max(stats.waiters.unwrap_or(0));
+            thread::sleep(Duration::from_millis(5));
+        }
         println!(
-            "automation: {} of its 3 connections in use, {} thread(s) waiting in its queue",
-            saturated.in_use,
-            saturated
-                .waiters
-                .map_or_else(|| "?".to_owned(), |w| w.to_string()),
+            "automation: {in_use} of its 3 connections in use, {waiting} thread(s) waiting in \
+             its queue (the most seen in 200 ms)"
         );
         println!("{}", pools.budget_snapshot());
 
         let started = Instant::now();
-        let adhoc = pools.class("adhoc")?.get();
+        let adhoc = pools.class("adhoc")?.get_timeout(ADHOC_TIMEOUT);
         let took = started.elapsed();
         match adhoc {
             Ok(mut conn) => {

@@ -12,6 +12,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn example(name: &str) -> PathBuf {
+    // One check-and-build at a time: cargo re-links an example's binary even when it is
+    // fresh, so a second `cargo build` racing a test that is starting the binary can make it
+    // vanish for an instant.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _build = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let exe = std::env::current_exe().expect("the test binary's path");
     // target/<profile>/deps/examples-<hash> -> target/<profile>/examples/<name>
     let dir = exe
@@ -124,4 +129,23 @@ fn reserved_classes_gets_the_adhoc_query_in_while_automation_is_saturated() {
     assert!(waiting > 0, "automation was not saturated:\n{out}");
     assert!(out.contains("ad-hoc query got in: checkout took"), "{out}");
     assert!(out.contains("Connection budget: 5 connections"), "{out}");
+}
+
+#[test]
+fn reserved_classes_against_postgres_gets_the_adhoc_query_in() {
+    test_support::capture_logs();
+    let Some(pg) = test_support::pg_or_skip() else {
+        return;
+    };
+    let out = run(
+        "reserved_classes",
+        Some(&pg.url_with("sslmode=disable")),
+        Duration::from_secs(60),
+    );
+    assert!(out.contains("database: PostgreSQL"), "{out}");
+    assert!(out.contains("ad-hoc query got in: checkout took"), "{out}");
+    assert!(
+        !out.contains(test_support::PgServer::PASSWORD),
+        "the password was printed"
+    );
 }
