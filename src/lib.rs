@@ -27,3 +27,7 @@ pub use pool_core::status::StatusReport;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+#[doc = include_str!("../docs/adoption.md")]
+#[cfg(doctest)]
+pub struct AdoptionGuide;

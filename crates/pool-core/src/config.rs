@@ -261,7 +261,9 @@ impl Default for SqliteSettings {
 pub struct PoolConfig {
     /// The database.
     pub url: DatabaseUrl,
-    /// Connections kept open even when idle (r2d2's `min_idle`). Default: 10. Zero keeps
+    /// Connections kept open once load drops: opened when the pool is built, and the most
+    /// kept when returned (not r2d2's or bb8's `min_idle`, which keeps that many *idle*
+    /// besides the busy ones; the adapters turn it off). Default: 10. Zero keeps
     /// none: every connection is closed when returned (not SQLAlchemy's "no limit").
     pub pool_size: u32,
     /// Extra connections opened under load and closed again when idle. Default: 10.
@@ -324,8 +326,11 @@ impl PoolConfig {
     /// | `DB_POOL_PRE_PING` | [`validate_on_checkout`](PoolConfigBuilder::validate_on_checkout) | `true` |
     /// | `DB_VALIDATION_BYPASS` | [`validation_bypass_window`](PoolConfigBuilder::validation_bypass_window) | `500ms` |
     /// | `DB_VALIDATION_TIMEOUT` | [`validation_timeout`](PoolConfigBuilder::validation_timeout) | `5s` |
+    /// | `DB_LIVENESS_PROBE` | [`liveness_probe`](PoolConfigBuilder::liveness_probe) | `on` |
+    /// | `DB_HEDGED_VALIDATION` | [`hedged_validation`](PoolConfigBuilder::hedged_validation) | `on` |
     /// | `DB_KEEPALIVE_PING` | [`keepalive_ping`](PoolConfigBuilder::keepalive_ping) | `4m`, `off` |
     /// | `DB_LEAK_DETECTION` | [`leak_detection_threshold`](PoolConfigBuilder::leak_detection_threshold) | `60s`, `off` |
+    /// | `DB_FAIL_FAST_WHEN_DOWN` | [`fail_fast_when_down`](PoolConfigBuilder::fail_fast_when_down) | `5s`, `off` |
     /// | `DB_CONNECT_TIMEOUT` | [`connect_timeout`](PoolConfigBuilder::connect_timeout) | `10s`, `off` |
     /// | `DB_KEEPALIVES` | [`keepalives`](PoolConfigBuilder::keepalives) | `on` |
     /// | `DB_KEEPALIVES_IDLE` | [`keepalives_idle`](PoolConfigBuilder::keepalives_idle) | `30s` |
