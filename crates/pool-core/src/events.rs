@@ -362,6 +362,86 @@ impl EventListener for LogListener {
     }
 }
 
+/// Emits a `tracing` event at a level chosen at run time (`tracing`'s macros take a constant).
+#[cfg(feature = "tracing")]
+macro_rules! trace_at {
+    ($level:expr, $($rest:tt)+) => {
+        match $level {
+            log::Level::Trace => tracing::event!(target: LOG_TARGET, tracing::Level::TRACE, $($rest)+),
+            log::Level::Debug => tracing::event!(target: LOG_TARGET, tracing::Level::DEBUG, $($rest)+),
+            log::Level::Info => tracing::event!(target: LOG_TARGET, tracing::Level::INFO, $($rest)+),
+            log::Level::Warn => tracing::event!(target: LOG_TARGET, tracing::Level::WARN, $($rest)+),
+            log::Level::Error => tracing::event!(target: LOG_TARGET, tracing::Level::ERROR, $($rest)+),
+        }
+    };
+}
+
+/// Emits every event as a `tracing` event (cargo feature `tracing`) under the target
+/// [`LOG_TARGET`], at [`LogListener`]'s levels, with structured fields: `pool`, `event`
+/// ([`PoolEvent::name`]) and the event's own (`connection_id`, `took_ms`, `waited_ms`,
+/// `held_ms`, `reason`, `attempt`, `class`, `delay_ms`, `error`), every string redacted,
+/// and the same message as [`LogListener`]'s. Install it with the builder's
+/// `event_listener(TracingListener)`; the pools' few other lines (a thread that could not
+/// start, a server reachable again) stay on the `log` facade, which `tracing-log` bridges.
+#[cfg(feature = "tracing")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TracingListener;
+
+#[cfg(feature = "tracing")]
+impl EventListener for TracingListener {
+    fn on_event(&self, event: &PoolEvent<'_>) {
+        let level = LogListener::level(event);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Field values and the message are computed only for an enabled event.
+        let name = event.name();
+        match *event {
+            PoolEvent::Connected {
+                pool,
+                connection_id,
+                took,
+            } => trace_at!(level, pool = %redact(pool), event = name, connection_id,
+                took_ms = ms(took), "{}", LogListener::message(event)),
+            PoolEvent::ConnectFailed { pool, error } => trace_at!(level, pool = %redact(pool),
+                event = name, error = %redact(error), "{}", LogListener::message(event)),
+            PoolEvent::CheckedOut {
+                pool,
+                connection_id,
+                waited,
+            } => trace_at!(level, pool = %redact(pool), event = name, connection_id,
+                waited_ms = ms(waited), "{}", LogListener::message(event)),
+            PoolEvent::CheckedIn {
+                pool,
+                connection_id,
+                held,
+            }
+            | PoolEvent::LeakSuspected {
+                pool,
+                connection_id,
+                held,
+                ..
+            } => trace_at!(level, pool = %redact(pool), event = name, connection_id,
+                held_ms = ms(held), "{}", LogListener::message(event)),
+            PoolEvent::Closed {
+                pool,
+                connection_id,
+                reason,
+            } => trace_at!(level, pool = %redact(pool), event = name, connection_id,
+                reason = %reason, "{}", LogListener::message(event)),
+            PoolEvent::Invalidated { pool, reason } => trace_at!(level, pool = %redact(pool),
+                event = name, reason = %redact(reason), "{}", LogListener::message(event)),
+            PoolEvent::Retry {
+                pool,
+                attempt,
+                class,
+                delay,
+                error,
+            } => trace_at!(level, pool = %redact(pool), event = name, attempt,
+                class = %redact(class), delay_ms = ms(delay), error = %redact(error),
+                "{}", LogListener::message(event)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,6 +702,92 @@ mod tests {
                 "leak_suspected"
             ]
         );
+    }
+
+    #[cfg(feature = "tracing")]
+    mod tracing_listener {
+        use super::*;
+        use std::sync::Mutex;
+
+        /// One event: its level and its fields (as text).
+        type Seen = (tracing::Level, Vec<(String, String)>);
+
+        /// Records every event.
+        #[derive(Default)]
+        struct Recorder(Mutex<Vec<Seen>>);
+
+        struct Fields(Vec<(String, String)>);
+
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push((field.name().to_owned(), format!("{value:?}")));
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.push((field.name().to_owned(), value.to_owned()));
+            }
+        }
+
+        impl tracing::Subscriber for &'static Recorder {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, event: &tracing::Event<'_>) {
+                let mut fields = Fields(Vec::new());
+                event.record(&mut fields);
+                assert_eq!(event.metadata().target(), LOG_TARGET);
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((*event.metadata().level(), fields.0));
+            }
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+
+        #[test]
+        fn tracing_events_carry_structured_fields_redacted_at_the_log_levels() {
+            let recorder: &'static Recorder = Box::leak(Box::default());
+            tracing::subscriber::with_default(recorder, || {
+                TracingListener.on_event(&PoolEvent::Retry {
+                    pool: "orders",
+                    attempt: 3,
+                    class: "serialization_failure",
+                    delay: Duration::from_millis(25),
+                    error: SECRET_URL,
+                });
+                TracingListener.on_event(&PoolEvent::CheckedOut {
+                    pool: SECRET_URL,
+                    connection_id: 4,
+                    waited: Duration::ZERO,
+                });
+            });
+            let seen = recorder.0.lock().unwrap();
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            let (level, fields) = &seen[0];
+            assert_eq!(*level, tracing::Level::WARN);
+            let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+            assert_eq!(get("pool"), Some("orders"), "{fields:?}");
+            assert_eq!(get("event"), Some("retry"), "{fields:?}");
+            assert_eq!(get("attempt"), Some("3"), "{fields:?}");
+            assert_eq!(get("delay_ms"), Some("25.0"), "{fields:?}");
+            let error = get("error").expect("the error field");
+            assert!(!error.contains("S3NT1NEL"), "{error}");
+            let message = get("message").expect("the message");
+            assert!(message.contains("attempt 3"), "{message}");
+            assert!(!message.contains("S3NT1NEL"), "{message}");
+            let (level, fields) = &seen[1];
+            assert_eq!(*level, tracing::Level::TRACE);
+            assert!(
+                fields.iter().all(|(_, v)| !v.contains("S3NT1NEL")),
+                "{fields:?}"
+            );
+            assert!(fields.iter().any(|(n, v)| n == "connection_id" && v == "4"));
+        }
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub use crate::budget::{Budget, BudgetError, BudgetSnapshot, ClassId, Permit};
 pub use crate::classify::ErrorClass;
 pub use crate::config::{parse_duration, PoolConfig, PoolConfigBuilder, Pooler, SslMode};
 pub use crate::error::ConfigError;
+#[cfg(feature = "tracing")]
+pub use crate::events::TracingListener;
 pub use crate::events::{EventListener, LogListener, PoolEvent};
 pub use crate::lifecycle::LifecyclePolicy;
 pub use crate::readiness::{ClassesHealth, Health, HealthState, WarmUp};
