@@ -457,18 +457,26 @@ pub struct Overshoot {
     pub pool_in_use: u32,
     /// The pool set's own budget snapshot at that moment.
     pub pool_view: String,
-    /// The backends counted (pid, state, age), and which of them were gone 20 ms later.
+    /// The backends counted (pid, state, age), and which of them were gone soon after.
     pub backends: String,
-    /// How many of the backends counted were gone 20 ms later.
-    pub gone_20ms: usize,
+    /// How many of the backends counted were gone soon after (within [`EXIT_GRACE`]: a
+    /// backend whose client closed exits within milliseconds, longer on a loaded machine).
+    pub gone_soon: usize,
+    /// How long after the sample the recount was made, ms.
+    pub recount_after_ms: u64,
 }
+
+/// How long an overshoot's backends may take to exit before the overshoot counts against
+/// the pools: the recount polls every 25 ms up to this. A pool above its budget holds its
+/// connections open, so a real overshoot is still there at the end of it.
+pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 
 impl Overshoot {
     /// Explained by backends still exiting: the pool's own permits were within the budget
-    /// and, without the backends that were gone 20 ms later, the server was within it too.
+    /// and, without the backends that were gone soon after, the server was within it too.
     pub fn lingering(&self) -> bool {
         self.pool_in_use <= self.total
-            && self.seen.saturating_sub(self.gone_20ms) <= self.total as usize
+            && self.seen.saturating_sub(self.gone_soon) <= self.total as usize
     }
 }
 
@@ -512,16 +520,26 @@ pub fn watch_budget(
                             let (pool_in_use, pool_view) = (b.snapshot)();
                             let fault = shared.fault_label();
                             let at_ms = shared.elapsed_ms();
-                            std::thread::sleep(Duration::from_millis(20));
-                            let later: Vec<i32> = diesel::sql_query(BACKENDS_SQL)
-                                .load::<Backend>(c)
-                                .map(|r| r.into_iter().map(|b| b.pid).collect())
-                                .unwrap_or_default();
                             let counted: Vec<&Backend> = rows
                                 .iter()
                                 .filter(|r| &r.app == app && !shared.is_zombie(r.pid, now))
                                 .collect();
-                            let gone_20ms =
+                            // Recount until the excess is gone or the grace is over.
+                            let mut later: Vec<i32> = Vec::new();
+                            loop {
+                                std::thread::sleep(Duration::from_millis(25));
+                                later = diesel::sql_query(BACKENDS_SQL)
+                                    .load::<Backend>(c)
+                                    .map(|r| r.into_iter().map(|b| b.pid).collect())
+                                    .unwrap_or(later);
+                                let left =
+                                    counted.iter().filter(|r| later.contains(&r.pid)).count();
+                                if left <= b.total as usize || now.elapsed() >= EXIT_GRACE {
+                                    break;
+                                }
+                            }
+                            let recount_after_ms = now.elapsed().as_millis() as u64;
+                            let gone_soon =
                                 counted.iter().filter(|r| !later.contains(&r.pid)).count();
                             let backends: Vec<String> = counted
                                 .iter()
@@ -534,7 +552,7 @@ pub fn watch_budget(
                                         if later.contains(&r.pid) {
                                             ""
                                         } else {
-                                            " (gone 20 ms later)"
+                                            " (gone soon after)"
                                         }
                                     )
                                 })
@@ -548,7 +566,8 @@ pub fn watch_budget(
                                 pool_in_use,
                                 pool_view,
                                 backends: backends.join("; "),
-                                gone_20ms,
+                                gone_soon,
+                                recount_after_ms,
                             });
                         }
                     }

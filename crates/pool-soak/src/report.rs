@@ -155,7 +155,7 @@ impl Report {
             "overshoot_list": self.overshoots.iter().map(|o| json!({
                 "at_ms": o.at_ms, "app": o.app, "seen": o.seen, "fault": o.fault,
                 "pool_in_use": o.pool_in_use, "pool_view": o.pool_view,
-                "backends": o.backends, "gone_20ms": o.gone_20ms, "lingering": o.lingering(),
+                "backends": o.backends, "gone_soon": o.gone_soon, "recount_after_ms": o.recount_after_ms, "lingering": o.lingering(),
             })).collect::<Vec<_>>(),
             "fault_log": self.faults.iter().map(|f| json!({
                 "kind": f.kind.name(), "at_ms": f.at_ms, "took_ms": f.took_ms, "detail": f.detail,
