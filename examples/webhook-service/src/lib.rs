@@ -8,6 +8,7 @@
 //! | `GET /ready` | readiness: `200` with the pool's health as JSON when it can serve, else `503` ([`diesel_async_ext::axum::ready`]) |
 //! | `GET /pool/status` | the pool's status report as JSON ([`diesel_async_ext::axum::pool_status`]) |
 //! | `GET /metrics` | Prometheus text: the pool's metrics (docs/metrics.md) and the service's |
+//! | `GET /webhooks/{id}` | the stored event as JSON (`404` if none; `503` when no connection: [`diesel_async_ext::axum::DbConn`]'s rejection) |
 //! | `POST /webhooks` | `{"id": "...", "payload": "..."}`: `201` stored, `200` already stored, `400` bad input, `503` the database stayed unavailable past the retry policy (redeliver) |
 //!
 //! An event is stored with [`commit_with_key`] under the key `webhook:<id>`: the event's row
@@ -19,13 +20,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRef, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use diesel::sql_types::Text;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async_ext::axum::DbConn;
 use diesel_async_ext::retry::{
     commit_with_key, Keyed, RetryError, RetryPolicy, IDEMPOTENCY_TABLE_SQL,
     MAX_IDEMPOTENCY_KEY_CHARS,
@@ -85,6 +87,7 @@ pub fn app_with_policy(pool: PgPool, prometheus: PrometheusHandle, policy: Retry
         )
         .route("/metrics", get(render_metrics))
         .route("/webhooks", post(receive))
+        .route("/webhooks/{id}", get(lookup))
         .with_state(AppState {
             pool,
             prometheus,
@@ -228,6 +231,35 @@ async fn receive(State(state): State<AppState>, body: Bytes) -> Response {
                     "the database stayed unavailable; deliver again",
                 ),
             }
+        }
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct StoredEvent {
+    #[diesel(sql_type = Text)]
+    payload: String,
+}
+
+/// `GET /webhooks/{id}`: the stored event. The connection comes from the [`DbConn`]
+/// extractor: when the pool has none to give, the handler is not called and the answer is
+/// `503` with `Retry-After: 1`.
+async fn lookup(Path(id): Path<String>, DbConn(mut conn): DbConn<AsyncPgConnection>) -> Response {
+    let found = diesel::sql_query("SELECT payload FROM webhook_events WHERE event_id = $1 LIMIT 1")
+        .bind::<Text, _>(&id)
+        .get_results::<StoredEvent>(&mut *conn)
+        .await;
+    match found {
+        Ok(rows) => match rows.into_iter().next() {
+            Some(event) => json(
+                StatusCode::OK,
+                serde_json::json!({ "id": id, "payload": event.payload }).to_string(),
+            ),
+            None => answer(StatusCode::NOT_FOUND, "not_found", "no such event"),
+        },
+        Err(e) => {
+            log::warn!("webhook {id:?} lookup failed: {e}");
+            unavailable("database_unavailable", "the lookup failed; try again")
         }
     }
 }
