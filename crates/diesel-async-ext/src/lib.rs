@@ -69,12 +69,15 @@
 //! | [`customize`] | [`customize::SessionSettings`]: session settings for a stock bb8 builder, in one line |
 //! | [`classify`] | diesel-async's errors mapped to error classes |
 //! | [`pg`], [`tls`] | the PostgreSQL connector |
+//! | `axum` (feature `axum`) | an axum extractor for a checkout (`DbConn`), `ready` and `pool_status` handlers |
 //!
 //! Check out through [`ExtPool::get`] (not through the wrapped bb8 pool, which it dereferences
 //! to): connections are opened only for its checkouts, which are served in arrival order and
 //! counted by the stats and the budget.
 #![deny(missing_docs)]
 
+#[cfg(feature = "axum")]
+pub mod axum;
 pub mod backend;
 #[cfg(feature = "postgres")]
 pub mod capacity;
