@@ -304,6 +304,78 @@ fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
 }
 
 #[test]
+fn a_cut_keyed_commit_that_rolled_back_while_a_concurrent_call_committed_the_key_is_already_committed(
+) {
+    let Some(pg) = server() else { return };
+    setup(&pg, LEDGER);
+    pg.execute(&format!(
+        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
+        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
+    ))
+    .unwrap();
+    let proxy = proxied(&pg);
+    // A through the proxy, whose COMMIT never reaches the server (so it rolls back); B, a
+    // second delivery of the same key, direct.
+    let a = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name("retry_key_race_a")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let b = ext_pool(&pg, "retry_key_race_b", 2).build().unwrap();
+    let policy = RetryPolicy::builder().verify_commit(false).build().unwrap();
+    let a_holds_the_key = Arc::new(Barrier::new(2));
+    let b_thread = {
+        let (b, policy, barrier) = (b.clone(), policy.clone(), a_holds_the_key.clone());
+        std::thread::spawn(move || {
+            barrier.wait();
+            // Waits on A's key lock until A's transaction is rolled back.
+            commit_with_key(&b, &policy, "dup-7", |conn: &mut PgConnection| {
+                diesel::sql_query("INSERT INTO ledger (note) VALUES ('b')").execute(conn)?;
+                Ok::<_, DieselError>("b")
+            })
+        })
+    };
+    proxy.sever_before_forwarding(b"COMMIT");
+    let a_runs = AtomicU32::new(0);
+    let got_a = commit_with_key(&a, &policy, "dup-7", |conn: &mut PgConnection| {
+        diesel::sql_query("INSERT INTO ledger (note) VALUES ('a')").execute(conn)?;
+        if a_runs.fetch_add(1, Ordering::Relaxed) == 0 {
+            a_holds_the_key.wait();
+            // B is now blocked on the key this transaction inserted.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok::<_, DieselError>("a")
+    });
+    let got_b = b_thread.join().expect("B's thread");
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert_eq!(
+        got_b.as_ref().ok(),
+        Some(&Keyed::Committed("b")),
+        "{got_b:?}"
+    );
+    // Before the fix: Committed("a"), a value from a transaction that rolled back.
+    assert_eq!(
+        got_a.as_ref().ok(),
+        Some(&Keyed::AlreadyCommitted),
+        "A's transaction rolled back and B's committed the key: {got_a:?}"
+    );
+    let mut conn = b.get().unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM ledger WHERE note IN ('a', 'b')"
+        ),
+        1,
+        "stored once"
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM ledger WHERE note = 'b'"),
+        1
+    );
+}
+
+#[test]
 fn a_unique_violation_is_tried_once_and_returned_as_permanent() {
     let Some(pg) = server() else { return };
     setup(&pg, LEDGER);

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use diesel::result::Error as DieselError;
 use diesel::QueryResult;
 use diesel_async::{AsyncConnection, TransactionManager};
-use diesel_ext_common::resolve::{asked, is_unique_violation, key_probe_answer};
+use diesel_ext_common::resolve::{asked, is_unique_violation, key_owner, key_probe_answer};
 use pool_core::config::Pooler;
 use pool_core::retry::{
     finish_ambiguous, no_txid_reason, other_server_reason, run_async, sql, Asked, AttemptError,
@@ -203,12 +203,23 @@ pub trait RetryConnection: AsyncConnection + Send {
         txid: i64,
     ) -> impl Future<Output = diesel::QueryResult<TxStatus>> + Send;
 
-    /// Inserts `key` into the idempotency table `table` ([`IdempotencyTable`]).
+    /// Inserts `key` into the idempotency table `table` ([`IdempotencyTable`]); returns the
+    /// inserting transaction's id (the row's `xmin`) where the backend has one.
     fn insert_idempotency_key(
         &mut self,
         table: &IdempotencyTable,
         key: &str,
-    ) -> impl Future<Output = diesel::QueryResult<()>> + Send;
+    ) -> impl Future<Output = diesel::QueryResult<Option<u32>>> + Send;
+
+    /// The id of the transaction that committed `key`'s row (its `xmin`), where the backend
+    /// has one; `None` otherwise, or if there is no such row.
+    fn idempotency_key_owner(
+        &mut self,
+        _table: &IdempotencyTable,
+        _key: &str,
+    ) -> impl Future<Output = diesel::QueryResult<Option<u32>>> + Send {
+        async { Ok(None) }
+    }
 
     /// Behind a transaction-mode pooler: the current transaction's id and the identity of
     /// the server running it, in one round trip; `None` if the backend has no transaction
@@ -312,13 +323,30 @@ impl RetryConnection for diesel_async::AsyncPgConnection {
         &mut self,
         table: &IdempotencyTable,
         key: &str,
-    ) -> diesel::QueryResult<()> {
+    ) -> diesel::QueryResult<Option<u32>> {
         use diesel_async::RunQueryDsl;
-        diesel::sql_query(table.insert_sql_pg())
-            .bind::<diesel::sql_types::Text, _>(key)
-            .execute(self)
-            .await
-            .map(drop)
+        let row: diesel_ext_common::resolve::XminRow =
+            diesel::sql_query(table.insert_returning_xmin_sql_pg())
+                .bind::<diesel::sql_types::Text, _>(key)
+                .get_result(self)
+                .await?;
+        Ok(row.id())
+    }
+
+    async fn idempotency_key_owner(
+        &mut self,
+        table: &IdempotencyTable,
+        key: &str,
+    ) -> diesel::QueryResult<Option<u32>> {
+        use diesel::OptionalExtension;
+        use diesel_async::RunQueryDsl;
+        let row: Option<diesel_ext_common::resolve::XminRow> =
+            diesel::sql_query(table.xmin_sql_pg())
+                .bind::<diesel::sql_types::Text, _>(key)
+                .get_result(self)
+                .await
+                .optional()?;
+        Ok(row.and_then(|r| r.id()))
     }
 }
 
@@ -338,13 +366,13 @@ impl RetryConnection
         &mut self,
         table: &IdempotencyTable,
         key: &str,
-    ) -> diesel::QueryResult<()> {
+    ) -> diesel::QueryResult<Option<u32>> {
         use diesel_async::RunQueryDsl;
         diesel::sql_query(table.insert_sql_sqlite())
             .bind::<diesel::sql_types::Text, _>(key.to_owned())
             .execute(self)
             .await
-            .map(drop)
+            .map(|_| None)
     }
 }
 
@@ -505,8 +533,13 @@ enum Mode {
 
 /// What an attempt's preparation left to do.
 enum Prepared<T> {
-    /// The body ran inside an open transaction: commit it.
-    Commit { value: T, txid: Option<Txid> },
+    /// The body ran inside an open transaction: commit it. `key_owner`: in key mode, the
+    /// transaction's id as its key's row has it (PostgreSQL).
+    Commit {
+        value: T,
+        txid: Option<Txid>,
+        key_owner: Option<u32>,
+    },
     /// A transaction with this key had committed before; nothing to commit.
     AlreadyCommitted,
 }
@@ -539,9 +572,10 @@ where
     E: From<DieselError>,
 {
     begin(conn).await.map_err(|e| AttemptError::Op(e.into()))?;
+    let mut key_owner = None;
     if let Mode::Key(key, table) = mode {
         match conn.insert_idempotency_key(table, key).await {
-            Ok(()) => {}
+            Ok(xmin) => key_owner = xmin,
             Err(e) if is_unique_violation(&e) => {
                 let _ = rollback(conn).await;
                 return Ok(Prepared::AlreadyCommitted);
@@ -576,7 +610,11 @@ where
         Ok(txid) => txid,
         Err(e) => return Err(abandon(conn, e.into()).await),
     };
-    Ok(Prepared::Commit { value, txid })
+    Ok(Prepared::Commit {
+        value,
+        txid,
+        key_owner,
+    })
 }
 
 /// After a `COMMIT` cut off by a lost connection: what became of the transaction.
@@ -585,13 +623,14 @@ async fn resolve<P>(
     policy: &RetryPolicy,
     mode: &Mode,
     txid: Option<&Txid>,
+    key_owner: Option<u32>,
 ) -> Result<Resolved, String>
 where
     P: RetryablePool,
     P::Connection: RetryConnection,
 {
     let question = match (mode, txid) {
-        (Mode::Key(key, table), _) => Question::Key(key.clone(), table.clone()),
+        (Mode::Key(key, table), _) => Question::Key(key.clone(), table.clone(), key_owner),
         (Mode::Txid { .. }, Some(Txid { id, server: None })) => Question::Txid(*id),
         (
             Mode::Txid { .. },
@@ -650,9 +689,13 @@ where
                     Err(e) => return Err(e),
                 }
             };
-            let (value, txid) = match prepared {
+            let (value, txid, key_owner) = match prepared {
                 Prepared::AlreadyCommitted => return Ok(Outcome::AlreadyCommitted),
-                Prepared::Commit { value, txid } => (Outcome::Value(value), txid),
+                Prepared::Commit {
+                    value,
+                    txid,
+                    key_owner,
+                } => (Outcome::Value(value), txid, key_owner),
             };
             let Err(commit_error) = commit(&mut *guard).await else {
                 return Ok(value);
@@ -669,13 +712,15 @@ where
                 return Err(AttemptError::Op(commit_error.into()));
             }
             drop(guard);
-            let resolution = resolve(pool, policy, mode, txid.as_ref()).await;
+            let resolution = resolve(pool, policy, mode, txid.as_ref(), key_owner).await;
             finish_ambiguous(
                 hooks_ref,
                 commit_error,
                 txid.map(|t| t.id),
                 resolution,
                 value,
+                // Only key mode hears `CommittedElsewhere`.
+                || Some(Outcome::AlreadyCommitted),
             )
         },
         tokio::time::sleep,
@@ -712,9 +757,11 @@ enum Question {
     /// transaction such a pooler may switch server connections), and answered only by the
     /// server identified so.
     TxidOn(i64, String),
-    /// Insert the key again in a throwaway transaction: a unique violation means the cut-off
-    /// transaction committed; success means it did not (the probe is rolled back).
-    Key(String, IdempotencyTable),
+    /// Insert the key again in a throwaway transaction: success means the cut-off
+    /// transaction did not commit (the probe is rolled back); a unique violation means a
+    /// transaction with the key did, and the row's `xmin` against the cut-off transaction's
+    /// id (the third field, where the backend has one) says whether it was this one.
+    Key(String, IdempotencyTable, Option<u32>),
 }
 
 /// Asks once.
@@ -730,11 +777,16 @@ async fn ask<C: RetryConnection>(conn: &mut C, question: &Question) -> QueryResu
                 None => Asked::Final(other_server_reason(*txid)),
             })
         }
-        Question::Key(key, table) => {
+        Question::Key(key, table, ours) => {
             begin(conn).await?;
-            let probe = conn.insert_idempotency_key(table, key).await;
+            let probe = conn.insert_idempotency_key(table, key).await.map(drop);
             let _ = rollback(conn).await;
-            key_probe_answer(probe)
+            match key_probe_answer(probe)? {
+                Asked::Answer(Resolved::Committed) if ours.is_some() => Ok(Asked::Answer(
+                    key_owner(*ours, conn.idempotency_key_owner(table, key).await?),
+                )),
+                other => Ok(other),
+            }
         }
     }
 }

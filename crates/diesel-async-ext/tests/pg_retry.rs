@@ -234,6 +234,93 @@ async fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_keyed_commit_that_rolled_back_while_a_concurrent_call_committed_the_key_is_already_committed(
+) {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, LEDGER).unwrap();
+    PgServer::execute(
+        &pg,
+        &format!("{IDEMPOTENCY_TABLE_SQL}; GRANT ALL ON resilient_diesel_idempotency_keys TO app"),
+    )
+    .unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // A through the proxy, whose COMMIT never reaches the server (so it rolls back); B, a
+    // second delivery of the same key, direct.
+    let a = PgPool::builder(&url)
+        .application_name("retry_key_race_a")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let b = ext_pool(&pg, "retry_key_race_b", 2).build().await.unwrap();
+    let policy = RetryPolicy::builder().verify_commit(false).build().unwrap();
+    let a_holds_the_key = tokio::sync::Barrier::new(2);
+    // B, polled beside A in this task (no spawn: the closures borrow the test's state).
+    let b_call = async {
+        a_holds_the_key.wait().await;
+        // Waits on A's key lock until A's transaction is rolled back.
+        commit_with_key(
+            &b,
+            &policy,
+            "dup-7",
+            async |conn: &mut AsyncPgConnection| {
+                diesel::sql_query("INSERT INTO ledger (note) VALUES ('b')")
+                    .execute(conn)
+                    .await?;
+                Ok::<_, diesel::result::Error>("b")
+            },
+        )
+        .await
+    };
+    proxy.sever_before_forwarding(b"COMMIT");
+    let a_runs = AtomicU32::new(0);
+    let a_call = commit_with_key(
+        &a,
+        &policy,
+        "dup-7",
+        async |conn: &mut AsyncPgConnection| {
+            diesel::sql_query("INSERT INTO ledger (note) VALUES ('a')")
+                .execute(conn)
+                .await?;
+            if a_runs.fetch_add(1, Ordering::Relaxed) == 0 {
+                a_holds_the_key.wait().await;
+                // B is now blocked on the key this transaction inserted.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok::<_, diesel::result::Error>("a")
+        },
+    );
+    let (got_a, got_b) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(a_call, b_call)
+    })
+    .await
+    .expect("both calls end");
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert_eq!(
+        got_b.as_ref().ok(),
+        Some(&Keyed::Committed("b")),
+        "{got_b:?}"
+    );
+    // Before the fix: Committed("a"), a value from a transaction that rolled back.
+    assert_eq!(
+        got_a.as_ref().ok(),
+        Some(&Keyed::AlreadyCommitted),
+        "A's transaction rolled back and B's committed the key: {got_a:?}"
+    );
+    let mut conn = b.get().await.unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM ledger WHERE note IN ('a', 'b')"
+        )
+        .await,
+        1,
+        "stored once"
+    );
+}
+
 #[tokio::test]
 async fn a_unique_violation_is_tried_once_and_a_lost_connection_is_retried() {
     let Some(pg) = server() else { return };

@@ -29,6 +29,39 @@ pub fn key_probe_answer(probe: QueryResult<()>) -> QueryResult<Asked> {
     }
 }
 
+/// The row of [`IdempotencyTable::insert_returning_xmin_sql_pg`] and
+/// [`IdempotencyTable::xmin_sql_pg`] (PostgreSQL): the id of the transaction that inserted
+/// the key, as text.
+///
+/// [`IdempotencyTable::insert_returning_xmin_sql_pg`]: pool_core::retry::IdempotencyTable::insert_returning_xmin_sql_pg
+/// [`IdempotencyTable::xmin_sql_pg`]: pool_core::retry::IdempotencyTable::xmin_sql_pg
+#[derive(Debug, diesel::QueryableByName)]
+pub struct XminRow {
+    /// `xmin::text`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub xmin: String,
+}
+
+impl XminRow {
+    /// The transaction id, if the text is one.
+    pub fn id(&self) -> Option<u32> {
+        self.xmin.trim().parse().ok()
+    }
+}
+
+/// Whose commit the key found by a resolution's probe is: `ours` is the id of the
+/// transaction whose `COMMIT` was cut off (from the key's `RETURNING xmin`), `found` the
+/// `xmin` of the key's row now. The same id: ours committed. Another: ours did not, a
+/// concurrent transaction with the same key did ([`Resolved::CommittedElsewhere`]). Not
+/// known (a backend without transaction ids, or the row gone): committed, the answer that
+/// never runs the body twice.
+pub fn key_owner(ours: Option<u32>, found: Option<u32>) -> Resolved {
+    match (ours, found) {
+        (Some(ours), Some(found)) if ours != found => Resolved::CommittedElsewhere,
+        _ => Resolved::Committed,
+    }
+}
+
 /// What a question asked on a connection came to: its answer, or its error with the error's
 /// class (by `classify`) and message (masked by `redact`).
 pub fn asked(
@@ -66,6 +99,15 @@ mod tests {
             Asked::Answer(Resolved::Committed)
         );
         assert!(key_probe_answer(Err(Error::NotFound)).is_err());
+        assert_eq!(key_owner(Some(7), Some(7)), Resolved::Committed);
+        assert_eq!(key_owner(Some(7), Some(8)), Resolved::CommittedElsewhere);
+        assert_eq!(key_owner(None, Some(8)), Resolved::Committed);
+        assert_eq!(key_owner(Some(7), None), Resolved::Committed);
+        let row = XminRow {
+            xmin: "4294967295".to_owned(),
+        };
+        assert_eq!(row.id(), Some(u32::MAX));
+        assert_eq!(XminRow { xmin: "x".into() }.id(), None);
         let failed = asked(
             Err(Error::NotFound),
             crate::classify::classify_diesel_sync,

@@ -50,7 +50,7 @@ use std::time::Duration;
 use diesel::connection::{Connection, TransactionManager};
 use diesel::result::Error as DieselError;
 use diesel::QueryResult;
-use diesel_ext_common::resolve::{asked, is_unique_violation, key_probe_answer};
+use diesel_ext_common::resolve::{asked, is_unique_violation, key_owner, key_probe_answer};
 use pool_core::config::Pooler;
 use pool_core::retry::{
     finish_ambiguous, no_txid_reason, other_server_reason, run_sync, sql, Asked, AttemptError,
@@ -169,12 +169,23 @@ pub trait RetryConnection: Connection {
     /// What became of transaction `txid`, asked on another connection.
     fn txid_status(&mut self, txid: i64) -> diesel::QueryResult<TxStatus>;
 
-    /// Inserts `key` into the idempotency table `table` ([`IdempotencyTable`]).
+    /// Inserts `key` into the idempotency table `table` ([`IdempotencyTable`]); returns the
+    /// inserting transaction's id (the row's `xmin`) where the backend has one.
     fn insert_idempotency_key(
         &mut self,
         table: &IdempotencyTable,
         key: &str,
-    ) -> diesel::QueryResult<()>;
+    ) -> diesel::QueryResult<Option<u32>>;
+
+    /// The id of the transaction that committed `key`'s row (its `xmin`), where the backend
+    /// has one; `None` otherwise, or if there is no such row.
+    fn idempotency_key_owner(
+        &mut self,
+        _table: &IdempotencyTable,
+        _key: &str,
+    ) -> diesel::QueryResult<Option<u32>> {
+        Ok(None)
+    }
 
     /// Behind a transaction-mode pooler: the current transaction's id and the identity of
     /// the server running it, in one round trip; `None` if the backend has no transaction
@@ -263,12 +274,27 @@ impl RetryConnection for diesel::PgConnection {
         &mut self,
         table: &IdempotencyTable,
         key: &str,
-    ) -> diesel::QueryResult<()> {
+    ) -> diesel::QueryResult<Option<u32>> {
         use diesel::RunQueryDsl;
-        diesel::sql_query(table.insert_sql_pg())
-            .bind::<diesel::sql_types::Text, _>(key)
-            .execute(self)
-            .map(drop)
+        let row: diesel_ext_common::resolve::XminRow =
+            diesel::sql_query(table.insert_returning_xmin_sql_pg())
+                .bind::<diesel::sql_types::Text, _>(key)
+                .get_result(self)?;
+        Ok(row.id())
+    }
+
+    fn idempotency_key_owner(
+        &mut self,
+        table: &IdempotencyTable,
+        key: &str,
+    ) -> diesel::QueryResult<Option<u32>> {
+        use diesel::{OptionalExtension, RunQueryDsl};
+        let row: Option<diesel_ext_common::resolve::XminRow> =
+            diesel::sql_query(table.xmin_sql_pg())
+                .bind::<diesel::sql_types::Text, _>(key)
+                .get_result(self)
+                .optional()?;
+        Ok(row.and_then(|r| r.id()))
     }
 
     fn limit_lock_wait(&mut self, limit: Duration) -> diesel::QueryResult<()> {
@@ -291,12 +317,12 @@ impl RetryConnection for diesel::SqliteConnection {
         &mut self,
         table: &IdempotencyTable,
         key: &str,
-    ) -> diesel::QueryResult<()> {
+    ) -> diesel::QueryResult<Option<u32>> {
         use diesel::RunQueryDsl;
         diesel::sql_query(table.insert_sql_sqlite())
             .bind::<diesel::sql_types::Text, _>(key)
             .execute(self)
-            .map(drop)
+            .map(|_| None)
     }
 }
 
@@ -381,9 +407,13 @@ where
                 }),
             }
             .map_err(|e| abandon(conn, e.into()))?;
-            Ok(Prepared::Commit { value, txid })
+            Ok(Prepared::Commit {
+                value,
+                txid,
+                key_owner: None,
+            })
         },
-        |txid| match txid {
+        |txid, _| match txid {
             None => Err(no_txid_reason(policy.verify_commit())),
             Some(Txid { id, server: None }) => resolve_by_txid(pool, policy, *id),
             Some(Txid {
@@ -391,6 +421,7 @@ where
                 server: Some(server),
             }) => resolve_by_txid_on(pool, policy, *id, server),
         },
+        || None,
     )
 }
 
@@ -427,10 +458,14 @@ where
         pool,
         policy,
         |conn| {
+            let mut ours = None;
             let value = run_body(conn, &mut |conn: &mut P::Connection| match conn
                 .insert_idempotency_key(table, key)
             {
-                Ok(()) => body(conn).map(Keyed::Committed),
+                Ok(xmin) => {
+                    ours = xmin;
+                    body(conn).map(Keyed::Committed)
+                }
                 Err(e) if is_unique_violation(&e) => Ok(Keyed::AlreadyCommitted),
                 Err(e) => Err(e.into()),
             })?;
@@ -438,9 +473,14 @@ where
                 let _ = rollback(conn);
                 return Ok(Prepared::Done(Keyed::AlreadyCommitted));
             }
-            Ok(Prepared::Commit { value, txid: None })
+            Ok(Prepared::Commit {
+                value,
+                txid: None,
+                key_owner: ours,
+            })
         },
-        |_| resolve_by_key(pool, policy, key),
+        |_, ours| resolve_by_key(pool, policy, key, ours),
+        || Some(Keyed::AlreadyCommitted),
     )
 }
 
@@ -459,8 +499,13 @@ impl Txid {
 
 /// What an attempt's preparation left to do.
 enum Prepared<T> {
-    /// The body ran inside an open transaction: commit it.
-    Commit { value: T, txid: Option<Txid> },
+    /// The body ran inside an open transaction: commit it. `key_owner`: for
+    /// `commit_with_key`, the transaction's id as its key's row has it (PostgreSQL).
+    Commit {
+        value: T,
+        txid: Option<Txid>,
+        key_owner: Option<u32>,
+    },
     /// Nothing to commit (the transaction was rolled back); return this.
     Done(T),
 }
@@ -472,16 +517,21 @@ fn run_transactions<P, T, E>(
     pool: &P,
     policy: &RetryPolicy,
     mut prepare: impl FnMut(&mut P::Connection) -> Result<Prepared<T>, AttemptError<E>>,
-    resolve: impl Fn(Option<&Txid>) -> Result<Resolved, String>,
+    resolve: impl Fn(Option<&Txid>, Option<u32>) -> Result<Resolved, String>,
+    elsewhere: impl Fn() -> Option<T>,
 ) -> Result<T, RetryError<E>>
 where
     P: RetryablePool,
     E: From<DieselError> + Classify + Display,
 {
     retry_checkouts(pool, policy, |hooks, mut guard| {
-        let (value, txid) = match prepare(&mut guard)? {
+        let (value, txid, key_owner) = match prepare(&mut guard)? {
             Prepared::Done(value) => return Ok(value),
-            Prepared::Commit { value, txid } => (value, txid),
+            Prepared::Commit {
+                value,
+                txid,
+                key_owner,
+            } => (value, txid, key_owner),
         };
         let Err(commit_error) = commit(&mut *guard) else {
             return Ok(value);
@@ -492,8 +542,15 @@ where
             return Err(AttemptError::Op(commit_error.into()));
         }
         drop(guard);
-        let resolved = resolve(txid.as_ref());
-        finish_ambiguous(hooks, commit_error, txid.map(|t| t.id), resolved, value)
+        let resolved = resolve(txid.as_ref(), key_owner);
+        finish_ambiguous(
+            hooks,
+            commit_error,
+            txid.map(|t| t.id),
+            resolved,
+            value,
+            &elsewhere,
+        )
     })
 }
 
@@ -563,22 +620,36 @@ where
     })
 }
 
-/// Inserts the key again in a throwaway transaction: a unique violation means the cut-off
-/// transaction committed; success means it did not (the probe is rolled back).
-fn resolve_by_key<P>(pool: &P, policy: &RetryPolicy, key: &str) -> Result<Resolved, String>
+/// Inserts the key again in a throwaway transaction: success means the cut-off transaction
+/// did not commit (the probe is rolled back); a unique violation means a transaction with
+/// the key did, and the row's `xmin` against `ours` (the cut-off transaction's id, where
+/// the backend has one) says whether it was this one or a concurrent call with the same key.
+fn resolve_by_key<P>(
+    pool: &P,
+    policy: &RetryPolicy,
+    key: &str,
+    ours: Option<u32>,
+) -> Result<Resolved, String>
 where
     P: RetryablePool,
     P::Connection: RetryConnection,
 {
+    let table = policy.idempotency_table();
     poll_until(pool, policy, |conn: &mut P::Connection, left| {
         begin(conn)?;
         // The cut-off transaction may still hold the key's lock: wait for it only as long as
         // the resolution may take.
         let probe = conn
             .limit_lock_wait(left)
-            .and_then(|()| conn.insert_idempotency_key(policy.idempotency_table(), key));
+            .and_then(|()| conn.insert_idempotency_key(table, key).map(drop));
         let _ = rollback(conn);
-        key_probe_answer(probe)
+        match key_probe_answer(probe)? {
+            Asked::Answer(Resolved::Committed) if ours.is_some() => Ok(Asked::Answer(key_owner(
+                ours,
+                conn.idempotency_key_owner(table, key)?,
+            ))),
+            other => Ok(other),
+        }
     })
 }
 

@@ -127,6 +127,8 @@ impl MessageCounter {
 struct Trigger {
     needle: Vec<u8>,
     after: Duration,
+    /// Whether the chunk holding the needle reaches the server before the reset.
+    forward: bool,
 }
 
 /// Per connection: the sever flag and an eventfd that wakes its thread out of `poll`.
@@ -342,6 +344,19 @@ impl FaultProxy {
         *self.shared.trigger.lock() = Some(Trigger {
             needle: needle.to_vec(),
             after,
+            forward: true,
+        });
+    }
+
+    /// Arms a one-shot trigger like [`FaultProxy::sever_after_forwarding`], but the chunk
+    /// holding `needle` never reaches the server: both sides of that connection are reset at
+    /// once. "Connection lost just before COMMIT arrived": the server rolls the transaction
+    /// back, while the client cannot tell that from a commit whose reply was lost.
+    pub fn sever_before_forwarding(&self, needle: &[u8]) {
+        *self.shared.trigger.lock() = Some(Trigger {
+            needle: needle.to_vec(),
+            after: Duration::ZERO,
+            forward: false,
         });
     }
 
@@ -696,8 +711,11 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
                     let mut hay = std::mem::take(&mut tail);
                     hay.extend_from_slice(&chunk);
                     if contains(&hay, &t.needle) {
-                        let after = t.after;
+                        let (after, forward) = (t.after, t.forward);
                         *armed = None;
+                        if !forward {
+                            return Err(());
+                        }
                         trigger = TriggerState::Flushing(after);
                     }
                     tail = hay;

@@ -157,6 +157,25 @@ impl IdempotencyTable {
         format!("INSERT INTO {} (idempotency_key) VALUES ($1)", self.name)
     }
 
+    /// PostgreSQL: the insert of a key bound as `$1`, returning the inserting transaction's
+    /// id as the row's `xmin` (text): how a resolution later tells this transaction's key
+    /// from a concurrent one's ([`IdempotencyTable::xmin_sql_pg`]).
+    pub fn insert_returning_xmin_sql_pg(&self) -> String {
+        format!(
+            "INSERT INTO {} (idempotency_key) VALUES ($1) RETURNING xmin::text AS xmin",
+            self.name
+        )
+    }
+
+    /// PostgreSQL: the `xmin` (text) of key `$1`'s row: the id of the transaction that
+    /// committed it.
+    pub fn xmin_sql_pg(&self) -> String {
+        format!(
+            "SELECT xmin::text AS xmin FROM {} WHERE idempotency_key = $1",
+            self.name
+        )
+    }
+
     /// SQLite and MySQL: the insert of a key bound as `?`.
     pub fn insert_sql_sqlite(&self) -> String {
         format!("INSERT INTO {} (idempotency_key) VALUES (?)", self.name)
@@ -258,6 +277,11 @@ pub enum Resolved {
     Committed,
     /// It did not: the attempt failed and may be retried.
     Aborted,
+    /// `commit_with_key`: it did not, but another transaction with the same key did (a
+    /// concurrent call, say a webhook delivered twice at once, that got the key's lock when
+    /// this one's connection died). The call answers `Keyed::AlreadyCommitted`: its own
+    /// body's value was rolled back, and running it again would do the work twice.
+    CommittedElsewhere,
 }
 
 /// Why a commit cannot be resolved without a transaction id: verification is off
@@ -360,39 +384,59 @@ impl Resolution {
 
 /// Turns a `COMMIT` cut off by a lost connection (`commit_error`) into the attempt's
 /// outcome: the body's `value` if the transaction committed (counted in the stats and
-/// logged), the commit error if it did not, and [`AttemptError::AmbiguousCommit`] if no
-/// answer could be had.
+/// logged), `elsewhere()` if another transaction with the same idempotency key committed
+/// instead ([`Resolved::CommittedElsewhere`]; `None` there counts as committed), the commit
+/// error if nothing did, and [`AttemptError::AmbiguousCommit`] if no answer could be had.
 pub fn finish_ambiguous<T, D, E>(
     hooks: &RetryHooks<'_>,
     commit_error: D,
     txid: Option<i64>,
     resolution: Result<Resolved, String>,
     value: T,
+    elsewhere: impl FnOnce() -> Option<T>,
 ) -> Result<T, AttemptError<E>>
 where
     E: From<D>,
 {
-    match resolution {
-        Ok(Resolved::Committed) => {
-            if let Some(stats) = hooks.stats {
-                stats.record_commit_resolved();
-            }
-            log::warn!(
-                target: crate::events::LOG_TARGET,
-                pool = hooks.pool,
-                event = "commit_confirmed";
-                "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
-                hooks.pool
-            );
-            Ok(value)
+    let already = match resolution {
+        // Only `commit_with_key` can hear this; for anything else, committed is the answer
+        // that never runs the work twice.
+        Ok(Resolved::CommittedElsewhere) => elsewhere(),
+        Ok(Resolved::Committed) => None,
+        Ok(Resolved::Aborted) => return Err(AttemptError::Op(commit_error.into())),
+        Err(reason) => {
+            return Err(AttemptError::AmbiguousCommit {
+                error: commit_error.into(),
+                txid,
+                reason,
+            })
         }
-        Ok(Resolved::Aborted) => Err(AttemptError::Op(commit_error.into())),
-        Err(reason) => Err(AttemptError::AmbiguousCommit {
-            error: commit_error.into(),
-            txid,
-            reason,
-        }),
+    };
+    if let Some(already) = already {
+        if let Some(stats) = hooks.stats {
+            stats.record_commit_resolved();
+        }
+        log::warn!(
+            target: crate::events::LOG_TARGET,
+            pool = hooks.pool,
+            event = "commit_elsewhere";
+            "pool {}: connection lost during COMMIT; the transaction did not commit, another \
+             with the same idempotency key did",
+            hooks.pool
+        );
+        return Ok(already);
     }
+    if let Some(stats) = hooks.stats {
+        stats.record_commit_resolved();
+    }
+    log::warn!(
+        target: crate::events::LOG_TARGET,
+        pool = hooks.pool,
+        event = "commit_confirmed";
+        "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
+        hooks.pool
+    );
+    Ok(value)
 }
 
 /// What an adapter's `commit_with_key` did.
