@@ -3,7 +3,7 @@
 //!
 //! | | PostgreSQL ([`AsyncPgConnection`](diesel_async::AsyncPgConnection)) | SQLite ([`SyncConnectionWrapper`]`<SqliteConnection>`) |
 //! |---|---|---|
-//! | open | [`PgConnector`](crate::PgConnector): libpq's URL meanings, openssl TLS, whole-connect timeout | `establish` on the blocking pool, then `busy_timeout`, WAL, `foreign_keys` |
+//! | open | [`PgConnector`](crate::PgConnector): libpq's URL meanings, OpenSSL or rustls TLS, whole-connect timeout | `establish` on the blocking pool, then `busy_timeout`, WAL, `foreign_keys` |
 //! | probe | the tokio-postgres client's closed state: its connection task ends as soon as the server's FATAL or the FIN/RST arrives | none needed (embedded): always alive |
 //! | ping | `SELECT 1` as a simple query (one round trip) | `SELECT 1` |
 //! | dirty at checkin | a transaction open, its manager broken (a cancelled `BEGIN`/`COMMIT`), or the client closed | a transaction open or its manager broken |
@@ -84,7 +84,7 @@ pub(crate) mod sealed {
     }
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 mod pg_backend {
     use super::*;
     use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};

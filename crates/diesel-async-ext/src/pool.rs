@@ -103,7 +103,7 @@ impl Drop for Lifeline {
 }
 
 /// The extended pool for PostgreSQL.
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 pub type PgPool = ExtPool<diesel_async::AsyncPgConnection>;
 
 /// The extended pool for SQLite (diesel-async's sync wrapper around `SqliteConnection`).
