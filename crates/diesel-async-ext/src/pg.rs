@@ -636,6 +636,8 @@ impl PgConnector {
             "self-signed certificate",
             "self signed certificate",
             "unable to verify the first certificate",
+            // A root of the same name but another key (OpenSSL's and rustls's wording).
+            "certificate signature failure",
         ]) {
             match &self.config.tls.root_certs {
                 RootCerts::File(_) => "the certificate is not signed by a root in sslrootcert",
@@ -1663,6 +1665,7 @@ mod tls_hint_tests {
             "unable to get local issuer certificate",
             "self-signed certificate in certificate chain",
             "self signed certificate",
+            "certificate signature failure",
         ] {
             let hint = with_file.tls_hint(failed(reason));
             assert!(
