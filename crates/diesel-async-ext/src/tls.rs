@@ -19,7 +19,7 @@
 //! - OpenSSL (cargo feature `tls-openssl`, part of the default `postgres`): postgres-openssl.
 //! - rustls (cargo feature `rustls`, or `postgres-rustls` for PostgreSQL with rustls and no
 //!   OpenSSL in the dependency tree): rustls with the *ring* provider and this crate's own
-//!   tokio-postgres connector ([`RustlsConnector`]), with `tls-server-end-point` channel
+//!   tokio-postgres connector (`RustlsConnector`), with `tls-server-end-point` channel
 //!   binding as postgres-openssl.
 //!
 //! When both are compiled, OpenSSL is the default (so that enabling `rustls` somewhere in a
