@@ -224,7 +224,7 @@ async fn a_certificate_for_another_name_fails_verify_full_and_passes_verify_ca()
     let mut conn = connect(&url).await.expect("verify-ca with hostaddr only");
     assert!(tls_of(&mut conn).await.0);
     let url = url.replace("verify-ca", "verify-full");
-    let err = rustls(&url).err().expect("verify-full without a host name");
+    let err = rustls(&url).expect_err("verify-full without a host name");
     assert!(err.to_string().contains("hostaddr"), "{err}");
 }
 
@@ -232,8 +232,7 @@ async fn a_certificate_for_another_name_fails_verify_full_and_passes_verify_ca()
 async fn verify_ca_without_a_root_file_is_refused_before_connecting() {
     // No server needed: refused when the connector is built, as with OpenSSL.
     let err = rustls("postgres://app@localhost:1/app?sslmode=verify-ca")
-        .err()
-        .expect("verify-ca without sslrootcert");
+        .expect_err("verify-ca without sslrootcert");
     let text = err.to_string();
     assert!(
         matches!(
@@ -249,8 +248,7 @@ async fn verify_ca_without_a_root_file_is_refused_before_connecting() {
     // rustls speaks no TLS below 1.2: a maximum below it is refused, naming the setting.
     let err =
         rustls("postgres://app@localhost:1/app?sslmode=require&ssl_max_protocol_version=TLSv1.1")
-            .err()
-            .expect("TLS 1.1 at most");
+            .expect_err("TLS 1.1 at most");
     assert!(
         err.to_string().contains("ssl_max_protocol_version"),
         "{err}"
@@ -293,8 +291,7 @@ async fn a_pool_on_rustls_verifies_and_encrypts() {
         .pool_timeout(std::time::Duration::from_secs(20))
         .build()
         .await
-        .err()
-        .expect("wrong CA");
+        .expect_err("wrong CA");
     let text = err.to_string();
     assert!(text.contains("certificate verify failed"), "{text}");
     assert!(!text.contains(PASSWORD), "{text}");
