@@ -3,7 +3,7 @@
 //!
 //! | | PostgreSQL ([`AsyncPgConnection`](diesel_async::AsyncPgConnection)) | SQLite ([`SyncConnectionWrapper`]`<SqliteConnection>`) |
 //! |---|---|---|
-//! | open | [`PgConnector`](crate::PgConnector): libpq's URL meanings, openssl TLS, whole-connect timeout | `establish` on the blocking pool, then `busy_timeout`, WAL, `foreign_keys` |
+//! | open | [`PgConnector`](crate::PgConnector): libpq's URL meanings, OpenSSL or rustls TLS, whole-connect timeout | `establish` on the blocking pool, then `busy_timeout`, WAL, `foreign_keys` |
 //! | probe | the tokio-postgres client's closed state: its connection task ends as soon as the server's FATAL or the FIN/RST arrives | none needed (embedded): always alive |
 //! | ping | `SELECT 1` as a simple query (one round trip) | `SELECT 1` |
 //! | dirty at checkin | a transaction open, its manager broken (a cancelled `BEGIN`/`COMMIT`), or the client closed | a transaction open or its manager broken |
@@ -48,13 +48,24 @@ pub(crate) mod sealed {
         pub(crate) message: String,
     }
 
+    /// What the pool's builder says about opening connections beyond its `PoolConfig`.
+    #[derive(Debug, Clone, Default)]
+    pub struct OpenerOptions {
+        /// The TLS stack of PostgreSQL connections (`None`: the default).
+        #[cfg(feature = "postgres-core")]
+        pub(crate) tls_backend: Option<crate::tls::TlsBackend>,
+    }
+
     /// What the manager needs to know about a backend; not nameable outside the crate.
     pub trait Backend: Sized + Send + 'static {
         /// Opens connections; built once per pool.
         type Opener: Send + Sync + 'static;
 
         /// Builds the opener for `config` (translates the URL, reads certificates).
-        fn opener(config: &PoolConfig) -> Result<Self::Opener, ConfigError>;
+        fn opener(
+            config: &PoolConfig,
+            options: &OpenerOptions,
+        ) -> Result<Self::Opener, ConfigError>;
 
         /// Opens one connection with the pool's settings applied.
         fn open(
@@ -84,7 +95,7 @@ pub(crate) mod sealed {
     }
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 mod pg_backend {
     use super::*;
     use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
@@ -94,8 +105,15 @@ mod pg_backend {
     impl sealed::Backend for AsyncPgConnection {
         type Opener = PgConnector;
 
-        fn opener(config: &PoolConfig) -> Result<PgConnector, ConfigError> {
-            PgConnector::from_pool_config(config)
+        fn opener(
+            config: &PoolConfig,
+            options: &sealed::OpenerOptions,
+        ) -> Result<PgConnector, ConfigError> {
+            let mut pg = crate::pg::PgConnectConfig::from_pool_config(config)?;
+            if let Some(backend) = options.tls_backend {
+                pg = pg.with_tls_backend(backend);
+            }
+            PgConnector::new(pg)
         }
 
         async fn open(
@@ -186,7 +204,10 @@ mod sqlite_backend {
     impl sealed::Backend for SyncConnectionWrapper<SqliteConnection> {
         type Opener = String;
 
-        fn opener(config: &PoolConfig) -> Result<String, ConfigError> {
+        fn opener(
+            config: &PoolConfig,
+            _options: &sealed::OpenerOptions,
+        ) -> Result<String, ConfigError> {
             if config.url.backend() != pool_core::url::Backend::Sqlite {
                 return Err(ConfigError::InvalidUrl {
                     url: config.url.redacted(),

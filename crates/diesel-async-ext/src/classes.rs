@@ -109,7 +109,7 @@ impl<C: ExtConnection> ClassPools<C> {
     }
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 impl ClassPools<diesel_async::AsyncPgConnection> {
     /// Compares the budget with what the server has left (see
     /// [`check_server_capacity`](crate::capacity::check_server_capacity)); logs a warning when

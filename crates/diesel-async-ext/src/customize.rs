@@ -109,7 +109,7 @@ impl SessionSettings {
     diesel_ext_common::session_setters!();
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 impl<E: CustomizeError> bb8::CustomizeConnection<diesel_async::AsyncPgConnection, E>
     for SessionSettings
 {

@@ -57,8 +57,8 @@
 //! past `idle_timeout` and those past their jittered lifetime, keeps a budget class's
 //! reserved floor open, and gives borrowed budget headroom back the moment another class waits;
 //! it never opens a connection beyond what the pool keeps, and stops with the last clone of the
-//! pool. Connections are opened by [`PgConnector`] (libpq's URL meanings, openssl TLS with
-//! libpq's `sslmode`s, `connect_timeout` over the whole connect) — or for SQLite by
+//! pool. Connections are opened by [`PgConnector`] (libpq's URL meanings, TLS through OpenSSL
+//! or rustls ([`tls`]) with libpq's `sslmode`s, `connect_timeout` over the whole connect) — or for SQLite by
 //! diesel-async's `SyncConnectionWrapper` with `busy_timeout`, WAL and foreign keys.
 //!
 //! | module | holds |
@@ -79,7 +79,7 @@
 #[cfg(feature = "axum")]
 pub mod axum;
 pub mod backend;
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 pub mod capacity;
 pub mod classes;
 pub mod classify;
@@ -87,11 +87,11 @@ pub mod customize;
 mod demand;
 mod health;
 mod manager;
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 pub mod pg;
 mod pool;
 pub mod retry;
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 pub mod tls;
 mod tracker;
 
@@ -105,14 +105,16 @@ pub use classes::{Class, ClassPools};
 pub use manager::{
     AfterConnect, BoxFuture, ConnectCause, CustomConnect, ExtError, ExtManager, ManagerStats,
 };
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 pub use pg::{establish, ConnectError, PgConnectConfig, PgConnector, PgTarget};
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 pub use pool::PgPool;
 #[cfg(feature = "sqlite")]
 pub use pool::SqlitePool;
 pub use pool::{BuildError, Builder, ExtPool};
 pub use pool_core;
 pub use retry::{commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy};
-#[cfg(feature = "postgres")]
-pub use tls::{RootCerts, TlsSettings, Verification};
+#[cfg(feature = "postgres-core")]
+pub use tls::{RootCerts, TlsBackend, TlsSettings, TlsVersion, Verification};
+#[cfg(feature = "rustls")]
+pub use tls::{RustlsConnect, RustlsConnector, RustlsError, RustlsStream};

@@ -300,6 +300,8 @@ pub type CustomConnect<C> =
 pub(crate) struct Hooks<C> {
     pub(crate) after_connect: Option<AfterConnect<C>>,
     pub(crate) custom_connect: Option<CustomConnect<C>>,
+    /// How the built-in opener is set up (the TLS stack).
+    pub(crate) opener: crate::backend::sealed::OpenerOptions,
 }
 
 impl<C> Default for Hooks<C> {
@@ -307,6 +309,7 @@ impl<C> Default for Hooks<C> {
         Hooks {
             after_connect: None,
             custom_connect: None,
+            opener: Default::default(),
         }
     }
 }
@@ -316,6 +319,7 @@ impl<C> Clone for Hooks<C> {
         Hooks {
             after_connect: self.after_connect.clone(),
             custom_connect: self.custom_connect.clone(),
+            opener: self.opener.clone(),
         }
     }
 }
@@ -359,21 +363,17 @@ impl<C: ExtConnection> ExtManager<C> {
         pool: Arc<PoolState>,
         demand: Arc<Demand>,
         last: Arc<LastError>,
+        hooks: Hooks<C>,
     ) -> Result<Self, ConfigError> {
-        let opener = Arc::new(C::opener(pool.config())?);
+        let opener = Arc::new(C::opener(pool.config(), &hooks.opener)?);
         Ok(ExtManager {
             pool,
             demand,
             opener,
             last,
-            hooks: Hooks::default(),
+            hooks,
             standalone: false,
         })
-    }
-
-    pub(crate) fn with_hooks(mut self, hooks: Hooks<C>) -> Self {
-        self.hooks = hooks;
-        self
     }
 
     /// A manager for a stock `bb8::Pool::builder()` (for those who keep building their pool
@@ -387,7 +387,7 @@ impl<C: ExtConnection> ExtManager<C> {
     }
 
     /// A manager for a stock `bb8::Pool::builder()`, with `config`'s connection settings
-    /// (libpq's URL meanings, openssl TLS with libpq's `sslmode`s, keepalives and
+    /// (libpq's URL meanings, OpenSSL or rustls TLS with libpq's `sslmode`s, keepalives and
     /// `tcp_user_timeout` in tokio-postgres's config, `connect_timeout` over the whole
     /// connect; SQLite pragmas), its validation settings (liveness probe, bypass window,
     /// `validation_timeout`, hedging) and `max_lifetime` (jittered, at checkout).
@@ -438,6 +438,7 @@ impl<C: ExtConnection> ExtManager<C> {
             state,
             Arc::new(Demand::default()),
             Arc::new(LastError::default()),
+            Hooks::default(),
         )?;
         manager.standalone = true;
         Ok(manager)

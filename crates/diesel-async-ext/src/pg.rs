@@ -1,5 +1,5 @@
 //! PostgreSQL for diesel-async: a libpq-style URL plus our typed settings, connected with
-//! libpq's meanings through tokio-postgres and openssl.
+//! libpq's meanings through tokio-postgres and OpenSSL or rustls (see [`crate::tls`]).
 //!
 //! tokio-postgres parses URLs itself, but not libpq's: it rejects `sslrootcert`,
 //! `keepalives_count` and `sslmode=verify-full`, reads `tcp_user_timeout` in seconds (libpq:
@@ -41,15 +41,13 @@ use std::time::Duration;
 
 use diesel::ConnectionError;
 use diesel_async::AsyncPgConnection;
-use openssl::ssl::SslVersion;
 use pool_core::config::{ConnectSettings, PoolConfig, SslMode};
 use pool_core::error::ConfigError;
 use pool_core::redact::{redact, Redactor};
 use pool_core::url::{Backend, DatabaseUrl};
-use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::config::{ChannelBinding, Host, SslNegotiation, TargetSessionAttrs};
 
-use crate::tls::{RootCerts, TlsSettings};
+use crate::tls::{Connector, RootCerts, TlsBackend, TlsSettings, TlsVersion};
 
 /// libpq's default port.
 const DEFAULT_PORT: u16 = 5432;
@@ -214,6 +212,29 @@ impl PgConnectConfig {
         &self.tls
     }
 
+    /// Builds the TLS connector with `backend` instead of the default (OpenSSL when its
+    /// feature is on, else rustls; see [`crate::tls`]). The stack must be compiled in, unless
+    /// the settings need no TLS.
+    ///
+    /// ```no_run
+    /// # fn f() -> Result<(), pool_core::error::ConfigError> {
+    /// use diesel_async_ext::{PgConnectConfig, PgConnector, TlsBackend};
+    /// use pool_core::config::ConnectSettings;
+    ///
+    /// let config = PgConnectConfig::from_url(
+    ///     "postgres://app@db.internal/app?sslmode=verify-full&sslrootcert=/etc/ssl/db.pem",
+    ///     &ConnectSettings::default(),
+    /// )?
+    /// .with_tls_backend(TlsBackend::Rustls);
+    /// let connector = PgConnector::new(config)?;
+    /// # let _ = connector; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_tls_backend(mut self, backend: TlsBackend) -> Self {
+        self.tls.backend = backend;
+        self
+    }
+
     /// The bound on each connection attempt (everything from TCP to diesel-async's setup).
     /// `None`: no bound.
     pub fn connect_timeout(&self) -> Option<Duration> {
@@ -292,13 +313,14 @@ pub enum ConnectError {
         timeout: Duration,
     },
     /// TLS could not be established: the server does not offer it, the handshake failed, or
-    /// the certificate did not verify (OpenSSL's reason is in the message, e.g.
-    /// `Hostname mismatch`).
+    /// the certificate did not verify (the reason is in the message, e.g.
+    /// `certificate verify failed: Hostname mismatch` from OpenSSL, or
+    /// `certificate verify failed: hostname mismatch (rustls: ...)` from rustls).
     #[error("TLS with {target} failed: {message}")]
     Tls {
         /// Where.
         target: String,
-        /// What went wrong, with OpenSSL's reason.
+        /// What went wrong, with the TLS stack's reason.
         message: String,
     },
     /// The server rejected the credentials (SQLSTATE class 28), or asked for a password and
@@ -342,7 +364,7 @@ pub enum ConnectError {
 #[derive(Clone)]
 pub struct PgConnector {
     config: std::sync::Arc<PgConnectConfig>,
-    tls: MakeTlsConnector,
+    tls: Connector,
 }
 
 impl fmt::Debug for PgConnector {
@@ -354,13 +376,14 @@ impl fmt::Debug for PgConnector {
 }
 
 impl PgConnector {
-    /// Builds the TLS connector for `config`.
+    /// Builds the TLS connector for `config`, with its [`TlsBackend`] (see
+    /// [`PgConnectConfig::with_tls_backend`]).
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming `sslrootcert`, `sslcert` or `sslkey` when a file
-    /// cannot be read or used.
+    /// cannot be read or used, or `sslmode` when it needs a TLS stack that is not compiled in.
     pub fn new(config: PgConnectConfig) -> Result<Self, ConfigError> {
-        let tls = config.tls.connector()?;
+        let tls = config.tls.build()?;
         Ok(PgConnector {
             config: std::sync::Arc::new(config),
             tls,
@@ -484,15 +507,14 @@ impl PgConnector {
             }
             _ => target.to_string(),
         };
-        let tls = self.tls.clone();
         let work = async {
-            let (client, connection) = config
-                .connect(tls)
-                .await
-                .map_err(|e| self.driver_error(&e, &place))?;
-            AsyncPgConnection::try_from_client_and_connection(client, connection)
-                .await
-                .map_err(|e| self.setup_error(e, &place))
+            match &self.tls {
+                #[cfg(feature = "tls-openssl")]
+                Connector::OpenSsl(tls) => self.open(&config, tls.clone(), &place).await,
+                #[cfg(feature = "rustls")]
+                Connector::Rustls(tls) => self.open(&config, tls.clone(), &place).await,
+                Connector::Plain => self.open(&config, tokio_postgres::NoTls, &place).await,
+            }
         };
         match self.config.connect_timeout {
             Some(bound) => match tokio::time::timeout(bound, work).await {
@@ -504,6 +526,28 @@ impl PgConnector {
             },
             None => work.await,
         }
+    }
+
+    /// Connects with one TLS connector and sets diesel-async's session up.
+    async fn open<T>(
+        &self,
+        config: &tokio_postgres::Config,
+        tls: T,
+        place: &str,
+    ) -> Result<AsyncPgConnection, ConnectError>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+    {
+        let (client, connection) = config
+            .connect(tls)
+            .await
+            .map_err(|e| self.driver_error(&e, place))?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection)
+            .await
+            .map_err(|e| self.setup_error(e, place))
     }
 
     /// Names the cause of a tokio-postgres error. Its `Display` is the error kind alone
@@ -592,6 +636,8 @@ impl PgConnector {
             "self-signed certificate",
             "self signed certificate",
             "unable to verify the first certificate",
+            // A root of the same name but another key (OpenSSL's and rustls's wording).
+            "certificate signature failure",
         ]) {
             match &self.config.tls.root_certs {
                 RootCerts::File(_) => "the certificate is not signed by a root in sslrootcert",
@@ -1137,14 +1183,14 @@ fn tls_settings(
         Some(v) => int(v, "sslsni", "1 (on) or 0 (off)", bad)? != 0,
         None => true,
     };
-    let version = |key: &str, default: Option<SslVersion>| -> Result<_, ConfigError> {
+    let version = |key: &str, default: Option<TlsVersion>| -> Result<_, ConfigError> {
         Ok(match p(key) {
             None | Some("") => default,
             Some(v) => Some(match v.to_ascii_lowercase().as_str() {
-                "tlsv1" => SslVersion::TLS1,
-                "tlsv1.1" => SslVersion::TLS1_1,
-                "tlsv1.2" => SslVersion::TLS1_2,
-                "tlsv1.3" => SslVersion::TLS1_3,
+                "tlsv1" => TlsVersion::Tls1_0,
+                "tlsv1.1" => TlsVersion::Tls1_1,
+                "tlsv1.2" => TlsVersion::Tls1_2,
+                "tlsv1.3" => TlsVersion::Tls1_3,
                 _ => {
                     return Err(bad(format!(
                         "{key}={v:?} is not one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3"
@@ -1168,9 +1214,10 @@ fn tls_settings(
         client_cert: path("sslcert"),
         client_key: path("sslkey"),
         sni,
-        min_protocol: version("ssl_min_protocol_version", Some(SslVersion::TLS1_2))?,
+        min_protocol: version("ssl_min_protocol_version", Some(TlsVersion::Tls1_2))?,
         max_protocol: version("ssl_max_protocol_version", None)?,
         direct,
+        backend: TlsBackend::default(),
     })
 }
 
@@ -1562,7 +1609,7 @@ mod tests {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "tls-openssl"))]
 mod tls_hint_tests {
     use super::*;
 
@@ -1618,6 +1665,7 @@ mod tls_hint_tests {
             "unable to get local issuer certificate",
             "self-signed certificate in certificate chain",
             "self signed certificate",
+            "certificate signature failure",
         ] {
             let hint = with_file.tls_hint(failed(reason));
             assert!(

@@ -103,7 +103,7 @@ impl Drop for Lifeline {
 }
 
 /// The extended pool for PostgreSQL.
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 pub type PgPool = ExtPool<diesel_async::AsyncPgConnection>;
 
 /// The extended pool for SQLite (diesel-async's sync wrapper around `SqliteConnection`).
@@ -542,7 +542,7 @@ impl<C: ExtConnection> Builder<C> {
     /// connector: the function an app already hands diesel-async's
     /// `ManagerConfig::custom_setup` (its documented way to TLS, e.g. rustls through
     /// tokio-postgres-rustls), called with the pool's URL as written. Default: the built-in
-    /// connector (libpq's URL meanings, openssl TLS).
+    /// connector (libpq's URL meanings, OpenSSL or rustls TLS).
     ///
     /// Everything around the connect stays the pool's: each call is bounded by
     /// `connect_timeout`, counted against the pool's sizes and budget, paced by the server's
@@ -631,6 +631,31 @@ impl<C: ExtConnection> Builder<C> {
     }
 }
 
+#[cfg(feature = "postgres-core")]
+impl Builder<diesel_async::AsyncPgConnection> {
+    /// The TLS stack the built-in connector uses (see [`crate::tls`]). Default: OpenSSL when
+    /// the `tls-openssl` feature (in `postgres`) is on, else rustls. Only needed when both
+    /// are compiled and rustls is wanted; a stack that is not compiled fails `build()` with
+    /// [`BuildError::Config`] (unless `sslmode=disable`). Not used with
+    /// [`custom_connect`](Self::custom_connect).
+    ///
+    /// ```no_run
+    /// use diesel_async_ext::{PgPool, TlsBackend};
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::builder("postgres://app@db/app?sslmode=verify-full")
+    ///     .tls_backend(TlsBackend::Rustls)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls_backend(mut self, backend: crate::tls::TlsBackend) -> Self {
+        self.hooks.opener.tls_backend = Some(backend);
+        self
+    }
+}
+
 pub(crate) async fn build<C: ExtConnection>(
     config: PoolConfig,
     listener: Arc<dyn EventListener>,
@@ -649,8 +674,7 @@ pub(crate) async fn build_pool<C: ExtConnection>(
     let state = Arc::new(PoolState::new(config, listener, budget)?);
     let demand = Arc::new(Demand::default());
     let last = Arc::new(LastError::default());
-    let manager =
-        ExtManager::<C>::new(state.clone(), demand.clone(), last.clone())?.with_hooks(hooks);
+    let manager = ExtManager::<C>::new(state.clone(), demand.clone(), last.clone(), hooks)?;
     let cfg = state.config();
     // bb8's `min_idle` top-up, reaper, lifetimes and idle timeouts are all off: `pool_size`
     // is the most kept open (overflow closes on return, see `ConnState::checkin`); idle

@@ -252,7 +252,7 @@ where
     conn.batch_execute(IDEMPOTENCY_TABLE_SQL).await
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 mod pg_functions {
     use diesel::sql_types::BigInt;
 
@@ -268,7 +268,7 @@ mod pg_functions {
     }
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "postgres-core")]
 impl RetryConnection for diesel_async::AsyncPgConnection {
     async fn current_txid(&mut self) -> diesel::QueryResult<Option<i64>> {
         use diesel_async::RunQueryDsl;

@@ -1,7 +1,7 @@
-//! TLS for PostgreSQL connections through openssl, with libpq's `sslmode` meanings.
+//! TLS for PostgreSQL connections, through OpenSSL or rustls, with libpq's `sslmode` meanings.
 //!
 //! tokio-postgres knows only `disable`, `prefer` and `require`, and leaves verification to the
-//! TLS connector (postgres-openssl's [`MakeTlsConnector`] verifies chain *and* host name
+//! TLS connector (postgres-openssl's `MakeTlsConnector` verifies chain *and* host name
 //! unless told otherwise). [`TlsSettings`] holds what libpq would do and builds the connector
 //! once, so every connection of a pool shares it:
 //!
@@ -13,10 +13,33 @@
 //! | `verify-ca` | `require` | the chain |
 //! | `verify-full` | `require` | the chain and the host name |
 //!
+//! # Two TLS stacks
+//!
+//! The same settings and checks are built with either stack ([`TlsBackend`]):
+//! - OpenSSL (cargo feature `tls-openssl`, part of the default `postgres`): postgres-openssl.
+//! - rustls (cargo feature `rustls`, or `postgres-rustls` for PostgreSQL with rustls and no
+//!   OpenSSL in the dependency tree): rustls with the *ring* provider and this crate's own
+//!   tokio-postgres connector (`RustlsConnector`), with `tls-server-end-point` channel
+//!   binding as postgres-openssl.
+//!
+//! When both are compiled, OpenSSL is the default (so that enabling `rustls` somewhere in a
+//! dependency graph changes no other user's connections) and rustls is chosen with
+//! [`PgConnectConfig::with_tls_backend`](crate::PgConnectConfig::with_tls_backend) or the
+//! pool builder's `tls_backend`. When only one is compiled, it is the default. With neither
+//! (`postgres-core` alone), as libpq built without SSL: `disable`, `allow` and `prefer`
+//! connect in clear, stronger modes are refused.
+//!
+//! What differs between the two stacks:
+//! - rustls speaks TLS 1.2 and 1.3 only: `ssl_min_protocol_version=TLSv1` or `TLSv1.1` means
+//!   1.2 with it, and `ssl_max_protocol_version` below `TLSv1.2` is refused.
+//! - Verification failures read the same (`certificate verify failed: hostname mismatch`,
+//!   `... unable to get local issuer certificate`, ...) with rustls's own reason after them.
+//!
 //! Roots: the `sslrootcert` file alone (as libpq: the system's roots are then not trusted), or
 //! with `sslrootcert=system` or none given with `verify-full`, the system's roots (OpenSSL's
 //! default paths, the `SSL_CERT_FILE` / `SSL_CERT_DIR` variables, and the usual distribution
-//! bundles, which a vendored OpenSSL does not know about).
+//! bundles, which a vendored OpenSSL does not know about; rustls reads the variables and the
+//! bundles).
 //!
 //! Without `sslrootcert`, libpq reads `~/.postgresql/root.crt` and fails when it is missing;
 //! this connector reads no implicit file, so:
@@ -28,8 +51,9 @@
 //!
 //! The client key (`sslkey`) is refused, as libpq does, when group or others may read it
 //! (owned by this user: `0600` or less; owned by another user such as root: `0640` or less).
-//! An encrypted key is refused with an error saying so: OpenSSL is never left to ask for its
-//! passphrase on the terminal (which blocked a process).
+//! An encrypted key is refused with an error saying so (with both stacks; `sslpassword` is
+//! not supported): OpenSSL is never left to ask for its passphrase on the terminal (which
+//! blocked a process), and rustls cannot decrypt keys.
 //!
 //! Where this differs from libpq, it is stricter or says so:
 //! - `allow` tries TLS first (libpq tries plain first); both accept either.
@@ -47,16 +71,25 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use openssl::pkey::{PKey, Private};
-use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
-use openssl::x509::store::X509StoreBuilder;
-use openssl::x509::X509;
 use pool_core::config::SslMode;
 use pool_core::error::ConfigError;
+#[cfg(feature = "tls-openssl")]
 use postgres_openssl::MakeTlsConnector;
 
+#[cfg(feature = "tls-openssl")]
+mod openssl_tls;
+#[cfg(feature = "rustls")]
+mod rustls_tls;
+
+#[cfg(feature = "rustls")]
+pub use rustls_tls::{RustlsConnect, RustlsConnector, RustlsError, RustlsStream};
+
 /// Certificate bundles of the common distributions, used in addition to OpenSSL's default
-/// paths (a vendored OpenSSL looks only under `/usr/local/ssl`).
+/// paths (a vendored OpenSSL looks only under `/usr/local/ssl`), and by rustls.
+#[cfg_attr(
+    not(any(feature = "tls-openssl", feature = "rustls")),
+    allow(dead_code)
+)]
 const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
@@ -106,12 +139,102 @@ pub struct TlsSettings {
     /// `sslsni`: send the host name as SNI (never for IP addresses). Default: `true`.
     pub sni: bool,
     /// `ssl_min_protocol_version`. Default: TLS 1.2, as libpq.
-    pub min_protocol: Option<SslVersion>,
+    pub min_protocol: Option<TlsVersion>,
     /// `ssl_max_protocol_version`. Default: none.
-    pub max_protocol: Option<SslVersion>,
+    pub max_protocol: Option<TlsVersion>,
     /// `sslnegotiation=direct` (PostgreSQL 17+): TLS from the first byte, with ALPN
     /// `postgresql`.
     pub direct: bool,
+    /// Which TLS stack builds the connector. Default: [`TlsBackend::default`].
+    pub backend: TlsBackend,
+}
+
+/// A TLS protocol version (`ssl_min_protocol_version`, `ssl_max_protocol_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TlsVersion {
+    /// `TLSv1` (TLS 1.0). OpenSSL only; rustls starts at 1.2.
+    Tls1_0,
+    /// `TLSv1.1`. OpenSSL only; rustls starts at 1.2.
+    Tls1_1,
+    /// `TLSv1.2`, libpq's default minimum.
+    Tls1_2,
+    /// `TLSv1.3`.
+    Tls1_3,
+}
+
+impl std::fmt::Display for TlsVersion {
+    /// libpq's spelling: `TLSv1`, `TLSv1.1`, `TLSv1.2`, `TLSv1.3`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsVersion::Tls1_0 => "TLSv1",
+            TlsVersion::Tls1_1 => "TLSv1.1",
+            TlsVersion::Tls1_2 => "TLSv1.2",
+            TlsVersion::Tls1_3 => "TLSv1.3",
+        })
+    }
+}
+
+/// The TLS stack that builds the connector (see the [module documentation](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsBackend {
+    /// OpenSSL through postgres-openssl (cargo feature `tls-openssl`, in `postgres`).
+    OpenSsl,
+    /// rustls with the *ring* provider (cargo feature `rustls`, in `postgres-rustls`).
+    Rustls,
+}
+
+impl TlsBackend {
+    /// Whether this stack is compiled in (its cargo feature is on). A connector for a stack
+    /// that is not is refused when built, unless no TLS is needed (`sslmode=disable`).
+    pub fn is_compiled(self) -> bool {
+        match self {
+            TlsBackend::OpenSsl => cfg!(feature = "tls-openssl"),
+            TlsBackend::Rustls => cfg!(feature = "rustls"),
+        }
+    }
+
+    /// Its cargo feature.
+    fn feature(self) -> &'static str {
+        match self {
+            TlsBackend::OpenSsl => "tls-openssl (or postgres)",
+            TlsBackend::Rustls => "rustls (or postgres-rustls)",
+        }
+    }
+}
+
+impl Default for TlsBackend {
+    /// OpenSSL when its feature is on (also when rustls is compiled too), else rustls when
+    /// its feature is on, else OpenSSL (which then refuses modes that need TLS).
+    fn default() -> Self {
+        if cfg!(feature = "tls-openssl") || !cfg!(feature = "rustls") {
+            TlsBackend::OpenSsl
+        } else {
+            TlsBackend::Rustls
+        }
+    }
+}
+
+impl std::fmt::Display for TlsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsBackend::OpenSsl => "OpenSSL",
+            TlsBackend::Rustls => "rustls",
+        })
+    }
+}
+
+/// A built connector: one per pool, cloned (reference counts) per connection.
+#[derive(Clone)]
+pub(crate) enum Connector {
+    /// postgres-openssl's.
+    #[cfg(feature = "tls-openssl")]
+    OpenSsl(MakeTlsConnector),
+    /// Ours, on rustls.
+    #[cfg(feature = "rustls")]
+    Rustls(RustlsConnector),
+    /// No TLS stack for this connector: only modes that may connect in clear.
+    Plain,
 }
 
 impl Default for TlsSettings {
@@ -122,9 +245,10 @@ impl Default for TlsSettings {
             client_cert: None,
             client_key: None,
             sni: true,
-            min_protocol: Some(SslVersion::TLS1_2),
+            min_protocol: Some(TlsVersion::Tls1_2),
             max_protocol: None,
             direct: false,
+            backend: TlsBackend::default(),
         }
     }
 }
@@ -206,107 +330,61 @@ impl TlsSettings {
         Ok(())
     }
 
-    /// Builds the connector: reads the root and client certificate files once. Every
-    /// connection clones it (a reference count).
+    /// Builds the connector of [`backend`](Self::backend) (reads the root and client
+    /// certificate files once), or none when that stack is not compiled and the mode lets
+    /// connections go in clear.
+    pub(crate) fn build(&self) -> Result<Connector, ConfigError> {
+        self.validate()?;
+        match self.backend {
+            #[cfg(feature = "tls-openssl")]
+            TlsBackend::OpenSsl => return Ok(Connector::OpenSsl(openssl_tls::connector(self)?)),
+            #[cfg(feature = "rustls")]
+            TlsBackend::Rustls => return Ok(Connector::Rustls(rustls_tls::connector(self)?)),
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+        let no_stack_at_all =
+            !TlsBackend::OpenSsl.is_compiled() && !TlsBackend::Rustls.is_compiled();
+        match self.mode {
+            SslMode::Disable => Ok(Connector::Plain),
+            // As a libpq built without SSL: the weak modes connect in clear.
+            SslMode::Allow | SslMode::Prefer if no_stack_at_all => Ok(Connector::Plain),
+            _ => Err(invalid(
+                "sslmode",
+                format!(
+                    "sslmode={} needs TLS through {}, which this build of diesel-async-ext \
+                     does not have: enable its cargo feature {}",
+                    self.mode,
+                    self.backend,
+                    self.backend.feature()
+                ),
+            )),
+        }
+    }
+
+    /// Builds the OpenSSL connector, whatever [`backend`](Self::backend) says: reads the root
+    /// and client certificate files once. Every connection clones it (a reference count).
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming `sslrootcert`, `sslcert` or `sslkey` when a file cannot
     /// be read or holds no usable certificate or key.
+    #[cfg(feature = "tls-openssl")]
     pub fn connector(&self) -> Result<MakeTlsConnector, ConfigError> {
         self.validate()?;
-        let openssl_err = |setting: &'static str, what: &str, e: openssl::error::ErrorStack| {
-            invalid(setting, format!("{what}: {e}"))
-        };
-        let mut builder = SslConnector::builder(SslMethod::tls_client())
-            .map_err(|e| openssl_err("sslmode", "OpenSSL could not be set up", e))?;
-        builder
-            .set_min_proto_version(self.min_protocol)
-            .map_err(|e| openssl_err("ssl_min_protocol_version", "not accepted", e))?;
-        builder
-            .set_max_proto_version(self.max_protocol)
-            .map_err(|e| openssl_err("ssl_max_protocol_version", "not accepted", e))?;
-        match &self.root_certs {
-            RootCerts::File(path) => {
-                // Only this file, as libpq: replace the store that has the default paths.
-                let mut store = X509StoreBuilder::new()
-                    .map_err(|e| openssl_err("sslrootcert", "OpenSSL store", e))?;
-                for cert in read_certs("sslrootcert", path)? {
-                    store
-                        .add_cert(cert)
-                        .map_err(|e| openssl_err("sslrootcert", "adding a certificate", e))?;
-                }
-                builder.set_cert_store(store.build());
-            }
-            RootCerts::System | RootCerts::Unset => {
-                if self.verification() != Verification::None {
-                    add_system_bundle(&mut builder);
-                }
-            }
-        }
-        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
-            let mut chain = read_certs("sslcert", cert)?.into_iter();
-            let leaf = chain.next().ok_or_else(|| {
-                invalid(
-                    "sslcert",
-                    format!("{} holds no certificate", cert.display()),
-                )
-            })?;
-            builder
-                .set_certificate(&leaf)
-                .map_err(|e| openssl_err("sslcert", "the certificate is not usable", e))?;
-            for extra in chain {
-                builder
-                    .add_extra_chain_cert(extra)
-                    .map_err(|e| openssl_err("sslcert", "an intermediate is not usable", e))?;
-            }
-            let key_path = key;
-            let key = read_key(key_path)?;
-            if !leaf.public_key().is_ok_and(|public| public.public_eq(&key)) {
-                return Err(invalid(
-                    "sslkey",
-                    format!(
-                        "{} does not belong to the sslcert certificate {}",
-                        key_path.display(),
-                        cert.display()
-                    ),
-                ));
-            }
-            builder
-                .set_private_key(&key)
-                .map_err(|e| openssl_err("sslkey", "the key is not usable", e))?;
-            builder.check_private_key().map_err(|e| {
-                openssl_err(
-                    "sslkey",
-                    "the key does not belong to the sslcert certificate",
-                    e,
-                )
-            })?;
-        }
-        let verification = self.verification();
-        builder.set_verify(match verification {
-            Verification::None => SslVerifyMode::NONE,
-            Verification::Chain | Verification::ChainAndHostName => SslVerifyMode::PEER,
-        });
-        if self.direct {
-            postgres_openssl::set_postgresql_alpn(&mut builder)
-                .map_err(|e| openssl_err("sslnegotiation", "ALPN could not be set", e))?;
-        }
-        let mut connector = MakeTlsConnector::new(builder.build());
-        let sni = self.sni;
-        connector.set_callback(move |ssl, domain| {
-            ssl.set_use_server_name_indication(sni);
-            match verification {
-                Verification::None | Verification::Chain => ssl.set_verify_hostname(false),
-                Verification::ChainAndHostName if domain.is_empty() => {
-                    // OpenSSL would skip the name check for an empty name: refuse every
-                    // certificate instead (the translation never lets this happen).
-                    ssl.set_verify_callback(SslVerifyMode::PEER, |_, _| false);
-                }
-                Verification::ChainAndHostName => {}
-            }
-            Ok(())
-        });
-        Ok(connector)
+        openssl_tls::connector(self)
+    }
+
+    /// Builds the rustls connector, whatever [`backend`](Self::backend) says: reads the root
+    /// and client certificate files once. Every connection clones it (a reference count).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `sslrootcert`, `sslcert`, `sslkey` or
+    /// `ssl_max_protocol_version` when a file cannot be read or holds no usable certificate
+    /// or key, or no TLS version rustls speaks is allowed.
+    #[cfg(feature = "rustls")]
+    pub fn rustls_connector(&self) -> Result<RustlsConnector, ConfigError> {
+        self.validate()?;
+        rustls_tls::connector(self)
     }
 }
 
@@ -314,44 +392,32 @@ fn invalid(setting: &'static str, reason: String) -> ConfigError {
     ConfigError::Invalid { setting, reason }
 }
 
-/// Adds the first distribution bundle that exists to the default paths already loaded.
-fn add_system_bundle(builder: &mut openssl::ssl::SslConnectorBuilder) {
-    for bundle in SYSTEM_BUNDLES {
-        let Ok(pem) = fs::read(bundle) else { continue };
-        let Ok(certs) = X509::stack_from_pem(&pem) else {
-            continue;
-        };
-        let store = builder.cert_store_mut();
-        for cert in certs {
-            // A duplicate of a default-path certificate is not an error worth reporting.
-            let _ = store.add_cert(cert);
-        }
-        return;
-    }
-}
-
-/// The certificates of a PEM file (read here, so non-UTF-8 paths work).
-fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<X509>, ConfigError> {
-    let pem = fs::read(path)
-        .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
-    let certs = X509::stack_from_pem(&pem).map_err(|e| {
-        invalid(
-            setting,
-            format!("{} is not a PEM certificate file: {e}", path.display()),
-        )
-    })?;
-    if certs.is_empty() {
-        return Err(invalid(
-            setting,
-            format!("{} holds no PEM certificate", path.display()),
-        ));
-    }
-    Ok(certs)
+/// The error for an encrypted `sslkey`: no passphrase is taken (`sslpassword` is refused by
+/// the URL translation), and the path is named, never anything read from the file.
+#[cfg_attr(
+    not(any(feature = "tls-openssl", feature = "rustls")),
+    allow(dead_code)
+)]
+fn encrypted_key_error(path: &Path) -> ConfigError {
+    invalid(
+        "sslkey",
+        format!(
+            "{} is encrypted and this pool takes no passphrase (sslpassword); decrypt it \
+             (openssl pkey -in {} -out client.key), keep it readable only by this user \
+             (chmod 600) and name the decrypted file in sslkey",
+            path.display(),
+            path.display()
+        ),
+    )
 }
 
 /// Refuses a key file others may read, as libpq does: owned by this user, no group or other
 /// permission at all (`0600` or less); owned by another user (root), group read at most
 /// (`0640` or less). Also a key that is not a regular file.
+#[cfg_attr(
+    not(any(feature = "tls-openssl", feature = "rustls")),
+    allow(dead_code)
+)]
 #[cfg(unix)]
 fn check_key_permissions(path: &Path) -> Result<(), ConfigError> {
     use std::os::unix::fs::MetadataExt;
@@ -391,39 +457,13 @@ fn check_key_permissions(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+#[cfg_attr(
+    not(any(feature = "tls-openssl", feature = "rustls")),
+    allow(dead_code)
+)]
 #[cfg(not(unix))]
 fn check_key_permissions(_path: &Path) -> Result<(), ConfigError> {
     Ok(())
-}
-
-/// An unencrypted private key, PEM or DER (libpq accepts both). Never lets OpenSSL prompt for
-/// a passphrase: an encrypted key fails with an error saying so.
-fn read_key(path: &Path) -> Result<PKey<Private>, ConfigError> {
-    check_key_permissions(path)?;
-    let bytes = fs::read(path)
-        .map_err(|e| invalid("sslkey", format!("cannot read {}: {e}", path.display())))?;
-    // An explicit passphrase callback that gives none: without it, OpenSSL's default callback
-    // asks on the terminal and blocks the process.
-    if let Ok(key) = PKey::private_key_from_pem_callback(&bytes, |_| Ok(0)) {
-        return Ok(key);
-    }
-    PKey::private_key_from_der(&bytes).map_err(|_| {
-        let encrypted = String::from_utf8_lossy(&bytes).contains("ENCRYPTED");
-        invalid(
-            "sslkey",
-            if encrypted {
-                format!(
-                    "{} is encrypted and this pool takes no passphrase (sslpassword); \
-                     decrypt it (openssl pkey -in {} -out client.key), keep it readable only \
-                     by this user (chmod 600) and name the decrypted file in sslkey",
-                    path.display(),
-                    path.display()
-                )
-            } else {
-                format!("{} is not a PEM or DER private key", path.display())
-            },
-        )
-    })
 }
 
 #[cfg(test)]
@@ -512,32 +552,51 @@ mod tests {
         }
     }
 
+    /// Builds `s` with each compiled TLS stack: every result, each with its stack.
+    fn build_each(s: &TlsSettings) -> Vec<(TlsBackend, Result<(), String>)> {
+        [TlsBackend::OpenSsl, TlsBackend::Rustls]
+            .into_iter()
+            .filter(|b| b.is_compiled())
+            .map(|backend| {
+                let s = TlsSettings {
+                    backend,
+                    ..s.clone()
+                };
+                (backend, s.build().map(|_| ()).map_err(|e| e.to_string()))
+            })
+            .collect()
+    }
+
+    /// The error of each compiled stack (fails if one builds).
+    fn errors(s: &TlsSettings) -> Vec<String> {
+        build_each(s)
+            .into_iter()
+            .map(|(b, r)| r.err().unwrap_or_else(|| panic!("{b} accepted {s:?}")))
+            .collect()
+    }
+
     #[test]
     fn impossible_combinations_are_refused_as_libpq_does() {
-        let err = settings(SslMode::Require, RootCerts::System)
-            .connector()
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("sslrootcert=system needs sslmode=verify-full"),
-            "{err}"
-        );
+        for err in errors(&settings(SslMode::Require, RootCerts::System)) {
+            assert!(
+                err.contains("sslrootcert=system needs sslmode=verify-full"),
+                "{err}"
+            );
+        }
         let s = TlsSettings {
             client_cert: Some("/x/client.crt".into()),
             ..TlsSettings::default()
         };
-        assert!(s.connector().err().unwrap().to_string().contains("sslkey"));
+        for err in errors(&s) {
+            assert!(err.contains("sslkey"), "{err}");
+        }
         let s = TlsSettings {
             direct: true,
             ..TlsSettings::default()
         };
-        assert!(s
-            .connector()
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("sslnegotiation=direct"));
+        for err in errors(&s) {
+            assert!(err.contains("sslnegotiation=direct"), "{err}");
+        }
     }
 
     #[test]
@@ -546,18 +605,49 @@ mod tests {
             SslMode::VerifyFull,
             RootCerts::File("/nonexistent/root.crt".into()),
         );
-        let err = s.connector().err().unwrap().to_string();
-        assert!(err.contains("sslrootcert"), "{err}");
-        assert!(err.contains("/nonexistent/root.crt"), "{err}");
+        for err in errors(&s) {
+            assert!(err.contains("sslrootcert"), "{err}");
+            assert!(err.contains("/nonexistent/root.crt"), "{err}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let not_pem = dir.path().join("root.crt");
         fs::write(&not_pem, "hello").unwrap();
-        let err = settings(SslMode::VerifyCa, RootCerts::File(not_pem))
-            .connector()
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("sslrootcert"), "{err}");
+        for err in errors(&settings(SslMode::VerifyCa, RootCerts::File(not_pem))) {
+            assert!(err.contains("sslrootcert"), "{err}");
+        }
+    }
+
+    #[test]
+    fn verify_ca_without_a_root_file_is_refused_and_verify_full_uses_the_system_roots() {
+        for err in errors(&settings(SslMode::VerifyCa, RootCerts::Unset)) {
+            assert!(err.contains("sslrootcert"), "{err}");
+            assert!(err.contains("verify-full"), "{err}");
+        }
+        for (backend, built) in build_each(&settings(SslMode::VerifyFull, RootCerts::Unset)) {
+            assert!(built.is_ok(), "{backend}: {built:?}");
+        }
+    }
+
+    #[test]
+    fn without_its_stack_a_connector_connects_in_clear_only_where_libpq_would() {
+        for backend in [TlsBackend::OpenSsl, TlsBackend::Rustls] {
+            if backend.is_compiled() {
+                continue;
+            }
+            let s = |mode| TlsSettings {
+                backend,
+                ..settings(mode, RootCerts::Unset)
+            };
+            assert!(matches!(s(SslMode::Disable).build(), Ok(Connector::Plain)));
+            let err = s(SslMode::Require).build().err().unwrap().to_string();
+            assert!(err.contains("cargo feature"), "{err}");
+            let none_at_all =
+                !TlsBackend::OpenSsl.is_compiled() && !TlsBackend::Rustls.is_compiled();
+            assert_eq!(
+                matches!(s(SslMode::Prefer).build(), Ok(Connector::Plain)),
+                none_at_all
+            );
+        }
     }
 
     #[test]
@@ -568,7 +658,7 @@ mod tests {
         use openssl::x509::{X509Builder, X509NameBuilder};
         let key = || {
             let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-            PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+            openssl::pkey::PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
         };
         let (k1, k2) = (key(), key());
         let mut name = X509NameBuilder::new().unwrap();
@@ -592,26 +682,39 @@ mod tests {
         fs::write(&cert_path, cert.to_pem().unwrap()).unwrap();
         write_private(&key_path, &k1.private_key_to_der().unwrap());
         write_private(&other_key, &k2.private_key_to_pem_pkcs8().unwrap());
+        let sec1_pem = dir.path().join("sec1.key");
+        write_private(
+            &sec1_pem,
+            &k1.ec_key().unwrap().private_key_to_pem().unwrap(),
+        );
         let with = |key: &Path| TlsSettings {
             mode: SslMode::Require,
             client_cert: Some(cert_path.clone()),
             client_key: Some(key.to_path_buf()),
             ..TlsSettings::default()
         };
-        assert!(with(&key_path).connector().is_ok());
-        let err = with(&other_key).connector().err().unwrap().to_string();
-        assert!(err.contains("does not belong"), "{err}");
+        let builds = |key: &Path| {
+            for (backend, built) in build_each(&with(key)) {
+                assert!(built.is_ok(), "{backend}: {built:?}");
+            }
+        };
+        builds(&key_path); // DER
+        builds(&sec1_pem); // PEM, "EC PRIVATE KEY"
+        for err in errors(&with(&other_key)) {
+            assert!(err.contains("does not belong"), "{err}");
+        }
 
         // Readable by group or others: refused as libpq does, naming the file and the fix.
         use std::os::unix::fs::PermissionsExt;
         for mode in [0o640, 0o604, 0o644] {
             fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).unwrap();
-            let err = with(&key_path).connector().err().unwrap().to_string();
-            assert!(err.contains("sslkey"), "{mode:o}: {err}");
-            assert!(err.contains("chmod 600"), "{mode:o}: {err}");
+            for err in errors(&with(&key_path)) {
+                assert!(err.contains("sslkey"), "{mode:o}: {err}");
+                assert!(err.contains("chmod 600"), "{mode:o}: {err}");
+            }
         }
         fs::set_permissions(&key_path, fs::Permissions::from_mode(0o400)).unwrap();
-        assert!(with(&key_path).connector().is_ok());
+        builds(&key_path);
 
         // Encrypted: an error at once, never OpenSSL's passphrase prompt, no passphrase shown.
         let passphrase = b"correct horse battery staple";
@@ -624,30 +727,28 @@ mod tests {
             )
             .unwrap(),
         );
+        // The legacy PEM encryption (`Proc-Type: 4,ENCRYPTED`) too.
+        let legacy = dir.path().join("legacy.key");
+        write_private(
+            &legacy,
+            &k1.ec_key()
+                .unwrap()
+                .private_key_to_pem_passphrase(openssl::symm::Cipher::aes_256_cbc(), passphrase)
+                .unwrap(),
+        );
         let started = std::time::Instant::now();
-        let err = with(&encrypted).connector().err().unwrap().to_string();
-        assert!(err.contains("is encrypted"), "{err}");
-        assert!(err.contains("sslkey"), "{err}");
-        assert!(!err.contains("correct horse"), "{err}");
+        for key in [&encrypted, &legacy] {
+            for err in errors(&with(key)) {
+                assert!(err.contains("is encrypted"), "{err}");
+                assert!(err.contains("sslkey"), "{err}");
+                assert!(!err.contains("correct horse"), "{err}");
+            }
+        }
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
-    #[test]
-    fn verify_ca_without_a_root_file_is_refused_and_verify_full_uses_the_system_roots() {
-        let err = settings(SslMode::VerifyCa, RootCerts::Unset)
-            .connector()
-            .err()
-            .expect("verify-ca with the public roots and no name check")
-            .to_string();
-        assert!(err.contains("sslrootcert"), "{err}");
-        assert!(err.contains("verify-full"), "{err}");
-        assert!(settings(SslMode::VerifyFull, RootCerts::Unset)
-            .connector()
-            .is_ok());
-    }
-
     /// Writes a key file readable by its owner only (as libpq requires).
-    fn write_private(path: &Path, bytes: &[u8]) {
+    pub(crate) fn write_private(path: &Path, bytes: &[u8]) {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = fs::OpenOptions::new()
