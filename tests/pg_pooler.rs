@@ -75,6 +75,8 @@ struct Tally {
     queries: u64,
     /// Every error a caller saw.
     errors: Vec<String>,
+    /// Transactions reported `AmbiguousCommit`, as (worker, seq).
+    ambiguous: Vec<(i32, i32)>,
 }
 
 /// One unit of the workload on worker `w`, step `k`: a query (this worker's committed rows,
@@ -117,8 +119,10 @@ where
     let mut t = tally.lock().unwrap();
     match inserted {
         Ok(_) => t.committed.push((w, k)),
-        Err(RetryError::AmbiguousCommit { .. }) => {
-            t.errors.push(format!("ambiguous commit of ({w}, {k})"))
+        Err(e @ RetryError::AmbiguousCommit { .. }) => {
+            t.errors
+                .push(format!("ambiguous commit of ({w}, {k}): {e}"));
+            t.ambiguous.push((w, k));
         }
         Err(e) => t.errors.push(format!("transaction: {e}")),
     }
@@ -353,8 +357,10 @@ impl Background {
     }
 
     /// Waits until `more` transactions beyond the count now have committed (restarting
-    /// PgBouncer if it crashed meanwhile: see `PgBouncer::kill_and_resume`).
-    fn wait_progress(&self, more: usize, what: &str, bouncer: &PgBouncer) {
+    /// PgBouncer if it crashed meanwhile: see `PgBouncer::kill_and_resume`); `true` if it
+    /// had to.
+    fn wait_progress(&self, more: usize, what: &str, bouncer: &PgBouncer) -> bool {
+        let mut crashed = false;
         let target = self.committed() + more;
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.committed() < target {
@@ -362,6 +368,7 @@ impl Background {
                 .restart_if_crashed()
                 .expect("restart a crashed PgBouncer")
             {
+                crashed = true;
                 eprintln!("{what}: PgBouncer had crashed and was restarted");
             }
             let t = self.tally.lock().unwrap();
@@ -374,6 +381,7 @@ impl Background {
             drop(t);
             std::thread::sleep(Duration::from_millis(5));
         }
+        crashed
     }
 
     fn finish(self) -> Tally {
@@ -388,21 +396,22 @@ impl Background {
 /// Runs the retried workload through a transaction-mode PgBouncer while `fault` is injected
 /// three times, each after some progress; asserts no caller saw an error and the ledger holds
 /// exactly the committed transactions.
-fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer)) {
+fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer) -> bool) {
     let Some((pg, bouncer)) = setup(PgBouncerOptions::new(PoolMode::Transaction)) else {
         return;
     };
     let pool = ours(&bouncer, "pooler-faults", Pooler::Transaction);
     let work = Background::start(&pool, 0);
-    work.wait_progress(20, "before the first fault", &bouncer);
+    // PgBouncer 1.18 itself crashes now and then on KILL (pgbouncer#1401).
+    let mut crashed = work.wait_progress(20, "before the first fault", &bouncer);
     // PgBouncer gives its server connections the application_name of the client using them.
     let before = pg
         .backend_pids("pooler-faults")
         .expect("server connections");
     assert!(!before.is_empty(), "PgBouncer holds server connections");
     for round in 0..3 {
-        fault(&pg, &bouncer);
-        work.wait_progress(20, &format!("after {name} #{}", round + 1), &bouncer);
+        crashed |= fault(&pg, &bouncer);
+        crashed |= work.wait_progress(20, &format!("after {name} #{}", round + 1), &bouncer);
     }
     let after = pg
         .backend_pids("pooler-faults")
@@ -418,12 +427,41 @@ fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer)) {
         tally.queries,
         tally.errors.len()
     );
+    // A pooler that crashes in the middle of a COMMIT may leave it unanswerable within
+    // `commit_resolution_timeout`: then, and only then, `AmbiguousCommit` is the honest
+    // answer, and the ledger may hold such a transaction or not.
+    let errors: Vec<&String> = tally
+        .errors
+        .iter()
+        .filter(|e| !(crashed && e.starts_with("ambiguous commit")))
+        .collect();
     assert!(
-        tally.errors.is_empty(),
+        errors.is_empty(),
         "{name}: errors reached callers: {:?}",
         tally.errors
     );
-    assert_ledger_matches(&pg, &pool, &tally.committed);
+    if !tally.ambiguous.is_empty() {
+        eprintln!("{name}: PgBouncer crashed; ambiguous: {:?}", tally.errors);
+    }
+    let mut committed = tally.committed.clone();
+    // Each ambiguous transaction counts as committed if the ledger holds it.
+    for (w, k) in &tally.ambiguous {
+        if ledger_holds(&pg, *w, *k) {
+            committed.push((*w, *k));
+        }
+    }
+    assert_ledger_matches(&pg, &pool, &committed);
+}
+
+/// Whether the ledger holds row (w, k).
+fn ledger_holds(pg: &PgServer, w: i32, k: i32) -> bool {
+    let mut conn = PgConnection::establish(&pg.url_with("sslmode=disable")).expect("connect");
+    let n: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+        "(SELECT count(*) FROM ledger WHERE worker = {w} AND seq = {k})"
+    )))
+    .get_result(&mut conn)
+    .expect("count");
+    n > 0
 }
 
 /// `pg_terminate_backend` of every server connection PgBouncer holds.
@@ -438,31 +476,37 @@ fn terminate_server_connections(pg: &PgServer) {
 #[test]
 fn terminated_server_backends_behind_the_pooler_reach_no_caller() {
     survives("pg_terminate_backend", |pg, _| {
-        terminate_server_connections(pg)
+        terminate_server_connections(pg);
+        false
     });
 }
 
 #[test]
 fn a_server_restart_behind_the_pooler_reaches_no_caller() {
-    survives("restart_fast", |pg, _| pg.restart_fast().expect("restart"));
+    survives("restart_fast", |pg, _| {
+        pg.restart_fast().expect("restart");
+        false
+    });
 }
 
 #[test]
 fn pgbouncer_reconnect_reaches_no_caller() {
     survives("RECONNECT", |_, bouncer| {
-        bouncer.reconnect().expect("RECONNECT")
+        bouncer.reconnect().expect("RECONNECT");
+        false
     });
 }
 
 #[test]
 fn pgbouncer_kill_cutting_every_client_reaches_no_caller() {
     survives("KILL", |_, bouncer| {
-        if bouncer
+        let crashed = bouncer
             .kill_and_resume(Duration::from_millis(100))
-            .expect("KILL, RESUME")
-        {
+            .expect("KILL, RESUME");
+        if crashed {
             eprintln!("PgBouncer crashed on KILL (pgbouncer#1401) and was restarted");
         }
+        crashed
     });
 }
 

@@ -82,6 +82,8 @@ struct Tally {
     queries: u64,
     /// Every error a caller saw.
     errors: Vec<String>,
+    /// Transactions reported `AmbiguousCommit`, as (worker, seq).
+    ambiguous: Vec<(i32, i32)>,
 }
 
 /// How a step's query runs.
@@ -155,8 +157,10 @@ where
     let mut t = tally.lock().unwrap();
     match inserted {
         Ok(_) => t.committed.push((w, k)),
-        Err(RetryError::AmbiguousCommit { .. }) => {
-            t.errors.push(format!("ambiguous commit of ({w}, {k})"))
+        Err(e @ RetryError::AmbiguousCommit { .. }) => {
+            t.errors
+                .push(format!("ambiguous commit of ({w}, {k}): {e}"));
+            t.ambiguous.push((w, k));
         }
         Err(e) => t.errors.push(format!("transaction: {e}")),
     }
@@ -381,11 +385,14 @@ async fn session_mode_serves_bare_statements_and_transactions_with_defaults_and_
 /// `commit_with_retry`) through a transaction-mode PgBouncer while `fault` is injected three
 /// times, each after some progress; asserts no caller saw an error, the fault replaced
 /// PgBouncer's server connections, and the ledger holds exactly the committed transactions.
-async fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer)) {
+async fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer) -> bool) {
     let Some((pg, bouncer)) = setup(PgBouncerOptions::new(PoolMode::Transaction)) else {
         return;
     };
     let pool = ours(&bouncer, "apooler-faults", Pooler::Transaction).await;
+    // PgBouncer 1.18 itself crashes now and then on KILL (pgbouncer#1401).
+    let crashed_flag = AtomicBool::new(false);
+    let crashed = &crashed_flag;
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let tasks: Vec<_> = (0..CLIENTS as i32)
@@ -412,6 +419,7 @@ async fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer)) {
                 if tokio::task::block_in_place(|| bouncer.restart_if_crashed())
                     .expect("restart a crashed PgBouncer")
                 {
+                    crashed.store(true, Ordering::Relaxed);
                     eprintln!("{what}: PgBouncer had crashed and was restarted");
                 }
                 {
@@ -439,7 +447,9 @@ async fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer)) {
     assert!(!before.is_empty(), "PgBouncer holds server connections");
     for round in 0..3 {
         // The admin calls block: off the runtime's workers.
-        tokio::task::block_in_place(|| fault(&pg, bouncer));
+        if tokio::task::block_in_place(|| fault(&pg, bouncer)) {
+            crashed.store(true, Ordering::Relaxed);
+        }
         progress(20, format!("after {name} #{}", round + 1)).await;
     }
     let after = pg
@@ -459,16 +469,49 @@ async fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer)) {
         tally.queries,
         tally.errors.len()
     );
+    // A pooler that crashes in the middle of a COMMIT may leave it unanswerable within
+    // `commit_resolution_timeout`: then, and only then, `AmbiguousCommit` is the honest
+    // answer, and the ledger may hold such a transaction or not.
+    let tolerated = AtomicBool::load(crashed, Ordering::Relaxed);
+    let errors: Vec<&String> = tally
+        .errors
+        .iter()
+        .filter(|e| !(tolerated && e.starts_with("ambiguous commit")))
+        .collect();
     assert!(
-        tally.errors.is_empty(),
+        errors.is_empty(),
         "{name}: errors reached callers: {:?}",
         tally.errors
     );
+    if !tally.ambiguous.is_empty() {
+        eprintln!("{name}: PgBouncer crashed; ambiguous: {:?}", tally.errors);
+    }
     assert!(
         after.iter().all(|pid| !before.contains(pid)),
         "{name} replaced PgBouncer's server connections: before {before:?}, after {after:?}"
     );
-    assert_ledger_matches(&pool, &tally.committed).await;
+    assert_ledger_matches_allowing(&pool, &tally.committed, &tally.ambiguous).await;
+}
+
+/// [`assert_ledger_matches`], where each of `ambiguous` may be in the ledger or not.
+async fn assert_ledger_matches_allowing(
+    pool: &PgPool,
+    committed: &[(i32, i32)],
+    ambiguous: &[(i32, i32)],
+) {
+    let mut conn = pool.get().await.expect("checkout for the ledger check");
+    let mut rows: Vec<(i32, i32)> = conn
+        .transaction(async |c| ledger.select((worker, seq)).load(c).await)
+        .await
+        .expect("read the ledger");
+    rows.retain(|r| !ambiguous.contains(r));
+    rows.sort_unstable();
+    let mut expected = committed.to_vec();
+    expected.sort_unstable();
+    assert_eq!(
+        rows, expected,
+        "the ledger is exactly the transactions reported committed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,20 +522,26 @@ async fn terminated_server_backends_behind_the_pooler_reach_no_caller() {
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE usename = 'app' AND pid <> pg_backend_pid()",
         )
-        .expect("terminate PgBouncer's server connections")
+        .expect("terminate PgBouncer's server connections");
+        false
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_behind_the_pooler_reaches_no_caller() {
-    survives("restart_fast", |pg, _| pg.restart_fast().expect("restart")).await;
+    survives("restart_fast", |pg, _| {
+        pg.restart_fast().expect("restart");
+        false
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_reconnect_reaches_no_caller() {
     survives("RECONNECT", |_, bouncer| {
-        bouncer.reconnect().expect("RECONNECT")
+        bouncer.reconnect().expect("RECONNECT");
+        false
     })
     .await;
 }
@@ -500,12 +549,13 @@ async fn pgbouncer_reconnect_reaches_no_caller() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_kill_cutting_every_client_reaches_no_caller() {
     survives("KILL", |_, bouncer| {
-        if bouncer
+        let crashed = bouncer
             .kill_and_resume(Duration::from_millis(100))
-            .expect("KILL, RESUME")
-        {
+            .expect("KILL, RESUME");
+        if crashed {
             eprintln!("PgBouncer crashed on KILL (pgbouncer#1401) and was restarted");
         }
+        crashed
     })
     .await;
 }
