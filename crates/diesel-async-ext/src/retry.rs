@@ -58,7 +58,7 @@ use diesel_async::{AsyncConnection, TransactionManager};
 use diesel_ext_common::resolve::{asked, is_unique_violation, key_owner, key_probe_answer};
 use pool_core::config::Pooler;
 use pool_core::retry::{
-    finish_ambiguous, no_txid_reason, other_server_reason, run_async, sql, Asked, AttemptError,
+    finish_ambiguous, no_txid_reason, other_server_reason, run_async, Asked, AttemptError,
     Resolution, Resolved, RetryHooks, Step,
 };
 pub use pool_core::retry::{
@@ -291,8 +291,8 @@ impl RetryConnection for diesel_async::AsyncPgConnection {
         use diesel_async::RunQueryDsl;
         diesel::select(diesel::dsl::sql::<(BigInt, Text)>(&format!(
             "{}, {}",
-            sql::TXID_CURRENT,
-            sql::SERVER_IDENTITY
+            pool_core::retry::sql::TXID_CURRENT,
+            pool_core::retry::sql::SERVER_IDENTITY
         )))
         .get_result(self)
         .await
@@ -307,9 +307,15 @@ impl RetryConnection for diesel_async::AsyncPgConnection {
         use diesel::sql_types::{BigInt, Bool, Nullable, Text};
         use diesel_async::RunQueryDsl;
         let (status, answering, standby): (Option<String>, String, bool) = diesel::select(
-            diesel::dsl::sql::<(Nullable<Text>, Text, Bool)>(&format!("{}(", sql::TXID_STATUS))
-                .bind::<BigInt, _>(txid)
-                .sql(&format!("), {}", sql::TXID_STATUS_ON_SERVER)),
+            diesel::dsl::sql::<(Nullable<Text>, Text, Bool)>(&format!(
+                "{}(",
+                pool_core::retry::sql::TXID_STATUS
+            ))
+            .bind::<BigInt, _>(txid)
+            .sql(&format!(
+                "), {}",
+                pool_core::retry::sql::TXID_STATUS_ON_SERVER
+            )),
         )
         .get_result(self)
         .await?;
