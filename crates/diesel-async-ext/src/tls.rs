@@ -392,6 +392,35 @@ fn invalid(setting: &'static str, reason: String) -> ConfigError {
     ConfigError::Invalid { setting, reason }
 }
 
+/// The certificates of the PEM file at `path` (read here, so non-UTF-8 paths work), parsed
+/// by the TLS stack's `parse`; a file that cannot be read or parsed, or holds none, is the
+/// error of `setting`.
+#[cfg_attr(
+    not(any(feature = "tls-openssl", feature = "rustls")),
+    allow(dead_code)
+)]
+fn read_certs<T, E: std::fmt::Display>(
+    setting: &'static str,
+    path: &Path,
+    parse: impl FnOnce(&[u8]) -> Result<Vec<T>, E>,
+) -> Result<Vec<T>, ConfigError> {
+    let pem = fs::read(path)
+        .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
+    let certs = parse(&pem).map_err(|e| {
+        invalid(
+            setting,
+            format!("{} is not a PEM certificate file: {e}", path.display()),
+        )
+    })?;
+    if certs.is_empty() {
+        return Err(invalid(
+            setting,
+            format!("{} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
 /// The error for an encrypted `sslkey`: no passphrase is taken (`sslpassword` is refused by
 /// the URL translation), and the path is named, never anything read from the file.
 #[cfg_attr(

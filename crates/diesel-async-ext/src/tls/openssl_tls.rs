@@ -138,23 +138,9 @@ fn add_system_bundle(builder: &mut openssl::ssl::SslConnectorBuilder) {
     }
 }
 
-/// The certificates of a PEM file (read here, so non-UTF-8 paths work).
+/// The certificates of a PEM file.
 fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<X509>, ConfigError> {
-    let pem = fs::read(path)
-        .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
-    let certs = X509::stack_from_pem(&pem).map_err(|e| {
-        invalid(
-            setting,
-            format!("{} is not a PEM certificate file: {e}", path.display()),
-        )
-    })?;
-    if certs.is_empty() {
-        return Err(invalid(
-            setting,
-            format!("{} holds no PEM certificate", path.display()),
-        ));
-    }
-    Ok(certs)
+    super::read_certs(setting, path, X509::stack_from_pem)
 }
 
 /// An unencrypted private key, PEM or DER (libpq accepts both). Never lets OpenSSL prompt for

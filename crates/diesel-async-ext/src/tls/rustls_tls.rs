@@ -496,23 +496,9 @@ fn read_certs(
     setting: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let pem = fs::read(path)
-        .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            invalid(
-                setting,
-                format!("{} is not a PEM certificate file: {e}", path.display()),
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(invalid(
-            setting,
-            format!("{} holds no PEM certificate", path.display()),
-        ));
-    }
-    Ok(certs)
+    super::read_certs(setting, path, |pem| {
+        CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>()
+    })
 }
 
 /// Only the certificates of the `sslrootcert` file, as libpq.

@@ -412,28 +412,26 @@ where
             })
         }
     };
-    if let Some(already) = already {
-        if let Some(stats) = hooks.stats {
-            stats.record_commit_resolved();
-        }
-        log::warn!(
-            target: crate::events::LOG_TARGET,
-            pool = hooks.pool,
-            event = "commit_elsewhere";
-            "pool {}: connection lost during COMMIT; the transaction did not commit, another \
-             with the same idempotency key did",
-            hooks.pool
-        );
-        return Ok(already);
-    }
+    let (value, event, what) = match already {
+        Some(already) => (
+            already,
+            "commit_elsewhere",
+            "the transaction did not commit, another with the same idempotency key did",
+        ),
+        None => (
+            value,
+            "commit_confirmed",
+            "the server confirms the transaction committed",
+        ),
+    };
     if let Some(stats) = hooks.stats {
         stats.record_commit_resolved();
     }
     log::warn!(
         target: crate::events::LOG_TARGET,
         pool = hooks.pool,
-        event = "commit_confirmed";
-        "pool {}: connection lost during COMMIT; the server confirms the transaction committed",
+        event = event;
+        "pool {}: connection lost during COMMIT; {what}",
         hooks.pool
     );
     Ok(value)
