@@ -254,6 +254,61 @@ fn at_the_cap_a_slow_connection_is_given_up_at_the_hedge_delay_never_pinged_out_
 }
 
 #[test]
+fn at_the_cap_a_pool_of_8_all_silent_gives_up_two_connections_not_one_per_connection() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // At the cap: 8 of 8 open, no overflow. Each silent connection pinged in turn would be
+    // given up at the hedge delay: 8 delays for one checkout, and more for a burst.
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .application_name("ext_hedge_cap8")
+        .pool_size(POOL)
+        .max_overflow(0)
+        .build()
+        .expect("pool");
+    warm(&pool, POOL as usize);
+    std::thread::sleep(Duration::from_millis(600));
+    proxy.silence_existing();
+    assert_eq!(select_one(&pool), Ok(1));
+    let first = pool.stats();
+    // Two slow pings within one validation timeout (given up, or hedged in the room the
+    // first left): the path went silent, the other six are suspects, closed without a ping.
+    let met = |s: &pool_core::stats::StatsSnapshot| s.hedges_won + s.hedges_gave_up;
+    assert!(
+        met(&first) <= 2,
+        "the first request met {} silent connection(s) (each a hedge delay), expected at most \
+         2: {first:?}",
+        met(&first)
+    );
+    // A burst of POOL at once: none of them pings a suspect.
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..POOL).map(|_| s.spawn(|| select_one(&pool))).collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap().err())
+            .collect()
+    });
+    let stats = pool.stats();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(
+        met(&stats) <= 2 && stats.closed.invalidated >= u64::from(POOL) - 2,
+        "a burst after the silence met {} silent connection(s) (each one more hedge delay) and \
+         closed {} as suspects: {stats:?}",
+        met(&stats),
+        stats.closed.invalidated
+    );
+    assert!(
+        pool.state().connections <= POOL,
+        "never past the sizes: {:?}",
+        pool.state()
+    );
+    println!(
+        "silent, sync, at the cap (8 of 8): {} given up, {} hedged, {} closed as \
+         suspects",
+        stats.hedges_gave_up, stats.hedges_won, stats.closed.invalidated
+    );
+}
+
+#[test]
 fn on_a_healthy_pool_hedging_opens_nothing() {
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "ext_hedge_idle", 4)

@@ -735,6 +735,9 @@ impl<C: ExtConnection> ExtManager<C> {
                 let mut slow = std::mem::replace(conn, fresh);
                 if let Some(t) = tracker_of(&mut slow) {
                     t.state.set_close_reason(CloseReason::PingFailed);
+                    // A failed ping, and a strike against the path (see
+                    // `PoolState::slow_ping_lost`).
+                    t.state.slow_ping_lost();
                 }
                 // Closed now: its ping may still be answered, but nobody will read it.
                 drop(slow);
@@ -744,8 +747,9 @@ impl<C: ExtConnection> ExtManager<C> {
                 self.pool.stats().record_hedge_gave_up();
                 if let Some(t) = tracker_of(conn) {
                     // A failed ping (the connection is closed, bb8 goes on to the next one
-                    // or a connect), not silence: one slow ping says nothing about the others.
-                    t.state.finish_ping(false);
+                    // or a connect). One slow ping says nothing about the others; a second
+                    // given up within a validation timeout makes them suspect.
+                    t.state.slow_ping_lost();
                 }
                 Err(ExtError::PingFailed {
                     elapsed_ms: started.elapsed().as_millis(),

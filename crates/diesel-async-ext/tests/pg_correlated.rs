@@ -220,6 +220,68 @@ async fn at_the_cap_a_slow_connection_is_given_up_at_the_hedge_delay_never_pinge
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_pool_of_8_all_silent_gives_up_two_connections_not_one_per_connection() {
+    const POOL: u32 = 8;
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // At the cap: 8 of 8 open, no overflow. Each silent connection pinged in turn would be
+    // given up at the hedge delay: 8 delays for one checkout, and more for a burst.
+    let pool = PgPool::builder(&url)
+        .application_name("async_hedge_cap8")
+        .pool_size(POOL)
+        .max_overflow(0)
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(POOL as usize).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.silence_existing();
+    assert_eq!(pool.select_one().await, Ok(1));
+    let first = pool.stats();
+    // Two slow pings within one validation timeout (given up, or hedged in the room the
+    // first left): the path went silent, the other six are suspects, closed without a ping.
+    let met = |s: &pool_core::stats::StatsSnapshot| s.hedges_won + s.hedges_gave_up;
+    assert!(
+        met(&first) <= 2,
+        "the first request met {} silent connection(s) (each a hedge delay), expected at most \
+         2: {first:?}",
+        met(&first)
+    );
+    // A burst of POOL at once: none of them pings a suspect.
+    let burst: Vec<_> = (0..POOL)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.select_one().await })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for task in burst {
+        if let Err(e) = task.await.expect("task") {
+            errors.push(e);
+        }
+    }
+    let stats = pool.stats();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(
+        met(&stats) <= 2 && stats.closed.invalidated >= u64::from(POOL) - 2,
+        "a burst after the silence met {} silent connection(s) (each one more hedge delay) and \
+         closed {} as suspects: {stats:?}",
+        met(&stats),
+        stats.closed.invalidated
+    );
+    assert!(
+        pool.state().connections <= POOL,
+        "never past the sizes: {:?}",
+        pool.state()
+    );
+    println!(
+        "silent, async, at the cap (8 of 8): {} given up, {} hedged, {} closed as \
+         suspects",
+        stats.hedges_gave_up, stats.hedges_won, stats.closed.invalidated
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_healthy_pool_hedging_opens_nothing() {
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "async_hedge_idle", 4)

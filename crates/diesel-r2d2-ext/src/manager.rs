@@ -450,6 +450,8 @@ impl<C: ExtConnection> ExtManager<C> {
                 let mut slow = std::mem::replace(conn, fresh);
                 if let Some(t) = tracker_of(&mut slow) {
                     t.state.set_close_reason(CloseReason::PingFailed);
+                    // A strike against the path (see `PoolState::slow_ping_lost`).
+                    t.state.slow_ping_lost();
                 }
                 drop(slow);
                 Ok(())
@@ -458,6 +460,9 @@ impl<C: ExtConnection> ExtManager<C> {
                 self.pool.stats().record_hedge_gave_up();
                 if let Some(t) = tracker_of(conn) {
                     t.state.set_close_reason(CloseReason::PingFailed);
+                    // A strike against the path: the second within a validation timeout
+                    // makes the other idle connections suspect (closed without a ping).
+                    t.state.slow_ping_lost();
                 }
                 // Failed even if its reply came in just before the socket was shut down:
                 // the socket is gone either way.

@@ -350,6 +350,19 @@ impl ConnState {
         self.pool.path_went_silent(started);
     }
 
+    /// Step 2 of a checkout whose ping lost its race at the hedge delay (a fresh connection
+    /// was ready first, or there was no room for one and this connection was given up): a
+    /// failed ping (recorded with [`ConnState::finish_ping`] if the adapter has not yet), and a
+    /// strike against the path: a second within one validation timeout makes every connection
+    /// idle since before this ping started suspect ([`PoolState::slow_ping_lost`]).
+    pub fn slow_ping_lost(&mut self) {
+        if self.ping_in_flight {
+            self.finish_ping(false);
+        }
+        let started = self.ping_started.unwrap_or_else(Instant::now);
+        self.pool.slow_ping_lost(started);
+    }
+
     /// Step 3: the connection is handed to the caller, who started asking for it at
     /// `asked_at`, holding the gate permit `gate`. Counts it, reports it, starts the leak
     /// timer.

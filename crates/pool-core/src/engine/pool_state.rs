@@ -65,6 +65,9 @@ pub struct PoolState {
     /// Nanoseconds after `born`, plus one, of the latest evidence against it (an
     /// invalidation, a failed connect; 0: none).
     last_bad: AtomicU64,
+    /// Nanoseconds after `born`, plus one, of the latest slow ping that lost its race at the
+    /// hedge delay (0: none); see [`PoolState::slow_ping_lost`].
+    last_slow_ping: AtomicU64,
 }
 
 /// What a connection's state held (permits, place in the open count) while the connection
@@ -139,6 +142,7 @@ impl PoolState {
             ping_rtt_ns: AtomicU64::new(0),
             last_good: AtomicU64::new(0),
             last_bad: AtomicU64::new(0),
+            last_slow_ping: AtomicU64::new(0),
         })
     }
 
@@ -286,6 +290,28 @@ impl PoolState {
                  before it are closed without a ping",
             );
         }
+    }
+
+    /// A validation ping that started at `ping_started` lost its race at the hedge delay: no
+    /// reply by then, and either a fresh connection was ready first or there was no room for
+    /// one and the slow connection was given up (see [`PoolState::hedge_delay`]). One slow
+    /// ping says nothing about the other connections; a second within one validation timeout
+    /// of the first does: the path went silent ([`PoolState::path_went_silent`], from this
+    /// ping's start). A checkout on a pool whose every flow went silent then meets at most two
+    /// silent connections before the others are closed without a ping, whatever the pool's
+    /// size. Returns whether the path was declared silent.
+    pub fn slow_ping_lost(&self, ping_started: Instant) -> bool {
+        let now = Instant::now();
+        let window = self.config.lifecycle.validation.timeout;
+        let before = self.last_slow_ping.swap(self.mark(now), Ordering::AcqRel);
+        let recent = before != 0 && {
+            let at = self.born + Duration::from_nanos(before - 1);
+            now.saturating_duration_since(at) <= window
+        };
+        if recent {
+            self.path_went_silent(ping_started);
+        }
+        recent
     }
 
     /// `at` as a mark on the pool's own clock: nanoseconds after it was made, plus one (so

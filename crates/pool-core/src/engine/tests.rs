@@ -897,3 +897,25 @@ fn fresh_evidence_is_exactly_as_old_as_the_last_answer() {
     p.invalidate("test");
     assert_eq!(p.fresh_evidence(at + Duration::from_millis(100)), None);
 }
+
+#[test]
+fn a_second_slow_ping_lost_within_one_validation_timeout_declares_the_path_silent() {
+    let p = hedging_pool(Duration::from_millis(200));
+    let old = Instant::now();
+    std::thread::sleep(Duration::from_millis(2));
+    let first = Instant::now();
+    assert!(!p.slow_ping_lost(first), "one slow ping says nothing");
+    assert_eq!(p.epoch(), 0);
+    assert!(!p.is_suspect(old));
+    let second = Instant::now();
+    assert!(p.slow_ping_lost(second), "two within the window do");
+    assert_eq!(p.epoch(), 1);
+    assert!(p.is_suspect(old), "idle since before the silent ping");
+    assert!(!p.is_suspect(second), "good when the ping started");
+    // Past the window, a give-up is a first strike again.
+    std::thread::sleep(Duration::from_millis(250));
+    assert!(!p.slow_ping_lost(Instant::now()));
+    assert_eq!(p.epoch(), 1);
+    assert!(p.slow_ping_lost(Instant::now()));
+    assert_eq!(p.epoch(), 2);
+}
