@@ -820,6 +820,24 @@ impl PgServer {
         self.wait_accepting(Duration::from_secs(30))
     }
 
+    /// Restarts the server as a **hot standby** of nobody: `pg_ctl stop -m fast`, a
+    /// `standby.signal` file, and a start on the same port. It replays its own WAL, accepts
+    /// read-only connections, and `pg_is_in_recovery()` is true: every write fails with 25006
+    /// ("cannot execute INSERT in a read-only transaction"). What a former primary looks like
+    /// to the clients still connected to it (or reconnecting by an old address) after a
+    /// failover. Tables made before stay readable. Returns once it accepts connections.
+    pub fn restart_as_standby(&self) -> Result<(), TestSupportError> {
+        self.cluster.resume_paused();
+        self.cluster.pg_ctl_stop("fast", self.port)?;
+        write_file(
+            &self.cluster.data.join("standby.signal"),
+            b"",
+            0o600,
+            self.cluster.run_as,
+        )?;
+        self.start_again()
+    }
+
     /// Polls until a superuser connection over TCP succeeds.
     fn wait_accepting(&self, timeout: Duration) -> Result<(), TestSupportError> {
         let deadline = Instant::now() + timeout;

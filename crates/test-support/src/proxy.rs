@@ -31,7 +31,8 @@ pub struct FaultProxy {
 }
 
 struct Shared {
-    target: SocketAddr,
+    /// Where new connections go ([`FaultProxy::retarget`] moves it; open flows stay).
+    target: Mutex<SocketAddr>,
     shutdown: AtomicBool,
     stalled: AtomicBool,
     /// New connections are reset as soon as they are accepted.
@@ -194,7 +195,7 @@ impl std::fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FaultProxy")
             .field("port", &self.port)
-            .field("target", &self.shared.target)
+            .field("target", &*self.shared.target.lock())
             .field("connections", &self.connections())
             .finish()
     }
@@ -210,7 +211,7 @@ impl FaultProxy {
             .map_err(|e| TestSupportError::io("reading the fault proxy's address", e))?
             .port();
         let shared = Arc::new(Shared {
-            target,
+            target: Mutex::new(target),
             shutdown: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
@@ -232,6 +233,13 @@ impl FaultProxy {
             shared,
             accept: Some(accept),
         })
+    }
+
+    /// Sends new connections to `target` from now on; the flows already open stay with the
+    /// server they were opened to (a DNS name or a load balancer moved to a new primary after
+    /// a failover, while the pool's sockets still reach the old one).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock() = target;
     }
 
     /// The proxy's port on 127.0.0.1.
@@ -589,7 +597,8 @@ fn poll_fd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
 }
 
 fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
-    let upstream = match TcpStream::connect_timeout(&shared.target, CONNECT_TIMEOUT) {
+    let target = *shared.target.lock();
+    let upstream = match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
         Ok(upstream) => upstream,
         Err(_) => {
             abort(&client);

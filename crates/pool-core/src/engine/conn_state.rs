@@ -206,8 +206,9 @@ impl ConnState {
             return self.discard(CloseReason::Reclaimed);
         }
         if self.is_suspect() {
-            // Idle since before a ping of this pool went unanswered: closing it costs a
-            // reconnect, pinging it could cost another whole validation timeout.
+            // Idle since before a ping of this pool went unanswered (pinging it could cost
+            // another whole validation timeout) or a failover was seen (a ping would pass on
+            // the old primary turned standby): closing it costs a reconnect.
             return self.discard(CloseReason::Invalidated);
         }
         let policy = &pool.config().lifecycle;
@@ -402,24 +403,31 @@ impl ConnState {
                 }
                 self.pool.invalidate(class.as_str());
             }
-            ErrorClass::ReadOnlyTransaction => self.read_only_suspect = true,
+            ErrorClass::ReadOnlyTransaction => {
+                self.read_only_suspect = true;
+                self.pool.read_only_seen();
+            }
             _ => {}
         }
     }
 
-    /// Whether the connection saw a read-only-transaction error since it was last checked;
-    /// clears the flag. The adapter then asks the server whether it is a standby.
+    /// Whether the server should be asked if it became a standby, on this connection: it saw
+    /// a read-only-transaction error since it was last checked, or another connection of the
+    /// pool did and no connection has been checked since ([`PoolState::read_only_seen`]: a
+    /// pool that hands idle connections out oldest first may not meet the one that saw it
+    /// again for a while). Clears both. The adapter then asks the server (one round trip).
     pub fn take_read_only_suspect(&mut self) -> bool {
-        std::mem::take(&mut self.read_only_suspect)
+        let own = std::mem::take(&mut self.read_only_suspect);
+        self.pool.take_read_only_seen() || own
     }
 
-    /// The server turned out to be a standby (a failover happened): the connection is broken
-    /// and the pool's other connections are suspect.
+    /// The server turned out to be a standby (a failover happened): the connection is broken,
+    /// and every other connection of the pool last known good before now is closed at its
+    /// next checkout without a ping ([`PoolState::failover_detected`]: a standby answers pings).
     pub fn failover_detected(&mut self) {
         self.lifecycle.broken = true;
         self.close_reason = Some(CloseReason::Broken);
-        self.pool
-            .invalidate("the server is a read-only standby (failover)");
+        self.pool.failover_detected(Instant::now());
     }
 
     /// The connection comes back. `dirty` is the adapter's verdict on its session (a

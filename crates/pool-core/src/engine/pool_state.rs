@@ -48,8 +48,9 @@ pub struct PoolState {
     /// When the pool was made: the origin of `silent_before`.
     born: Instant,
     /// Nanoseconds after `born`, plus one, of the start of the latest validation ping that
-    /// timed out (0: none). Every connection last known good before it is suspect: see
-    /// [`PoolState::path_went_silent`].
+    /// timed out, or of the latest failover seen (0: none). Every connection last known good
+    /// before it is suspect: see [`PoolState::path_went_silent`] and
+    /// [`PoolState::failover_detected`].
     silent_before: AtomicU64,
     probe_available: AtomicBool,
     listener_panicked: AtomicBool,
@@ -65,6 +66,9 @@ pub struct PoolState {
     /// Nanoseconds after `born`, plus one, of the latest evidence against it (an
     /// invalidation, a failed connect; 0: none).
     last_bad: AtomicU64,
+    /// A connection saw a read-only-transaction error and no connection has asked the server
+    /// whether it is a standby since (see [`PoolState::read_only_seen`]).
+    read_only_pending: AtomicBool,
     /// Nanoseconds after `born`, plus one, of the latest slow ping that lost its race at the
     /// hedge delay (0: none); see [`PoolState::slow_ping_lost`].
     last_slow_ping: AtomicU64,
@@ -143,6 +147,7 @@ impl PoolState {
             last_good: AtomicU64::new(0),
             last_bad: AtomicU64::new(0),
             last_slow_ping: AtomicU64::new(0),
+            read_only_pending: AtomicBool::new(false),
         })
     }
 
@@ -281,14 +286,48 @@ impl PoolState {
     /// validation timeout, never one per pooled connection; connections opened, used or
     /// validated since are not affected.
     pub fn path_went_silent(&self, ping_started: Instant) {
-        let nanos = ping_started.saturating_duration_since(self.born).as_nanos();
-        let mark = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
+        self.retire_idle_before(
+            ping_started,
+            "a validation ping got no reply within its timeout: connections idle since \
+             before it are closed without a ping",
+        );
+    }
+
+    /// A connection saw a read-only-transaction error (25006): a write reached a standby (a
+    /// failover) or a deliberate `READ ONLY` transaction. The next connection the adapter
+    /// checks asks the server which ([`ConnState::take_read_only_suspect`](super::ConnState::take_read_only_suspect)).
+    pub fn read_only_seen(&self) {
+        self.read_only_pending.store(true, Ordering::Release);
+    }
+
+    /// Whether a read-only-transaction error is waiting for a standby check; clears it.
+    pub fn take_read_only_seen(&self) -> bool {
+        self.read_only_pending.swap(false, Ordering::AcqRel)
+    }
+
+    /// A connection found its server turned into a read-only standby at `at` (a failover,
+    /// see [`ConnState::failover_detected`](super::ConnState::failover_detected)). The other
+    /// connections opened before it reach the same server (a ping would pass: a standby
+    /// answers), so every connection last known good before `at` is closed at its next
+    /// checkout or by the sweep, without a ping; the pool reconnects (to the new primary, if
+    /// the address moved). Without this, each would be found by a failed write of its own,
+    /// one retry attempt each.
+    pub fn failover_detected(&self, at: Instant) {
+        self.retire_idle_before(
+            at,
+            "the server is a read-only standby (failover): connections opened before it are \
+             closed without a ping",
+        );
+    }
+
+    /// Every connection last known good before `at` becomes suspect (closed without a ping,
+    /// see [`PoolState::is_suspect`]), and the pool is invalidated with `reason`, once per
+    /// new mark.
+    fn retire_idle_before(&self, at: Instant, reason: &str) {
+        let mark = self.mark(at);
         let before = self.silent_before.fetch_max(mark, Ordering::AcqRel);
         if before < mark {
-            self.invalidate(
-                "a validation ping got no reply within its timeout: connections idle since \
-                 before it are closed without a ping",
-            );
+            self.invalidate(reason);
         }
     }
 
@@ -342,7 +381,8 @@ impl PoolState {
 
     /// Whether a connection last known good (used or validated) at `last_good` is suspect:
     /// it was idle when a validation ping of this pool went unanswered (see
-    /// [`PoolState::path_went_silent`]).
+    /// [`PoolState::path_went_silent`]) or a failover was seen
+    /// ([`PoolState::failover_detected`]).
     pub fn is_suspect(&self, last_good: Instant) -> bool {
         let mark = self.silent_before.load(Ordering::Acquire);
         if mark == 0 {

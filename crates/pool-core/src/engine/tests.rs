@@ -919,3 +919,21 @@ fn a_second_slow_ping_lost_within_one_validation_timeout_declares_the_path_silen
     assert!(p.slow_ping_lost(Instant::now()));
     assert_eq!(p.epoch(), 2);
 }
+
+#[test]
+fn a_failover_makes_every_older_connection_suspect_and_a_read_only_error_asks_once() {
+    let (p, _) = pool_counting_invalidations();
+    let before = Instant::now();
+    std::thread::sleep(Duration::from_millis(2));
+    let at = Instant::now();
+    p.failover_detected(at);
+    assert_eq!(p.epoch(), 1);
+    assert!(p.is_suspect(before), "opened before the failover was seen");
+    assert!(!p.is_suspect(at + Duration::from_micros(1)));
+    // A read-only error is one pending check, whichever connection takes it.
+    assert!(!p.take_read_only_seen());
+    p.read_only_seen();
+    p.read_only_seen();
+    assert!(p.take_read_only_seen());
+    assert!(!p.take_read_only_seen(), "taken once");
+}

@@ -1,0 +1,199 @@
+//! Failover, async pool: the pool's connections reach a server that is now a read-only
+//! standby (a former primary, or a reader an old DNS answer still points to) while new
+//! connects reach the new primary. The first write that meets the standby (25006) tells the
+//! pool; every connection to the old server is closed without a ping (a standby answers
+//! pings), so the write's retry, and every request after it, runs on the new primary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use diesel::sql_types::{Bool, Integer};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async_ext::retry::{commit_with_retry, RetryPolicy};
+use diesel_async_ext::PgPool;
+use test_support::PgServer;
+
+/// Sixteen connections for the default policy's five attempts: even a pool that found the
+/// standby two connections per failed write (the check on the next checkout) would run out.
+const POOL: u32 = 16;
+
+fn schema(pg: &PgServer) {
+    pg.execute(
+        "CREATE TABLE failover_ledger (id int PRIMARY KEY); GRANT ALL ON failover_ledger TO app",
+    )
+    .expect("schema");
+}
+
+async fn rows(pg: &PgServer) -> i32 {
+    let mut c = AsyncPgConnection::establish(&pg.url_with("sslmode=disable"))
+        .await
+        .expect("connection");
+    diesel::select(diesel::dsl::sql::<Integer>(
+        "(SELECT count(*)::int FROM failover_ledger)",
+    ))
+    .get_result::<i32>(&mut c)
+    .await
+    .expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_standby_again() {
+    let Some(old) = server() else { return };
+    let Some(new) = server() else { return };
+    schema(&old);
+    schema(&new);
+    old.restart_as_standby()
+        .expect("the old primary as a standby");
+    let (proxy, url) = proxied(&old, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .application_name("failover")
+        .pool_size(POOL)
+        .max_overflow(0)
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(POOL as usize).await;
+    // The address moves to the new primary; the pool's connections still reach the standby,
+    // and each answers a ping.
+    proxy.retarget(new.addr());
+
+    // Five attempts (the default policy) for sixteen connections to the standby.
+    let written = commit_with_retry(&pool, &RetryPolicy::default(), async |conn| {
+        diesel::sql_query("INSERT INTO failover_ledger VALUES (1)")
+            .execute(conn)
+            .await
+    })
+    .await;
+    let stats = pool.stats();
+    assert!(
+        written.is_ok(),
+        "the write after the failover failed: {written:?}; {stats:?}"
+    );
+    assert_eq!(rows(&new).await, 1, "the write is on the new primary, once");
+    assert!(stats.invalidations >= 1, "{stats:?}");
+
+    // A burst of POOL at once: none of them is served by the standby.
+    let burst: Vec<_> = (0..POOL)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+                diesel::select(diesel::dsl::sql::<Bool>("pg_is_in_recovery()"))
+                    .get_result::<bool>(&mut *conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let mut standby = Vec::new();
+    for task in burst {
+        match task.await.expect("task") {
+            Ok(false) => {}
+            Ok(true) => standby.push("served by the standby".to_owned()),
+            Err(e) => standby.push(e),
+        }
+    }
+    let stats = pool.stats();
+    assert!(
+        standby.is_empty(),
+        "after the failover was seen, requests still met the standby: {standby:?}; {stats:?}"
+    );
+    // The connections to the standby were closed, not pooled again.
+    let gone = tokio::task::spawn_blocking(move || {
+        let gone = old.wait_backends_gone("failover", Duration::from_secs(5));
+        (old, gone)
+    })
+    .await
+    .expect("wait");
+    assert!(
+        gone.1.is_ok(),
+        "connections to the standby still open: {:?}; {stats:?}",
+        gone.1
+    );
+    println!(
+        "failover, async, pool of {POOL}: the write succeeded; closed as suspects {}, broken {}",
+        stats.closed.invalidated, stats.closed.broken
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plain_bb8_at_its_defaults_keeps_serving_from_the_standby_after_a_failover() {
+    let Some(old) = server() else { return };
+    let Some(new) = server() else { return };
+    schema(&old);
+    schema(&new);
+    old.restart_as_standby()
+        .expect("the old primary as a standby");
+    let (proxy, url) = proxied(&old, "sslmode=disable");
+    let plain = bb8::Pool::builder()
+        .max_size(POOL)
+        .build(
+            diesel_async::pooled_connection::AsyncDieselConnectionManager::<AsyncPgConnection>::new(
+                &url,
+            ),
+        )
+        .await
+        .expect("plain pool");
+    plain.warm(POOL as usize).await;
+    proxy.retarget(new.addr());
+    // Its checkout check (`SELECT 1`) passes on a standby: every write fails, for as long
+    // as its connections live.
+    let mut failed = 0;
+    for id in 0..2 * POOL as i32 {
+        let mut conn = plain.get().await.expect("checkout");
+        if diesel::sql_query(format!("INSERT INTO failover_ledger VALUES ({id})"))
+            .execute(&mut *conn)
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed,
+        2 * POOL,
+        "plain bb8 was expected to keep its connections to the standby"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliberate_write_in_a_read_only_transaction_neither_invalidates_the_pool_nor_loses_the_connection(
+) {
+    let Some(pg) = server() else { return };
+    schema(&pg);
+    let pool = ext_pool(&pg, "ro_deliberate", 2).build().await.unwrap();
+    pool.warm(2).await;
+    let denied = {
+        let mut conn = pool.get().await.unwrap();
+        conn.transaction::<_, diesel::result::Error, _>(async |c| {
+            diesel::sql_query("SET TRANSACTION READ ONLY")
+                .execute(c)
+                .await?;
+            diesel::sql_query("INSERT INTO failover_ledger VALUES (1)")
+                .execute(c)
+                .await
+        })
+        .await
+    };
+    assert!(
+        matches!(
+            denied,
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::ReadOnlyTransaction,
+                _
+            ))
+        ),
+        "{denied:?}"
+    );
+    // The next checkouts (whichever connection they get) ask the server and find a primary.
+    assert!(errors_over(&pool, 4).await.is_empty());
+    let stats = pool.stats();
+    assert_eq!(stats.invalidations, 0, "a primary is no standby: {stats:?}");
+    assert_eq!(stats.closed.broken, 0, "{stats:?}");
+    assert_eq!(
+        stats.connects, 2,
+        "the same connections serve on: {stats:?}"
+    );
+}
