@@ -178,19 +178,23 @@ mod pg_backend {
         }
 
         async fn is_standby(&mut self) -> bool {
-            use diesel_async::RunQueryDsl;
-            diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
-                "pg_is_in_recovery()",
-            ))
-            .get_result::<bool>(self)
-            .await
-            .unwrap_or(true)
+            // One simple query, no statement prepared: a prepared statement outside a
+            // transaction is not safe behind a transaction-mode pooler (its parse and its
+            // execution may reach different server connections), and a failed check counts
+            // as a standby. Any error (the marker, or a lost connection) says: do not reuse.
+            self.batch_execute(STANDBY_CHECK).await.is_err()
         }
 
         fn session_dirty(&mut self) -> bool {
             PoolableConnection::is_broken(self)
         }
     }
+
+    /// Fails on a server in recovery (a standby), passes on a primary: `pg_is_in_recovery()`
+    /// through the simple query protocol, which has no result rows to read here.
+    const STANDBY_CHECK: &str = "DO $$BEGIN IF pg_is_in_recovery() THEN \
+         RAISE EXCEPTION 'resilient-diesel: the server is in recovery (a standby)'; \
+         END IF; END$$";
 
     impl ExtConnection for AsyncPgConnection {}
 }

@@ -197,3 +197,42 @@ async fn a_deliberate_write_in_a_read_only_transaction_neither_invalidates_the_p
         "the same connections serve on: {stats:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_check_is_one_simple_query_safe_behind_a_transaction_pooler() {
+    let Some(pg) = server() else { return };
+    schema(&pg);
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .application_name("ro_check")
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let denied = {
+        let mut conn = pool.get().await.unwrap();
+        conn.transaction::<_, diesel::result::Error, _>(async |c| {
+            diesel::sql_query("SET TRANSACTION READ ONLY")
+                .execute(c)
+                .await?;
+            diesel::sql_query("INSERT INTO failover_ledger VALUES (1)")
+                .execute(c)
+                .await
+        })
+        .await
+    };
+    assert!(denied.is_err(), "{denied:?}");
+    proxy.reset_counts();
+    // This checkout asks the server whether it became a standby, and nothing else.
+    drop(pool.get().await.expect("checkout"));
+    let sent = proxy.messages();
+    let stats = pool.stats();
+    assert_eq!(stats.invalidations, 0, "a primary: {stats:?}");
+    assert_eq!(
+        (sent.parses, sent.syncs),
+        (0, 0),
+        "the standby check prepared a statement (unsafe behind a transaction pooler): {sent:?}"
+    );
+    assert!(sent.queries >= 1, "no standby check was sent: {sent:?}");
+}
