@@ -87,8 +87,13 @@ impl ConnectClass {
             "does not exist", // database "x" / role "x" does not exist
             "permission denied for database",
             "authentication failed for user",
+            // 28000 of pg_hba's `cert` method (and `clientcert=verify-*`) when the client
+            // sends no certificate.
+            "connection requires a valid client certificate",
             // libpq: credentials, TLS verification, parameters.
             "fe_sendauth: no password supplied",
+            // libpq refuses an `sslkey` that group or others may read, before connecting.
+            "has group or world access",
             "channel binding required",
             "certificate verify failed",
             "does not match host name",
@@ -371,6 +376,9 @@ mod tests {
             "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  no pg_hba.conf entry for host",
             "invalid sslmode value: \"bogus\"",
             "SSL error: certificate verify failed",
+            "connection to server at \"localhost\" (127.0.0.1), port 5432 failed: FATAL:  connection requires a valid client certificate",
+            "FATAL:  certificate authentication failed for user \"app\"",
+            "private key file \"/k/client.key\" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root",
         ] {
             assert_eq!(ConnectClass::of_libpq_message(msg), ConnectClass::Hopeless, "{msg}");
         }
