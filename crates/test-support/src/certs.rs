@@ -216,7 +216,7 @@ mod tests {
         let cn: Vec<String> = cert
             .subject_name()
             .entries_by_nid(Nid::COMMONNAME)
-            .map(|e| e.data().as_utf8().unwrap().to_string())
+            .map(|e| e.data().to_string().unwrap())
             .collect();
         assert_eq!(cn, ["app"]);
         let ca = X509::from_pem(&certs.ca_pem).unwrap();
