@@ -2,8 +2,8 @@
 //! by libpq itself) with the sync pool, against a real, private PostgreSQL server whose
 //! pg_hba.conf lets role `app` in over TLS with a certificate of CN `app` only
 //! ([`PgOptions::client_cert_auth`]): the certificate gets in and the server sees it
-//! (`pg_stat_ssl.client_dn`); no certificate, one for another name, or a key others may read
-//! is refused and `build()` fails fast with the reason.
+//! (`pg_stat_ssl.client_dn`); no certificate, one for another name or from another CA, or a
+//! key others may read is refused and `build()` fails fast with the reason.
 
 mod common;
 
@@ -151,6 +151,19 @@ fn no_certificate_or_another_cn_is_refused_and_build_fails_fast() {
         text.contains("certificate authentication failed for user \"app\""),
         "{text}"
     );
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused_at_the_handshake_and_build_fails_fast() {
+    let Some(pg) = server() else { return };
+    // CN=app, but signed by another server's CA: the server's TLS stack refuses it.
+    let Some(other) = server() else { return };
+    let foreign = other.issue_client_cert("app").unwrap();
+    let text = refused_fast(
+        &url(&pg, Some(&foreign)),
+        "with a certificate of another CA",
+    );
+    assert!(text.contains("alert unknown ca"), "{text}");
 }
 
 #[test]

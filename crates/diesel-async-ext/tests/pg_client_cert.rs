@@ -1,9 +1,10 @@
 //! Client-certificate authentication (`sslcert` / `sslkey`) against a real, private
 //! PostgreSQL server whose pg_hba.conf lets role `app` in over TLS with a certificate of CN
 //! `app` only ([`PgOptions::client_cert_auth`]), with each TLS stack: the certificate gets
-//! in and the server sees it (`pg_stat_ssl.client_dn`); no certificate, or one for another
-//! name, is refused and the pool fails fast with the server's reason; a key others may read
-//! is refused before any connect. Every connector and pool here names its stack explicitly.
+//! in and the server sees it (`pg_stat_ssl.client_dn`); no certificate, one for another
+//! name, or one from another CA is refused and the pool fails fast with the server's reason;
+//! a key others may read is refused before any connect. Every connector and pool here names
+//! its stack explicitly.
 #![cfg(any(feature = "tls-openssl", feature = "rustls"))]
 
 use std::future::Future;
@@ -221,6 +222,27 @@ async fn no_certificate_or_another_cn_is_refused_and_the_pool_fails_fast(backend
     );
 }
 
+async fn a_certificate_from_another_ca_is_refused_at_the_handshake(backend: TlsBackend) {
+    let Some(pg) = server() else { return };
+    // CN=app, but signed by another server's CA: the server's TLS stack refuses it.
+    let Some(other) = server() else { return };
+    let foreign = other.issue_client_cert("app").unwrap();
+    let url = url(&pg, Some(&foreign));
+    let err = connect(&url, backend)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{backend}: a certificate of another CA got in"));
+    let shown = format!("{err} | {err:?}");
+    assert!(!shown.contains(PASSWORD), "password leaked: {shown}");
+    let lower = err.to_string().to_lowercase();
+    assert!(
+        lower.contains("alert unknown ca") || lower.contains("alert: unknownca"),
+        "the server's alert: {err}"
+    );
+    let text = refused_fast(&url, backend, "with a certificate of another CA").await;
+    assert!(text.to_lowercase().contains("unknown"), "{text}");
+}
+
 async fn a_key_others_can_read_is_refused_before_connecting(backend: TlsBackend) {
     let Some(pg) = server() else { return };
     let cert = pg.issue_client_cert("app").unwrap();
@@ -278,6 +300,11 @@ mod openssl {
     }
 
     #[tokio::test]
+    async fn a_certificate_from_another_ca_is_refused_and_build_fails_fast() {
+        a_certificate_from_another_ca_is_refused_at_the_handshake(TlsBackend::OpenSsl).await;
+    }
+
+    #[tokio::test]
     async fn a_client_key_readable_by_others_is_refused() {
         a_key_others_can_read_is_refused_before_connecting(TlsBackend::OpenSsl).await;
     }
@@ -295,6 +322,11 @@ mod rustls {
     #[tokio::test]
     async fn no_certificate_or_another_cn_is_refused_and_build_fails_fast() {
         no_certificate_or_another_cn_is_refused_and_the_pool_fails_fast(TlsBackend::Rustls).await;
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_is_refused_and_build_fails_fast() {
+        a_certificate_from_another_ca_is_refused_at_the_handshake(TlsBackend::Rustls).await;
     }
 
     #[tokio::test]
