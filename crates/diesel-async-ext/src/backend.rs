@@ -130,6 +130,11 @@ mod pg_backend {
                     ConnectError::Tls { message, .. } => ConnectClass::of_libpq_message(
                         &message.replace("Hostname mismatch", "does not match host name"),
                     ),
+                    // The server's TLS alert refusing our client certificate arrives with the
+                    // first read after the handshake (TLS 1.3), as a failed read.
+                    ConnectError::Network { message, .. } if message.contains("alert") => {
+                        ConnectClass::of_libpq_message(message)
+                    }
                     _ => ConnectClass::Transient,
                 };
                 let cause = match &e {

@@ -1,4 +1,5 @@
-//! A throwaway CA and a server certificate signed by it (EC P-256, SHA-256).
+//! A throwaway CA, a server certificate signed by it, and client certificates signed by the
+//! same CA on demand (EC P-256, SHA-256).
 
 use openssl::asn1::{Asn1Integer, Asn1Time};
 use openssl::bn::{BigNum, MsbOption};
@@ -13,8 +14,16 @@ use openssl::x509::extension::{
 };
 use openssl::x509::{X509Builder, X509Name, X509NameBuilder, X509};
 
+/// The CA of one test server, kept in memory so that client certificates can be issued later.
+pub(crate) struct Ca {
+    cert: X509,
+    key: PKey<Private>,
+}
+
 /// PEM files for one test server.
 pub(crate) struct Certs {
+    /// The CA that signed the server certificate (and signs client certificates).
+    pub(crate) ca: Ca,
     /// The CA certificate (what clients put in `sslrootcert`).
     pub(crate) ca_pem: Vec<u8>,
     /// The server certificate: by default CN `localhost`, SAN `DNS:localhost`, `IP:127.0.0.1`
@@ -130,7 +139,45 @@ pub(crate) fn generate_for(names: &[String]) -> Result<Certs, ErrorStack> {
         ca_pem: ca.to_pem()?,
         server_cert_pem: leaf.to_pem()?,
         server_key_pem: server_key.private_key_to_pem_pkcs8()?,
+        ca: Ca {
+            cert: ca,
+            key: ca_key,
+        },
     })
+}
+
+/// A client certificate (PEM) and its private key (PKCS#8 PEM) for `common_name`, signed by
+/// `ca`: CN `common_name` (what PostgreSQL's `cert` method compares with the user name),
+/// extended key usage `clientAuth`.
+pub(crate) fn issue_client(ca: &Ca, common_name: &str) -> Result<(Vec<u8>, Vec<u8>), ErrorStack> {
+    let client_key = key()?;
+    let mut leaf = X509Builder::new()?;
+    leaf.set_version(2)?;
+    let leaf_serial = serial()?;
+    let leaf_name = name(common_name)?;
+    leaf.set_serial_number(&leaf_serial)?;
+    leaf.set_subject_name(&leaf_name)?;
+    leaf.set_issuer_name(ca.cert.subject_name())?;
+    leaf.set_pubkey(&client_key)?;
+    validity(&mut leaf)?;
+    leaf.append_extension(BasicConstraints::new().build()?)?;
+    leaf.append_extension(
+        KeyUsage::new()
+            .critical()
+            .digital_signature()
+            .key_agreement()
+            .build()?,
+    )?;
+    leaf.append_extension(ExtendedKeyUsage::new().client_auth().build()?)?;
+    let ski = SubjectKeyIdentifier::new().build(&leaf.x509v3_context(Some(&ca.cert), None))?;
+    leaf.append_extension(ski)?;
+    let aki = AuthorityKeyIdentifier::new()
+        .keyid(false)
+        .build(&leaf.x509v3_context(Some(&ca.cert), None))?;
+    leaf.append_extension(aki)?;
+    leaf.sign(&ca.key, MessageDigest::sha256())?;
+    let leaf = leaf.build();
+    Ok((leaf.to_pem()?, client_key.private_key_to_pem_pkcs8()?))
 }
 
 #[cfg(test)]
@@ -159,5 +206,22 @@ mod tests {
         );
         let certs = generate_for(&["db.example.invalid".to_owned()]).unwrap();
         assert_eq!(sans(&certs.server_cert_pem), ["db.example.invalid"]);
+    }
+
+    #[test]
+    fn a_client_certificate_names_its_cn_and_verifies_against_the_ca() {
+        let certs = generate_for(&[]).unwrap();
+        let (cert_pem, key_pem) = issue_client(&certs.ca, "app").unwrap();
+        let cert = X509::from_pem(&cert_pem).unwrap();
+        let cn: Vec<String> = cert
+            .subject_name()
+            .entries_by_nid(Nid::COMMONNAME)
+            .map(|e| e.data().to_string().unwrap())
+            .collect();
+        assert_eq!(cn, ["app"]);
+        let ca = X509::from_pem(&certs.ca_pem).unwrap();
+        assert!(cert.verify(&ca.public_key().unwrap()).unwrap());
+        let key = PKey::private_key_from_pem(&key_pem).unwrap();
+        assert!(cert.public_key().unwrap().public_eq(&key));
     }
 }

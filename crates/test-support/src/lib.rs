@@ -41,7 +41,7 @@ use parking_lot::Mutex;
 pub use error::TestSupportError;
 pub use logs::{capture_logs, captured_logs};
 pub use netns::NetNs;
-pub use pg::{BackendPause, PgOptions, PgServer};
+pub use pg::{BackendPause, ClientCert, PgOptions, PgServer};
 pub use pgbouncer::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode};
 pub use proxy::{FaultProxy, MessageCounts};
 pub use silent::SilentServer;

@@ -37,6 +37,9 @@ pub struct PgOptions {
     /// The names the server certificate is issued for (DNS names or IP addresses). Empty (the
     /// default) means `localhost` and `127.0.0.1`.
     pub cert_names: Vec<String>,
+    /// Whether role `app` must log in over TLS with a client certificate (default `false`):
+    /// see [`PgOptions::client_cert_auth`].
+    pub client_cert_auth: bool,
 }
 
 impl Default for PgOptions {
@@ -45,6 +48,7 @@ impl Default for PgOptions {
             extra_conf: Vec::new(),
             ssl: true,
             cert_names: Vec::new(),
+            client_cert_auth: false,
         }
     }
 }
@@ -73,6 +77,18 @@ impl PgOptions {
     /// clients connect to. Still signed by [`PgServer::ca_cert_path`]'s CA.
     pub fn cert_names(mut self, names: &[&str]) -> Self {
         self.cert_names = names.iter().map(|n| (*n).to_owned()).collect();
+        self
+    }
+
+    /// Client-certificate authentication for role `app`: its TCP connections must use TLS
+    /// and present a certificate signed by [`PgServer::ca_cert_path`]'s CA whose CN is `app`
+    /// (pg_hba method `cert`; issue one with [`PgServer::issue_client_cert`]); its password
+    /// no longer gets it in, over TCP in clear (`hostnossl ... reject`) or the unix socket
+    /// (`local ... reject`). The server verifies client certificates against that CA
+    /// (`ssl_ca_file`). Turns TLS on whatever [`PgOptions::ssl`] says. The superuser keeps
+    /// its trust lines, so the admin helpers work as usual. Default: off (SCRAM for `app`).
+    pub fn client_cert_auth(mut self, on: bool) -> Self {
+        self.client_cert_auth = on;
         self
     }
 }
@@ -405,6 +421,28 @@ host    all       all       127.0.0.1/32   scram-sha-256
 host    all       all       ::1/128        scram-sha-256
 ";
 
+/// `pg_hba.conf` of a server started with [`PgOptions::client_cert_auth`]: the superuser's
+/// trust lines first (the harness manages the server through them), then role `app` only over
+/// TLS with a client certificate of CN `app`, then SCRAM for everyone else.
+const PG_HBA_CLIENT_CERT: &str = "\
+# resilient-diesel test-support: trust for the superuser, a client certificate for app.
+# TYPE    DATABASE  USER      ADDRESS        METHOD
+local     all       postgres                 trust
+host      all       postgres  127.0.0.1/32   trust
+host      all       postgres  ::1/128        trust
+hostssl   all       app       127.0.0.1/32   cert
+hostssl   all       app       ::1/128        cert
+hostnossl all       app       all            reject
+local     all       app                      reject
+local     all       all                      scram-sha-256
+host      all       all       127.0.0.1/32   scram-sha-256
+host      all       all       ::1/128        scram-sha-256
+";
+
+/// The file in the data directory holding the CA that client certificates are verified
+/// against (`ssl_ca_file`), for servers with [`PgOptions::client_cert_auth`].
+const CLIENT_CA_FILE: &str = "client_ca.crt";
+
 fn write_file(path: &Path, bytes: &[u8], mode: u32, run_as: RunAs) -> Result<(), TestSupportError> {
     let _ = fs::remove_file(path);
     let mut file = fs::OpenOptions::new()
@@ -483,12 +521,38 @@ fn quote_ident(name: &str) -> String {
 /// role `app` with password [`PgServer::PASSWORD`] (SCRAM-SHA-256) that owns database `app`.
 /// Settings: `listen_addresses = '127.0.0.1'`, `max_connections = 200`, `fsync = off`,
 /// `ssl = on` with a fresh CA ([`PgServer::ca_cert_path`]) and a server certificate for
-/// `localhost` and `127.0.0.1`.
+/// `localhost` and `127.0.0.1`. With [`PgOptions::client_cert_auth`], role `app` logs in
+/// with a client certificate instead ([`PgServer::issue_client_cert`]).
 pub struct PgServer {
     port: u16,
     host: String,
     ca_cert: PathBuf,
+    ca: certs::Ca,
+    issued: std::sync::atomic::AtomicUsize,
     cluster: Cluster,
+}
+
+/// The files of a client certificate issued by [`PgServer::issue_client_cert`], for libpq's
+/// `sslcert` and `sslkey`. They are removed with the server's temp dir.
+#[derive(Clone, Debug)]
+pub struct ClientCert {
+    /// The certificate (PEM), signed by the server's CA ([`PgServer::ca_cert_path`]).
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8 PEM, unencrypted), mode 0600 and owned by the current user, as
+    /// libpq requires.
+    pub key: PathBuf,
+}
+
+impl ClientCert {
+    /// `sslcert=<cert>&sslkey=<key>`, to append to a URL's query (paths as they are: the
+    /// crate's temp paths need no percent-encoding).
+    pub fn url_params(&self) -> String {
+        format!(
+            "sslcert={}&sslkey={}",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
 }
 
 /// The part that owns processes and files; its `Drop` does the cleanup, also for a server
@@ -556,6 +620,16 @@ impl PgServer {
 
         let certs = certs::generate_for(&opts.cert_names)?;
         write_file(&ca_cert, &certs.ca_pem, 0o644, run_as)?;
+        if opts.client_cert_auth {
+            // After the copy: the template (shared by every server) keeps SCRAM for `app`.
+            write_file(
+                &data.join("pg_hba.conf"),
+                PG_HBA_CLIENT_CERT.as_bytes(),
+                0o600,
+                run_as,
+            )?;
+            write_file(&data.join(CLIENT_CA_FILE), &certs.ca_pem, 0o644, run_as)?;
+        }
         write_file(
             &data.join("server.crt"),
             &certs.server_cert_pem,
@@ -591,6 +665,8 @@ impl PgServer {
             port,
             host: "127.0.0.1".into(),
             ca_cert,
+            ca: certs.ca,
+            issued: std::sync::atomic::AtomicUsize::new(0),
             cluster,
         })
     }
@@ -660,6 +736,42 @@ impl PgServer {
     /// `sslmode=verify-ca` or `verify-full` (the certificate names `localhost` and `127.0.0.1`).
     pub fn ca_cert_path(&self) -> &Path {
         &self.ca_cert
+    }
+
+    /// Issues a client certificate for `common_name` (for PostgreSQL's `cert` method, the
+    /// role name, e.g. `"app"`), signed by the CA of [`PgServer::ca_cert_path`], and writes it
+    /// and its private key as PEM files into a fresh directory under the server's temp dir:
+    /// the key with mode 0600, owned by the current user (libpq refuses a key that group or
+    /// others may read). Each call makes a new key pair; the files go away with the server.
+    pub fn issue_client_cert(&self, common_name: &str) -> Result<ClientCert, TestSupportError> {
+        let n = self
+            .issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let safe: String = common_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dir = self.cluster.root().join(format!("client-{n}-{safe}"));
+        fs::create_dir(&dir)
+            .map_err(|e| TestSupportError::io(format!("creating {}", dir.display()), e))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| TestSupportError::io(format!("chmod {}", dir.display()), e))?;
+        let (cert_pem, key_pem) = certs::issue_client(&self.ca, common_name)?;
+        let files = ClientCert {
+            cert: dir.join("client.crt"),
+            key: dir.join("client.key"),
+        };
+        // Owned by us (the client), not by the server's user: no chown.
+        let me = RunAs { ids: None };
+        write_file(&files.cert, &cert_pem, 0o644, me)?;
+        write_file(&files.key, &key_pem, 0o600, me)?;
+        Ok(files)
     }
 
     /// The cluster's data directory.
@@ -915,8 +1027,15 @@ fn settings(port: u16, sock: &Path, opts: &PgOptions) -> String {
          ssl_cert_file = 'server.crt'\n\
          ssl_key_file = 'server.key'\n",
         sock.to_string_lossy().replace('\'', "''"),
-        if opts.ssl { "on" } else { "off" },
+        if opts.ssl || opts.client_cert_auth {
+            "on"
+        } else {
+            "off"
+        },
     );
+    if opts.client_cert_auth {
+        conf.push_str(&format!("ssl_ca_file = '{CLIENT_CA_FILE}'\n"));
+    }
     for line in &opts.extra_conf {
         conf.push_str(line);
         conf.push('\n');
@@ -1189,5 +1308,17 @@ mod tests {
         assert!(conf.contains("ssl = off\n"));
         assert!(conf.contains("unix_socket_directories = '/tmp/x/sock'\n"));
         assert!(conf.ends_with("max_connections = 7\n"));
+        assert!(!conf.contains("ssl_ca_file"));
+    }
+
+    #[test]
+    fn client_cert_auth_turns_tls_on_and_names_the_ca() {
+        let opts = PgOptions::new().ssl(false).client_cert_auth(true);
+        let conf = settings(5555, Path::new("/tmp/x/sock"), &opts);
+        assert!(conf.contains("ssl = on\n"));
+        assert!(conf.contains("ssl_ca_file = 'client_ca.crt'\n"));
+        // The superuser's trust lines come before anything about `app`.
+        let first_app = PG_HBA_CLIENT_CERT.find(" app ").unwrap();
+        assert!(PG_HBA_CLIENT_CERT.rfind(" postgres ").unwrap() < first_app);
     }
 }

@@ -312,3 +312,62 @@ fn parallel_servers_get_distinct_ports() {
         conn.batch_execute("CREATE TABLE mine (x int)").unwrap();
     }
 }
+
+#[test]
+fn client_cert_auth_lets_app_in_with_its_certificate_only_and_leaves_others_alone() {
+    let Some(pg) = start_opts(PgOptions::new().client_cert_auth(true)) else {
+        return;
+    };
+    let ca = pg.ca_cert_path().display().to_string();
+    let app = pg.issue_client_cert("app").unwrap();
+    // The key is the client's: mode 0600, owned by this process's user.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&app.key).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    }
+    let url = |params: &str| pg.url_with(&format!("sslmode=verify-full&sslrootcert={ca}{params}"));
+
+    let mut conn = connect(&url(&format!("&{}", app.url_params())));
+    assert_eq!(text(&mut conn, "current_user::text"), "app");
+    let dn = text(
+        &mut conn,
+        "(SELECT coalesce(client_dn, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid())",
+    );
+    assert!(dn.contains("CN=app"), "client_dn {dn:?}");
+
+    // The password alone no longer gets `app` in: over TLS without a certificate, in clear,
+    // or with a certificate for another name.
+    let refused = |url: String, what: &str| {
+        let err = PgConnection::establish(&url)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: connected"))
+            .to_string();
+        assert!(!err.contains(PgServer::PASSWORD), "{what}: {err}");
+        err
+    };
+    let err = refused(url(""), "no certificate");
+    assert!(
+        err.contains("connection requires a valid client certificate"),
+        "{err}"
+    );
+    let err = refused(pg.url_with("sslmode=disable"), "in clear");
+    assert!(err.contains("pg_hba.conf rejects connection"), "{err}");
+    let mallory = pg.issue_client_cert("mallory").unwrap();
+    let err = refused(url(&format!("&{}", mallory.url_params())), "CN=mallory");
+    assert!(
+        err.contains("certificate authentication failed for user \"app\""),
+        "{err}"
+    );
+
+    // The harness still manages the server through the superuser.
+    pg.execute("SELECT 1").unwrap();
+    assert_eq!(pg.server_setting("ssl_ca_file").unwrap(), "client_ca.crt");
+
+    // Only this server: a default one in the same process (same template) keeps SCRAM.
+    let Some(other) = pg_or_skip() else { return };
+    let mut conn = connect(&other.url_with("sslmode=disable"));
+    assert_eq!(one(&mut conn).unwrap(), 1);
+}

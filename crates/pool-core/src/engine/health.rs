@@ -87,10 +87,29 @@ impl ConnectClass {
             "does not exist", // database "x" / role "x" does not exist
             "permission denied for database",
             "authentication failed for user",
+            // 28000 of pg_hba's `cert` method (and `clientcert=verify-*`) when the client
+            // sends no certificate.
+            "connection requires a valid client certificate",
             // libpq: credentials, TLS verification, parameters.
             "fe_sendauth: no password supplied",
+            // libpq refuses an `sslkey` that group or others may read, before connecting.
+            "has group or world access",
             "channel binding required",
             "certificate verify failed",
+            // The server refused the client's certificate during the handshake (its TLS
+            // alert, as OpenSSL and libpq word it, then as rustls does).
+            "alert unknown ca",
+            "alert bad certificate",
+            "alert certificate expired",
+            "alert certificate revoked",
+            "alert certificate unknown",
+            "alert certificate required",
+            "received fatal alert: UnknownCA",
+            "received fatal alert: BadCertificate",
+            "received fatal alert: CertificateExpired",
+            "received fatal alert: CertificateRevoked",
+            "received fatal alert: CertificateUnknown",
+            "received fatal alert: CertificateRequired",
             "does not match host name",
             "root certificate file",
             "server does not support SSL, but SSL was required",
@@ -371,6 +390,12 @@ mod tests {
             "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  no pg_hba.conf entry for host",
             "invalid sslmode value: \"bogus\"",
             "SSL error: certificate verify failed",
+            "connection to server at \"localhost\" (127.0.0.1), port 5432 failed: FATAL:  connection requires a valid client certificate",
+            "FATAL:  certificate authentication failed for user \"app\"",
+            "private key file \"/k/client.key\" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root",
+            "connection to server at \"localhost\" (127.0.0.1), port 5432 failed: SSL error: tlsv1 alert unknown ca",
+            "error communicating with the server: error:0A000418:SSL routines:ssl3_read_bytes:tlsv1 alert unknown ca:ssl/record/rec_layer_s3.c:918:SSL alert number 48",
+            "error communicating with the server: received fatal alert: UnknownCA",
         ] {
             assert_eq!(ConnectClass::of_libpq_message(msg), ConnectClass::Hopeless, "{msg}");
         }
