@@ -992,6 +992,22 @@ impl PgServer {
         while !paused.iter().all(|&pid| sys::stopped_or_gone(pid)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // The pause ends by itself after PAUSE_EXPIRES_AFTER: a client blocked on a stopped
+        // backend with no deadline of its own (a mechanism removed, under mutation testing)
+        // then gets its answer, and the test fails by an assertion instead of hanging.
+        let (pids, registry) = (paused.clone(), Arc::clone(&self.cluster.paused));
+        let expiry = std::thread::Builder::new()
+            .name("pg-pause-expiry".into())
+            .spawn(move || {
+                std::thread::sleep(PAUSE_EXPIRES_AFTER);
+                let mut registry = registry.lock();
+                for pid in &pids {
+                    if registry.remove(pid) {
+                        let _ = sys::signal(*pid, libc::SIGCONT, "SIGCONT");
+                    }
+                }
+            });
+        drop(expiry);
         Ok(BackendPause {
             pids: paused,
             registry: Arc::clone(&self.cluster.paused),
@@ -1252,8 +1268,14 @@ impl Drop for Cluster {
     }
 }
 
+/// How long [`PgServer::pause_backends`] keeps backends stopped at most: longer than any
+/// bound a test asserts on a hung backend, short enough that a test whose mechanism is
+/// removed fails by an assertion well within a mutation run's timeout.
+pub const PAUSE_EXPIRES_AFTER: Duration = Duration::from_secs(30);
+
 /// Backends stopped with `SIGSTOP` by [`PgServer::pause_backends`]; dropping this (or
-/// [`BackendPause::resume`]) sends them `SIGCONT`.
+/// [`BackendPause::resume`]) sends them `SIGCONT`, and so does the pause's own expiry after
+/// [`PAUSE_EXPIRES_AFTER`].
 #[derive(Debug)]
 pub struct BackendPause {
     pids: Vec<i32>,

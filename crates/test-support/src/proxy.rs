@@ -47,6 +47,11 @@ struct Shared {
     accepted: AtomicU64,
 }
 
+/// How long [`FaultProxy::silence_existing`] keeps a connection silent before it resets it:
+/// longer than any bound a test asserts on silence, short enough that a test whose mechanism
+/// is removed fails by an assertion well within a mutation run's timeout.
+pub const SILENCE_EXPIRES_AFTER: Duration = Duration::from_secs(30);
+
 /// Client-to-server PostgreSQL protocol messages the proxy saw, by kind (see
 /// [`FaultProxy::messages`]). Counted on plaintext connections only (`sslmode=disable`); a
 /// connection that asks for TLS is not counted past its request.
@@ -283,13 +288,42 @@ impl FaultProxy {
     /// either direction, and its sockets stay open (a NAT or load balancer that forgot its
     /// flows, a failover that left the old sockets hanging). Connections accepted from now on
     /// pass as usual. Returns how many went silent.
+    ///
+    /// The silence ends with a reset after [`SILENCE_EXPIRES_AFTER`] (as a middlebox finally
+    /// expires the flows it forgot): a client that waits on a silent connection with no
+    /// deadline of its own (a pool with a mechanism removed, under mutation testing) gets an
+    /// error then, and its test fails by an assertion instead of hanging.
     pub fn silence_existing(&self) -> usize {
-        let conns = self.shared.conns.lock();
-        for ctl in conns.values() {
-            ctl.silenced.store(true, Ordering::SeqCst);
-            ctl.wake();
-        }
-        conns.len()
+        let ids: Vec<u64> = {
+            let conns = self.shared.conns.lock();
+            for ctl in conns.values() {
+                ctl.silenced.store(true, Ordering::SeqCst);
+                ctl.wake();
+            }
+            conns.keys().copied().collect()
+        };
+        let n = ids.len();
+        let shared = Arc::clone(&self.shared);
+        let expiry = std::thread::Builder::new()
+            .name(format!("fault-proxy-{}-expiry", self.port))
+            .spawn(move || {
+                std::thread::sleep(SILENCE_EXPIRES_AFTER);
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    return;
+                }
+                let conns = shared.conns.lock();
+                for id in &ids {
+                    if let Some(ctl) = conns.get(id) {
+                        if ctl.silenced.load(Ordering::SeqCst) {
+                            ctl.sever.store(true, Ordering::SeqCst);
+                            ctl.wake();
+                        }
+                    }
+                }
+            });
+        // Without the thread the silence lasts until the proxy is dropped, as before.
+        drop(expiry);
+        n
     }
 
     /// Resets every connection silenced by [`FaultProxy::silence_existing`] (RST to both
