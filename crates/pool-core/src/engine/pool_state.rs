@@ -302,7 +302,10 @@ impl PoolState {
 
     /// Whether a read-only-transaction error is waiting for a standby check; clears it.
     pub fn take_read_only_seen(&self) -> bool {
-        self.read_only_pending.swap(false, Ordering::AcqRel)
+        // A load first: this runs on every checkout (async) and checkin (sync), and a plain
+        // read keeps the shared cache line clean when nothing is pending.
+        self.read_only_pending.load(Ordering::Acquire)
+            && self.read_only_pending.swap(false, Ordering::AcqRel)
     }
 
     /// A connection found its server turned into a read-only standby at `at` (a failover,
