@@ -12,6 +12,7 @@ use common::*;
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Integer};
 use resilient_diesel::{commit_with_retry, PgPool, RetryPolicy};
+use test_support::PgServer;
 
 const POOL: u32 = 8;
 
@@ -19,17 +20,29 @@ fn in_recovery(conn: &mut PgConnection) -> QueryResult<bool> {
     diesel::select(diesel::dsl::sql::<Bool>("pg_is_in_recovery()")).get_result(conn)
 }
 
-#[test]
-fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_standby_again() {
-    let Some(old) = server() else { return };
-    let Some(new) = server() else { return };
+/// Two private servers with the same table: `old`, restarted as a standby (the former
+/// primary), and `new`; a proxy to `old`, and its URL. The test moves the proxy to `new`
+/// (the failover, as the clients see it) once its pool holds connections to `old`.
+fn failed_over() -> Option<(PgServer, PgServer, test_support::FaultProxy, String)> {
+    let old = server()?;
+    let new = server()?;
     for pg in [&old, &new] {
-        pg.execute("CREATE TABLE failover_ledger (id int PRIMARY KEY); GRANT ALL ON failover_ledger TO app")
-            .expect("schema");
+        pg.execute(
+            "CREATE TABLE failover_ledger (id int PRIMARY KEY); GRANT ALL ON failover_ledger TO app",
+        )
+        .expect("schema");
     }
     old.restart_as_standby()
         .expect("the old primary as a standby");
     let (proxy, url) = proxied(&old, "sslmode=disable");
+    Some((old, new, proxy, url))
+}
+
+#[test]
+fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_standby_again() {
+    let Some((old, new, proxy, url)) = failed_over() else {
+        return;
+    };
     let pool = PgPool::builder(&url)
         .application_name("failover")
         .pool_size(POOL)
@@ -51,7 +64,7 @@ fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_sta
         written.is_ok(),
         "the write after the failover failed: {written:?}; {stats:?}"
     );
-    let rows = |pg: &test_support::PgServer| {
+    let rows = |pg: &PgServer| {
         let mut c = PgConnection::establish(&pg.url_with("sslmode=disable")).expect("connection");
         diesel::select(diesel::dsl::sql::<Integer>(
             "(SELECT count(*)::int FROM failover_ledger)",
@@ -100,15 +113,9 @@ fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_sta
 
 #[test]
 fn control_plain_r2d2_at_its_defaults_keeps_serving_from_the_standby_after_a_failover() {
-    let Some(old) = server() else { return };
-    let Some(new) = server() else { return };
-    for pg in [&old, &new] {
-        pg.execute("CREATE TABLE failover_ledger (id int PRIMARY KEY); GRANT ALL ON failover_ledger TO app")
-            .expect("schema");
-    }
-    old.restart_as_standby()
-        .expect("the old primary as a standby");
-    let (proxy, url) = proxied(&old, "sslmode=disable");
+    let Some((old, new, proxy, url)) = failed_over() else {
+        return;
+    };
     let plain = r2d2::Pool::builder()
         .max_size(POOL)
         .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(&url))

@@ -38,15 +38,38 @@ async fn rows(pg: &PgServer) -> i32 {
     .expect("count")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_standby_again() {
-    let Some(old) = server() else { return };
-    let Some(new) = server() else { return };
+/// Two private servers with the same table: `old`, restarted as a standby (the former
+/// primary), and `new`; a proxy to `old`, and its URL. The test moves the proxy to `new`
+/// (the failover, as the clients see it) once its pool holds connections to `old`.
+fn failed_over() -> Option<(PgServer, PgServer, test_support::FaultProxy, String)> {
+    let old = server()?;
+    let new = server()?;
     schema(&old);
     schema(&new);
     old.restart_as_standby()
         .expect("the old primary as a standby");
     let (proxy, url) = proxied(&old, "sslmode=disable");
+    Some((old, new, proxy, url))
+}
+
+/// A write in a `READ ONLY` transaction on a primary: 25006, as a standby would answer.
+async fn deliberate_read_only_write(conn: &mut AsyncPgConnection) -> diesel::QueryResult<usize> {
+    conn.transaction::<_, diesel::result::Error, _>(async |c| {
+        diesel::sql_query("SET TRANSACTION READ ONLY")
+            .execute(c)
+            .await?;
+        diesel::sql_query("INSERT INTO failover_ledger VALUES (1)")
+            .execute(c)
+            .await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_standby_again() {
+    let Some((old, new, proxy, url)) = failed_over() else {
+        return;
+    };
     let pool = PgPool::builder(&url)
         .application_name("failover")
         .pool_size(POOL)
@@ -120,13 +143,9 @@ async fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plain_bb8_at_its_defaults_keeps_serving_from_the_standby_after_a_failover() {
-    let Some(old) = server() else { return };
-    let Some(new) = server() else { return };
-    schema(&old);
-    schema(&new);
-    old.restart_as_standby()
-        .expect("the old primary as a standby");
-    let (proxy, url) = proxied(&old, "sslmode=disable");
+    let Some((old, new, proxy, url)) = failed_over() else {
+        return;
+    };
     let plain = bb8::Pool::builder()
         .max_size(POOL)
         .build(
@@ -167,15 +186,7 @@ async fn a_deliberate_write_in_a_read_only_transaction_neither_invalidates_the_p
     pool.warm(2).await;
     let denied = {
         let mut conn = pool.get().await.unwrap();
-        conn.transaction::<_, diesel::result::Error, _>(async |c| {
-            diesel::sql_query("SET TRANSACTION READ ONLY")
-                .execute(c)
-                .await?;
-            diesel::sql_query("INSERT INTO failover_ledger VALUES (1)")
-                .execute(c)
-                .await
-        })
-        .await
+        deliberate_read_only_write(&mut conn).await
     };
     assert!(
         matches!(
@@ -212,15 +223,7 @@ async fn the_standby_check_is_one_simple_query_safe_behind_a_transaction_pooler(
         .unwrap();
     let denied = {
         let mut conn = pool.get().await.unwrap();
-        conn.transaction::<_, diesel::result::Error, _>(async |c| {
-            diesel::sql_query("SET TRANSACTION READ ONLY")
-                .execute(c)
-                .await?;
-            diesel::sql_query("INSERT INTO failover_ledger VALUES (1)")
-                .execute(c)
-                .await
-        })
-        .await
+        deliberate_read_only_write(&mut conn).await
     };
     assert!(denied.is_err(), "{denied:?}");
     proxy.reset_counts();
