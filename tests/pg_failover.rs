@@ -113,7 +113,7 @@ fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_the_sta
 
 #[test]
 fn control_plain_r2d2_at_its_defaults_keeps_serving_from_the_standby_after_a_failover() {
-    let Some((old, new, proxy, url)) = failed_over() else {
+    let Some((_old, new, proxy, url)) = failed_over() else {
         return;
     };
     let plain = r2d2::Pool::builder()

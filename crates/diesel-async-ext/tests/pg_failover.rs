@@ -143,7 +143,7 @@ async fn after_a_failover_a_write_reaches_the_new_primary_and_no_request_meets_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plain_bb8_at_its_defaults_keeps_serving_from_the_standby_after_a_failover() {
-    let Some((old, new, proxy, url)) = failed_over() else {
+    let Some((_old, new, proxy, url)) = failed_over() else {
         return;
     };
     let plain = bb8::Pool::builder()
