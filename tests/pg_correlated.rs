@@ -309,6 +309,53 @@ fn at_the_cap_a_pool_of_8_all_silent_gives_up_two_connections_not_one_per_connec
 }
 
 #[test]
+fn a_hedge_connection_whose_setup_failed_is_never_handed_out() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    // The application's per-session setup: it fails on the second connection only (the
+    // hedge's), before setting anything.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hook_calls = Arc::clone(&calls);
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .application_name("ext_hedge_setup")
+        .pool_size(1)
+        .max_overflow(1)
+        .validation_timeout(Duration::from_secs(1))
+        .after_connect(move |conn| {
+            if hook_calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                return Err(diesel::result::Error::QueryBuilderError(
+                    "the session setup failed".into(),
+                ));
+            }
+            diesel::connection::SimpleConnection::batch_execute(conn, "SET work_mem = '7MB'")
+        })
+        .build()
+        .expect("pool");
+    warm(&pool, 1);
+    std::thread::sleep(Duration::from_millis(600));
+    proxy.silence_existing();
+    let mut conn = pool.get().expect("a connection after the silence");
+    let work_mem: String = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+        "current_setting('work_mem')",
+    ))
+    .get_result(&mut *conn)
+    .expect("query");
+    assert_eq!(
+        work_mem,
+        "7MB",
+        "a connection whose session setup failed (or never ran) was handed out: {:?}",
+        pool.stats()
+    );
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the hedge never connected: {:?}",
+        pool.stats()
+    );
+}
+
+#[test]
 fn on_a_healthy_pool_hedging_opens_nothing() {
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "ext_hedge_idle", 4)
