@@ -266,3 +266,27 @@ fn huge_sizes_child() {
     });
     println!("all size cases refused");
 }
+
+#[test]
+fn the_standalone_manager_names_its_target_redacted_when_a_connect_fails() {
+    // A free port nobody listens on: the connect is refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let secret = "S3nt1nel-pw";
+    let url = format!("postgres://app:{secret}@127.0.0.1:{port}/app?sslmode=disable");
+    let manager = resilient_diesel::ExtManager::<diesel::PgConnection>::standalone(&url)
+        .expect("a valid URL");
+    let err = r2d2::Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_millis(500))
+        .build(manager)
+        .expect_err("nothing listens there");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}")),
+        "the error names the server it could not reach: {text}"
+    );
+    assert!(!text.contains(secret), "the password leaked: {text}");
+}
