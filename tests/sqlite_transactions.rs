@@ -44,6 +44,14 @@ fn a_raw_begin_is_rolled_back_before_the_next_checkout() {
         "the next checkout was inside a transaction: {next:?}"
     );
     assert_eq!(count(&mut conn, "inside"), 0, "rolled back");
+    // Rolled back, not closed: an embedded database has no socket to bound the ROLLBACK
+    // with, and needs none.
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.connects, stats.closed.broken),
+        (1, 0),
+        "the connection was closed instead of rolled back: {stats:?}"
+    );
 }
 
 #[test]
