@@ -734,9 +734,8 @@ impl<C: ExtConnection> ExtManager<C> {
                 self.pool.stats().record_hedge(true);
                 let mut slow = std::mem::replace(conn, fresh);
                 if let Some(t) = tracker_of(&mut slow) {
-                    t.state.set_close_reason(CloseReason::PingFailed);
-                    // A failed ping, and a strike against the path (see
-                    // `PoolState::slow_ping_lost`).
+                    // A failed ping (closed as `PingFailed`), and a strike against the path
+                    // (see `PoolState::slow_ping_lost`).
                     t.state.slow_ping_lost();
                 }
                 // Closed now: its ping may still be answered, but nobody will read it.

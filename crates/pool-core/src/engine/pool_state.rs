@@ -391,9 +391,7 @@ impl PoolState {
         if mark == 0 {
             return false;
         }
-        let nanos = last_good.saturating_duration_since(self.born).as_nanos();
-        let at = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
-        at < mark
+        self.mark(last_good) < mark
     }
 
     /// A validation ping succeeded after `took`: feeds the pool's round-trip estimate
