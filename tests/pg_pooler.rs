@@ -2,7 +2,8 @@
 //! pool with `pooler(Pooler::Transaction)` serves a mixed workload of queries and
 //! `commit_with_retry` transactions from many client connections over two server connections
 //! with no error, also through server and pooler faults; Diesel's defaults fail there (the
-//! controls), and session mode works as it is.
+//! controls), and session mode works as it is. On PgBouncer 1.24.1 with
+//! `max_prepared_statements`, Diesel's cached statements work too (and fail without it).
 
 mod common;
 
@@ -17,7 +18,7 @@ use resilient_diesel::retry::{
     commit_with_retry, with_retry, RetryError, RetryPolicy, RetryablePool,
 };
 use resilient_diesel::{PgPool, Pooler};
-use test_support::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode};
+use test_support::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode, Release};
 
 diesel::table! {
     pooler_ledger (id) {
@@ -285,6 +286,71 @@ fn in_transaction_mode_diesels_defaults_fail_plain_r2d2_and_our_pool_without_the
             "{name} was expected to fail on a Diesel prepared statement; errors: {errors:?}"
         );
     }
+}
+
+/// PgBouncer 1.24.1 in transaction mode with `max_prepared_statements`.
+fn recent(max_prepared_statements: u32) -> PgBouncerOptions {
+    PgBouncerOptions::new(PoolMode::Transaction)
+        .release(Release::Recent)
+        .conf(format!(
+            "max_prepared_statements = {max_prepared_statements}"
+        ))
+}
+
+/// Plain r2d2 at its defaults through `bouncer`, with a short timeout.
+fn plain_r2d2(bouncer: &PgBouncer) -> r2d2::Pool<diesel::r2d2::ConnectionManager<PgConnection>> {
+    r2d2::Pool::builder()
+        .max_size(CLIENTS)
+        .connection_timeout(Duration::from_secs(3))
+        .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
+            bouncer.url_with("sslmode=disable"),
+        ))
+        .expect("plain pool")
+}
+
+#[test]
+fn on_pgbouncer_1_24_with_max_prepared_statements_diesels_cached_statements_work_and_so_does_ours()
+{
+    // The control, on the same binary: with `max_prepared_statements = 0` Diesel's cached
+    // statements collide as on 1.18.
+    let Some((_pg, bouncer)) = setup(recent(0)) else {
+        return;
+    };
+    let version = bouncer.version().expect("SHOW VERSION");
+    assert!(version.contains("1.24.1"), "expected 1.24.1, got {version}");
+    let off = errors_holding_every_connection(&plain_r2d2(&bouncer));
+    eprintln!("plain r2d2, 1.24.1, max_prepared_statements = 0: {off:?}");
+    assert!(
+        statement_error(&off).is_some(),
+        "without max_prepared_statements Diesel's cached statements were expected to collide; \
+         errors: {off:?}"
+    );
+    drop((bouncer, _pg));
+
+    let Some((pg, bouncer)) = setup(recent(200)) else {
+        return;
+    };
+    let on = errors_holding_every_connection(&plain_r2d2(&bouncer));
+    assert!(
+        on.is_empty(),
+        "PgBouncer 1.24.1 with max_prepared_statements carries Diesel's cached statements; \
+         errors: {on:?}"
+    );
+    let a = ours(&bouncer, "pooler-recent", Pooler::Transaction);
+    let started = Instant::now();
+    let ta = run_steps(&a, 0, CLIENTS as i32, 40, false);
+    eprintln!(
+        "sync, 1.24.1, max_prepared_statements = 200: plain r2d2 held {CLIENTS} connections \
+         with cached statements without error; ours: {} transactions and {} queries in {:?}, \
+         errors {:?}",
+        ta.committed.len(),
+        ta.queries,
+        started.elapsed(),
+        ta.errors
+    );
+    assert!(ta.errors.is_empty(), "errors: {:?}", ta.errors);
+    assert_eq!(ta.committed.len(), CLIENTS as usize * 40);
+    assert_ledger_matches(&pg, &a, &ta.committed);
 }
 
 #[test]

@@ -4,8 +4,10 @@
 //! server connections with no error, also through server and pooler faults; diesel-async's
 //! defaults fail there (the controls). A statement outside a transaction fails on this
 //! PgBouncer whatever the pool does (tokio-postgres prepares it in a round trip of its own):
-//! the limit is asserted, so that the README's claim fails if it stops being true. Session
-//! mode works as it is.
+//! the limit is asserted, so that the README's claim fails if it stops being true. On
+//! PgBouncer 1.24.1 with `max_prepared_statements` (protocol-level prepared statements) they
+//! work, also through faults; the same binary without it fails as 1.18 does. Session mode
+//! works as it is.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -23,7 +25,7 @@ use diesel_async_ext::retry::{
 };
 use diesel_async_ext::PgPool;
 use pool_core::config::Pooler;
-use test_support::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode};
+use test_support::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode, Release};
 
 diesel::table! {
     pooler_ledger (id) {
@@ -95,6 +97,8 @@ enum Query {
     InTransactionRetried,
     /// Outside any transaction (autocommit), on a plain checkout.
     Bare,
+    /// Outside any transaction, through `with_retry`.
+    BareRetried,
 }
 
 async fn count_in_transaction(conn: &mut AsyncPgConnection, w: i32) -> QueryResult<i64> {
@@ -127,6 +131,15 @@ where
                 .await
                 .map_err(|e| e.to_string())
         }
+        Query::BareRetried => with_retry(pool, policy, async |c| {
+            ledger
+                .filter(worker.eq(w))
+                .count()
+                .get_result::<i64>(c)
+                .await
+        })
+        .await
+        .map_err(|e| e.to_string()),
         Query::InTransaction | Query::Bare => match pool.checkout(None).await {
             Ok(mut conn) if query == Query::Bare => ledger
                 .filter(worker.eq(w))
@@ -346,6 +359,115 @@ async fn on_pgbouncer_1_18_a_statement_outside_a_transaction_fails_even_with_the
     );
 }
 
+/// PgBouncer 1.24.1 in transaction mode with `max_prepared_statements`.
+fn recent(max_prepared_statements: u32) -> PgBouncerOptions {
+    PgBouncerOptions::new(PoolMode::Transaction)
+        .release(Release::Recent)
+        .conf(format!(
+            "max_prepared_statements = {max_prepared_statements}"
+        ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_pgbouncer_1_24_with_max_prepared_statements_statements_outside_transactions_work() {
+    // The control, on the same binary: without protocol-level prepared statements the
+    // statements outside transactions fail as on 1.18, so the run below is not vacuous.
+    let Some((_pg, bouncer)) = setup(recent(0)) else {
+        return;
+    };
+    let running = bouncer.version().expect("SHOW VERSION");
+    assert!(
+        running.contains("1.24.1"),
+        "expected 1.24.1, got {running:?}"
+    );
+    let pool = ours(&bouncer, "apooler-recent-off", Pooler::Transaction).await;
+    let off = run_until_error(&pool, 0, 20, Query::Bare).await;
+    eprintln!(
+        "async, {running}, max_prepared_statements = 0: {} errors, e.g. {:?}",
+        off.errors.len(),
+        statement_error(&off.errors)
+    );
+    assert!(
+        statement_error(&off.errors).is_some(),
+        "without max_prepared_statements a statement outside a transaction was expected to \
+         fail; errors: {:?}",
+        off.errors
+    );
+    drop((pool, bouncer, _pg));
+
+    let Some((_pg, bouncer)) = setup(recent(200)) else {
+        return;
+    };
+    let a = ours(&bouncer, "apooler-recent-a", Pooler::Transaction).await;
+    let b = ours(&bouncer, "apooler-recent-b", Pooler::Transaction).await;
+    let started = Instant::now();
+    let (ta, tb) = tokio::join!(
+        run_steps(&a, 0, 30, Query::Bare),
+        run_steps(&b, 100, 30, Query::InTransaction)
+    );
+    let servers = bouncer.server_connections().expect("SHOW POOLS");
+    eprintln!(
+        "async, {running}, max_prepared_statements = 200: {} transactions and {} queries \
+         ({} outside transactions) from {} client connections over {servers} server \
+         connections in {:?}",
+        ta.committed.len() + tb.committed.len(),
+        ta.queries + tb.queries,
+        ta.queries,
+        2 * CLIENTS,
+        started.elapsed()
+    );
+    assert!(
+        ta.errors.is_empty() && tb.errors.is_empty(),
+        "errors: {:?} {:?}",
+        ta.errors,
+        tb.errors
+    );
+    assert!(
+        servers <= 2,
+        "PgBouncer opened {servers} server connections"
+    );
+    assert_eq!(
+        ta.queries,
+        u64::from(CLIENTS) * 30,
+        "every bare query answered"
+    );
+    let mut committed = ta.committed;
+    committed.extend(tb.committed);
+    assert_eq!(committed.len(), 2 * CLIENTS as usize * 30);
+    assert_ledger_matches(&a, &committed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_pgbouncer_1_24_retried_statements_outside_transactions_survive_server_and_pooler_faults(
+) {
+    // Terminated server backends, RECONNECT, KILL: one each.
+    let round = AtomicU32::new(0);
+    survives_with(
+        "terminate, RECONNECT, KILL (1.24.1)",
+        recent(200),
+        Query::BareRetried,
+        |pg, bouncer| match round.fetch_add(1, Ordering::Relaxed) {
+            0 => {
+                PgServer::execute(
+                    pg,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE usename = 'app' AND pid <> pg_backend_pid()",
+                )
+                .expect("terminate PgBouncer's server connections");
+                false
+            }
+            1 => {
+                bouncer.reconnect().expect("RECONNECT");
+                false
+            }
+            _ => bouncer
+                .kill_and_resume(Duration::from_millis(100))
+                .expect("KILL, RESUME"),
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_serves_bare_statements_and_transactions_with_defaults_and_with_ours() {
     let opts = PgBouncerOptions::new(PoolMode::Session).pool_size(2 * CLIENTS);
@@ -386,7 +508,23 @@ async fn session_mode_serves_bare_statements_and_transactions_with_defaults_and_
 /// times, each after some progress; asserts no caller saw an error, the fault replaced
 /// PgBouncer's server connections, and the ledger holds exactly the committed transactions.
 async fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer) -> bool) {
-    let Some((pg, bouncer)) = setup(PgBouncerOptions::new(PoolMode::Transaction)) else {
+    survives_with(
+        name,
+        PgBouncerOptions::new(PoolMode::Transaction),
+        Query::InTransactionRetried,
+        fault,
+    )
+    .await
+}
+
+/// [`survives`] with other PgBouncer options and another kind of query.
+async fn survives_with(
+    name: &str,
+    opts: PgBouncerOptions,
+    query: Query,
+    fault: impl Fn(&PgServer, &PgBouncer) -> bool,
+) {
+    let Some((pg, bouncer)) = setup(opts) else {
         return;
     };
     let pool = ours(&bouncer, "apooler-faults", Pooler::Transaction).await;
@@ -402,7 +540,7 @@ async fn survives(name: &str, fault: impl Fn(&PgServer, &PgBouncer) -> bool) {
                 let policy = patient();
                 let mut k = 0;
                 while !AtomicBool::load(&stop, Ordering::Relaxed) {
-                    step(&pool, &policy, Query::InTransactionRetried, w, k, &tally).await;
+                    step(&pool, &policy, query, w, k, &tally).await;
                     k += 1;
                 }
             })

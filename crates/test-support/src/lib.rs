@@ -42,7 +42,7 @@ pub use error::TestSupportError;
 pub use logs::{capture_logs, captured_logs};
 pub use netns::NetNs;
 pub use pg::{BackendPause, ClientCert, PgOptions, PgServer, PAUSE_EXPIRES_AFTER};
-pub use pgbouncer::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode};
+pub use pgbouncer::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode, Release};
 pub use proxy::{FaultProxy, MessageCounts, SILENCE_EXPIRES_AFTER};
 pub use silent::SilentServer;
 pub use sys::process_alive;

@@ -2,7 +2,10 @@
 //!
 //! The binary is Debian's `pgbouncer` package (1.18 on bookworm); when it is missing,
 //! `scripts/install-pgbouncer.sh` is run once per process to install it (root and apt-get
-//! needed; the package's own system service is never started). Each [`PgBouncer`] has its
+//! needed; the package's own system service is never started). [`Release::Recent`] runs
+//! PgBouncer 1.24.1 instead, built from Debian 13's source by
+//! `scripts/install-pgbouncer-recent.sh` when missing, for what needs 1.21 or later
+//! (protocol-level prepared statements, `max_prepared_statements`). Each [`PgBouncer`] has its
 //! own temp dir (config, auth file, log), a free loopback port, no unix socket, and an admin
 //! console user; it runs as the server's unprivileged user, as a child of the test process
 //! that dies with the thread that started it, and is killed (its dir removed) on drop, also
@@ -56,12 +59,38 @@ impl PoolMode {
     }
 }
 
+/// Which PgBouncer binary runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Debian 12's package (1.18): `PGBOUNCER`, else `pgbouncer` on `PATH` or in `/usr/sbin`,
+    /// else installed by `scripts/install-pgbouncer.sh`.
+    Debian,
+    /// 1.24.1, with protocol-level prepared statements (`max_prepared_statements`, 1.21+):
+    /// `PGBOUNCER_RECENT`, else built from Debian 13's source by
+    /// `scripts/install-pgbouncer-recent.sh` into `/opt/resilient-diesel/pgbouncer-1.24.1`.
+    Recent,
+}
+
+impl Release {
+    /// The version this release's binary reports (`pgbouncer --version`).
+    pub fn version(self) -> &'static str {
+        match self {
+            Release::Debian => "1.18",
+            Release::Recent => RECENT_VERSION,
+        }
+    }
+}
+
+/// The version `scripts/install-pgbouncer-recent.sh` builds.
+const RECENT_VERSION: &str = "1.24.1";
+
 /// Options for [`PgBouncer::start_with`].
 #[derive(Clone, Debug)]
 pub struct PgBouncerOptions {
     pool_mode: PoolMode,
     default_pool_size: u32,
     extra_conf: Vec<String>,
+    release: Release,
 }
 
 impl PgBouncerOptions {
@@ -71,7 +100,14 @@ impl PgBouncerOptions {
             pool_mode,
             default_pool_size: 2,
             extra_conf: Vec::new(),
+            release: Release::Debian,
         }
+    }
+
+    /// Runs `release`'s binary instead of Debian 12's package.
+    pub fn release(mut self, release: Release) -> Self {
+        self.release = release;
+        self
     }
 
     /// Server connections per database/user pair (`default_pool_size`).
@@ -113,6 +149,7 @@ impl std::fmt::Debug for PgBouncer {
         f.debug_struct("PgBouncer")
             .field("port", &self.port)
             .field("pool_mode", &self.opts.pool_mode)
+            .field("release", &self.opts.release)
             .field("dir", &self.dir.path())
             .finish()
     }
@@ -132,7 +169,7 @@ impl PgBouncer {
         pg: &PgServer,
         opts: PgBouncerOptions,
     ) -> Result<PgBouncer, TestSupportError> {
-        let binary = binary()?;
+        let binary = binary(opts.release)?;
         let run_as = RunAs::get()?;
         sweep_stale();
         let dir = crate::pg::make_root(DIR_PREFIX, run_as)?;
@@ -171,6 +208,17 @@ impl PgBouncer {
                 Err((err, _)) => return Err(err),
             }
         }
+    }
+
+    /// The version the running PgBouncer reports (`SHOW VERSION`), e.g. `PgBouncer 1.24.1`.
+    pub fn version(&self) -> Result<String, TestSupportError> {
+        let rows = self.admin("SHOW VERSION")?;
+        Ok(rows
+            .into_iter()
+            .flatten()
+            .map(|(_, value)| value)
+            .next()
+            .unwrap_or_default())
     }
 
     /// The port on 127.0.0.1.
@@ -464,43 +512,60 @@ impl Drop for PgBouncer {
     }
 }
 
-/// The binary: `PGBOUNCER` if set, else `pgbouncer` on `PATH` or in `/usr/sbin`; when none is
-/// found, `scripts/install-pgbouncer.sh` is run once per process.
-fn binary() -> Result<&'static Path, TestSupportError> {
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            if let Some(path) = find_binary() {
-                return Ok(path);
-            }
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/install-pgbouncer.sh");
-            let output = Command::new("bash")
-                .arg(&script)
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("could not run {}: {e}", script.display()))?;
-            if !output.status.success() {
-                return Err(format!(
-                    "{} failed ({}): {}",
-                    script.display(),
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ));
-            }
-            find_binary().ok_or_else(|| {
-                format!(
-                    "{} succeeded but no pgbouncer binary was found",
-                    script.display()
-                )
-            })
+/// The binary of `release`: found by [`find_binary`]; when none is found, the release's
+/// script is run once per process (and release) and the binary looked for again.
+fn binary(release: Release) -> Result<&'static Path, TestSupportError> {
+    static DEBIAN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static RECENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let (cell, script) = match release {
+        Release::Debian => (&DEBIAN, "install-pgbouncer.sh"),
+        Release::Recent => (&RECENT, "install-pgbouncer-recent.sh"),
+    };
+    cell.get_or_init(|| {
+        if let Some(path) = find_binary(release) {
+            return Ok(path);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts")
+            .join(script);
+        let output = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("could not run {}: {e}", script.display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "{} failed ({}): {}",
+                script.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        find_binary(release).ok_or_else(|| {
+            format!(
+                "{} succeeded but no pgbouncer {} binary was found",
+                script.display(),
+                release.version()
+            )
         })
-        .as_ref()
-        .map(PathBuf::as_path)
-        .map_err(|e| TestSupportError::PgBouncerMissing(e.clone()))
+    })
+    .as_ref()
+    .map(PathBuf::as_path)
+    .map_err(|e| TestSupportError::PgBouncerMissing(e.clone()))
 }
 
-fn find_binary() -> Option<PathBuf> {
+/// Debian: `PGBOUNCER` if set, else `pgbouncer` on `PATH` or in `/usr/sbin`. Recent:
+/// `PGBOUNCER_RECENT` if set, else the install script's prefix.
+fn find_binary(release: Release) -> Option<PathBuf> {
+    if release == Release::Recent {
+        if let Some(path) = std::env::var_os("PGBOUNCER_RECENT") {
+            return Some(PathBuf::from(path));
+        }
+        let built = PathBuf::from(format!(
+            "/opt/resilient-diesel/pgbouncer-{RECENT_VERSION}/bin/pgbouncer"
+        ));
+        return built.is_file().then_some(built);
+    }
     if let Some(path) = std::env::var_os("PGBOUNCER") {
         return Some(PathBuf::from(path));
     }
