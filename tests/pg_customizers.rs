@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -14,6 +16,7 @@ use diesel::prelude::*;
 use diesel::r2d2::ConnectionManager;
 use diesel::sql_types::{BigInt, Integer, Text};
 use resilient_diesel::customize::{Both, SessionSettings, SqlitePragmas, TcpKeepalives};
+use resilient_diesel::pool_core::url::DatabaseUrl;
 use resilient_diesel::ExtManager;
 
 /// Taken by every test of this file: `TcpKeepalives` tells a new connection's socket from
@@ -505,4 +508,106 @@ fn an_after_connect_error_quoting_the_password_is_redacted_everywhere() {
         "the password leaked: {text}"
     );
     assert_no_secret_in_logs();
+}
+
+/// A sentinel credential: every character a URL or a log line could mishandle.
+fn rotated_token(round: usize) -> String {
+    format!("tok{round} p@ss:w/o%rd#?&='ünï")
+}
+
+/// Sets the role `app`'s password, as a credential service rotating it would.
+fn set_password(pg: &PgServer, password: &str) {
+    pg.execute(&format!(
+        "ALTER ROLE app PASSWORD '{}'",
+        password.replace('\'', "''")
+    ))
+    .expect("ALTER ROLE");
+}
+
+#[test]
+fn a_custom_connect_fetching_a_fresh_password_per_connect_keeps_the_pool_open_across_rotations() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    // The application's credential source (an IAM token service, a Vault lease): the pool's
+    // URL keeps the password it was built with, the connect function asks for the current one.
+    let current = Arc::new(parking_lot::Mutex::new(PgServer::PASSWORD.to_owned()));
+    let connects = Arc::new(AtomicUsize::new(0));
+    let pool = {
+        let (current, connects) = (current.clone(), connects.clone());
+        ext_pool(&pg, "iam", 2)
+            .custom_connect(move |conninfo| {
+                connects.fetch_add(1, Ordering::SeqCst);
+                let url = DatabaseUrl::parse(conninfo)
+                    .and_then(|url| url.with_password(&current.lock()))
+                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+                PgConnection::establish(url.expose_secret())
+            })
+            .build()
+            .expect("pool with the app's connect")
+    };
+    // The same connect in a stock r2d2 builder, through the standalone manager.
+    let stock = {
+        let current = current.clone();
+        r2d2::Pool::builder()
+            .max_size(2)
+            .connection_timeout(Duration::from_secs(10))
+            .build(
+                ExtManager::<PgConnection>::standalone(
+                    &pg.url_with("sslmode=disable&application_name=iam_stock"),
+                )
+                .expect("standalone manager")
+                .custom_connect(move |conninfo| {
+                    let url = DatabaseUrl::parse(conninfo)
+                        .and_then(|url| url.with_password(&current.lock()))
+                        .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+                    PgConnection::establish(url.expose_secret())
+                }),
+            )
+            .expect("stock pool")
+    };
+    drop(hold(&stock, 2));
+    // The control: the URL's password, as plain r2d2 keeps it.
+    let plain = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(3))
+        .build(ConnectionManager::<PgConnection>::new(
+            pg.url_with("sslmode=disable&application_name=iam_plain"),
+        ))
+        .expect("plain pool");
+    drop(hold(&pool, 2));
+    drop(hold(&plain, 2));
+    let opened = connects.load(Ordering::SeqCst);
+    for round in 0..3 {
+        let token = rotated_token(round);
+        set_password(&pg, &token);
+        *current.lock() = token.clone();
+        // Every connection must be opened again, with the new credential.
+        terminate_all(&pg, "iam");
+        if round == 0 {
+            // Later rounds: plain r2d2 has no connection left to terminate.
+            terminate_all(&pg, "iam_plain");
+        }
+        terminate_all(&pg, "iam_stock");
+        let mut errors = errors_over(&pool, 20);
+        errors.extend(errors_over(&stock, 20));
+        assert!(errors.is_empty(), "round {round}: {errors:?}");
+        for e in &errors {
+            assert!(!e.contains(&token) && !e.contains("p@ss"), "{e}");
+        }
+        let plain_errors = errors_over(&plain, 1);
+        assert!(
+            plain_errors
+                .iter()
+                .any(|e| e.contains("password authentication failed")),
+            "round {round}: the URL's password no longer works for plain r2d2: {plain_errors:?}"
+        );
+    }
+    assert!(
+        connects.load(Ordering::SeqCst) >= opened + 3,
+        "every replacement was opened through the app's connect"
+    );
+    // The pool's own machinery stays on: the terminated connections were found by the probe.
+    assert!(pool.stats().probe_detected_dead >= 3, "{:?}", pool.stats());
+    let shown = format!("{pool:?} {}", pool.status().to_json());
+    assert!(!shown.contains("p@ss"), "{shown}");
 }

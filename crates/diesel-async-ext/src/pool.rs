@@ -554,6 +554,12 @@ impl<C: ExtConnection> Builder<C> {
     /// function's to apply: the pool does not see its socket. The URL is still read by the
     /// pool at build (so that it can redact it), and must be one it accepts.
     ///
+    /// For a credential that changes between connects (an RDS IAM token, a Vault lease),
+    /// fetch it in the function and open
+    /// [`DatabaseUrl::parse(url)?.with_password(&token)?`](pool_core::url::DatabaseUrl::with_password):
+    /// the rest of the URL stays as written. Such a credential is yours to keep out of the
+    /// errors you return (the pool redacts the URL's own password).
+    ///
     /// ```no_run
     /// use diesel::{ConnectionError, ConnectionResult};
     /// use diesel_async::AsyncPgConnection;

@@ -16,6 +16,7 @@ use diesel::{ConnectionError, ConnectionResult, QueryableByName};
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_async_ext::customize::{Both, SessionSettings};
+use diesel_async_ext::pool_core::url::DatabaseUrl;
 use diesel_async_ext::{BoxFuture, ConnectCause, ExtManager};
 
 type Stock = bb8::Pool<ExtManager<AsyncPgConnection>>;
@@ -425,4 +426,104 @@ async fn a_custom_connect_error_is_redacted_and_a_bad_url_fails_at_once() {
         "hopeless: no wait for the pool timeout: {error:?}"
     );
     assert_no_secret_in_logs();
+}
+
+/// A sentinel credential: every character a URL or a log line could mishandle.
+fn rotated_token(round: usize) -> String {
+    format!("tok{round} p@ss:w/o%rd#?&='ünï")
+}
+
+/// The connect an app with short-lived credentials gives the pool: the URL the pool holds,
+/// with the password its credential source says now.
+fn fresh_password_connect(
+    current: Arc<parking_lot::Mutex<String>>,
+    connects: Arc<AtomicUsize>,
+) -> impl for<'a> Fn(&'a str) -> BoxFuture<'a, ConnectionResult<AsyncPgConnection>> + Send + Sync {
+    move |url| {
+        connects.fetch_add(1, Ordering::SeqCst);
+        let fresh = DatabaseUrl::parse(url).and_then(|u| u.with_password(&current.lock()));
+        Box::pin(async move {
+            let fresh = fresh.map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+            let (client, conn) =
+                tokio_postgres::connect(fresh.expose_secret(), tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+            AsyncPgConnection::try_from_client_and_connection(client, conn).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_connect_fetching_a_fresh_password_per_connect_keeps_the_pool_open_across_rotations(
+) {
+    let Some(pg) = server() else { return };
+    let current = Arc::new(parking_lot::Mutex::new(PgServer::PASSWORD.to_owned()));
+    let connects = Arc::new(AtomicUsize::new(0));
+    // The custom connect is given the URL as written: its application_name is there.
+    let pool =
+        diesel_async_ext::PgPool::builder(&pg.url_with("sslmode=disable&application_name=aiam"))
+            .pool_size(2)
+            .max_overflow(0)
+            .pool_timeout(Duration::from_secs(10))
+            .custom_connect(fresh_password_connect(current.clone(), connects.clone()))
+            .build()
+            .await
+            .expect("pool with the app's connect");
+    let stock: Stock = bb8::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(10))
+        .build(
+            ExtManager::<AsyncPgConnection>::standalone(
+                &pg.url_with("sslmode=disable&application_name=aiam_stock"),
+            )
+            .expect("standalone manager")
+            .custom_connect(fresh_password_connect(current.clone(), connects.clone())),
+        )
+        .await
+        .expect("stock pool");
+    // The control: plain bb8 with the URL's password (defaults but a 3 s timeout).
+    let plain = bb8::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(3))
+        .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(
+            pg.url_with("sslmode=disable&application_name=aiam_plain"),
+        ))
+        .await
+        .expect("plain bb8");
+    pool.warm(2).await;
+    stock.warm(2).await;
+    plain.warm(2).await;
+    let opened = AtomicUsize::load(&connects, Ordering::SeqCst);
+    for round in 0..3 {
+        let token = rotated_token(round);
+        PgServer::execute(
+            &pg,
+            &format!("ALTER ROLE app PASSWORD '{}'", token.replace('\'', "''")),
+        )
+        .expect("ALTER ROLE");
+        *current.lock() = token.clone();
+        terminate_all(&pg, "aiam").await;
+        terminate_all(&pg, "aiam_stock").await;
+        if round == 0 {
+            terminate_all(&pg, "aiam_plain").await;
+        }
+        let mut errors = errors_over(&pool, 20).await;
+        errors.extend(errors_over(&stock, 20).await);
+        assert!(errors.is_empty(), "round {round}: {errors:?}");
+        let plain_errors = errors_over(&plain, 1).await;
+        assert!(
+            plain_errors
+                .iter()
+                .any(|e| e.contains("password authentication failed")
+                    || e.to_lowercase().contains("timed out")),
+            "round {round}: the URL's password no longer works for plain bb8: {plain_errors:?}"
+        );
+    }
+    assert!(
+        AtomicUsize::load(&connects, Ordering::SeqCst) >= opened + 6,
+        "every replacement was opened through the app's connect"
+    );
+    assert!(pool.stats().probe_detected_dead >= 3, "{:?}", pool.stats());
+    let shown = format!("{pool:?} {}", pool.status().to_json());
+    assert!(!shown.contains("p@ss"), "{shown}");
 }

@@ -164,7 +164,7 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
     /// the total, zero sizes), else as [`Builder::build`].
     pub fn build(self) -> Result<ClassPools<C>, BuildError> {
         let (budget, plans) = self.specs.plan()?;
-        let hook = self.base.after_connect.clone();
+        let hooks = self.base.hooks.clone();
         let (base, listener) = self.base.into_parts();
         let mut pools = Vec::with_capacity(plans.len());
         for plan in plans {
@@ -172,7 +172,7 @@ impl<C: ExtConnection> ClassPoolsBuilder<C> {
             let class = Some((budget.clone(), plan.class_id));
             pools.push((
                 plan.name,
-                crate::pool::build_pool(config, listener.clone(), class, false, hook.clone())?,
+                crate::pool::build_pool(config, listener.clone(), class, false, hooks.clone())?,
             ));
         }
         Ok(ClassPools(Classes::new(budget, pools)))

@@ -58,7 +58,7 @@ mod socket;
 mod tracker;
 
 pub use classes::{Class, ClassPools};
-pub use manager::{AfterConnect, ExtConnection, ExtError, ExtManager, ManagerStats};
+pub use manager::{AfterConnect, CustomConnect, ExtConnection, ExtError, ExtManager, ManagerStats};
 #[cfg(feature = "postgres")]
 pub use pool::PgPool;
 #[cfg(feature = "sqlite")]

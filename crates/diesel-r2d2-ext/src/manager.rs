@@ -155,6 +155,34 @@ impl ManagerStats {
 /// [`Builder::after_connect`](crate::Builder::after_connect)).
 pub type AfterConnect<C> = Arc<dyn Fn(&mut C) -> diesel::QueryResult<()> + Send + Sync>;
 
+/// The application's own connect, given the conninfo the pool would open (see
+/// [`Builder::custom_connect`](crate::Builder::custom_connect)).
+pub type CustomConnect<C> = Arc<dyn Fn(&str) -> diesel::ConnectionResult<C> + Send + Sync>;
+
+/// The application's hooks around opening a connection.
+pub(crate) struct Hooks<C> {
+    pub(crate) after_connect: Option<AfterConnect<C>>,
+    pub(crate) custom_connect: Option<CustomConnect<C>>,
+}
+
+impl<C> Default for Hooks<C> {
+    fn default() -> Self {
+        Hooks {
+            after_connect: None,
+            custom_connect: None,
+        }
+    }
+}
+
+impl<C> Clone for Hooks<C> {
+    fn clone(&self) -> Self {
+        Hooks {
+            after_connect: self.after_connect.clone(),
+            custom_connect: self.custom_connect.clone(),
+        }
+    }
+}
+
 /// r2d2 connection manager for Diesel connections with the lifecycle policy applied.
 ///
 /// Built by [`ExtPool`](crate::ExtPool); you rarely name it except in type aliases such as
@@ -167,7 +195,7 @@ pub struct ExtManager<C> {
     peers: Option<PeerFilter>,
     /// Built by `standalone`: no `ExtPool` around it (no demand, one attempt per connect).
     standalone: bool,
-    after_connect: Option<AfterConnect<C>>,
+    hooks: Hooks<C>,
     _conn: PhantomData<fn() -> C>,
 }
 
@@ -214,14 +242,15 @@ impl<C: ExtConnection> ExtManager<C> {
             conninfo,
             peers,
             standalone: false,
-            after_connect: None,
+            hooks: Hooks::default(),
             _conn: PhantomData,
         })
     }
 
-    /// Sets the hook run on every new connection (see `Builder::after_connect`).
-    pub(crate) fn with_after_connect(mut self, hook: Option<AfterConnect<C>>) -> Self {
-        self.after_connect = hook;
+    /// Sets the hooks around opening a connection (see `Builder::after_connect` and
+    /// `Builder::custom_connect`).
+    pub(crate) fn with_hooks(mut self, hooks: Hooks<C>) -> Self {
+        self.hooks = hooks;
         self
     }
 
@@ -287,10 +316,22 @@ impl<C: ExtConnection> ExtManager<C> {
     /// Runs `hook` on every new connection right after it is opened, before r2d2 sees it;
     /// its error fails that connect (see `Builder::after_connect`).
     pub fn after_connect(
-        self,
+        mut self,
         hook: impl Fn(&mut C) -> diesel::QueryResult<()> + Send + Sync + 'static,
     ) -> Self {
-        self.with_after_connect(Some(Arc::new(hook)))
+        self.hooks.after_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Opens connections with `connect` instead of `C::establish` (see
+    /// [`Builder::custom_connect`](crate::Builder::custom_connect), which it is for a
+    /// standalone manager).
+    pub fn custom_connect(
+        mut self,
+        connect: impl Fn(&str) -> diesel::ConnectionResult<C> + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.custom_connect = Some(Arc::new(connect));
+        self
     }
 
     /// A handle on the manager's counters (connects, pings, probes that found a dead
@@ -303,12 +344,12 @@ impl<C: ExtConnection> ExtManager<C> {
     fn establish(&self) -> Result<(C, SocketSlot), diesel::ConnectionError> {
         let config = self.pool.config();
         let Some(peers) = self.peers.as_ref().filter(|_| socket::supported()) else {
-            let mut conn = C::establish(&self.conninfo)?;
+            let mut conn = self.open_raw()?;
             conn.for_pooler(config);
             return Ok((conn, SocketSlot::None));
         };
         let window = socket::begin_connect();
-        let mut conn = C::establish(&self.conninfo)?;
+        let mut conn = self.open_raw()?;
         // Before the tiebreak's ping: nothing may be prepared and cached before this.
         conn.for_pooler(config);
         let slot = match window.finish(peers, &mut || conn.ping().is_ok()) {
@@ -320,6 +361,14 @@ impl<C: ExtConnection> ExtManager<C> {
             }
         };
         Ok((conn, slot))
+    }
+
+    /// The application's connect if it gave one, else `C::establish`, on the conninfo.
+    fn open_raw(&self) -> Result<C, diesel::ConnectionError> {
+        match &self.hooks.custom_connect {
+            Some(connect) => connect(&self.conninfo),
+            None => C::establish(&self.conninfo),
+        }
     }
 
     fn target_redacted(&self) -> String {
@@ -387,7 +436,7 @@ impl<C: ExtConnection> ExtManager<C> {
             conninfo: self.conninfo.clone(),
             peers: self.peers.clone(),
             standalone: self.standalone,
-            after_connect: self.after_connect.clone(),
+            hooks: self.hooks.clone(),
             _conn: PhantomData,
         }
     }
@@ -396,7 +445,7 @@ impl<C: ExtConnection> ExtManager<C> {
     /// classified: a lost connection may pass on the next attempt, anything else (a bad
     /// `SET`) will fail every time.
     fn run_after_connect(&self, conn: &mut C) -> Result<(), (ConnectClass, String)> {
-        let Some(hook) = &self.after_connect else {
+        let Some(hook) = &self.hooks.after_connect else {
             return Ok(());
         };
         hook(conn).map_err(|e| {

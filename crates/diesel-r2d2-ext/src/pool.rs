@@ -19,7 +19,7 @@ use r2d2::PooledConnection;
 
 use crate::demand::Demand;
 use crate::forge;
-use crate::manager::{sweeping, AfterConnect, ExtConnection, ExtError, ExtManager};
+use crate::manager::{sweeping, ExtConnection, ExtError, ExtManager, Hooks};
 use crate::tracker::tracker_of;
 
 /// Why a pool could not be built. Never contains a password.
@@ -132,7 +132,7 @@ impl<C: ExtConnection> ExtPool<C> {
         Builder {
             config: PoolConfig::builder(url),
             listener: None,
-            after_connect: None,
+            hooks: Hooks::default(),
             _conn: std::marker::PhantomData,
         }
     }
@@ -415,7 +415,7 @@ impl<C: ExtConnection> Parts<C> {
 pub struct Builder<C> {
     config: PoolConfigBuilder,
     listener: Option<Arc<dyn EventListener>>,
-    pub(crate) after_connect: Option<AfterConnect<C>>,
+    pub(crate) hooks: Hooks<C>,
     _conn: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -445,7 +445,51 @@ impl<C: ExtConnection> Builder<C> {
         mut self,
         hook: impl Fn(&mut C) -> diesel::QueryResult<()> + Send + Sync + 'static,
     ) -> Self {
-        self.after_connect = Some(Arc::new(hook));
+        self.hooks.after_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// Opens every connection with `connect` instead of `C::establish`: for an application
+    /// with its own connect, such as one that fetches a short-lived password (an RDS IAM
+    /// token, a Vault lease) for every new connection. Default: none.
+    ///
+    /// `connect` is given the conninfo the pool would open: the URL with the pool's libpq
+    /// keys added (`connect_timeout`, keepalives, `tcp_user_timeout`). Open that, changing
+    /// only what you must ([`DatabaseUrl::with_password`](pool_core::url::DatabaseUrl::with_password)
+    /// replaces the password): libpq's `connect_timeout` in it is what bounds a sync connect,
+    /// since a thread blocked in your function cannot be interrupted. Everything else stays
+    /// the pool's: the socket is found and probed, `after_connect` and the pooler settings
+    /// apply, errors are classified (a refused password fails at once, as hopeless) and
+    /// redacted with the URL's password (a credential made in `connect` is yours to keep out
+    /// of the errors you return).
+    ///
+    /// ```no_run
+    /// use diesel::{Connection, ConnectionError, PgConnection};
+    /// use diesel_r2d2_ext::pool_core::url::DatabaseUrl;
+    /// use diesel_r2d2_ext::PgPool;
+    ///
+    /// fn iam_token() -> String {
+    ///     // Ask your cloud's SDK for a fresh token.
+    ///     # String::new()
+    /// }
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::builder("postgres://app@db.internal/app?sslmode=require")
+    ///     .custom_connect(|conninfo| {
+    ///         let url = DatabaseUrl::parse(conninfo)
+    ///             .and_then(|url| url.with_password(&iam_token()))
+    ///             .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+    ///         PgConnection::establish(url.expose_secret())
+    ///     })
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn custom_connect(
+        mut self,
+        connect: impl Fn(&str) -> diesel::ConnectionResult<C> + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.custom_connect = Some(Arc::new(connect));
         self
     }
 
@@ -469,9 +513,9 @@ impl<C: ExtConnection> Builder<C> {
     /// Validates the settings, opens `pool_size` connections (waiting at most
     /// `pool_timeout`) and returns the pool.
     pub fn build(self) -> Result<ExtPool<C>, BuildError> {
-        let hook = self.after_connect.clone();
+        let hooks = self.hooks.clone();
         let (config, listener) = self.into_parts();
-        build_pool(config.build()?, listener, None, false, hook)
+        build_pool(config.build()?, listener, None, false, hooks)
     }
 
     /// Validates the settings and returns the pool without opening any connection: for a
@@ -481,9 +525,9 @@ impl<C: ExtConnection> Builder<C> {
     /// `fail_fast_when_down`), and they fail at once when it refuses connections for a
     /// reason no retry can fix.
     pub fn build_lazy(self) -> Result<ExtPool<C>, BuildError> {
-        let hook = self.after_connect.clone();
+        let hooks = self.hooks.clone();
         let (config, listener) = self.into_parts();
-        build_pool(config.build()?, listener, None, true, hook)
+        build_pool(config.build()?, listener, None, true, hooks)
     }
 }
 
@@ -492,7 +536,7 @@ pub(crate) fn build<C: ExtConnection>(
     listener: Arc<dyn EventListener>,
     budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
 ) -> Result<ExtPool<C>, BuildError> {
-    build_pool(config, listener, budget, false, None)
+    build_pool(config, listener, budget, false, Hooks::default())
 }
 
 pub(crate) fn build_pool<C: ExtConnection>(
@@ -500,12 +544,11 @@ pub(crate) fn build_pool<C: ExtConnection>(
     listener: Arc<dyn EventListener>,
     budget: Option<(pool_core::budget::Budget, pool_core::budget::ClassId)>,
     lazy: bool,
-    after_connect: Option<AfterConnect<C>>,
+    hooks: Hooks<C>,
 ) -> Result<ExtPool<C>, BuildError> {
     let state = Arc::new(PoolState::new(config, listener, budget)?);
     let demand = Arc::new(Demand::default());
-    let manager =
-        ExtManager::<C>::new(state.clone(), demand.clone())?.with_after_connect(after_connect);
+    let manager = ExtManager::<C>::new(state.clone(), demand.clone())?.with_hooks(hooks);
     let cfg = state.config();
     // r2d2 keeps `min_idle` connections idle *besides* those in use and has its own reaper;
     // both are off: `pool_size` is the most kept open (overflow closes on return, see

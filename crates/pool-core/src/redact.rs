@@ -667,7 +667,7 @@ fn url_value_span(b: &[u8], key_end: usize, refused: bool) -> Option<(usize, usi
 }
 
 /// Percent-encodes every byte outside the URL "unreserved" set, as URL serializers do.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for &byte in s.as_bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {

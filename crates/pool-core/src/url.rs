@@ -262,6 +262,79 @@ impl DatabaseUrl {
         &self.redactor
     }
 
+    /// The same URL with `password` in place of its password: for a connect function that
+    /// fetches a short-lived credential for every new connection (an RDS IAM token, a
+    /// Vault lease) and keeps everything else the pool put in the URL.
+    ///
+    /// `password` is taken as is and percent-encoded here (any character may appear). It
+    /// replaces a `password=` parameter where the URL has one (libpq lets it win over the
+    /// user info), else the user info's password, which is added when the URL has none. The
+    /// result is parsed again, so its [`redactor`](Self::redactor) masks the new password.
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidUrl`] for a SQLite URL (it has no password), and whatever
+    /// [`parse`](Self::parse) refuses in the result (with the password masked).
+    ///
+    /// ```
+    /// use pool_core::url::DatabaseUrl;
+    /// let url = DatabaseUrl::parse("postgres://app:old@db.internal/app?keepalives=1")?;
+    /// let fresh = url.with_password("t0ken/with:@&=")?;
+    /// assert_eq!(
+    ///     fresh.expose_secret(),
+    ///     "postgres://app:t0ken%2Fwith%3A%40%26%3D@db.internal/app?keepalives=1"
+    /// );
+    /// assert_eq!(fresh.to_string(), "postgres://app:***@db.internal/app?keepalives=1");
+    /// # Ok::<(), pool_core::ConfigError>(())
+    /// ```
+    pub fn with_password(&self, password: &str) -> Result<DatabaseUrl, ConfigError> {
+        if self.backend == Backend::Sqlite {
+            return Err(ConfigError::InvalidUrl {
+                url: self.redacted(),
+                reason: "a SQLite URL has no password to replace".into(),
+            });
+        }
+        let raw = &self.raw;
+        let encoded = redact::percent_encode(password);
+        let (base, query) = match raw.find('?') {
+            Some(q) => (&raw[..q], Some(&raw[q + 1..])),
+            None => (raw.as_str(), None),
+        };
+        let mut replaced_param = false;
+        let query = query.map(|query| {
+            query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some(("password", _)) => {
+                        replaced_param = true;
+                        format!("password={encoded}")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("&")
+        });
+        let base = if replaced_param {
+            base.to_owned()
+        } else {
+            let start = raw.find("://").map_or(0, |sep| sep + 3);
+            match user_info_end(&base[start..]).map_err(|reason| invalid(raw, reason))? {
+                Some(at) => {
+                    let user_info = &base[start..start + at];
+                    let user = user_info
+                        .split_once(':')
+                        .map_or(user_info, |(user, _)| user);
+                    format!("{}{user}:{encoded}{}", &base[..start], &base[start + at..])
+                }
+                None => format!("{}:{encoded}@{}", &base[..start], &base[start..]),
+            }
+        };
+        let url = match query {
+            Some(query) => format!("{base}?{query}"),
+            None => base,
+        };
+        DatabaseUrl::parse(&url)
+    }
+
     fn sqlite(raw: String) -> Self {
         DatabaseUrl {
             redacted: redact::redact_url(&raw, Scope::Whole),
@@ -781,6 +854,53 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_password_replaces_the_user_infos_or_the_parameters_password_and_masks_the_new_one() {
+        let sentinel = "p@ss:w/o%rd#?&='  ünï";
+        let encoded = "p%40ss%3Aw%2Fo%25rd%23%3F%26%3D%27%20%20%C3%BCn%C3%AF";
+        for (given, expected) in [
+            (
+                "postgres://app:old@db:5432/app?sslmode=require",
+                format!("postgres://app:{encoded}@db:5432/app?sslmode=require"),
+            ),
+            (
+                "postgres://app@h1:5433,h2:5434/app",
+                format!("postgres://app:{encoded}@h1:5433,h2:5434/app"),
+            ),
+            ("postgres://db/app", format!("postgres://:{encoded}@db/app")),
+            (
+                "postgres://app:old@db/app?password=older&keepalives=1",
+                format!("postgres://app:old@db/app?password={encoded}&keepalives=1"),
+            ),
+            (
+                "mysql://app:old@db/app",
+                format!("mysql://app:{encoded}@db/app"),
+            ),
+        ] {
+            let fresh = DatabaseUrl::parse(given)
+                .unwrap()
+                .with_password(sentinel)
+                .unwrap();
+            assert_eq!(fresh.expose_secret(), expected);
+            let shown = format!("{fresh} {fresh:?}");
+            assert!(
+                !shown.contains(encoded) && !shown.contains("p@ss"),
+                "{shown}"
+            );
+            assert_eq!(
+                fresh
+                    .redactor()
+                    .redact(&format!("x {sentinel} {encoded} y")),
+                "x *** *** y"
+            );
+        }
+        let err = DatabaseUrl::parse("sqlite://app.db")
+            .unwrap()
+            .with_password("x")
+            .unwrap_err();
+        assert!(err.to_string().contains("no password"), "{err}");
+    }
 
     fn parse(s: &str) -> DatabaseUrl {
         match DatabaseUrl::parse(s) {

@@ -224,6 +224,32 @@ proptest! {
         }
     }
 
+    /// Any password given to `with_password` on any accepted URL: accepted, written
+    /// percent-encoded, and hidden in every form the new URL shows (and by its redactor).
+    #[test]
+    fn with_password_takes_any_password_and_never_shows_it(
+        (url, _) in any_url(),
+        fresh in password(),
+    ) {
+        if let Ok(u) = DatabaseUrl::parse(&url) {
+            if u.backend() == pool_core::Backend::Sqlite {
+                return Ok(());
+            }
+            let new = u.with_password(&fresh);
+            let new = match new {
+                Ok(new) => new,
+                Err(e) => {
+                    assert_hidden(&format!("{e} {e:?}"), &fresh, &url)?;
+                    return Err(TestCaseError::fail(format!("refused for {url}: {e}")));
+                }
+            };
+            prop_assert!(new.expose_secret().contains(&percent_encode(&fresh)));
+            assert_hidden(&format!("{new} {new:?} {}", new.redacted()), &fresh, &url)?;
+            let message = format!("auth failed for {fresh} ({})", percent_encode(&fresh));
+            assert_hidden(&new.redactor().redact(&message), &fresh, &url)?;
+        }
+    }
+
     /// The same through the builder: its `Debug`, its error, the built configuration's `Debug`.
     #[test]
     fn a_builder_and_config_never_show_the_password((url, password) in any_url()) {
