@@ -16,7 +16,7 @@ use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use common::*;
-use diesel::connection::{Instrumentation, InstrumentationEvent};
+use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::prelude::*;
 use diesel::sql_types::{Integer, Nullable, Text};
 use resilient_diesel::PgPool;
@@ -111,6 +111,31 @@ fn a_connection_returned_by_a_panicking_thread_is_closed_even_outside_a_transact
     );
     let stats = pool.stats();
     assert_eq!(stats.closed.broken, 1, "{stats:?}");
+}
+
+/// A connection returned inside a raw `BEGIN` is sent a `ROLLBACK` at checkin; when that
+/// fails (here its backend was terminated while the application held it), the connection is
+/// closed there and then, not put back for the next checkout's probe to find.
+#[test]
+fn a_connection_whose_rollback_at_checkin_failed_is_closed_at_checkin() {
+    let Some(pg) = server() else { return };
+    let app = "mech_rollback_failed";
+    let pool = ext_pool(&pg, app, 1).build().unwrap();
+    let mut conn = pool.get().expect("checkout");
+    let pid = backend_pid(&mut conn);
+    conn.batch_execute("BEGIN").expect("BEGIN");
+    pg.execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .expect("terminate the backend");
+    pg.wait_backends_gone(app, Duration::from_secs(10))
+        .expect("backend gone");
+    std::thread::sleep(Duration::from_millis(50));
+    drop(conn);
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.closed.broken, stats.idle),
+        (1, 0),
+        "the connection whose ROLLBACK failed was put back: {stats:?}"
+    );
 }
 
 /// A connect that overlapped another stream to the same Unix socket cannot tell which of the
