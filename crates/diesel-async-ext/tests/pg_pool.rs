@@ -245,6 +245,10 @@ async fn checkout_errors_name_the_real_cause_and_never_the_password() {
     let err = refused.get().await.err().expect("an error");
     println!("refused: {err}");
     assert_eq!(err.connect_cause(), Some(ConnectCause::Refused), "{err}");
+    assert!(
+        err.to_string().contains("could not connect (refused)"),
+        "the cause is named in the message: {err}"
+    );
     assert!(err.to_string().contains("refused"), "{err}");
     assert_clean("refused", &format!("{err} {err:?}"));
 
@@ -256,6 +260,10 @@ async fn checkout_errors_name_the_real_cause_and_never_the_password() {
     let err = auth.get().await.err().expect("an error");
     println!("auth: {err}");
     assert_eq!(err.connect_cause(), Some(ConnectCause::Auth), "{err}");
+    assert!(
+        err.to_string().contains("could not connect (auth)"),
+        "the cause is named in the message: {err}"
+    );
     assert!(
         err.to_string().contains("password authentication failed"),
         "{err}"
@@ -271,6 +279,10 @@ async fn checkout_errors_name_the_real_cause_and_never_the_password() {
     };
     println!("tls: {err}");
     assert_eq!(err.connect_cause(), Some(ConnectCause::Tls), "{err}");
+    assert!(
+        err.to_string().contains("could not connect (tls)"),
+        "the cause is named in the message: {err}"
+    );
     assert_clean("tls", &format!("{err} {err:?}"));
 
     // The right password, but the pool is busy: a timeout with no other cause.
