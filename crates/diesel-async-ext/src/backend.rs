@@ -142,6 +142,10 @@ mod pg_backend {
                     ConnectError::Refused { .. } => ConnectCause::Refused,
                     ConnectError::Timeout { .. } => ConnectCause::Timeout,
                     ConnectError::Tls { .. } => ConnectCause::Tls,
+                    // A TLS alert read after the handshake (see the class above).
+                    ConnectError::Network { message, .. } if message.contains("alert") => {
+                        ConnectCause::Tls
+                    }
                     ConnectError::Auth { .. } => ConnectCause::Auth,
                     ConnectError::Server { .. } => ConnectCause::Server,
                     ConnectError::Network { .. } => ConnectCause::Network,

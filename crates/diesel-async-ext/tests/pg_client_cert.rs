@@ -255,6 +255,10 @@ async fn a_certificate_from_another_ca_is_refused_at_the_handshake(backend: TlsB
     );
     let text = refused_fast(&url, backend, "with a certificate of another CA").await;
     assert!(text.to_lowercase().contains("unknown"), "{text}");
+    assert!(
+        text.contains("could not connect (tls)"),
+        "a TLS refusal: {text}"
+    );
 }
 
 async fn a_key_others_can_read_is_refused_before_connecting(backend: TlsBackend) {
