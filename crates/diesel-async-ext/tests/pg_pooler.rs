@@ -244,21 +244,31 @@ async fn transaction_mode_serves_transactions_of_two_pools_over_two_server_conne
     let Some((_pg, bouncer)) = setup(PgBouncerOptions::new(PoolMode::Transaction)) else {
         return;
     };
-    let a = ours(&bouncer, "apooler-a", Pooler::Transaction).await;
-    let b = ours(&bouncer, "apooler-b", Pooler::Transaction).await;
+    two_pools_without_error(&bouncer, "apooler", [Query::InTransaction; 2], 40).await;
+}
+
+/// Two pools of ours with the setting, `CLIENTS` tasks each, running `steps` steps with
+/// `queries` through `bouncer` at once: no caller sees an error, PgBouncer keeps to its two
+/// server connections, every query is answered and every transaction is in the ledger once.
+async fn two_pools_without_error(bouncer: &PgBouncer, app: &str, queries: [Query; 2], steps: i32) {
+    let a = ours(bouncer, &format!("{app}-a"), Pooler::Transaction).await;
+    let b = ours(bouncer, &format!("{app}-b"), Pooler::Transaction).await;
     let started = Instant::now();
     let (ta, tb) = tokio::join!(
-        run_steps(&a, 0, 40, Query::InTransaction),
-        run_steps(&b, 100, 40, Query::InTransaction)
+        run_steps(&a, 0, steps, queries[0]),
+        run_steps(&b, 100, steps, queries[1])
     );
-    let elapsed = started.elapsed();
     let servers = bouncer.server_connections().expect("SHOW POOLS");
+    let version = bouncer.version().expect("SHOW VERSION");
+    let bare = |q: Query, t: &Tally| if q == Query::Bare { t.queries } else { 0 };
     eprintln!(
-        "async, transaction mode: {} transactions and {} queries from {} client connections \
-         over {servers} server connections in {elapsed:?}",
+        "async, transaction mode, {version}: {} transactions and {} queries ({} outside \
+         transactions) from {} client connections over {servers} server connections in {:?}",
         ta.committed.len() + tb.committed.len(),
         ta.queries + tb.queries,
+        bare(queries[0], &ta) + bare(queries[1], &tb),
         2 * CLIENTS,
+        started.elapsed()
     );
     assert!(
         ta.errors.is_empty() && tb.errors.is_empty(),
@@ -270,9 +280,15 @@ async fn transaction_mode_serves_transactions_of_two_pools_over_two_server_conne
         servers <= 2,
         "PgBouncer opened {servers} server connections"
     );
+    let expected = u64::from(CLIENTS) * steps as u64;
+    assert_eq!(
+        (ta.queries, tb.queries),
+        (expected, expected),
+        "every query answered"
+    );
     let mut committed = ta.committed;
     committed.extend(tb.committed);
-    assert_eq!(committed.len(), 2 * CLIENTS as usize * 40);
+    assert_eq!(committed.len(), 2 * expected as usize);
     assert_ledger_matches(&a, &committed).await;
 }
 
@@ -398,43 +414,13 @@ async fn on_pgbouncer_1_24_with_max_prepared_statements_statements_outside_trans
     let Some((_pg, bouncer)) = setup(recent(200)) else {
         return;
     };
-    let a = ours(&bouncer, "apooler-recent-a", Pooler::Transaction).await;
-    let b = ours(&bouncer, "apooler-recent-b", Pooler::Transaction).await;
-    let started = Instant::now();
-    let (ta, tb) = tokio::join!(
-        run_steps(&a, 0, 30, Query::Bare),
-        run_steps(&b, 100, 30, Query::InTransaction)
-    );
-    let servers = bouncer.server_connections().expect("SHOW POOLS");
-    eprintln!(
-        "async, {running}, max_prepared_statements = 200: {} transactions and {} queries \
-         ({} outside transactions) from {} client connections over {servers} server \
-         connections in {:?}",
-        ta.committed.len() + tb.committed.len(),
-        ta.queries + tb.queries,
-        ta.queries,
-        2 * CLIENTS,
-        started.elapsed()
-    );
-    assert!(
-        ta.errors.is_empty() && tb.errors.is_empty(),
-        "errors: {:?} {:?}",
-        ta.errors,
-        tb.errors
-    );
-    assert!(
-        servers <= 2,
-        "PgBouncer opened {servers} server connections"
-    );
-    assert_eq!(
-        ta.queries,
-        u64::from(CLIENTS) * 30,
-        "every bare query answered"
-    );
-    let mut committed = ta.committed;
-    committed.extend(tb.committed);
-    assert_eq!(committed.len(), 2 * CLIENTS as usize * 30);
-    assert_ledger_matches(&a, &committed).await;
+    two_pools_without_error(
+        &bouncer,
+        "apooler-recent",
+        [Query::Bare, Query::InTransaction],
+        30,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
