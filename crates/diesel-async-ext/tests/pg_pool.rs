@@ -245,6 +245,7 @@ async fn checkout_errors_name_the_real_cause_and_never_the_password() {
     let err = refused.get().await.err().expect("an error");
     println!("refused: {err}");
     assert_eq!(err.connect_cause(), Some(ConnectCause::Refused), "{err}");
+    assert!(!err.is_budget(), "not the budget's: {err}");
     assert!(
         err.to_string().contains("could not connect (refused)"),
         "the cause is named in the message: {err}"
@@ -260,6 +261,7 @@ async fn checkout_errors_name_the_real_cause_and_never_the_password() {
     let err = auth.get().await.err().expect("an error");
     println!("auth: {err}");
     assert_eq!(err.connect_cause(), Some(ConnectCause::Auth), "{err}");
+    assert!(!err.is_budget(), "not the budget's: {err}");
     assert!(
         err.to_string().contains("could not connect (auth)"),
         "the cause is named in the message: {err}"
@@ -279,6 +281,7 @@ async fn checkout_errors_name_the_real_cause_and_never_the_password() {
     };
     println!("tls: {err}");
     assert_eq!(err.connect_cause(), Some(ConnectCause::Tls), "{err}");
+    assert!(!err.is_budget(), "not the budget's: {err}");
     assert!(
         err.to_string().contains("could not connect (tls)"),
         "the cause is named in the message: {err}"
