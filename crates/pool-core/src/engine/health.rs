@@ -320,7 +320,7 @@ impl ServerHealth {
             && (last.at >= started || last.at.elapsed() < HOPELESS_RECHECK)
         {
             return Some(format!(
-                "the server refuses connections for a reason no retry can fix ({} failed \
+                "connecting fails for a reason no retry can fix ({} failed \
                  attempt(s)); fix the cause, the pool heals on its own: {}",
                 inner.failures, last.message
             ));
