@@ -187,6 +187,7 @@ async fn at_the_cap_a_slow_connection_is_given_up_at_the_hedge_delay_never_pinge
     // At the cap: 2 of 2 open, no overflow, so a hedge has no room beside the slow ping.
     let pool = PgPool::builder(&url)
         .application_name("async_hedge_cap")
+        .name("async_hedge_cap")
         .pool_size(2)
         .max_overflow(0)
         .build()
@@ -206,6 +207,19 @@ async fn at_the_cap_a_slow_connection_is_given_up_at_the_hedge_delay_never_pinge
         "first request took {first:?}: the slow ping at the cap was waited out: {stats:?}"
     );
     assert!(stats.hedges_gave_up >= 1, "{stats:?}");
+    // Each connection given up is reported, at info, with the pool's name.
+    let reported = test_support::captured_logs()
+        .into_iter()
+        .filter(|l| {
+            l.starts_with("INFO")
+                && l.contains("pool async_hedge_cap: validation ping failed")
+                && l.contains("given up")
+        })
+        .count();
+    assert_eq!(
+        reported as u64, stats.hedges_gave_up,
+        "a log line per connection given up"
+    );
     // The first slow connection is given up; the next may be hedged in the room it left.
     assert!(
         pool.state().connections <= 2,

@@ -428,6 +428,44 @@ async fn a_custom_connect_error_is_redacted_and_a_bad_url_fails_at_once() {
     assert_no_secret_in_logs();
 }
 
+#[tokio::test]
+async fn a_custom_connect_that_cannot_set_up_its_session_is_a_transient_setup_failure() {
+    let Some(pg) = server() else { return };
+    let err = diesel_async_ext::PgPool::builder(&pg.url_with("sslmode=disable"))
+        .pool_size(1)
+        .pool_timeout(Duration::from_millis(500))
+        .custom_connect(|_| {
+            Box::pin(async {
+                Err(ConnectionError::CouldntSetupConfiguration(
+                    diesel::result::Error::NotFound,
+                ))
+            })
+        })
+        .build()
+        .await
+        .expect_err("every connect fails");
+    let diesel_async_ext::BuildError::Connect { error, .. } = &err else {
+        panic!("a connect error: {err:?}");
+    };
+    assert_eq!(
+        error.connect_cause(),
+        Some(ConnectCause::Setup),
+        "{error:?}"
+    );
+    // Transient: retried until the pool timeout, not failed at once.
+    assert!(error.is_timeout(), "retried until pool_timeout: {error:?}");
+}
+
+#[test]
+fn the_standalone_managers_debug_names_it_and_its_target_without_the_password() {
+    let url = "postgres://app:s3cr%40t-Pw@db.internal:6543/app";
+    let manager = ExtManager::<AsyncPgConnection>::standalone(url).expect("manager");
+    let shown = format!("{manager:?}");
+    assert!(shown.contains("ExtManager"), "{shown}");
+    assert!(shown.contains("db.internal:6543"), "{shown}");
+    assert!(!shown.contains("s3cr"), "{shown}");
+}
+
 /// A sentinel credential: every character a URL or a log line could mishandle.
 fn rotated_token(round: usize) -> String {
     format!("tok{round} p@ss:w/o%rd#?&='ünï")

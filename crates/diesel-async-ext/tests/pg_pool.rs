@@ -386,3 +386,38 @@ async fn the_status_report_names_the_pool_and_serializes_to_json() {
     assert_clean("status", &text);
     assert_clean("Debug", &format!("{pool:?}"));
 }
+
+/// A connection retired at checkout (here: its backend was terminated) is routine: a checkout
+/// that then times out (its replacement's connect hangs) says it found no connection, and
+/// does not quote the retirement as the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_never_quotes_a_routine_retirement_as_its_cause() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable&application_name=aretired");
+    let pool = PgPool::builder(&url)
+        .pool_size(1)
+        .max_overflow(0)
+        .connect_timeout(Some(Duration::from_secs(10)))
+        .pool_timeout(Duration::from_millis(800))
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(1).await;
+    terminate_all(&pg, "aretired").await;
+    // New connects get through to the proxy and hang there.
+    proxy.stall(true);
+    let err = pool
+        .get()
+        .await
+        .err()
+        .expect("no connection within the timeout");
+    proxy.stall(false);
+    let text = err.to_string();
+    println!("{text}");
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(
+        !text.contains("retired"),
+        "the retirement was quoted as the timeout's cause: {text}"
+    );
+    assert!(pool.stats().probe_detected_dead >= 1, "{:?}", pool.stats());
+}
