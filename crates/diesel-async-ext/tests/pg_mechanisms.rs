@@ -306,3 +306,39 @@ async fn control_plain_bb8_lets_a_returning_task_take_its_connection_back_past_w
     assert_eq!(order.len(), 64);
     assert!(n > 0, "the control served every checkout in arrival order");
 }
+
+/// A validation ping that fails (here the network resets its connection as the `SELECT 1`
+/// goes out) is reported with the driver's reason, not as a ping that got no reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_validation_ping_is_reported_with_the_drivers_reason() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .name("amech_ping_cut")
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(1).await;
+    // Past the bypass window: the next checkout pings.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.sever_before_forwarding(b"SELECT 1");
+    assert_eq!(
+        pool.select_one().await,
+        Ok(1),
+        "the pool replaces the connection"
+    );
+    assert!(!proxy.trigger_armed(), "precondition: the ping was cut");
+    let stats = pool.stats();
+    assert_eq!(stats.closed.ping_failed, 1, "{stats:?}");
+    let reported: Vec<String> = test_support::captured_logs()
+        .into_iter()
+        .filter(|l| l.contains("pool amech_ping_cut: validation ping failed"))
+        .collect();
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert!(
+        !reported[0].contains("no reply within"),
+        "a ping that failed is reported as one that got no reply: {reported:?}"
+    );
+}
