@@ -133,9 +133,12 @@ def main():
     out.append(args.command)
     out.append("```")
     out.append("")
+    kept = [p for p in args.outcomes if p.startswith("docs/")]
     out.append(
         "Each run replaces `mutants.out/` (gitignored): keep each run's "
-        "`mutants.out/outcomes.json`, then regenerate this file with:"
+        "`mutants.out/outcomes.json`"
+        + (" (this file's runs are committed: " + ", ".join(f"`{p}`" for p in kept) + ")" if kept else "")
+        + ", then regenerate this file with:"
     )
     out.append("")
     out.append("```sh")
@@ -143,7 +146,10 @@ def main():
         "scripts/mutants-table.py --command \"$(cat COMMANDS)\" "
         + (f"--title '{args.title}' " if args.title != "pool-core" else "")
         + f"--dispositions {dispositions} "
-        + " ".join(f"RUN{i + 1}/outcomes.json" for i in range(len(args.outcomes)))
+        + " ".join(
+            path if path.startswith("docs/") else f"RUN{i + 1}/outcomes.json"
+            for i, path in enumerate(args.outcomes)
+        )
         + f" > {args.output}"
     )
     out.append("```")

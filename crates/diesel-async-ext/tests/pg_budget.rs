@@ -387,3 +387,64 @@ async fn replacing_a_connections_instrumentation_never_lets_it_escape_the_budget
     assert_eq!(one(&mut conn).await, Ok(1));
     assert!(pg.count_backends(app).unwrap() <= 2);
 }
+
+/// Query events seen by the application's own default instrumentation.
+static APP_EVENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct CountingInstrumentation;
+
+impl diesel::connection::Instrumentation for CountingInstrumentation {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        if matches!(
+            event,
+            diesel::connection::InstrumentationEvent::FinishQuery { .. }
+        ) {
+            APP_EVENTS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A dedicated connection (for `LISTEN`, say) of a budget class takes a budget permit, held
+/// until the connection is dropped, and its queries still reach the application's own
+/// default instrumentation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedicated_connection_holds_a_permit_until_dropped_and_keeps_the_apps_instrumentation() {
+    let Some(pg) = server() else { return };
+    // Counting only: harmless to the other tests of this binary.
+    let _ =
+        diesel::connection::set_default_instrumentation(|| Some(Box::new(CountingInstrumentation)));
+    let pools = pools(
+        &pg,
+        "adedicated",
+        3,
+        Class::new().pool_size(1).max_overflow(0),
+        Class::new().reserved(1),
+    )
+    .await;
+    let before = pools.budget_snapshot().in_use;
+    let mut conn = pools
+        .class("automation")
+        .unwrap()
+        .dedicated_connection()
+        .await
+        .expect("a dedicated connection");
+    assert_eq!(
+        pools.budget_snapshot().in_use,
+        before + 1,
+        "{}",
+        pools.budget_snapshot()
+    );
+    let seen = APP_EVENTS.load(Ordering::SeqCst);
+    one(&mut conn).await.expect("a query");
+    assert!(
+        APP_EVENTS.load(Ordering::SeqCst) > seen,
+        "the application's instrumentation no longer sees the dedicated connection's queries"
+    );
+    drop(conn);
+    assert_eq!(
+        pools.budget_snapshot().in_use,
+        before,
+        "the permit went back with the connection: {}",
+        pools.budget_snapshot()
+    );
+}
