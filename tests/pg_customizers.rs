@@ -524,6 +524,21 @@ fn set_password(pg: &PgServer, password: &str) {
     .expect("ALTER ROLE");
 }
 
+/// The connect an app with short-lived credentials gives the pool: the conninfo the pool
+/// would open, with the password its credential source says now.
+fn fresh_password_connect(
+    current: Arc<parking_lot::Mutex<String>>,
+    connects: Arc<AtomicUsize>,
+) -> impl Fn(&str) -> ConnectionResult<PgConnection> + Send + Sync + 'static {
+    move |conninfo| {
+        connects.fetch_add(1, Ordering::SeqCst);
+        let url = DatabaseUrl::parse(conninfo)
+            .and_then(|url| url.with_password(&current.lock()))
+            .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+        PgConnection::establish(url.expose_secret())
+    }
+}
+
 #[test]
 fn a_custom_connect_fetching_a_fresh_password_per_connect_keeps_the_pool_open_across_rotations() {
     let _serial = serial();
@@ -532,39 +547,22 @@ fn a_custom_connect_fetching_a_fresh_password_per_connect_keeps_the_pool_open_ac
     // URL keeps the password it was built with, the connect function asks for the current one.
     let current = Arc::new(parking_lot::Mutex::new(PgServer::PASSWORD.to_owned()));
     let connects = Arc::new(AtomicUsize::new(0));
-    let pool = {
-        let (current, connects) = (current.clone(), connects.clone());
-        ext_pool(&pg, "iam", 2)
-            .custom_connect(move |conninfo| {
-                connects.fetch_add(1, Ordering::SeqCst);
-                let url = DatabaseUrl::parse(conninfo)
-                    .and_then(|url| url.with_password(&current.lock()))
-                    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-                PgConnection::establish(url.expose_secret())
-            })
-            .build()
-            .expect("pool with the app's connect")
-    };
+    let pool = ext_pool(&pg, "iam", 2)
+        .custom_connect(fresh_password_connect(current.clone(), connects.clone()))
+        .build()
+        .expect("pool with the app's connect");
     // The same connect in a stock r2d2 builder, through the standalone manager.
-    let stock = {
-        let current = current.clone();
-        r2d2::Pool::builder()
-            .max_size(2)
-            .connection_timeout(Duration::from_secs(10))
-            .build(
-                ExtManager::<PgConnection>::standalone(
-                    &pg.url_with("sslmode=disable&application_name=iam_stock"),
-                )
-                .expect("standalone manager")
-                .custom_connect(move |conninfo| {
-                    let url = DatabaseUrl::parse(conninfo)
-                        .and_then(|url| url.with_password(&current.lock()))
-                        .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-                    PgConnection::establish(url.expose_secret())
-                }),
+    let stock = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(10))
+        .build(
+            ExtManager::<PgConnection>::standalone(
+                &pg.url_with("sslmode=disable&application_name=iam_stock"),
             )
-            .expect("stock pool")
-    };
+            .expect("standalone manager")
+            .custom_connect(fresh_password_connect(current.clone(), connects.clone())),
+        )
+        .expect("stock pool");
     drop(hold(&stock, 2));
     // The control: the URL's password, as plain r2d2 keeps it.
     let plain = r2d2::Pool::builder()
@@ -603,8 +601,8 @@ fn a_custom_connect_fetching_a_fresh_password_per_connect_keeps_the_pool_open_ac
         );
     }
     assert!(
-        connects.load(Ordering::SeqCst) >= opened + 3,
-        "every replacement was opened through the app's connect"
+        connects.load(Ordering::SeqCst) >= opened + 6,
+        "every replacement, of both pools, was opened through the app's connect"
     );
     // The pool's own machinery stays on: the terminated connections were found by the probe.
     assert!(pool.stats().probe_detected_dead >= 3, "{:?}", pool.stats());

@@ -121,6 +121,10 @@ mod pg_backend {
             config: &PoolConfig,
         ) -> Result<AsyncPgConnection, OpenFailure> {
             let mut conn = opener.connect().await.map_err(|e| {
+                // The server's TLS alert refusing our client certificate arrives with the
+                // first read after the handshake (TLS 1.3), as a failed read.
+                let tls_alert =
+                    matches!(&e, ConnectError::Network { message, .. } if message.contains("alert"));
                 let class = match &e {
                     ConnectError::Auth { .. } | ConnectError::Config(_) => ConnectClass::Hopeless,
                     ConnectError::Server {
@@ -130,9 +134,7 @@ mod pg_backend {
                     ConnectError::Tls { message, .. } => ConnectClass::of_libpq_message(
                         &message.replace("Hostname mismatch", "does not match host name"),
                     ),
-                    // The server's TLS alert refusing our client certificate arrives with the
-                    // first read after the handshake (TLS 1.3), as a failed read.
-                    ConnectError::Network { message, .. } if message.contains("alert") => {
+                    ConnectError::Network { message, .. } if tls_alert => {
                         ConnectClass::of_libpq_message(message)
                     }
                     _ => ConnectClass::Transient,
@@ -142,10 +144,7 @@ mod pg_backend {
                     ConnectError::Refused { .. } => ConnectCause::Refused,
                     ConnectError::Timeout { .. } => ConnectCause::Timeout,
                     ConnectError::Tls { .. } => ConnectCause::Tls,
-                    // A TLS alert read after the handshake (see the class above).
-                    ConnectError::Network { message, .. } if message.contains("alert") => {
-                        ConnectCause::Tls
-                    }
+                    ConnectError::Network { .. } if tls_alert => ConnectCause::Tls,
                     ConnectError::Auth { .. } => ConnectCause::Auth,
                     ConnectError::Server { .. } => ConnectCause::Server,
                     ConnectError::Network { .. } => ConnectCause::Network,
