@@ -63,9 +63,7 @@ impl<C: ExtConnection> ExtPool<C> {
         check.found_dead(u32::try_from(found).unwrap_or(u32::MAX), None);
         if let Some((mut conn, held)) = got {
             check.made_round_trip();
-            ExtManager::<C>::set_busy(&mut conn, true);
             let pinged = self.manager().bounded_ping(&mut conn, timeout).await;
-            ExtManager::<C>::set_busy(&mut conn, false);
             held.release();
             drop(conn);
             match pinged {

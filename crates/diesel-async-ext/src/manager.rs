@@ -787,14 +787,6 @@ impl<C: ExtConnection> ExtManager<C> {
             }),
         })
     }
-
-    /// Marks a round trip of the pool's own on `conn` as under way (or done): a connection
-    /// returned while it is under way (its future dropped) is closed at checkin.
-    pub(crate) fn set_busy(conn: &mut C, busy: bool) {
-        if let Some(t) = tracker_of(conn) {
-            t.extra = busy;
-        }
-    }
 }
 
 impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
@@ -875,12 +867,12 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
         if t.state.take_read_only_suspect() {
             // A "read-only transaction" error since the last checkout: a failover, or a
             // deliberate write in a READ ONLY transaction? Ask the server.
+            // A statement: if this future is dropped before it answers, the tracker sees it
+            // in flight and the connection is closed at checkin.
             let timeout = self.config().lifecycle.validation.timeout;
-            Self::set_busy(conn, true);
             let standby = tokio::time::timeout(timeout, conn.is_standby())
                 .await
                 .unwrap_or(true);
-            Self::set_busy(conn, false);
             if standby {
                 if let Some(t) = tracker_of(conn) {
                     t.state.failover_detected();
@@ -916,12 +908,11 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
             let Some(t) = tracker_of(conn) else {
                 return dirty;
             };
-            let busy = std::mem::take(&mut t.extra);
             if t.state.close_reason().is_some() && !t.state.is_checked_out() {
                 // Retired on checkout or by the maintenance: close it, counted once.
                 return true;
             }
-            t.state.checkin(dirty || busy).is_some()
+            t.state.checkin(dirty).is_some()
         }))
         .unwrap_or(true);
         if close {

@@ -433,9 +433,7 @@ impl<C: ExtConnection> Parts<C> {
                 tracker_of(&mut *conn).is_some_and(|t| t.state.keepalive_due(every, Instant::now()))
             });
             if due {
-                ExtManager::<C>::set_busy(&mut conn, true);
                 let pinged = self.manager.bounded_ping(&mut conn, timeout).await;
-                ExtManager::<C>::set_busy(&mut conn, false);
                 if pinged.is_err() {
                     if let Some(t) = tracker_of(&mut *conn) {
                         t.state.set_close_reason(CloseReason::PingFailed);

@@ -1,25 +1,25 @@
 //! Per-connection state, carried inside the connection itself: `diesel-ext-common`'s
-//! [`Tracker`](diesel_ext_common::Tracker), holding besides the engine's state whether a round
-//! trip of the pool's own (a keepalive ping, a standby check) is under way. If the connection
-//! comes back like this, its future was dropped half-way: it is closed.
+//! [`Tracker`](diesel_ext_common::Tracker). Its statement watch also covers the pool's own
+//! round trips (a keepalive ping, a health check's ping, a standby check: each is a statement
+//! the tracker sees start): a connection that comes back with one still in flight, its future
+//! dropped half-way, is closed at checkin by [`left_in_transaction`].
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use pool_core::classify::ErrorClass;
 use pool_core::engine::ConnState;
 
-/// The pool's view of one connection; lives in the connection's instrumentation slot. Its
-/// `extra` says whether a round trip of the pool's own is under way.
-pub(crate) type Tracker = diesel_ext_common::Tracker<bool>;
+/// The pool's view of one connection; lives in the connection's instrumentation slot. The
+/// async adapter keeps nothing beside the engine's state.
+pub(crate) type Tracker = diesel_ext_common::Tracker<()>;
 
-/// The tracker of a connection in `state`, no round trip under way, classifying its errors
-/// with `classify`.
+/// The tracker of a connection in `state`, classifying its errors with `classify`.
 pub(crate) fn tracker(
     state: ConnState,
     classify: fn(&diesel::result::Error) -> ErrorClass,
 ) -> Tracker {
     Tracker::new(
         state,
-        false,
+        (),
         classify,
         diesel_ext_common::tracker::SqlAt::Finish,
     )

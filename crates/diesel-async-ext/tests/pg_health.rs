@@ -59,6 +59,56 @@ async fn a_pool_idle_past_the_bypass_window_answers_with_one_bounded_check() {
     assert_eq!(again.source, HealthSource::Evidence, "{again}");
 }
 
+/// A readiness probe with a deadline shorter than the check's ping (the backend is stopped, so
+/// the ping never answers) drops the check half-way: the connection it was pinging comes back
+/// with the pool's own round trip in flight, and is closed, not pooled, where the next caller
+/// would wait on it. Two mechanisms see it, either one enough: the tracker's watch (a
+/// statement started and not finished) and the engine's ping in flight (a validation ping
+/// started and not finished); the standby check's test pins the first alone.
+#[tokio::test]
+async fn a_health_check_dropped_mid_ping_closes_the_connection_it_was_pinging() {
+    let Some(pg) = server() else { return };
+    let app = "ahealth_cut";
+    let window = Duration::from_millis(100);
+    let pool = ext_pool(&pg, app, 1)
+        .validation_bypass_window(window)
+        .validation_timeout(Duration::from_secs(10))
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(1).await;
+    let pids = pg.backend_pids(app).unwrap();
+    assert_eq!(pids.len(), 1, "precondition: one connection open");
+    tokio::time::sleep(window * 3).await;
+    let pause = pg.pause_backends(app).unwrap();
+    let cut = tokio::time::timeout(Duration::from_millis(300), pool.health()).await;
+    assert!(
+        cut.is_err(),
+        "precondition: the check was cut short in its ping: {cut:?}"
+    );
+    let after_cut = pool.stats();
+    assert_eq!(
+        (after_cut.closed.total(), after_cut.idle),
+        (1, 0),
+        "the connection whose health-check ping was cut short was pooled again, not closed: \
+         {after_cut:?}"
+    );
+    let next = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+        backend_pid(&mut conn).await.map_err(|e| e.to_string())
+    })
+    .await;
+    match next {
+        Err(_) => panic!(
+            "the connection whose health-check ping was cut short went back to the pool: the \
+             next caller hung on it for 3 s"
+        ),
+        Ok(Err(e)) => panic!("the next caller failed: {e}"),
+        Ok(Ok(pid)) => assert_ne!(pid, pids[0], "the cut-short connection was reused"),
+    }
+    pause.resume();
+}
+
 #[tokio::test]
 async fn a_stopped_server_is_unreachable_with_the_connect_errors_class_and_the_status_is_not_healthy(
 ) {

@@ -12,16 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use diesel::sql_types::{Integer, Nullable, Text};
-use diesel::QueryResult;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel::sql_types::{Nullable, Text};
+use diesel_async::RunQueryDsl;
 use diesel_async_ext::PgPool;
-
-async fn backend_pid(conn: &mut AsyncPgConnection) -> QueryResult<i32> {
-    diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()"))
-        .get_result(conn)
-        .await
-}
 
 /// Waits until `done` holds, checking every 10 ms; fails with `what` after `limit`.
 async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {

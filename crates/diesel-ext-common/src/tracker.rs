@@ -205,7 +205,7 @@ pub trait Extra: Send + 'static {
     fn after_success(&mut self) {}
 }
 
-impl Extra for bool {}
+impl Extra for () {}
 
 impl<X: Extra> Instrumentation for Tracker<X> {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {

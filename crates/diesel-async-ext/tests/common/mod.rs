@@ -22,6 +22,13 @@ pub fn server() -> Option<PgServer> {
     test_support::pg_or_skip()
 }
 
+/// The server process id behind `conn`.
+pub async fn backend_pid(conn: &mut AsyncPgConnection) -> diesel::QueryResult<i32> {
+    diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()"))
+        .get_result(conn)
+        .await
+}
+
 /// `SELECT 1` as a cacheable prepared statement (the same one diesel-async's `Verified`
 /// ping uses): one round trip once prepared on a connection.
 pub async fn one(conn: &mut AsyncPgConnection) -> Result<i32, String> {
