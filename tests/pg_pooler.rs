@@ -628,6 +628,14 @@ fn txid_status_is_taken_only_from_the_server_that_ran_the_transaction() {
         return;
     };
     let pool = ours(&bouncer, "pooler-identity", Pooler::Transaction);
+    // The retry functions read the setting through the pool: it decides whether
+    // `commit_with_retry` reads the server's identity with the transaction id and asks only
+    // that server (a second cluster behind one pooler, which would show it end to end, is
+    // not built here: test clusters share their template's system identifier).
+    assert_eq!(
+        resilient_diesel::retry::RetryablePool::pooler(&pool),
+        Pooler::Transaction
+    );
     let mut conn = pool.get().expect("checkout");
     let (txid, server) = conn
         .transaction(|c| c.current_txid_and_server())

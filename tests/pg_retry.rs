@@ -16,7 +16,7 @@ use diesel::sql_types::BigInt;
 use resilient_diesel::classify::classify_diesel;
 use resilient_diesel::pool_core::classify::ErrorClass;
 use resilient_diesel::retry::{
-    commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy,
+    commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy, RetryablePool,
 };
 use resilient_diesel::PgPool;
 use test_support::FaultProxy;
@@ -228,6 +228,66 @@ fn a_connection_cut_while_commit_is_in_flight_commits_exactly_once() {
         "the call returns the committed transaction's result"
     );
     assert_eq!(pool.stats().commits_resolved, 1);
+}
+
+/// A `COMMIT` cut in flight on `pool` (through `proxy`), whose resolution is then left to
+/// `commit_with_retry`: its outcome.
+fn cut_commit<P>(pool: &P, proxy: &FaultProxy, note: &str) -> Result<(), RetryError<DieselError>>
+where
+    P: RetryablePool<Connection = PgConnection>,
+{
+    let policy = RetryPolicy::builder()
+        .commit_resolution_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    proxy.sever_after_forwarding(b"COMMIT", Duration::from_millis(100));
+    let out = commit_with_retry(pool, &policy, |conn| {
+        diesel::sql_query("INSERT INTO ledger (note) VALUES ($1)")
+            .bind::<diesel::sql_types::Text, _>(note)
+            .execute(conn)
+            .map(drop)
+    });
+    assert!(!proxy.trigger_armed(), "precondition: the COMMIT was cut");
+    out
+}
+
+/// When the resolution's own query is refused for good (here the app's role may not run
+/// `txid_status`), the commit is returned as ambiguous with the server's reason in it, read
+/// through the pool's redaction, on our pool and on plain r2d2: an operator sees why it could
+/// not be resolved.
+#[test]
+fn an_ambiguous_commit_whose_resolution_query_is_refused_says_why() {
+    let Some(pg) = server() else { return };
+    setup(&pg, LEDGER);
+    pg.execute("REVOKE EXECUTE ON FUNCTION txid_status(bigint) FROM PUBLIC")
+        .unwrap();
+    let proxy = proxied(&pg);
+    let url = pg.url_via(proxy.port(), "sslmode=disable");
+    let ours = PgPool::builder(&url)
+        .application_name("retry_refused")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let plain = r2d2::Pool::builder()
+        .max_size(2)
+        .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(url))
+        .unwrap();
+    for (pool, out) in [
+        ("ours", cut_commit(&ours, &proxy, "refused-ours")),
+        ("plain r2d2", cut_commit(&plain, &proxy, "refused-plain")),
+    ] {
+        match out {
+            Err(RetryError::AmbiguousCommit { reason, .. }) => {
+                assert!(
+                    reason.contains("permission denied for function txid_status"),
+                    "{pool}: the reason does not carry the server's: {reason}"
+                );
+                assert!(!reason.contains(PgServer::PASSWORD), "{pool}: {reason}");
+            }
+            other => panic!("{pool}: expected an ambiguous commit, got {other:?}"),
+        }
+    }
 }
 
 #[test]

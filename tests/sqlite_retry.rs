@@ -1,10 +1,14 @@
 //! The retry functions on SQLite, with the idempotency table created by the crate's migration.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use resilient_diesel::retry::{commit_with_key, commit_with_retry, Keyed, RetryError, RetryPolicy};
+use resilient_diesel::retry::{
+    commit_with_key, commit_with_retry, with_retry, Keyed, RetryError, RetryPolicy, RetryablePool,
+};
 use resilient_diesel::SqlitePool;
 
 const MIGRATION: &str = include_str!("../migrations/2026-11-23-000000_idempotency_keys/up.sql");
@@ -159,4 +163,93 @@ fn keys_longer_than_the_column_are_refused_up_front() {
         commit_with_key(&pool, &policy, &longest, body).unwrap(),
         Keyed::Committed(1)
     );
+}
+
+/// Holds `pool`'s only connection on another thread for `held`, returning once it is taken.
+fn hold_the_only_connection<P>(pool: &P, held: Duration) -> std::thread::JoinHandle<()>
+where
+    P: RetryablePool + Clone + Send + 'static,
+    P::Guard: Send,
+{
+    let (taken, was_taken) = mpsc::channel();
+    let pool = pool.clone();
+    let holder = std::thread::spawn(move || {
+        let guard = pool.checkout().expect("the holder's checkout");
+        taken.send(()).unwrap();
+        std::thread::sleep(held);
+        drop(guard);
+    });
+    was_taken
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the holder took the connection within 10 s");
+    holder
+}
+
+/// An attempt's checkout waits as long as the pool's own checkout would (the extended pool's
+/// `pool_timeout`, r2d2's `connection_timeout`) when the loop has no `max_elapsed` shorter:
+/// a pool whose one connection is busy for a moment serves a call with no retries once the
+/// connection is back, on both pools.
+#[test]
+fn an_attempts_checkout_waits_as_long_as_the_pools_own_checkout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db").display().to_string();
+    let ours = SqlitePool::builder(&format!("sqlite://{path}"))
+        .pool_size(1)
+        .max_overflow(0)
+        .pool_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let plain = r2d2::Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_secs(10))
+        .build(diesel::r2d2::ConnectionManager::<SqliteConnection>::new(
+            path.as_str(),
+        ))
+        .unwrap();
+    assert_eq!(ours.pool_timeout(), Duration::from_secs(10));
+    assert_eq!(RetryablePool::pool_timeout(&plain), Duration::from_secs(10));
+    let no_retry = RetryPolicy::no_retry();
+    let select_one = |conn: &mut SqliteConnection| diesel::sql_query("SELECT 1").execute(conn);
+    let holder = hold_the_only_connection(&ours, Duration::from_millis(300));
+    let out = with_retry(&ours, &no_retry, select_one);
+    assert!(
+        out.is_ok(),
+        "our pool: the attempt's checkout did not wait for the busy connection: {out:?}"
+    );
+    holder.join().unwrap();
+    let holder = hold_the_only_connection(&plain, Duration::from_millis(300));
+    let out = with_retry(&plain, &no_retry, select_one);
+    assert!(
+        out.is_ok(),
+        "plain r2d2: the attempt's checkout did not wait for the busy connection: {out:?}"
+    );
+    holder.join().unwrap();
+}
+
+/// A key insert that fails for any reason other than the key's unique violation (here: the
+/// idempotency table was never created) is returned as that error, never taken for "already
+/// committed", which would drop the body's write without a word.
+#[test]
+fn a_key_insert_failing_for_another_reason_is_an_error_not_already_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let pool = SqlitePool::builder(&url).pool_size(1).build().unwrap();
+    let runs = AtomicU32::new(0);
+    let out = commit_with_key(
+        &pool,
+        &RetryPolicy::default(),
+        "job-9",
+        |_: &mut SqliteConnection| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, diesel::result::Error>(())
+        },
+    );
+    match out {
+        Err(RetryError::Permanent(e)) => assert!(
+            e.to_string().contains("no such table"),
+            "the error says what failed: {e}"
+        ),
+        other => panic!("no idempotency table: expected the insert's error, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::Relaxed), 0, "the body never ran");
 }
