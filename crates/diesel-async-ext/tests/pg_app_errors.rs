@@ -113,6 +113,33 @@ async fn an_application_error_quoting_connection_phrases_runs_once_and_leaves_th
     );
 }
 
+/// The same on a plain bb8 pool given to the retry functions, over a link with 20 ms of
+/// latency: the one `SELECT 1` that checks an error's claim to a lost connection gets its
+/// default 5 s to answer, so it does, and the application's error runs once.
+#[tokio::test]
+async fn on_plain_bb8_an_application_error_quoting_connection_phrases_runs_once_too() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, FAIL_WITH).unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    proxy.set_latency(Duration::from_millis(20));
+    let pool = control_verified(&url).await;
+    for phrase in PHRASES {
+        let runs = AtomicU32::new(0);
+        let err = with_retry(&pool, &eager(), async |c| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            fail_with(c, phrase).await
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, RetryError::Permanent(_)), "{phrase}: {err}");
+        assert_eq!(
+            AtomicU32::load(&runs, Ordering::Relaxed),
+            1,
+            "with_retry reran {phrase:?} on plain bb8"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_terminated_under_a_running_query_is_still_retried() {
     let Some(pg) = server() else { return };
