@@ -330,3 +330,32 @@ async fn keys_go_to_the_policy_table_and_long_keys_are_refused() {
     );
     assert_eq!(count(&pool, "SELECT count(*) AS n FROM hooks").await, 1);
 }
+
+/// A key insert that fails for any reason other than the key's unique violation (here: the
+/// idempotency table was never created) is returned as that error, never taken for "already
+/// committed", which would drop the body's write without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_insert_failing_for_another_reason_is_an_error_not_already_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = SqlitePool::builder(&db(&dir)).build().await.unwrap();
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let body = async |_: &mut diesel_async::sync_connection_wrapper::SyncConnectionWrapper<
+        diesel::SqliteConnection,
+    >| {
+        runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok::<_, diesel::result::Error>(())
+    };
+    let out = commit_with_key(&pool, &RetryPolicy::default(), "job-9", body).await;
+    match out {
+        Err(diesel_async_ext::RetryError::Permanent(e)) => assert!(
+            e.to_string().contains("no such table"),
+            "the error says what failed: {e}"
+        ),
+        other => panic!("no idempotency table: expected the insert's error, got {other:?}"),
+    }
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&runs, std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the body never ran"
+    );
+}
