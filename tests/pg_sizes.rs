@@ -44,6 +44,30 @@ fn holding_pool_size_connections_opens_no_more_and_overflow_closes_on_return() {
 
 /// `pool_size(0)` means what its rustdoc says: no connection is kept once returned (not
 /// SQLAlchemy's "no limit": at most `max_overflow` are open at once).
+/// Dropping the last clone of a pool stops its maintenance thread, which lets r2d2's pool go:
+/// every connection is closed, none left open on the server for the life of the process.
+#[test]
+fn dropping_the_last_clone_of_a_pool_closes_its_connections() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_dropped";
+    let pool = ext_pool(&pg, app, 3).build().unwrap();
+    let clone = pool.clone();
+    assert_eq!(settle_backends(&pg, app, 3), 3, "pool_size opened at build");
+    drop(pool);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        pg.count_backends(app).unwrap(),
+        3,
+        "a clone still holds the pool: its connections stay"
+    );
+    drop(clone);
+    assert_eq!(
+        settle_backends(&pg, app, 0),
+        0,
+        "10 s after the last clone was dropped, its connections are still open"
+    );
+}
+
 #[test]
 fn a_pool_size_of_zero_keeps_no_connection_once_returned() {
     let Some(pg) = server() else { return };
