@@ -558,3 +558,24 @@ fn raw_passwords_that_need_encoding_are_refused_clearly() {
     assert!(refused >= 3 * 12, "only {refused} refusals checked");
     assert_logs_clean();
 }
+
+/// A pool's `Debug` (what `{:?}` in an application's log shows) names the pool, its server
+/// and r2d2's state, and no piece of any sentinel password, in the user info or a parameter.
+#[test]
+fn a_pools_debug_names_it_and_its_server_and_hides_the_password() {
+    for password in sentinels() {
+        for place in [Place::UserInfo, Place::Query] {
+            let written = encoded(&password, place);
+            let url = url(place, "app", &written, "127.0.0.1:1", "sslmode=disable");
+            let pool = resilient_diesel::PgPool::builder(&url)
+                .name("debugged")
+                .build_lazy()
+                .unwrap_or_else(|e| panic!("{place:?} {password:?}: a lazy build failed: {e}"));
+            let shown = format!("{pool:?}");
+            for part in ["ExtPool", "debugged", "127.0.0.1", "connections"] {
+                assert!(shown.contains(part), "the Debug lacks {part:?}: {shown}");
+            }
+            assert_hidden("the pool's Debug", &shown, &password);
+        }
+    }
+}
