@@ -14,6 +14,7 @@ that does not compile to one expression), so those are listed by hand in
                replace = "let panicking = false;" }]
     command = "cargo test --features metrics --test pg_mechanisms panicking"
     expect = ["a_connection_returned_by_a_panicking_thread_is_closed_even_outside_a_transaction"]
+    note = "optional: why it is not caught, or what catches it instead"
 
 Each mutation: every `find` must occur exactly once in its file (else the row is "stale": the
 code moved on and the row must be updated); the edits are applied, `command` runs with
@@ -102,7 +103,10 @@ def run_one(row, limit):
             with open(path, "w") as f:
                 f.write(text)
     seconds = round(time.monotonic() - started)
-    failed = sorted(set(FAILED_TEST.findall(out)) | set(PANICKED.findall(out)) - {"main"})
+    # Test threads carry the test's name; other threads that panicked (helpers the test
+    # spawned) do not name a test.
+    failed = sorted((set(FAILED_TEST.findall(out)) | set(PANICKED.findall(out)))
+                    - {"main", "<unnamed>"})
     if proc.returncode == 0:
         return {"outcome": "missed", "seconds": seconds, "failed": []}
     if not failed and BUILD_ERROR.search(out):
@@ -145,10 +149,14 @@ def table(rows, results, source, command):
         mutation = row.get("mutation") or "; ".join(
             f"`{e['file'].split('/')[-1]}`: `{e['find'].strip()[:60]}` -> `{e['replace'].strip()[:60]}`"
             for e in row["edits"])
-        shown = ", ".join(f"`{f}`" for f in res.get("failed", [])) or res.get("detail", "")
+        failed = [f for f in res.get("failed", []) if f not in ("main", "<unnamed>")]
+        shown = ", ".join(f"`{f}`" for f in failed) or res.get("detail", "")
         outcome = res["outcome"]
         if outcome != "caught":
             outcome = f"**{outcome}**"
+        if row.get("note"):
+            # Why a mutation is not caught, or what catches it instead (written after a run).
+            outcome += ": " + row["note"]
         cells = [c.replace("|", "\\|") for c in (row["mechanism"], mutation, shown[:400])]
         lines.append(f"| {cells[0]} | {cells[1]} | {outcome} | {cells[2]} | "
                      f"{res.get('seconds', '')} |")

@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -245,15 +245,18 @@ fn borrowed_headroom_goes_back_to_automation_when_it_needs_it() {
         drop(borrowed);
         assert_eq!(adhoc.state().idle_connections, 25);
         // Now automation demands 20 more.
-        let barrier = Arc::new(Barrier::new(21));
+        // Each waiter holds what it got until the permits are counted (or the test failed:
+        // `stop` is raised as a failed assertion unwinds, so no waiter is left waiting).
+        let counted = leak_flag();
         let started = Instant::now();
         let waits: Vec<_> = (0..20)
             .map(|_| {
-                let barrier = barrier.clone();
                 s.spawn(move || {
                     let conn = automation.get();
                     let took = started.elapsed();
-                    barrier.wait();
+                    while !counted.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                     (conn.is_ok(), took)
                 })
             })
@@ -275,7 +278,7 @@ fn borrowed_headroom_goes_back_to_automation_when_it_needs_it() {
         }
         let given_back = started.elapsed();
         eprintln!("adhoc gave its first borrowed permit back after {first_back:?}");
-        barrier.wait();
+        counted.store(true, Ordering::Relaxed);
         let results: Vec<_> = waits.into_iter().map(|w| w.join().unwrap()).collect();
         eprintln!("adhoc gave its 20 borrowed permits back in {given_back:?}");
         stop.store(true, Ordering::Relaxed);

@@ -254,6 +254,19 @@ fn validation_against_a_hung_backend_returns_within_its_timeout_and_recovers() {
     hung_backend_is_bounded(&pg, "ext_stall", &pg.url_with("sslmode=disable"));
 }
 
+/// The same with hedged validation off: the stall watchdog, which shuts the ping's socket down
+/// at `validation_timeout`, is then the only bound.
+#[test]
+fn validation_against_a_hung_backend_is_bounded_by_the_watchdog_alone_with_hedging_off() {
+    let Some(pg) = server() else { return };
+    hung_backend_is_bounded_with(
+        &pg,
+        "ext_stall_unhedged",
+        &pg.url_with("sslmode=disable"),
+        false,
+    );
+}
+
 #[test]
 fn control_plain_r2d2_at_its_defaults_hangs_on_a_hung_backend_until_it_resumes() {
     let Some(pg) = server() else { return };

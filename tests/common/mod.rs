@@ -228,9 +228,17 @@ pub fn hold<P: Checkout>(pool: &P, n: usize) -> Vec<r2d2::PooledConnection<P::M>
 /// hanging until the backend resumes, then that the pool serves again. The ping was bounded,
 /// which needs the connection's socket to have been found.
 pub fn hung_backend_is_bounded(server: &PgServer, app: &str, url: &str) {
+    hung_backend_is_bounded_with(server, app, url, true);
+}
+
+/// [`hung_backend_is_bounded`] with hedged validation on or off: off, the stall watchdog
+/// alone bounds the ping (on, a pool with no room gives the slow connection up at the hedge
+/// delay too).
+pub fn hung_backend_is_bounded_with(server: &PgServer, app: &str, url: &str, hedged: bool) {
     let validation_timeout = Duration::from_secs(1);
     let pool_timeout = Duration::from_secs(3);
     let pool = PgPool::builder(url)
+        .hedged_validation(hedged)
         .application_name(app)
         .pool_size(1)
         .max_overflow(0)
