@@ -136,7 +136,8 @@ def table(rows, results, source, command):
         "```",
         "",
         "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        + f" ({len(results)} run of the {len(rows)} listed; the rest at the end: not run yet).",
+        + (f" ({len(results)} run of the {len(rows)} listed; the rest at the end: not run yet)."
+           if len(results) < len(rows) else f" (all {len(rows)} listed)."),
         "",
         "| mechanism | mutation | outcome | failing tests (with the mutation) | s |",
         "|---|---|---|---|---|",
