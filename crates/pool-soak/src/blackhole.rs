@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 use diesel_async::AsyncPgConnection;
-use test_support::{NetNs, PgServer};
+use test_support::{NetNs, PgOptions, PgServer};
 
 use crate::ledger::{load_counts, setup_sql, SystemResult, Tally};
 use crate::{Settings, Shared};
@@ -147,7 +147,13 @@ fn inside(
     go: mpsc::Receiver<Go>,
 ) -> Result<Inside, String> {
     let setup = || -> Result<_, String> {
-        let pg = PgServer::start().map_err(|e| format!("a server in the namespace: {e}"))?;
+        // A COMMIT lost in the blackhole leaves the server's transaction "in progress" until
+        // the server notices its client is gone, hours with default settings: this rolls it
+        // back within the retry functions' 10 s resolution (README, "never commit twice").
+        let pg = PgServer::start_with(
+            PgOptions::default().conf("idle_in_transaction_session_timeout = '3s'"),
+        )
+        .map_err(|e| format!("a server in the namespace: {e}"))?;
         pg.execute(&setup_sql())
             .map_err(|e| format!("the namespace's ledger: {e}"))?;
         let url = pg.url_with("sslmode=disable");
