@@ -69,3 +69,28 @@ fn a_test_transaction_is_never_handed_to_the_next_checkout() {
         "the next checkout was inside a transaction: {next:?}"
     );
 }
+
+/// `try_get` hands out an idle connection at once, and `None` (without waiting) when none is
+/// idle; what it hands out is a checkout of the pool like any other.
+#[test]
+fn try_get_takes_an_idle_connection_at_once_or_says_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let pool = SqlitePool::builder(&url)
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let mut held = pool.try_get().expect("the pool's one connection is idle");
+    held.batch_execute("SELECT 1").unwrap();
+    let started = std::time::Instant::now();
+    assert!(pool.try_get().is_none(), "the only connection is in use");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "try_get waited {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    assert!(pool.try_get().is_some(), "returned, it is idle again");
+    assert_eq!(pool.stats().checkouts, 2, "{:?}", pool.stats());
+}
