@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use diesel::sql_types::{Integer, Text};
 use diesel_async::RunQueryDsl;
-use diesel_async_ext::retry::{commit_with_retry, with_retry, RetryError, RetryPolicy};
+use diesel_async_ext::retry::{
+    commit_with_retry, with_retry, RetryError, RetryPolicy, RetryablePool,
+};
 
 /// What applications raise: their own words, quoting a connection phrase somewhere, or the
 /// server's own FATAL messages word for word.
@@ -58,6 +60,30 @@ async fn backend_pid(pool: &diesel_async_ext::PgPool) -> i32 {
         .unwrap()
 }
 
+/// `with_retry` on `pool` runs a body failing with `phrase` once, and returns its error as
+/// permanent.
+async fn with_retry_runs_once<P>(pool: &P, phrase: &str, which: &str)
+where
+    P: RetryablePool<Connection = diesel_async::AsyncPgConnection>,
+{
+    let runs = AtomicU32::new(0);
+    let err = with_retry(pool, &eager(), async |c| {
+        runs.fetch_add(1, Ordering::Relaxed);
+        fail_with(c, phrase).await
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, RetryError::Permanent(_)),
+        "{which}, {phrase}: {err}"
+    );
+    assert_eq!(
+        AtomicU32::load(&runs, Ordering::Relaxed),
+        1,
+        "with_retry reran {phrase:?} on {which}"
+    );
+}
+
 #[tokio::test]
 async fn an_application_error_quoting_connection_phrases_runs_once_and_leaves_the_pool_alone() {
     let Some(pg) = server() else { return };
@@ -66,19 +92,7 @@ async fn an_application_error_quoting_connection_phrases_runs_once_and_leaves_th
     let pid = backend_pid(&pool).await;
     let before = pool.stats();
     for phrase in PHRASES {
-        let runs = AtomicU32::new(0);
-        let err = with_retry(&pool, &eager(), async |c| {
-            runs.fetch_add(1, Ordering::Relaxed);
-            fail_with(c, phrase).await
-        })
-        .await
-        .unwrap_err();
-        assert!(matches!(err, RetryError::Permanent(_)), "{phrase}: {err}");
-        assert_eq!(
-            AtomicU32::load(&runs, Ordering::Relaxed),
-            1,
-            "with_retry reran {phrase:?}"
-        );
+        with_retry_runs_once(&pool, phrase, "our pool").await;
 
         let runs = AtomicU32::new(0);
         let err = commit_with_retry(&pool, &eager(), async |c| {
@@ -124,19 +138,7 @@ async fn on_plain_bb8_an_application_error_quoting_connection_phrases_runs_once_
     proxy.set_latency(Duration::from_millis(20));
     let pool = control_verified(&url).await;
     for phrase in PHRASES {
-        let runs = AtomicU32::new(0);
-        let err = with_retry(&pool, &eager(), async |c| {
-            runs.fetch_add(1, Ordering::Relaxed);
-            fail_with(c, phrase).await
-        })
-        .await
-        .unwrap_err();
-        assert!(matches!(err, RetryError::Permanent(_)), "{phrase}: {err}");
-        assert_eq!(
-            AtomicU32::load(&runs, Ordering::Relaxed),
-            1,
-            "with_retry reran {phrase:?} on plain bb8"
-        );
+        with_retry_runs_once(&pool, phrase, "plain bb8").await;
     }
 }
 

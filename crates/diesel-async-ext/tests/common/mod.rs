@@ -29,6 +29,21 @@ pub async fn backend_pid(conn: &mut AsyncPgConnection) -> diesel::QueryResult<i3
         .await
 }
 
+/// The next caller of `pool` is served within 3 s by a connection other than backend `old`;
+/// panics naming `what` (the connection that must not have been pooled again) otherwise.
+pub async fn next_caller_avoids(pool: &PgPool, old: i32, what: &str) {
+    let next = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+        backend_pid(&mut conn).await.map_err(|e| e.to_string())
+    })
+    .await;
+    match next {
+        Err(_) => panic!("{what} went back to the pool: the next caller hung on it for 3 s"),
+        Ok(Err(e)) => panic!("the next caller failed: {e}"),
+        Ok(Ok(pid)) => assert_ne!(pid, old, "{what} was reused"),
+    }
+}
+
 /// `SELECT 1` as a cacheable prepared statement (the same one diesel-async's `Verified`
 /// ping uses): one round trip once prepared on a connection.
 pub async fn one(conn: &mut AsyncPgConnection) -> Result<i32, String> {
