@@ -216,3 +216,149 @@ impl Classify for diesel::ConnectionError {
         driver.classify_connection(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(kind: DatabaseErrorKind, message: &str) -> Error {
+        Error::DatabaseError(kind, Box::new(message.to_owned()))
+    }
+
+    fn commit_cut_by(commit_error: Error) -> Error {
+        Error::RollbackErrorOnCommit {
+            rollback_error: Box::new(Error::BrokenTransactionManager),
+            commit_error: Box::new(commit_error),
+        }
+    }
+
+    const SHUTDOWN: &str = "terminating connection due to administrator command";
+
+    #[test]
+    fn a_commit_followed_by_a_failed_rollback_is_classified_by_what_cut_the_commit_off() {
+        for driver in [Driver::Diesel, Driver::DieselAsync] {
+            let conflict = db(
+                DatabaseErrorKind::SerializationFailure,
+                "could not serialize",
+            );
+            assert_eq!(
+                driver.classify(&commit_cut_by(conflict)),
+                ErrorClass::SerializationFailure,
+                "{driver:?}"
+            );
+            let duplicate = db(DatabaseErrorKind::UniqueViolation, "duplicate key");
+            assert_eq!(
+                driver.classify(&commit_cut_by(duplicate)),
+                ErrorClass::Permanent
+            );
+        }
+    }
+
+    #[test]
+    fn a_transaction_manager_that_gave_up_means_the_connection_is_lost() {
+        for driver in [Driver::Diesel, Driver::DieselAsync] {
+            assert_eq!(
+                driver.classify(&Error::BrokenTransactionManager),
+                ErrorClass::ConnectionLost
+            );
+            assert_eq!(
+                driver.classify_trusted(&Error::BrokenTransactionManager),
+                ErrorClass::ConnectionLost
+            );
+        }
+        assert_eq!(
+            Driver::Diesel.classify(&Error::NotFound),
+            ErrorClass::Permanent
+        );
+    }
+
+    #[test]
+    fn diesel_async_s_bare_channel_closed_is_a_lost_connection_and_other_bare_texts_are_not() {
+        let send = |m: &str| db(DatabaseErrorKind::UnableToSendCommand, m);
+        let d = Driver::DieselAsync;
+        assert_eq!(
+            d.classify(&send("channel closed")),
+            ErrorClass::ConnectionLost
+        );
+        assert_eq!(
+            d.classify(&send(" Unexpected message from server ")),
+            ErrorClass::ConnectionLost
+        );
+        assert_eq!(
+            d.classify(&send("connection closed")),
+            ErrorClass::ConnectionLost
+        );
+        // A client failure that names no lost connection stays permanent.
+        assert_eq!(
+            d.classify(&send("invalid configuration: bad sslmode")),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            d.classify(&send("the channel closed its doors")),
+            ErrorClass::Permanent
+        );
+    }
+
+    #[test]
+    fn classify_trusted_doubts_only_a_disconnect_read_from_diesel_async_s_server_text() {
+        let unknown = |m: &str| db(DatabaseErrorKind::Unknown, m);
+        let d = Driver::DieselAsync;
+        // Read from a message's text: a claim an application's RAISE EXCEPTION can make.
+        assert_eq!(d.classify(&unknown(SHUTDOWN)), ErrorClass::AdminShutdown);
+        assert_eq!(
+            d.classify_trusted(&unknown(SHUTDOWN)),
+            ErrorClass::Permanent
+        );
+        // Also when it cut a commit off.
+        assert_eq!(
+            d.classify_trusted(&commit_cut_by(unknown(SHUTDOWN))),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            d.classify(&commit_cut_by(unknown(SHUTDOWN))),
+            ErrorClass::AdminShutdown
+        );
+        // Transient classes that are no disconnect are believed.
+        assert_eq!(
+            d.classify_trusted(&unknown("deadlock detected")),
+            ErrorClass::Deadlock
+        );
+        // An error kind, or the client library's own failure, is believed.
+        let closed = db(DatabaseErrorKind::ClosedConnection, SHUTDOWN);
+        assert_eq!(d.classify_trusted(&closed), ErrorClass::ConnectionLost);
+        let io = db(DatabaseErrorKind::UnableToSendCommand, "connection closed");
+        assert_eq!(d.classify_trusted(&io), ErrorClass::ConnectionLost);
+        // Sync Diesel's server text comes from libpq with the server's severity: believed.
+        assert_eq!(
+            Driver::Diesel.classify_trusted(&unknown(SHUTDOWN)),
+            ErrorClass::AdminShutdown
+        );
+    }
+
+    #[test]
+    fn connection_errors_are_classified_by_their_text_or_the_setup_error_inside() {
+        let refused = diesel::ConnectionError::BadConnection(
+            "connection to server at \"db\" (10.0.0.5), port 5432 failed: Connection refused"
+                .to_owned(),
+        );
+        let setup = diesel::ConnectionError::CouldntSetupConfiguration(db(
+            DatabaseErrorKind::SerializationFailure,
+            "could not serialize",
+        ));
+        let bad_url = diesel::ConnectionError::InvalidConnectionUrl("nope".to_owned());
+        for driver in [Driver::Diesel, Driver::DieselAsync] {
+            assert_eq!(
+                driver.classify_connection(&refused),
+                ErrorClass::ConnectionLost
+            );
+            assert_eq!(
+                driver.classify_connection(&setup),
+                ErrorClass::SerializationFailure
+            );
+            assert_eq!(driver.classify_connection(&bad_url), ErrorClass::Permanent);
+            assert_eq!(refused.class_for(driver), ErrorClass::ConnectionLost);
+        }
+        assert_eq!(refused.class(), ErrorClass::ConnectionLost);
+        assert_eq!(classify_connection_error(&bad_url), ErrorClass::Permanent);
+    }
+}

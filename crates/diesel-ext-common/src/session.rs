@@ -222,4 +222,18 @@ mod tests {
         s.set_statement_timeout(Duration::from_nanos(1_000_001));
         assert!(s.sql().is_err());
     }
+
+    #[test]
+    fn the_smallest_and_the_largest_timeouts_postgresql_takes_are_accepted() {
+        let ms = |d| timeout_millis("statement_timeout", d);
+        assert_eq!(ms(Duration::from_millis(1)).unwrap(), 1);
+        assert_eq!(ms(Duration::ZERO).unwrap(), 0);
+        assert_eq!(
+            ms(Duration::from_millis(i32::MAX as u64)).unwrap(),
+            2_147_483_647
+        );
+        let e = ms(Duration::from_millis(i32::MAX as u64 + 1)).unwrap_err();
+        assert!(e.to_string().contains("2147483647 ms"), "{e}");
+        assert!(ms(Duration::from_micros(999)).is_err());
+    }
 }
