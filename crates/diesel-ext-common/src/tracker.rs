@@ -254,6 +254,18 @@ pub fn tracker_of<X: Extra>(instrumentation: &mut dyn Instrumentation) -> Option
 mod tests {
     use super::*;
 
+    /// `tx_effect(sql)`, on a thread of its own given 5 s: a scan that no longer advances
+    /// fails the test by this assertion instead of hanging it.
+    fn effect(sql: &str) -> TxEffect {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owned = sql.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(tx_effect(&owned));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("tx_effect({sql:?}) did not return within 5 s: {e}"))
+    }
+
     #[test]
     fn statements_that_may_open_a_transaction_block_are_suspect() {
         for sql in [
@@ -274,7 +286,7 @@ mod tests {
             "SELECT 1;BEGIN;",
             "SELECT start FROM events",
         ] {
-            assert_eq!(tx_effect(sql), TxEffect::MayOpen, "{sql}");
+            assert_eq!(effect(sql), TxEffect::MayOpen, "{sql}");
         }
     }
 
@@ -289,7 +301,7 @@ mod tests {
             "COMMIT WORK",
             "rollback transaction;",
         ] {
-            assert_eq!(tx_effect(sql), TxEffect::Closes, "{sql}");
+            assert_eq!(effect(sql), TxEffect::Closes, "{sql}");
         }
         for sql in [
             "COMMIT PREPARED 'x'",
@@ -300,7 +312,7 @@ mod tests {
             "SELECT 1",
             "",
         ] {
-            assert_ne!(tx_effect(sql), TxEffect::Closes, "{sql}");
+            assert_ne!(effect(sql), TxEffect::Closes, "{sql}");
         }
     }
 
@@ -312,7 +324,7 @@ mod tests {
             "SELECT 1",
             "UPDATE t SET beginning = 1, restart = 2",
         ] {
-            assert_eq!(tx_effect(sql), TxEffect::Neutral, "{sql}");
+            assert_eq!(effect(sql), TxEffect::Neutral, "{sql}");
         }
     }
 
@@ -327,7 +339,7 @@ mod tests {
             "SELECT xébegin FROM t",
             "SELECT 1 AS nächster_savepoint",
         ] {
-            assert_eq!(tx_effect(sql), TxEffect::Neutral, "{sql}");
+            assert_eq!(effect(sql), TxEffect::Neutral, "{sql}");
         }
     }
 }
