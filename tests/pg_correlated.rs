@@ -554,6 +554,14 @@ fn with_fail_fast_when_down_checkouts_fail_at_once_during_an_outage_and_pass_aga
         "the breaker is open: {:?} ({second})",
         started.elapsed()
     );
+    // Each checkout that failed fast is one the application saw time out (the maintenance
+    // thread's own waits, which fail fast the same way, are not).
+    assert_eq!(
+        pool.stats().timeouts,
+        2,
+        "checkouts that failed fast are counted as timed out: {:?}",
+        pool.stats()
+    );
     proxy.refuse_connections(false);
     served_within(&pool, Duration::from_secs(2), "after the outage");
 }
