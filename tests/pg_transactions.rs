@@ -149,6 +149,27 @@ fn a_raw_begin_through_batch_execute_is_rolled_back_at_checkin() {
     assert!(seen.same_backend, "rolled back, not closed: {seen:?}");
 }
 
+/// Instrumentation that sees nothing: what an application installs when it replaces the
+/// connection's instrumentation with its own.
+struct Unseen;
+
+impl diesel::connection::Instrumentation for Unseen {
+    fn on_connection_event(&mut self, _: diesel::connection::InstrumentationEvent<'_>) {}
+}
+
+#[test]
+fn a_raw_begin_the_pool_could_not_see_is_rolled_back_at_checkin() {
+    let Some(pg) = server() else { return };
+    let pool = ours(&pg, "tx_unseen_begin");
+    // The application replaced the tracker: the pool saw none of the session's statements,
+    // so it must treat the session as possibly inside a transaction.
+    let seen = next_checkout_after(&pg, &pool, "tx_unseen_begin", |c| {
+        c.set_instrumentation(Unseen);
+        c.batch_execute("BEGIN").unwrap()
+    });
+    assert_clean(&seen);
+}
+
 #[test]
 fn a_raw_begin_through_sql_query_is_rolled_back_at_checkin() {
     let Some(pg) = server() else { return };

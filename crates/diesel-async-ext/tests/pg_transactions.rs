@@ -154,6 +154,27 @@ async fn a_raw_begin_through_batch_execute_is_never_handed_to_the_next_checkout(
     assert_clean(&seen);
 }
 
+/// Instrumentation that sees nothing: what an application installs when it replaces the
+/// connection's instrumentation with its own.
+struct Unseen;
+
+impl diesel::connection::Instrumentation for Unseen {
+    fn on_connection_event(&mut self, _: diesel::connection::InstrumentationEvent<'_>) {}
+}
+
+#[tokio::test]
+async fn a_raw_begin_the_pool_could_not_see_is_never_handed_to_the_next_checkout() {
+    let Some(pg) = server() else { return };
+    let pool = ours(&pg, "atx_unseen_begin").await;
+    // The application replaced the tracker: the pool saw none of the session's statements,
+    // so it must treat the session as possibly inside a transaction.
+    let seen = next_checkout_after!(pg, pool, "atx_unseen_begin", |c| {
+        c.set_instrumentation(Unseen);
+        c.batch_execute("BEGIN").await.unwrap()
+    });
+    assert_clean(&seen);
+}
+
 #[tokio::test]
 async fn a_raw_begin_through_sql_query_is_never_handed_to_the_next_checkout() {
     let Some(pg) = server() else { return };

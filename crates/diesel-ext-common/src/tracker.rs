@@ -329,6 +329,33 @@ mod tests {
     }
 
     #[test]
+    fn a_trackers_debug_names_its_connection_and_nothing_else() {
+        let config = pool_core::config::PoolConfig::builder("postgres://app:s3cr%40t@db/app")
+            .build()
+            .unwrap();
+        let pool = std::sync::Arc::new(
+            pool_core::engine::PoolState::new(
+                config,
+                std::sync::Arc::new(|_: &pool_core::events::PoolEvent<'_>| {}),
+                None,
+            )
+            .unwrap(),
+        );
+        let state = ConnState::adopted(&pool);
+        let id = state.id();
+        let tracker = Tracker::new(
+            state,
+            (),
+            |_: &diesel::result::Error| ErrorClass::Permanent,
+            SqlAt::Start,
+        );
+        assert_eq!(
+            format!("{tracker:?}"),
+            format!("Tracker {{ connection: {id}, .. }}")
+        );
+    }
+
+    #[test]
     fn underscores_dollars_and_non_ascii_letters_are_part_of_a_word() {
         // PostgreSQL's identifiers hold `_`, `$` and non-ASCII letters: a keyword inside one
         // is no keyword (each of these would be a false alarm, a ROLLBACK round trip at
