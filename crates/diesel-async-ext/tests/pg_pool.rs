@@ -421,3 +421,41 @@ async fn a_timeout_never_quotes_a_routine_retirement_as_its_cause() {
     );
     assert!(pool.stats().probe_detected_dead >= 1, "{:?}", pool.stats());
 }
+
+/// The pool's `Debug` (what `#[derive(Debug)]` on an application's state prints) names the
+/// pool, its server and its connections, and never the password, in the URL's userinfo or
+/// its query, percent-encoded or not.
+#[tokio::test]
+async fn a_pools_debug_names_it_and_its_server_and_hides_the_password() {
+    let password = "p@ss:/%#?&='  wörd";
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    for url in [
+        format!("postgres://app:{encoded}@127.0.0.1:1/app?sslmode=disable"),
+        format!("postgres://app@127.0.0.1:1/app?sslmode=disable&password={encoded}"),
+    ] {
+        let pool = PgPool::builder(&url)
+            .name("debugged")
+            .build_lazy()
+            .await
+            .expect("a lazy build opens nothing");
+        let shown = format!("{pool:?}");
+        for part in ["ExtPool", "debugged", "127.0.0.1", "connections"] {
+            assert!(shown.contains(part), "the Debug lacks {part:?}: {shown}");
+        }
+        for secret in [password, encoded.as_str(), "wörd", "w%C3%B6rd"] {
+            assert!(
+                !shown.contains(secret),
+                "the Debug shows {secret:?}: {shown}"
+            );
+        }
+    }
+}
