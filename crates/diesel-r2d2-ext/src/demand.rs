@@ -297,3 +297,144 @@ impl Demand {
         claim
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The demand's accounting, without a pool: which connects may start, and when.
+    use super::*;
+
+    fn waiting(demand: &Demand) -> u32 {
+        demand.waiting.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn one_connect_per_waiting_checkout_and_none_without_one() {
+        let demand = Demand::default();
+        assert!(demand.try_claim().is_none(), "nobody waits: no connect");
+        let a = demand.want();
+        let b = demand.want();
+        let first = demand.try_claim().expect("two checkouts wait");
+        let second = demand.try_claim().expect("two checkouts wait");
+        assert!(
+            demand.try_claim().is_none(),
+            "two connects work for two checkouts"
+        );
+        drop(first);
+        let again = demand
+            .try_claim()
+            .expect("a failed connect lets another work");
+        drop((again, second, a, b));
+        assert_eq!(waiting(&demand), 0);
+        assert!(demand.try_claim().is_none());
+        assert!(!demand.wanted());
+    }
+
+    #[test]
+    fn a_checkout_served_by_a_fresh_connection_leaves_nothing_for_another_connect() {
+        let demand = Demand::default();
+        let want = demand.want();
+        demand
+            .try_claim()
+            .expect("a checkout waits: a connect may work for it")
+            .opened();
+        assert!(
+            demand.try_claim().is_none(),
+            "the connection opened counts for the checkout until it is taken"
+        );
+        // r2d2 validates the fresh connection on the checkout's own thread: this one.
+        demand.taken_fresh();
+        assert_eq!(
+            waiting(&demand),
+            0,
+            "the checkout is served: its want counted out"
+        );
+        assert!(
+            demand.try_claim().is_none(),
+            "a connect woken now must not open a connection for a checkout already served"
+        );
+        // It failed validation after all: the checkout waits again.
+        demand.unserve();
+        assert_eq!(waiting(&demand), 1);
+        drop(demand.try_claim().expect("the checkout waits again"));
+        // Served again, then done: counted out once, never twice.
+        demand.try_claim().expect("waits").opened();
+        demand.taken_fresh();
+        drop(want);
+        assert_eq!(waiting(&demand), 0, "the want was counted out once");
+    }
+
+    #[test]
+    fn a_fresh_connection_taken_on_another_thread_counts_no_want_of_this_one_out() {
+        let demand = std::sync::Arc::new(Demand::default());
+        let want = demand.want();
+        demand.try_claim().expect("waits").opened();
+        let other = std::sync::Arc::clone(&demand);
+        std::thread::spawn(move || other.taken_fresh())
+            .join()
+            .unwrap();
+        assert_eq!(waiting(&demand), 1, "this thread's checkout still waits");
+        drop(demand.try_claim().expect("and a connect may work for it"));
+        drop(want);
+        assert_eq!(waiting(&demand), 0);
+    }
+
+    #[test]
+    fn closing_ends_the_connects_waiting_for_demand() {
+        let demand = std::sync::Arc::new(Demand::default());
+        let waiter = {
+            let demand = std::sync::Arc::clone(&demand);
+            std::thread::spawn(move || demand.ready(None, Duration::from_secs(1)).is_err())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while demand.sleepers.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connect never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        demand.close();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(waiter.join().unwrap());
+        });
+        let abandoned = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the connect waiting for demand did not end within 5 s of the close");
+        assert!(abandoned, "a connect of a closed pool is abandoned");
+        let _want = demand.want();
+        assert!(
+            demand.try_claim().is_none(),
+            "a closed pool starts no connect"
+        );
+    }
+
+    #[test]
+    fn a_checkout_wakes_a_connect_waiting_for_demand() {
+        let demand = std::sync::Arc::new(Demand::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let demand = std::sync::Arc::clone(&demand);
+            std::thread::spawn(move || {
+                let cleared = demand
+                    .ready(None, Duration::from_secs(1))
+                    .map(|(c, _)| c.opened());
+                let _ = tx.send(cleared.is_ok());
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while demand.sleepers.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connect never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _want = demand.want();
+        let cleared = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a checkout started, yet the connect waiting for demand slept on");
+        assert!(cleared);
+        demand.close();
+    }
+}
