@@ -455,6 +455,45 @@ async fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_serv
     println!("outage, async: served {late:?} after the server's return");
 }
 
+/// A checkout given more time than `pool_timeout` (`get_timeout`) waits through an outage
+/// for its own time: bb8's wait, bounded by `pool_timeout` (bb8's `connection_timeout`),
+/// is entered again until the caller's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_timeout_longer_than_the_pool_timeout_waits_through_an_outage_for_its_own_time() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pool = PgPool::builder(&url)
+        .pool_size(1)
+        .pool_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(1).await;
+    proxy.refuse_connections(true);
+    // Let the client's connection task read the reset (the async probe is the client's
+    // closed state).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let p = pool.clone();
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let got = p.get_timeout(Duration::from_secs(10)).await.map(drop);
+        (got, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.refuse_connections(false);
+    let (got, waited) = tokio::time::timeout(Duration::from_secs(15), waiter)
+        .await
+        .expect("the checkout ended within its own 10 s")
+        .expect("the waiter's task");
+    got.unwrap_or_else(|e| {
+        panic!("get_timeout(10 s) gave up after {waited:?}, with pool_timeout 300 ms: {e}")
+    });
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "served only after the outage: {waited:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_fail_fast_when_down_checkouts_fail_at_once_during_an_outage_and_pass_again_after_it()
 {

@@ -459,3 +459,40 @@ async fn a_pools_debug_names_it_and_its_server_and_hides_the_password() {
         }
     }
 }
+
+/// `get_timeout` longer than `pool_timeout` waits its own time for a connection in use (in
+/// the pool's arrival-order gate; `pg_correlated` has the same through an outage, where bb8's
+/// own wait, bounded by `pool_timeout`, is entered again until the caller's deadline).
+#[tokio::test]
+async fn get_timeout_longer_than_the_pool_timeout_waits_its_own_time() {
+    let Some(pg) = server() else { return };
+    let pool = ext_pool(&pg, "get_timeout_longer", 1)
+        .max_overflow(0)
+        .pool_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let held = pool.get().await.expect("the only connection");
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            pool.get_timeout(Duration::from_secs(10))
+                .await
+                .map(|_| started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(held);
+    let waited = tokio::time::timeout(Duration::from_secs(15), waiter)
+        .await
+        .expect("the waiter ended within its own 10 s")
+        .expect("the waiter's task")
+        .unwrap_or_else(|e| {
+            panic!("get_timeout(10 s) gave up before the connection came back after 1 s: {e}")
+        });
+    assert!(
+        waited >= Duration::from_millis(900),
+        "served only once the connection came back: {waited:?}"
+    );
+}
