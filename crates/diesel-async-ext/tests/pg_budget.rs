@@ -275,11 +275,44 @@ async fn a_budget_timeout_names_the_class_and_the_budget_state() {
     assert!(text.contains("\"adhoc\""), "{text}");
     assert!(text.contains("automation: 2/2 in use"), "{text}");
     assert!(!text.contains(PgServer::PASSWORD));
-    // Nothing leaked: the connect that waited for the permit left the queue.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let snap = pools.budget_snapshot();
-    assert_eq!(snap.classes[1].waiters, 0, "{snap}");
-    assert_eq!(snap.classes[1].in_use, 0, "{snap}");
+    // A checkout that gives up while its connect is still queued for a permit (its own
+    // timeout is shorter than the connect's permit wait) names the queue.
+    let err = pools
+        .class("adhoc")
+        .unwrap()
+        .get_timeout(Duration::from_millis(150))
+        .await
+        .err()
+        .expect("a timeout");
+    let text = err.to_string();
+    assert!(err.is_timeout() && err.is_budget(), "{err}");
+    assert!(
+        text.contains("\"adhoc\" has 1 connect(s) waiting for a permit"),
+        "{text}"
+    );
+    // A checkout that timed out waiting for its own class's connections in use names no
+    // budget queue: none of its connects waited.
+    let err = automation
+        .get_timeout(Duration::from_millis(150))
+        .await
+        .err()
+        .expect("a timeout");
+    assert!(err.is_timeout() && !err.is_budget(), "{err}");
+    assert!(!err.to_string().contains("waiting for a permit"), "{err}");
+    // Nothing leaked: the connects that waited for the permit left the queue.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let snap = pools.budget_snapshot();
+        if snap.classes[1].waiters == 0 {
+            assert_eq!(snap.classes[1].in_use, 0, "{snap}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a connect stayed queued for a permit nobody waits for: {snap}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
