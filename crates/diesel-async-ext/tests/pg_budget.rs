@@ -241,6 +241,12 @@ async fn borrowed_idle_headroom_goes_back_when_another_class_waits() {
         all.is_some(),
         "ad-hoc must give 3 idle borrowed connections back"
     );
+    // Only what automation waited for: ad-hoc keeps its other 2 idle connections.
+    let reclaimed = adhoc.stats().closed.reclaimed;
+    assert_eq!(
+        reclaimed, 3,
+        "ad-hoc gave {reclaimed} connections back for automation's 3; {snap}"
+    );
     assert!(snap.in_use <= 6, "{snap}");
     assert!(pg.count_backends(app).unwrap() <= 6);
 }
@@ -480,4 +486,63 @@ async fn a_dedicated_connection_holds_a_permit_until_dropped_and_keeps_the_apps_
         "the permit went back with the connection: {}",
         pools.budget_snapshot()
     );
+}
+
+/// CPU time this thread has used (Linux: `/proc/thread-self/stat`, in clock ticks of 10 ms).
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("/proc/thread-self/stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// While another class waits for headroom that is all in use (nothing idle to give back), the
+/// lending class's maintenance waits for a checkin instead of spinning. The pools run on a
+/// single-threaded runtime of their own (every task of both pools on one thread): a second of
+/// that wait must cost the thread little CPU, and a maintenance loop that never yields would
+/// starve the runtime, which the test thread sees as no answer within 10 s.
+#[test]
+fn a_reclaim_with_nothing_idle_to_give_back_waits_without_spinning() {
+    let Some(pg) = server() else { return };
+    let url = pg.url_with("sslmode=disable");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let pools = ClassPools::<AsyncPgConnection>::builder(&url, 2)
+                .class("automation", Class::new().pool_size(2).max_overflow(0))
+                .class("adhoc", Class::new())
+                .configure(|b| {
+                    b.application_name("budget_no_spin")
+                        .pool_timeout(Duration::from_secs(3))
+                })
+                .build()
+                .await
+                .unwrap();
+            let automation = pools.class("automation").unwrap();
+            let _a = automation.get().await.unwrap();
+            let _b = automation.get().await.unwrap();
+            let adhoc = pools.class("adhoc").unwrap().clone();
+            let waiter = tokio::spawn(async move { adhoc.get().await.map(drop) });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let before = thread_cpu();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let used = thread_cpu() - before;
+            let _ = tx.send((used, waiter.await.unwrap().is_err()));
+        });
+    });
+    let (used, timed_out) = rx.recv_timeout(Duration::from_secs(10)).expect(
+        "the pools' runtime made no progress in 10 s: the maintenance loop never yields \
+         while another class waits for headroom that is all in use",
+    );
+    println!("a second of reclaim pressure with nothing idle: {used:?} of CPU");
+    assert!(
+        used < Duration::from_millis(400),
+        "the maintenance spun while waiting for a checkin: {used:?} of CPU in 1 s"
+    );
+    assert!(timed_out, "the budget is spent: ad-hoc times out");
 }
