@@ -9,7 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use diesel_async_ext::PgPool;
+use diesel_async::AsyncPgConnection;
+use diesel_async_ext::{Builder, PgPool};
 
 const POOL: u32 = 8;
 
@@ -420,21 +421,30 @@ async fn a_lazily_built_pool_starts_before_its_database_exists_and_serves_once_i
     assert!(pool.status().is_healthy(), "{}", pool.status());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_servers_return() {
-    let Some(pg) = server() else { return };
-    let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pool = PgPool::builder(&url)
-        .pool_size(2)
-        .pool_timeout(Duration::from_secs(10))
+/// A pool of `size` through a fault proxy, `configure`d, warmed, then cut off: the proxy
+/// refuses connections, and the clients' connection tasks have read the resets (the async
+/// probe is the client's closed state).
+async fn warmed_then_cut_off(
+    pg: &PgServer,
+    size: u32,
+    configure: impl FnOnce(Builder<AsyncPgConnection>) -> Builder<AsyncPgConnection>,
+) -> (FaultProxy, PgPool) {
+    let (proxy, url) = proxied(pg, "sslmode=disable");
+    let pool = configure(PgPool::builder(&url).pool_size(size))
         .build()
         .await
         .expect("pool");
-    pool.warm(2).await;
+    pool.warm(size as usize).await;
     proxy.refuse_connections(true);
-    // Let the clients' connection tasks read the resets (the async probe is the client's
-    // closed state): this test is about checkouts waiting through an outage.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    (proxy, pool)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_servers_return() {
+    let Some(pg) = server() else { return };
+    let (proxy, pool) =
+        warmed_then_cut_off(&pg, 2, |b| b.pool_timeout(Duration::from_secs(10))).await;
     let p = pool.clone();
     let waiter = tokio::spawn(async move {
         let result = p.select_one().await;
@@ -461,18 +471,8 @@ async fn checkouts_waiting_through_an_outage_are_served_within_250ms_of_the_serv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_timeout_longer_than_the_pool_timeout_waits_through_an_outage_for_its_own_time() {
     let Some(pg) = server() else { return };
-    let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pool = PgPool::builder(&url)
-        .pool_size(1)
-        .pool_timeout(Duration::from_millis(300))
-        .build()
-        .await
-        .expect("pool");
-    pool.warm(1).await;
-    proxy.refuse_connections(true);
-    // Let the client's connection task read the reset (the async probe is the client's
-    // closed state).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (proxy, pool) =
+        warmed_then_cut_off(&pg, 1, |b| b.pool_timeout(Duration::from_millis(300))).await;
     let p = pool.clone();
     let waiter = tokio::spawn(async move {
         let started = Instant::now();
@@ -498,19 +498,11 @@ async fn get_timeout_longer_than_the_pool_timeout_waits_through_an_outage_for_it
 async fn with_fail_fast_when_down_checkouts_fail_at_once_during_an_outage_and_pass_again_after_it()
 {
     let Some(pg) = server() else { return };
-    let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pool = PgPool::builder(&url)
-        .pool_size(1)
-        .pool_timeout(Duration::from_secs(10))
-        .fail_fast_when_down(Some(Duration::from_millis(500)))
-        .build()
-        .await
-        .expect("pool");
-    pool.warm(1).await;
-    proxy.refuse_connections(true);
-    // Let the client's connection task read the reset (the async probe is the client's
-    // closed state).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (proxy, pool) = warmed_then_cut_off(&pg, 1, |b| {
+        b.pool_timeout(Duration::from_secs(10))
+            .fail_fast_when_down(Some(Duration::from_millis(500)))
+    })
+    .await;
     let started = Instant::now();
     let first = pool.select_one().await.expect_err("down");
     assert!(

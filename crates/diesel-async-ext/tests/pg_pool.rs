@@ -428,16 +428,7 @@ async fn a_timeout_never_quotes_a_routine_retirement_as_its_cause() {
 #[tokio::test]
 async fn a_pools_debug_names_it_and_its_server_and_hides_the_password() {
     let password = "p@ss:/%#?&='  wörd";
-    let encoded: String = password
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
+    let encoded = "p%40ss%3A%2F%25%23%3F%26%3D%27%20%20w%C3%B6rd";
     for url in [
         format!("postgres://app:{encoded}@127.0.0.1:1/app?sslmode=disable"),
         format!("postgres://app@127.0.0.1:1/app?sslmode=disable&password={encoded}"),
@@ -451,7 +442,7 @@ async fn a_pools_debug_names_it_and_its_server_and_hides_the_password() {
         for part in ["ExtPool", "debugged", "127.0.0.1", "connections"] {
             assert!(shown.contains(part), "the Debug lacks {part:?}: {shown}");
         }
-        for secret in [password, encoded.as_str(), "wörd", "w%C3%B6rd"] {
+        for secret in [password, encoded, "wörd", "w%C3%B6rd"] {
             assert!(
                 !shown.contains(secret),
                 "the Debug shows {secret:?}: {shown}"

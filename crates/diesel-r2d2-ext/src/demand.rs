@@ -307,6 +307,18 @@ mod tests {
         demand.waiting.load(Ordering::SeqCst)
     }
 
+    /// Waits (5 s at most) until a connect sleeps waiting for demand.
+    fn until_a_connect_sleeps(demand: &Demand) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while demand.sleepers.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connect never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn one_connect_per_waiting_checkout_and_none_without_one() {
         let demand = Demand::default();
@@ -385,14 +397,7 @@ mod tests {
             let demand = std::sync::Arc::clone(&demand);
             std::thread::spawn(move || demand.ready(None, Duration::from_secs(1)).is_err())
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while demand.sleepers.load(Ordering::SeqCst) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the connect never waited"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until_a_connect_sleeps(&demand);
         demand.close();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -422,14 +427,7 @@ mod tests {
                 let _ = tx.send(cleared.is_ok());
             });
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while demand.sleepers.load(Ordering::SeqCst) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the connect never waited"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until_a_connect_sleeps(&demand);
         let _want = demand.want();
         let cleared = rx
             .recv_timeout(Duration::from_secs(5))
