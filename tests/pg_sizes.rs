@@ -128,6 +128,36 @@ fn the_keepalive_ping_never_opens_a_connection() {
     assert_eq!(stats.connects, 2, "{stats:?}");
 }
 
+/// The maintenance's walk pings only connections due a keepalive ping: with the pings off,
+/// walks that run for the idle timeout's sake send nothing.
+#[test]
+fn walks_without_keepalive_pings_send_no_ping() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_no_keepalive";
+    let pool = ext_pool(&pg, app, 2)
+        .max_overflow(0)
+        .keepalive_ping(None)
+        .max_lifetime(None)
+        // A walk every 500 ms, none of which finds a connection idle for 2 s yet.
+        .idle_timeout(Some(Duration::from_secs(2)))
+        .build()
+        .unwrap();
+    assert_eq!(settle_backends(&pg, app, 2), 2);
+    let before = pool.stats().pings;
+    std::thread::sleep(Duration::from_millis(1600));
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.idle, stats.closed.idle_timeout),
+        (2, 0),
+        "both connections stayed idle through the walks: {stats:?}"
+    );
+    assert_eq!(
+        stats.pings - before,
+        0,
+        "3 walks of 2 idle connections, no keepalive: {stats:?}"
+    );
+}
+
 #[test]
 fn idle_connections_are_closed_after_the_idle_timeout() {
     let Some(pg) = server() else { return };
