@@ -547,3 +547,46 @@ fn replacing_a_connections_instrumentation_never_lets_it_escape_the_budget() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// While another class waits for headroom that is all in use (nothing idle to give back), the
+/// lending class's maintenance thread waits for a checkin instead of spinning: a second of
+/// that wait costs the pools' maintenance threads little CPU.
+#[test]
+fn a_reclaim_with_nothing_idle_to_give_back_waits_without_spinning() {
+    let Some(pg) = server() else { return };
+    let others = test_support::threads_named(test_support::MAINTENANCE_THREADS);
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 2)
+        .class("automation", Class::new().pool_size(2).max_overflow(0))
+        .class("adhoc", Class::new().pool_timeout(Duration::from_secs(3)))
+        .configure(|b| b.application_name("budget_no_spin"))
+        .build()
+        .unwrap();
+    let automation = pools.class("automation").unwrap();
+    let _a = automation.get().unwrap();
+    let _b = automation.get().unwrap();
+    // This test's pools' maintenance threads: the ones started since (other tests of this
+    // binary run their own, which may be busy).
+    let ours: Vec<u32> = test_support::threads_named(test_support::MAINTENANCE_THREADS)
+        .into_iter()
+        .filter(|id| !others.contains(id))
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "no maintenance thread of these pools found"
+    );
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| pools.class("adhoc").unwrap().get().map(drop));
+        std::thread::sleep(Duration::from_millis(200));
+        let before = test_support::cpu_of_threads(&ours);
+        std::thread::sleep(Duration::from_secs(1));
+        let used = test_support::cpu_of_threads(&ours) - before;
+        assert!(
+            used < Duration::from_millis(300),
+            "the maintenance spun while waiting for a checkin: {used:?} of CPU in 1 s"
+        );
+        assert!(
+            waiter.join().unwrap().is_err(),
+            "the budget is spent: ad-hoc times out"
+        );
+    });
+}

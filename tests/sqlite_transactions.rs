@@ -89,3 +89,19 @@ fn try_get_takes_an_idle_connection_at_once_or_says_none() {
     // `pool()`'s own checkout, then the two above.
     assert_eq!(pool.stats().checkouts, 3, "{:?}", pool.stats());
 }
+
+/// A pool's maintenance thread waits between its rounds: a second of an idle pool costs its
+/// thread (and every other pool's in this process) little CPU.
+#[test]
+fn an_idle_pools_maintenance_thread_sleeps_between_rounds() {
+    let (_dir, pool) = pool();
+    drop(pool.get().unwrap());
+    let before = test_support::threads_cpu(test_support::MAINTENANCE_THREADS);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = test_support::threads_cpu(test_support::MAINTENANCE_THREADS) - before;
+    assert!(
+        used < std::time::Duration::from_millis(300),
+        "the maintenance threads used {used:?} of CPU in a second of an idle pool"
+    );
+    drop(pool);
+}

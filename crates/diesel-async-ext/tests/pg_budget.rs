@@ -488,15 +488,6 @@ async fn a_dedicated_connection_holds_a_permit_until_dropped_and_keeps_the_apps_
     );
 }
 
-/// CPU time this thread has used (Linux: `/proc/thread-self/stat`, in clock ticks of 10 ms).
-fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("/proc/thread-self/stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
-}
-
 /// While another class waits for headroom that is all in use (nothing idle to give back), the
 /// lending class's maintenance waits for a checkin instead of spinning. The pools run on a
 /// single-threaded runtime of their own (every task of both pools on one thread): a second of
@@ -530,9 +521,9 @@ fn a_reclaim_with_nothing_idle_to_give_back_waits_without_spinning() {
             let adhoc = pools.class("adhoc").unwrap().clone();
             let waiter = tokio::spawn(async move { adhoc.get().await.map(drop) });
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let before = thread_cpu();
+            let before = test_support::this_thread_cpu();
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let used = thread_cpu() - before;
+            let used = test_support::this_thread_cpu() - before;
             let _ = tx.send(used);
             let _ = done.send(waiter.await.unwrap().is_err());
         });

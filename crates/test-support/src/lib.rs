@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod certs;
+mod cpu;
 mod error;
 mod logs;
 mod netns;
@@ -38,6 +39,7 @@ use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
+pub use cpu::{cpu_of_threads, this_thread_cpu, threads_cpu, threads_named, MAINTENANCE_THREADS};
 pub use error::TestSupportError;
 pub use logs::{capture_logs, captured_logs};
 pub use netns::NetNs;
