@@ -240,6 +240,7 @@ fn a_ping_that_returned_only_after_the_watchdog_cut_its_socket_counts_as_failed(
     let app = "mech_late_ping";
     let validation_timeout = Duration::from_millis(300);
     let pool = ext_pool(&pg, app, 1)
+        .name(app)
         .validation_timeout(validation_timeout)
         .build()
         .unwrap();
@@ -264,4 +265,14 @@ fn a_ping_that_returned_only_after_the_watchdog_cut_its_socket_counts_as_failed(
     );
     drop(conn);
     assert_eq!(pool.stats().closed.ping_failed, 1, "{:?}", pool.stats());
+    // A failed ping is worth a line of its own, at info, naming the pool.
+    let lines = test_support::captured_logs();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("INFO")
+                && l.contains(&format!("pool {app}: validation ping failed"))),
+        "no info line for the failed ping: {:?}",
+        lines.iter().filter(|l| l.contains(app)).collect::<Vec<_>>()
+    );
 }

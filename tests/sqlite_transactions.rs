@@ -90,6 +90,29 @@ fn try_get_takes_an_idle_connection_at_once_or_says_none() {
     assert_eq!(pool.stats().checkouts, 3, "{:?}", pool.stats());
 }
 
+/// A checkout that times out is counted once, whichever way it came: through the pool (its
+/// own wait counts it, not each of r2d2's slices), or straight through the wrapped r2d2
+/// pool, on the same thread right after a wait of the pool's own.
+#[test]
+fn timed_out_checkouts_are_counted_once_through_the_pool_or_straight_through_r2d2() {
+    let (_dir, pool) = pool();
+    let held = pool.get().unwrap();
+    let short = std::time::Duration::from_millis(150);
+    assert!(
+        pool.get_timeout(short).is_err(),
+        "the only connection is in use"
+    );
+    assert_eq!(pool.stats().timeouts, 1, "{:?}", pool.stats());
+    assert!(pool.inner().get_timeout(short).is_err());
+    assert_eq!(
+        pool.stats().timeouts,
+        2,
+        "r2d2's own timeout, right after the pool's wait: {:?}",
+        pool.stats()
+    );
+    drop(held);
+}
+
 /// A pool's maintenance thread waits between its rounds: a second of an idle pool costs its
 /// thread (and every other pool's in this process) little CPU.
 #[test]
