@@ -391,6 +391,32 @@ mod tests {
     }
 
     #[test]
+    fn a_want_dropped_is_forgotten_by_its_thread() {
+        // This thread wanted a connection and gave up; another checkout waits now.
+        let demand = std::sync::Arc::new(Demand::default());
+        drop(demand.want());
+        let (started, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let (still_waiting, claimable) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _want = demand.want();
+                started.wait();
+                release.wait();
+            });
+            started.wait();
+            // A fresh connection taken on this thread (a checkout straight through r2d2,
+            // say) serves no want of this thread: the other checkout still waits.
+            demand.try_claim().expect("waits").opened();
+            demand.taken_fresh();
+            let seen = (waiting(&demand), demand.try_claim().is_some());
+            release.wait();
+            seen
+        });
+        assert_eq!(still_waiting, 1, "the other thread's checkout still waits");
+        assert!(claimable, "and a connect may work for it");
+        assert_eq!(waiting(&demand), 0);
+    }
+
+    #[test]
     fn closing_ends_the_connects_waiting_for_demand() {
         let demand = std::sync::Arc::new(Demand::default());
         let waiter = {
