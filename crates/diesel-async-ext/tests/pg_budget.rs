@@ -259,7 +259,10 @@ async fn a_budget_timeout_names_the_class_and_the_budget_state() {
         .class("automation", Class::new().pool_size(2).max_overflow(0))
         .class(
             "adhoc",
-            Class::new().pool_timeout(Duration::from_millis(500)),
+            // Long enough that a checkout given less (below) times out while its connect
+            // is still queued for a permit (the connect waits 80% of it), even on a loaded
+            // machine.
+            Class::new().pool_timeout(Duration::from_secs(3)),
         )
         .configure(|b| b.application_name(app))
         .build()
@@ -286,7 +289,7 @@ async fn a_budget_timeout_names_the_class_and_the_budget_state() {
     let err = pools
         .class("adhoc")
         .unwrap()
-        .get_timeout(Duration::from_millis(150))
+        .get_timeout(Duration::from_millis(1000))
         .await
         .err()
         .expect("a timeout");
