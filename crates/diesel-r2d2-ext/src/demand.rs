@@ -461,4 +461,122 @@ mod tests {
         assert!(cleared);
         demand.close();
     }
+
+    /// A budget of one connection whose permit this returns, held: connects queue behind it.
+    fn a_budget_in_use() -> (Budget, ClassId, Permit) {
+        let budget = Budget::builder(1)
+            .class("jobs", 0, 1)
+            .build()
+            .expect("budget");
+        let class = budget.class_id("jobs").expect("class");
+        let held = budget.try_acquire(class).expect("the one permit");
+        (budget, class, held)
+    }
+
+    /// Waits (`within` at most) until `n` connects are queued for a permit of `class`.
+    fn until_queued(budget: &Budget, class: ClassId, n: u32, within: Duration, what: &str) {
+        let deadline = std::time::Instant::now() + within;
+        while budget.waiters(class) != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {} connects queued for a permit after {within:?}, not {n}",
+                budget.waiters(class)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn when_the_demand_ends_every_connect_still_queued_for_a_permit_leaves_the_queue() {
+        let (budget, class, held) = a_budget_in_use();
+        let demand = std::sync::Arc::new(Demand::default());
+        let wants = (demand.want(), demand.want());
+        // Two connects work for the two checkouts; both queue for the one permit, for up to
+        // 60 s (far longer than this test looks).
+        let (cleared_tx, cleared) = std::sync::mpsc::channel();
+        let (release_tx, release) = std::sync::mpsc::channel::<()>();
+        let release = std::sync::Arc::new(Mutex::new(release));
+        for _ in 0..2 {
+            let (demand, budget) = (std::sync::Arc::clone(&demand), budget.clone());
+            let (cleared_tx, release) = (cleared_tx.clone(), std::sync::Arc::clone(&release));
+            std::thread::spawn(move || {
+                let outcome = demand.ready(Some((&budget, class)), Duration::from_secs(60));
+                let _ = cleared_tx.send(outcome.is_ok());
+                // The cleared connect holds its permit and claim until the test is done.
+                let _ = release.lock().recv_timeout(Duration::from_secs(60));
+                drop(outcome);
+            });
+        }
+        until_queued(&budget, class, 2, Duration::from_secs(10), "two connects");
+        // One connect gets the permit and leaves the queue; the other stays queued.
+        drop(held);
+        let first = cleared.recv_timeout(Duration::from_secs(10));
+        assert_eq!(first, Ok(true), "the connect given the permit is cleared");
+        assert_eq!(budget.waiters(class), 1, "the other connect still queues");
+        // Both checkouts are gone: nobody wants the permit the other connect queues for.
+        drop(wants);
+        until_queued(
+            &budget,
+            class,
+            0,
+            Duration::from_secs(5),
+            "the demand ended, yet a connect stayed queued for a permit nobody wants",
+        );
+        demand.close();
+        drop(release_tx);
+    }
+
+    #[test]
+    fn after_a_budget_timeout_the_connect_keeps_its_claim_while_its_checkout_waits_and_no_longer() {
+        let (budget, class, _held) = a_budget_in_use();
+        let demand = std::sync::Arc::new(Demand::default());
+        let want = demand.want();
+        let wait = Duration::from_secs(3);
+        let started = std::time::Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (demand, budget) = (std::sync::Arc::clone(&demand), budget.clone());
+            std::thread::spawn(move || {
+                let outcome = demand.ready(Some((&budget, class)), wait);
+                let _ = tx.send((
+                    matches!(outcome, Err(AcquireError::Timeout { .. })),
+                    std::time::Instant::now(),
+                ));
+            });
+        }
+        // The connect queues for the permit in use and times out after `wait`.
+        let deadline = started + wait + Duration::from_secs(10);
+        while demand.budget_error_since(started).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connect got no budget timeout"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The checkout it worked for still waits (and will get that timeout): the connect
+        // keeps its claim, so no other connect queues in the checkout's name.
+        std::thread::sleep(Duration::from_millis(100));
+        let other = demand.try_claim();
+        assert!(
+            other.is_none(),
+            "another connect could claim the checkout whose connect just timed out"
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "the connect returned while its checkout still waited"
+        );
+        // The checkout is gone: the connect lets its claim go at once, not after `wait`.
+        let gone = std::time::Instant::now();
+        drop(want);
+        let (timed_out, returned) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the connect never returned");
+        assert!(timed_out, "the connect reports the budget's timeout");
+        let kept = returned.saturating_duration_since(gone);
+        assert!(
+            kept < wait / 2,
+            "the connect kept its claim {kept:?} after its checkout was gone"
+        );
+        demand.close();
+    }
 }

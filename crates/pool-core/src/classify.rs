@@ -226,9 +226,24 @@ const SERVER_MESSAGES: &[(Form, ErrorClass)] = &[
         ErrorClass::LockTimeout,
     ),
     // PgBouncer (seen from 1.18): pooler errors after which it closes the client's
-    // connection: `KILL db`, a server connection lost in the middle of a transaction, a
-    // server restarting under a client (`invalid server parameter`), a server that is down.
+    // connection: `KILL db`, a server connection lost in the middle of a transaction (found
+    // dead on reading from it, `server conn crashed?`, or on forwarding the client's next
+    // message to it, `server connection closed`), a server restarting under a client
+    // (`invalid server parameter`), a server that is down, PgBouncer's own
+    // `idle_transaction_timeout` and `SHUTDOWN`.
     (Form::Exact("database removed"), ErrorClass::ConnectionLost),
+    (
+        Form::Exact("server connection closed"),
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        Form::Exact("idle transaction timeout"),
+        ErrorClass::ConnectionLost,
+    ),
+    (
+        Form::Exact("server shutting down"),
+        ErrorClass::AdminShutdown,
+    ),
     (
         Form::Exact("invalid server parameter"),
         ErrorClass::ConnectionLost,
@@ -455,6 +470,20 @@ mod tests {
         assert_eq!(
             classify_server_message("server conn crashed?"),
             ErrorClass::ConnectionLost
+        );
+        // PgBouncer's answer when forwarding a statement to a server connection that was
+        // terminated under it fails (its CI surfaced it to a caller of `commit_with_retry`).
+        assert_eq!(
+            classify_server_message("server connection closed"),
+            ErrorClass::ConnectionLost
+        );
+        assert_eq!(
+            classify_server_message("idle transaction timeout"),
+            ErrorClass::ConnectionLost
+        );
+        assert_eq!(
+            classify_server_message("server shutting down"),
+            ErrorClass::AdminShutdown
         );
         assert_eq!(
             classify_client_message(
