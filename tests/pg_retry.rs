@@ -643,22 +643,213 @@ fn resolving_a_cut_keyed_commit_waits_on_the_key_lock_no_longer_than_the_resolut
         matches!(&outcome, Err(e) if e.starts_with("AmbiguousCommit")),
         "with the lock still held the outcome cannot be known: {outcome:?}"
     );
-    // Once the backend runs again it commits: exactly one row, never a duplicate.
+    // The resolution told the hung session (idle in the transaction: it had not read the
+    // COMMIT) to end; once it runs again it ends, and its transaction with it. The caller
+    // was told the outcome is unknown, and nothing was written twice.
     let mut conn = pool.get().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while count(
-        &mut conn,
-        "SELECT count(*) FROM ledger WHERE note = 'locked'",
-    ) == 0
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_none_left_idle_in_transaction(&mut conn, app);
     assert_eq!(
         count(
             &mut conn,
             "SELECT count(*) FROM ledger WHERE note = 'locked'"
         ),
+        0
+    );
+}
+
+/// Other sessions of the app's role, each left idle in a transaction that wrote a row: the
+/// resolution of someone else's lost `COMMIT` must never end them.
+fn bystanders(pg: &PgServer) -> Vec<PgConnection> {
+    (0..2)
+        .map(|i| {
+            let mut c = PgConnection::establish(&pg.url_with("application_name=bystander"))
+                .expect("a bystander session");
+            c.batch_execute(&format!(
+                "BEGIN; INSERT INTO ledger (note) VALUES ('bystander {i}')"
+            ))
+            .expect("a bystander's open transaction");
+            c
+        })
+        .collect()
+}
+
+/// Each bystander's transaction is still there: it commits now.
+fn assert_bystanders_untouched(bystanders: Vec<PgConnection>) {
+    for (i, mut c) in bystanders.into_iter().enumerate() {
+        c.batch_execute("COMMIT")
+            .unwrap_or_else(|e| panic!("bystander {i}'s open transaction was ended: {e}"));
+    }
+}
+
+/// Waits (5 s at most) until no session of application `app` is left idle in a transaction.
+fn assert_none_left_idle_in_transaction(conn: &mut PgConnection, app: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = '{app}' AND state = 'idle in transaction'"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count(conn, &sql) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        count(conn, &sql),
+        0,
+        "the session of the lost COMMIT is still open"
+    );
+}
+
+/// A `COMMIT` lost on the way (the server never hears of the client again, as behind a
+/// blackholed network): the server keeps the transaction open, idle in it, its outcome "in
+/// progress" for hours with default settings. The resolution ends that session (and no
+/// other), so the transaction can never commit, reads "aborted" and runs the body again:
+/// committed once, with no server setting. Without the ending, the resolution times out
+/// and the call fails as an ambiguous commit.
+#[test]
+fn a_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_once() {
+    let Some(pg) = server() else { return };
+    setup(&pg, LEDGER);
+    let proxy = proxied(&pg);
+    let app = "retry_commit_lost";
+    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .commit_resolution_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let bystanders = bystanders(&pg);
+    let runs = AtomicU32::new(0);
+    proxy.lose_before_forwarding(b"COMMIT");
+    let out = commit_with_retry(&pool, &policy, |conn| {
+        runs.fetch_add(1, Ordering::Relaxed);
+        diesel::sql_query("INSERT INTO ledger (note) VALUES ('lost')")
+            .execute(conn)
+            .map(drop)
+    });
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert!(
+        out.is_ok(),
+        "the lost COMMIT's outcome must be decided, not left ambiguous: {out:?}"
+    );
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        2,
+        "the body runs again once its first transaction was ended"
+    );
+    let mut conn = pool.get().unwrap();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM ledger WHERE note = 'lost'"),
         1
     );
+    assert_none_left_idle_in_transaction(&mut conn, app);
+    assert_bystanders_untouched(bystanders);
+    assert!(
+        test_support::captured_logs()
+            .iter()
+            .any(|l| l.contains("ended the session left idle in transaction")),
+        "the ending is logged"
+    );
+}
+
+/// The same for `commit_with_key`: the lost transaction holds the key's lock, which the
+/// resolution's probe would wait for until the resolution timed out; ended, it releases it.
+#[test]
+fn a_keyed_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_once() {
+    let Some(pg) = server() else { return };
+    setup(&pg, LEDGER);
+    pg.execute(&format!(
+        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
+        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
+    ))
+    .unwrap();
+    let proxy = proxied(&pg);
+    let app = "retry_key_lost";
+    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .verify_commit(false)
+        .commit_resolution_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let bystanders = bystanders(&pg);
+    let runs = AtomicU32::new(0);
+    proxy.lose_before_forwarding(b"COMMIT");
+    let out = commit_with_key(&pool, &policy, "order-lost", |conn: &mut PgConnection| {
+        runs.fetch_add(1, Ordering::Relaxed);
+        diesel::sql_query("INSERT INTO ledger (note) VALUES ('keyed lost')").execute(conn)
+    });
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert!(
+        matches!(out, Ok(Keyed::Committed(1))),
+        "the lost COMMIT's outcome must be decided, not left ambiguous: {out:?}"
+    );
+    assert_eq!(runs.load(Ordering::Relaxed), 2);
+    let mut conn = pool.get().unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM ledger WHERE note = 'keyed lost'"
+        ),
+        1
+    );
+    assert_none_left_idle_in_transaction(&mut conn, app);
+    assert_bystanders_untouched(bystanders);
+}
+
+/// Behind a transaction-mode pooler the resolution's question may reach another server, where
+/// the lost transaction's 32-bit id belongs to someone else's transaction: nothing is ended
+/// there, and the lost keyed commit stays ambiguous (the pooler, which saw its client go,
+/// rolls such a transaction back itself).
+#[test]
+fn behind_a_transaction_mode_pooler_a_lost_keyed_commit_ends_no_session() {
+    let Some(pg) = server() else { return };
+    setup(&pg, LEDGER);
+    pg.execute(&format!(
+        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
+        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
+    ))
+    .unwrap();
+    let proxy = proxied(&pg);
+    let app = "retry_key_lost_pooled";
+    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .pooler(resilient_diesel::Pooler::Transaction)
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .verify_commit(false)
+        .commit_resolution_timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    proxy.lose_before_forwarding(b"COMMIT");
+    let out = commit_with_key(&pool, &policy, "order-lost", |conn: &mut PgConnection| {
+        diesel::sql_query("INSERT INTO ledger (note) VALUES ('pooled lost')").execute(conn)
+    });
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert!(
+        matches!(out, Err(RetryError::AmbiguousCommit { .. })),
+        "{out:?}"
+    );
+    let mut conn = pool.get().unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = '{app}' AND state = 'idle in transaction'"
+            )
+        ),
+        1,
+        "the lost transaction's session was ended behind a transaction-mode pooler"
+    );
+    proxy.sever_silenced();
 }

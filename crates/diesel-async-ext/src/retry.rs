@@ -58,8 +58,8 @@ use diesel_async::{AsyncConnection, TransactionManager};
 use diesel_ext_common::resolve::{asked, is_unique_violation, key_owner, key_probe_answer};
 use pool_core::config::Pooler;
 use pool_core::retry::{
-    finish_ambiguous, no_txid_reason, other_server_reason, run_async, Asked, AttemptError,
-    Resolution, Resolved, RetryHooks, Step,
+    finish_ambiguous, log_abandoned_ended, no_txid_reason, other_server_reason, run_async, xid_of,
+    Asked, AttemptError, Resolution, Resolved, RetryHooks, Step,
 };
 pub use pool_core::retry::{
     IdempotencyTable, Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus,
@@ -221,6 +221,18 @@ pub trait RetryConnection: AsyncConnection + Send {
         async { Ok(None) }
     }
 
+    /// Ends transaction `xid` (its 32-bit id) if a session of this role sits idle in it: a
+    /// `COMMIT` cut off on the way never reached the server, which would keep the
+    /// transaction open (its outcome "in progress") until it noticed the client was gone.
+    /// `Ok(true)` if a session was told to end; backends that cannot tell do nothing
+    /// (`Ok(false)`). See [`pool_core::retry::sql::END_ABANDONED`].
+    fn end_abandoned(
+        &mut self,
+        _xid: u32,
+    ) -> impl Future<Output = diesel::QueryResult<bool>> + Send {
+        async { Ok(false) }
+    }
+
     /// Behind a transaction-mode pooler: the current transaction's id and the identity of
     /// the server running it, in one round trip; `None` if the backend has no transaction
     /// ids.
@@ -284,6 +296,16 @@ impl RetryConnection for diesel_async::AsyncPgConnection {
             .get_result(self)
             .await?;
         Ok(TxStatus::from_txid_status(status.as_deref()))
+    }
+
+    async fn end_abandoned(&mut self, xid: u32) -> diesel::QueryResult<bool> {
+        use diesel_async::RunQueryDsl;
+        let row: diesel_ext_common::resolve::EndedRow =
+            diesel::sql_query(pool_core::retry::sql::END_ABANDONED)
+                .bind::<diesel::sql_types::Text, _>(xid.to_string())
+                .get_result(self)
+                .await?;
+        Ok(row.ended > 0)
     }
 
     async fn current_txid_and_server(&mut self) -> diesel::QueryResult<Option<(i64, String)>> {
@@ -636,7 +658,14 @@ where
     P::Connection: RetryConnection,
 {
     let question = match (mode, txid) {
-        (Mode::Key(key, table), _) => Question::Key(key.clone(), table.clone(), key_owner),
+        (Mode::Key(key, table), _) => Question::Key {
+            key: key.clone(),
+            table: table.clone(),
+            ours: key_owner,
+            // Behind a transaction-mode pooler the question may reach another server, where
+            // the same 32-bit id is another transaction: nothing is ended there.
+            end: key_owner.filter(|_| !pool.pooler().is_transaction_mode()),
+        },
         (Mode::Txid { .. }, Some(Txid { id, server: None })) => Question::Txid(*id),
         (
             Mode::Txid { .. },
@@ -766,14 +795,49 @@ enum Question {
     /// Insert the key again in a throwaway transaction: success means the cut-off
     /// transaction did not commit (the probe is rolled back); a unique violation means a
     /// transaction with the key did, and the row's `xmin` against the cut-off transaction's
-    /// id (the third field, where the backend has one) says whether it was this one.
-    Key(String, IdempotencyTable, Option<u32>),
+    /// id (`ours`, where the backend has one) says whether it was this one.
+    Key {
+        /// The idempotency key.
+        key: String,
+        /// Where keys are kept.
+        table: IdempotencyTable,
+        /// The cut-off transaction's id (the key row's `xmin` it inserted).
+        ours: Option<u32>,
+        /// The transaction to end first if its session sits idle in it (`ours`, unless the
+        /// question may reach another server): its COMMIT was lost on the way, and it holds
+        /// the key's lock, which the probe would wait for.
+        end: Option<u32>,
+    },
+}
+
+/// Asks the server to end the transaction `xid` if its session sits idle in it
+/// ([`RetryConnection::end_abandoned`]); what that came to is logged, never the resolution's
+/// error (a role without the right to end it leaves the resolution as it was).
+async fn end_abandoned<C: RetryConnection>(conn: &mut C, hooks: &RetryHooks<'_>, xid: u32) {
+    let outcome = conn
+        .end_abandoned(xid)
+        .await
+        .map_err(|e| pool_core::redact::redact(&e.to_string()));
+    log_abandoned_ended(hooks, xid, outcome);
 }
 
 /// Asks once.
-async fn ask<C: RetryConnection>(conn: &mut C, question: &Question) -> QueryResult<Asked> {
+async fn ask<C: RetryConnection>(
+    conn: &mut C,
+    hooks: &RetryHooks<'_>,
+    question: &Question,
+) -> QueryResult<Asked> {
     match question {
-        Question::Txid(txid) => Ok(conn.txid_status(*txid).await?.answer(*txid)),
+        Question::Txid(txid) => {
+            let status = conn.txid_status(*txid).await?;
+            if status == TxStatus::InProgress {
+                // Still open: if its session sits idle in it, the COMMIT never arrived.
+                // Ending it decides the outcome (aborted, unless the COMMIT got in first),
+                // which the next question reads.
+                end_abandoned(conn, hooks, xid_of(*txid)).await;
+            }
+            Ok(status.answer(*txid))
+        }
         Question::TxidOn(txid, server) => {
             begin(conn).await?;
             let status = conn.txid_status_on(*txid, server).await;
@@ -783,7 +847,15 @@ async fn ask<C: RetryConnection>(conn: &mut C, question: &Question) -> QueryResu
                 None => Asked::Final(other_server_reason(*txid)),
             })
         }
-        Question::Key(key, table, ours) => {
+        Question::Key {
+            key,
+            table,
+            ours,
+            end,
+        } => {
+            if let Some(xid) = end {
+                end_abandoned(conn, hooks, *xid).await;
+            }
             begin(conn).await?;
             let probe = conn.insert_idempotency_key(table, key).await.map(drop);
             let _ = rollback(conn).await;
@@ -809,13 +881,16 @@ where
     P::Connection: RetryConnection,
 {
     let mut resolution = Resolution::start(policy);
+    let hooks = pool.hooks();
     loop {
         let left = resolution.left();
         let outcome = match pool.checkout(Some(left)).await {
-            Ok(mut conn) => match tokio::time::timeout(left, ask(&mut *conn, question)).await {
-                Ok(result) => asked(result, classify_diesel, pool_core::redact::redact),
-                Err(_) => Asked::NoReply,
-            },
+            Ok(mut conn) => {
+                match tokio::time::timeout(left, ask(&mut *conn, &hooks, question)).await {
+                    Ok(result) => asked(result, classify_diesel, pool_core::redact::redact),
+                    Err(_) => Asked::NoReply,
+                }
+            }
             Err(e) => Asked::NoConnection(e.message),
         };
         match resolution.after(outcome) {

@@ -364,3 +364,232 @@ fn to_diesel(message: String) -> diesel::result::Error {
         Box::new(message),
     )
 }
+
+/// Other sessions of the app's role, each left idle in a transaction that wrote a row: the
+/// resolution of someone else's lost `COMMIT` must never end them.
+async fn bystanders(pg: &PgServer) -> Vec<AsyncPgConnection> {
+    use diesel_async::SimpleAsyncConnection;
+    let mut out = Vec::new();
+    for i in 0..2 {
+        let mut c = AsyncPgConnection::establish(&pg.url_with("application_name=bystander"))
+            .await
+            .expect("a bystander session");
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO ledger (note) VALUES ('bystander {i}')"
+        ))
+        .await
+        .expect("a bystander's open transaction");
+        out.push(c);
+    }
+    out
+}
+
+/// Each bystander's transaction is still there: it commits now.
+async fn assert_bystanders_untouched(bystanders: Vec<AsyncPgConnection>) {
+    use diesel_async::SimpleAsyncConnection;
+    for (i, mut c) in bystanders.into_iter().enumerate() {
+        if let Err(e) = c.batch_execute("COMMIT").await {
+            panic!("bystander {i}'s open transaction was ended: {e}");
+        }
+    }
+}
+
+/// Waits (5 s at most) until no session of application `app` is left idle in a transaction.
+async fn assert_none_left_idle_in_transaction(conn: &mut AsyncPgConnection, app: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = '{app}' AND state = 'idle in transaction'"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count(conn, &sql).await > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        count(conn, &sql).await,
+        0,
+        "the session of the lost COMMIT is still open"
+    );
+}
+
+/// A `COMMIT` lost on the way (the server never hears of the client again, as behind a
+/// blackholed network): the server keeps the transaction open, idle in it, its outcome "in
+/// progress" for hours with default settings. The resolution ends that session (and no
+/// other), so the transaction can never commit, reads "aborted" and runs the body again:
+/// committed once, with no server setting. Without the ending, the resolution times out
+/// and the call fails as an ambiguous commit.
+#[tokio::test]
+async fn a_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_once() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(&pg, LEDGER).unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let app = "aretry_commit_lost";
+    let pool = PgPool::builder(&url)
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .commit_resolution_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let bystanders = bystanders(&pg).await;
+    let runs = AtomicU32::new(0);
+    proxy.lose_before_forwarding(b"COMMIT");
+    let out = commit_with_retry(&pool, &policy, async |conn: &mut AsyncPgConnection| {
+        runs.fetch_add(1, Ordering::Relaxed);
+        diesel::sql_query("INSERT INTO ledger (note) VALUES ('lost')")
+            .execute(conn)
+            .await
+            .map(drop)
+    })
+    .await;
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert!(
+        out.is_ok(),
+        "the lost COMMIT's outcome must be decided, not left ambiguous: {out:?}"
+    );
+    assert_eq!(
+        AtomicU32::load(&runs, Ordering::Relaxed),
+        2,
+        "the body runs again once its first transaction was ended"
+    );
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM ledger WHERE note = 'lost'").await,
+        1
+    );
+    assert_none_left_idle_in_transaction(&mut conn, app).await;
+    assert_bystanders_untouched(bystanders).await;
+    assert!(
+        test_support::captured_logs()
+            .iter()
+            .any(|l| l.contains("ended the session left idle in transaction")),
+        "the ending is logged"
+    );
+}
+
+/// The same for `commit_with_key`: the lost transaction holds the key's lock, which the
+/// resolution's probe would wait for until the resolution timed out; ended, it releases it.
+#[tokio::test]
+async fn a_keyed_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_once() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(
+        &pg,
+        &format!(
+            "{LEDGER}; {IDEMPOTENCY_TABLE_SQL}; \
+             GRANT ALL ON resilient_diesel_idempotency_keys TO app"
+        ),
+    )
+    .unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let app = "aretry_key_lost";
+    let pool = PgPool::builder(&url)
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .verify_commit(false)
+        .commit_resolution_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let bystanders = bystanders(&pg).await;
+    let runs = AtomicU32::new(0);
+    proxy.lose_before_forwarding(b"COMMIT");
+    let out = commit_with_key(
+        &pool,
+        &policy,
+        "order-lost",
+        async |conn: &mut AsyncPgConnection| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            diesel::sql_query("INSERT INTO ledger (note) VALUES ('keyed lost')")
+                .execute(conn)
+                .await
+        },
+    )
+    .await;
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert!(
+        matches!(out, Ok(Keyed::Committed(1))),
+        "the lost COMMIT's outcome must be decided, not left ambiguous: {out:?}"
+    );
+    assert_eq!(AtomicU32::load(&runs, Ordering::Relaxed), 2);
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM ledger WHERE note = 'keyed lost'"
+        )
+        .await,
+        1
+    );
+    assert_none_left_idle_in_transaction(&mut conn, app).await;
+    assert_bystanders_untouched(bystanders).await;
+}
+
+/// Behind a transaction-mode pooler the resolution's question may reach another server, where
+/// the lost transaction's 32-bit id belongs to someone else's transaction: nothing is ended
+/// there, and the lost keyed commit stays ambiguous (the pooler, which saw its client go,
+/// rolls such a transaction back itself).
+#[tokio::test]
+async fn behind_a_transaction_mode_pooler_a_lost_keyed_commit_ends_no_session() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(
+        &pg,
+        &format!(
+            "{LEDGER}; {IDEMPOTENCY_TABLE_SQL}; \
+             GRANT ALL ON resilient_diesel_idempotency_keys TO app"
+        ),
+    )
+    .unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let app = "aretry_key_lost_pooled";
+    let pool = PgPool::builder(&url)
+        .pooler(pool_core::config::Pooler::Transaction)
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let policy = RetryPolicy::builder()
+        .verify_commit(false)
+        .commit_resolution_timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    proxy.lose_before_forwarding(b"COMMIT");
+    let out = commit_with_key(
+        &pool,
+        &policy,
+        "order-lost",
+        async |conn: &mut AsyncPgConnection| {
+            diesel::sql_query("INSERT INTO ledger (note) VALUES ('pooled lost')")
+                .execute(conn)
+                .await
+        },
+    )
+    .await;
+    assert!(!proxy.trigger_armed(), "the fault fired");
+    assert!(
+        matches!(out, Err(RetryError::AmbiguousCommit { .. })),
+        "{out:?}"
+    );
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = '{app}' AND state = 'idle in transaction'"
+            )
+        )
+        .await,
+        1,
+        "the lost transaction's session was ended behind a transaction-mode pooler"
+    );
+    proxy.sever_silenced();
+}

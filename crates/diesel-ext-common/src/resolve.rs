@@ -49,6 +49,15 @@ impl XminRow {
     }
 }
 
+/// The row of [`sql::END_ABANDONED`](pool_core::retry::sql::END_ABANDONED) (PostgreSQL):
+/// how many sessions were told to end.
+#[derive(Debug, diesel::QueryableByName)]
+pub struct EndedRow {
+    /// `count(*)`.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub ended: i64,
+}
+
 /// Whose commit the key found by a resolution's probe is: `ours` is the id of the
 /// transaction whose `COMMIT` was cut off (from the key's `RETURNING xmin`), `found` the
 /// `xmin` of the key's row now. The same id: ours committed. Another: ours did not, a

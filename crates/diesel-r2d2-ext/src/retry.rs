@@ -53,8 +53,8 @@ use diesel::QueryResult;
 use diesel_ext_common::resolve::{asked, is_unique_violation, key_owner, key_probe_answer};
 use pool_core::config::Pooler;
 use pool_core::retry::{
-    finish_ambiguous, no_txid_reason, other_server_reason, run_sync, sql, Asked, AttemptError,
-    Resolution, Resolved, RetryHooks, Step,
+    finish_ambiguous, log_abandoned_ended, no_txid_reason, other_server_reason, run_sync, sql,
+    xid_of, Asked, AttemptError, Resolution, Resolved, RetryHooks, Step,
 };
 pub use pool_core::retry::{
     IdempotencyTable, Keyed, PolicyError, PoolError, RetryError, RetryPolicy, TxStatus,
@@ -205,6 +205,15 @@ pub trait RetryConnection: Connection {
         Ok(None)
     }
 
+    /// Ends transaction `xid` (its 32-bit id) if a session of this role sits idle in it: a
+    /// `COMMIT` cut off on the way never reached the server, which would keep the
+    /// transaction open (its outcome "in progress") until it noticed the client was gone.
+    /// `Ok(true)` if a session was told to end; backends that cannot tell do nothing
+    /// (`Ok(false)`). See [`sql::END_ABANDONED`].
+    fn end_abandoned(&mut self, _xid: u32) -> diesel::QueryResult<bool> {
+        Ok(false)
+    }
+
     /// Inside a transaction: waiting for a lock longer than `limit` fails the statement
     /// instead (PostgreSQL `SET LOCAL lock_timeout`). Backends without a per-transaction
     /// limit rely on their own (SQLite's `busy_timeout`).
@@ -295,6 +304,14 @@ impl RetryConnection for diesel::PgConnection {
                 .get_result(self)
                 .optional()?;
         Ok(row.and_then(|r| r.id()))
+    }
+
+    fn end_abandoned(&mut self, xid: u32) -> diesel::QueryResult<bool> {
+        use diesel::RunQueryDsl;
+        let row: diesel_ext_common::resolve::EndedRow = diesel::sql_query(sql::END_ABANDONED)
+            .bind::<diesel::sql_types::Text, _>(xid.to_string())
+            .get_result(self)?;
+        Ok(row.ended > 0)
     }
 
     fn limit_lock_wait(&mut self, limit: Duration) -> diesel::QueryResult<()> {
@@ -594,9 +611,31 @@ where
     P: RetryablePool,
     P::Connection: RetryConnection,
 {
+    let hooks = pool.hooks();
     poll_until(pool, policy, |conn: &mut P::Connection, _left| {
-        Ok(conn.txid_status(txid)?.answer(txid))
+        let status = conn.txid_status(txid)?;
+        if status == TxStatus::InProgress {
+            // Still open: if its session sits idle in it, the COMMIT never arrived. Ending
+            // it decides the outcome (aborted, unless the COMMIT got in first), which the
+            // next question reads.
+            end_abandoned(pool, &hooks, conn, xid_of(txid));
+        }
+        Ok(status.answer(txid))
     })
+}
+
+/// Asks the server to end the transaction `xid` if its session sits idle in it
+/// ([`RetryConnection::end_abandoned`]); what that came to is logged, never the resolution's
+/// error (a role without the right to end it leaves the resolution as it was).
+fn end_abandoned<P>(pool: &P, hooks: &RetryHooks<'_>, conn: &mut P::Connection, xid: u32)
+where
+    P: RetryablePool,
+    P::Connection: RetryConnection,
+{
+    let outcome = conn
+        .end_abandoned(xid)
+        .map_err(|e| pool.redact(&e.to_string()));
+    log_abandoned_ended(hooks, xid, outcome);
 }
 
 /// [`resolve_by_txid`] behind a transaction-mode pooler: an answer counts only from `server`
@@ -635,7 +674,16 @@ where
     P::Connection: RetryConnection,
 {
     let table = policy.idempotency_table();
+    let hooks = pool.hooks();
+    // Behind a transaction-mode pooler the question may reach another server, where the
+    // same 32-bit id is another transaction: nothing is ended there.
+    let end = ours.filter(|_| !pool.pooler().is_transaction_mode());
     poll_until(pool, policy, |conn: &mut P::Connection, left| {
+        // The cut-off transaction may sit idle with the key's lock, its COMMIT lost on the
+        // way: ended, it can never commit, and the probe below gets the lock at once.
+        if let Some(xid) = end {
+            end_abandoned(pool, &hooks, conn, xid);
+        }
         begin(conn)?;
         // The cut-off transaction may still hold the key's lock: wait for it only as long as
         // the resolution may take.

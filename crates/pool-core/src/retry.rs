@@ -55,9 +55,9 @@ use crate::stats::PoolStats;
 mod commit;
 
 pub use commit::{
-    check_idempotency_key, finish_ambiguous, no_txid_reason, other_server_reason, sql, Asked,
-    IdempotencyTable, Keyed, Resolution, Resolved, Step, TxStatus, IDEMPOTENCY_TABLE_SQL,
-    MAX_IDEMPOTENCY_KEY_CHARS,
+    check_idempotency_key, finish_ambiguous, log_abandoned_ended, no_txid_reason,
+    other_server_reason, sql, xid_of, Asked, IdempotencyTable, Keyed, Resolution, Resolved, Step,
+    TxStatus, IDEMPOTENCY_TABLE_SQL, MAX_IDEMPOTENCY_KEY_CHARS,
 };
 
 /// How to retry: attempts, time limit, backoff, and whether commits are verified.

@@ -135,6 +135,8 @@ struct Trigger {
     after: Duration,
     /// Whether the chunk holding the needle reaches the server before the reset.
     forward: bool,
+    /// Whether only the client's side is reset, the server's kept open and silent.
+    lose: bool,
 }
 
 /// Per connection: the sever flag and an eventfd that wakes its thread out of `poll`.
@@ -387,6 +389,7 @@ impl FaultProxy {
             needle: needle.to_vec(),
             after,
             forward: true,
+            lose: false,
         });
     }
 
@@ -399,6 +402,22 @@ impl FaultProxy {
             needle: needle.to_vec(),
             after: Duration::ZERO,
             forward: false,
+            lose: false,
+        });
+    }
+
+    /// Arms a one-shot trigger: the chunk holding `needle` never reaches the server, the
+    /// client's side of that connection is reset at once, and the server's side stays open
+    /// and silent. "`COMMIT` lost on the way", as a blackholed network leaves it: the server
+    /// never hears of the client again and keeps the transaction open (idle in it, its
+    /// outcome "in progress") until it notices, hours with default settings; here, until
+    /// [`FaultProxy::sever_silenced`], [`SILENCE_EXPIRES_AFTER`] or the proxy's drop.
+    pub fn lose_before_forwarding(&self, needle: &[u8]) {
+        *self.shared.trigger.lock() = Some(Trigger {
+            needle: needle.to_vec(),
+            after: Duration::ZERO,
+            forward: false,
+            lose: true,
         });
     }
 
@@ -652,6 +671,7 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
     let mut trigger = TriggerState::Idle;
     let mut tail: Vec<u8> = Vec::new();
     let mut counter = MessageCounter::default();
+    let mut lost = false;
 
     let outcome: Result<(), ()> = (|| loop {
         if shared.shutdown.load(Ordering::SeqCst) || ctl.sever.load(Ordering::SeqCst) {
@@ -755,6 +775,7 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
                     hay.extend_from_slice(&chunk);
                     if contains(&hay, &t.needle) {
                         let (after, forward) = (t.after, t.forward);
+                        lost = t.lose;
                         *armed = None;
                         if !forward {
                             return Err(());
@@ -787,6 +808,22 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
         }
     })();
 
+    if lost {
+        // The client sees its connection reset; the server hears nothing more: its session
+        // stays open until the silence is severed or expires, or the proxy goes.
+        abort(&client);
+        drop(client);
+        ctl.silenced.store(true, Ordering::SeqCst);
+        let expires = Instant::now() + SILENCE_EXPIRES_AFTER;
+        while !shared.shutdown.load(Ordering::SeqCst)
+            && !ctl.sever.load(Ordering::SeqCst)
+            && Instant::now() < expires
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        abort(&upstream);
+        return;
+    }
     if outcome.is_err() {
         abort(&client);
         abort(&upstream);

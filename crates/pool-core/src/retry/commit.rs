@@ -206,6 +206,22 @@ pub mod sql {
     pub const TXID_STATUS_ON_SERVER: &str =
         "(SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery()";
 
+    /// PostgreSQL: ends the transaction whose 32-bit id is bound as `$1` (text), if a
+    /// session of the current role sits idle in it: a `COMMIT` cut off on the way (a
+    /// blackholed network) never reached the server, which keeps the transaction open, its
+    /// outcome "in progress", until it notices the client is gone (hours with default
+    /// settings). Selects how many sessions were told to end (0 or 1).
+    ///
+    /// The candidates are chosen in a materialized CTE before `pg_terminate_backend` is
+    /// called on any row, so no other session is ever signalled. A session that is running
+    /// a statement (a `COMMIT` that did arrive) is left alone; ending one idle in the
+    /// transaction only decides its outcome, which the next `txid_status()` reads.
+    pub const END_ABANDONED: &str = "WITH abandoned AS MATERIALIZED (\
+        SELECT pid FROM pg_stat_activity \
+        WHERE backend_xid::text = $1 AND state = 'idle in transaction' \
+        AND usename = current_user AND pid <> pg_backend_pid()) \
+        SELECT count(*) AS ended FROM abandoned WHERE pg_terminate_backend(pid)";
+
     /// PostgreSQL: inserts the idempotency key bound as `$1`.
     pub const INSERT_KEY_PG: &str =
         "INSERT INTO resilient_diesel_idempotency_keys (idempotency_key) VALUES ($1)";
@@ -257,6 +273,13 @@ impl TxStatus {
             }
         }
     }
+}
+
+/// The 32-bit transaction id (`xid`, as `pg_stat_activity.backend_xid` and a row's `xmin`
+/// show it) of a 64-bit `txid_current()` value: its low 32 bits (the high ones count
+/// wraparounds).
+pub fn xid_of(txid: i64) -> u32 {
+    (txid as u64 & 0xFFFF_FFFF) as u32
 }
 
 /// Why `txid_status()` is not asked behind a transaction-mode pooler: the server connection
@@ -437,6 +460,32 @@ where
     Ok(value)
 }
 
+/// Logs what asking the server to end abandoned transaction `xid` came to (see
+/// [`sql::END_ABANDONED`]): `Ok(true)` its session was told to end (logged at `warn`, as
+/// the resolution's outcome is), `Ok(false)` no session sat idle in it, `Err` the question
+/// failed (its message, redacted; logged at `debug`: the resolution goes on asking).
+pub fn log_abandoned_ended(hooks: &RetryHooks<'_>, xid: u32, outcome: Result<bool, String>) {
+    match outcome {
+        Ok(true) => log::warn!(
+            target: crate::events::LOG_TARGET,
+            pool = hooks.pool,
+            event = "abandoned_transaction_ended";
+            "pool {}: connection lost during COMMIT, which never reached the server: ended the \
+             session left idle in transaction {xid}, so that it can never commit",
+            hooks.pool
+        ),
+        Ok(false) => {}
+        Err(error) => log::debug!(
+            target: crate::events::LOG_TARGET,
+            pool = hooks.pool,
+            event = "abandoned_transaction_end_failed",
+            error = error.as_str();
+            "pool {}: could not end a session left idle in transaction {xid}: {error}",
+            hooks.pool
+        ),
+    }
+}
+
 /// What an adapter's `commit_with_key` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Keyed<T> {
@@ -534,6 +583,13 @@ mod tests {
             left > Duration::from_millis(1500) && left <= Duration::from_secs(2),
             "{left:?}"
         );
+    }
+
+    #[test]
+    fn a_txids_xid_is_its_low_32_bits() {
+        assert_eq!(xid_of(7), 7);
+        assert_eq!(xid_of((3 << 32) | 1234), 1234);
+        assert_eq!(xid_of((1 << 32) + u32::MAX as i64), u32::MAX);
     }
 
     #[test]
