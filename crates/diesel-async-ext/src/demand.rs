@@ -308,4 +308,66 @@ mod tests {
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
         assert!(matches!(poll(third.as_mut()), Poll::Ready(Err(Closed))));
     }
+
+    #[test]
+    fn a_checkout_that_leaves_is_no_longer_demand() {
+        let d = Demand::default();
+        assert!(!d.is_wanted(), "nobody waits");
+        let first = d.want();
+        let second = d.want();
+        assert!(d.is_wanted());
+        drop(first);
+        assert!(d.is_wanted(), "one checkout still waits");
+        drop(second);
+        assert!(!d.is_wanted(), "both left");
+        let mut claim = pin!(d.claim());
+        assert!(
+            poll(claim.as_mut()).is_pending(),
+            "no connect for checkouts that left"
+        );
+        let _again = d.want();
+        assert!(d.is_wanted());
+        d.close();
+        assert!(!d.is_wanted(), "a closed pool wants nothing");
+    }
+
+    #[test]
+    fn wanted_waits_for_a_checkout_and_unwanted_for_the_last_to_leave() {
+        let d = Demand::default();
+        let mut wanted = pin!(d.wanted());
+        assert!(poll(wanted.as_mut()).is_pending(), "nobody waits yet");
+        let first = d.want();
+        let second = d.want();
+        assert!(matches!(poll(wanted.as_mut()), Poll::Ready(Ok(()))));
+        let mut unwanted = pin!(d.unwanted());
+        assert!(poll(unwanted.as_mut()).is_pending(), "two checkouts wait");
+        drop(first);
+        assert!(poll(unwanted.as_mut()).is_pending(), "one checkout waits");
+        drop(second);
+        assert!(poll(unwanted.as_mut()).is_ready(), "the last one left");
+        d.close();
+        assert!(matches!(poll(pin!(d.wanted())), Poll::Ready(Err(Closed))));
+    }
+
+    #[test]
+    fn a_held_connection_dropped_without_release_counts_no_more() {
+        let d = Demand::default();
+        let held = d.hold();
+        let _w = d.want();
+        let mut claim = pin!(d.claim());
+        assert!(
+            poll(claim.as_mut()).is_pending(),
+            "the held connection comes back"
+        );
+        // A cancelled maintenance step: the connection never went back, so the checkout
+        // needs a connect after all.
+        drop(held);
+        assert!(matches!(poll(claim.as_mut()), Poll::Ready(Ok(_))));
+        // And a second hold, released, counts no more either.
+        let w2 = d.want();
+        d.hold().release();
+        let mut next = pin!(d.claim());
+        assert!(matches!(poll(next.as_mut()), Poll::Ready(Ok(_))));
+        drop(w2);
+    }
 }
