@@ -853,3 +853,75 @@ fn behind_a_transaction_mode_pooler_a_lost_keyed_commit_ends_no_session() {
     );
     proxy.sever_silenced();
 }
+
+/// The control for a `COMMIT` lost on the way: plain r2d2 at its defaults with the field
+/// reports' naive retry loop. The lost transaction stays open on the server, holding its
+/// locks; the retry of the same row waits behind it, here until the test lets the server
+/// see the client gone (in the field, until the server notices: hours with default
+/// settings).
+#[test]
+fn control_a_naive_retry_of_a_lost_commit_waits_behind_the_transaction_left_open() {
+    let Some(pg) = server() else { return };
+    setup(
+        &pg,
+        "CREATE TABLE orders (key text PRIMARY KEY); GRANT ALL ON orders TO app",
+    );
+    let proxy = proxied(&pg);
+    let pool = r2d2::Pool::builder()
+        .max_size(2)
+        .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
+            pg.url_via(proxy.port(), "sslmode=disable&application_name=naive_lost"),
+        ))
+        .unwrap();
+    proxy.lose_before_forwarding(b"COMMIT");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            // The field reports' loop: any error, sleep, try again, three times.
+            let mut attempts = 0;
+            let mut last = Err("not run".to_owned());
+            for _ in 0..3 {
+                attempts += 1;
+                let mut conn = pool.get().unwrap();
+                last = conn
+                    .transaction::<_, DieselError, _>(|c| {
+                        diesel::sql_query("INSERT INTO orders (key) VALUES ('order-9')").execute(c)
+                    })
+                    .map(drop)
+                    .map_err(|e| e.to_string());
+                if last.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = tx.send((attempts, last));
+        })
+    };
+    let waiting = rx.recv_timeout(Duration::from_secs(4));
+    assert!(
+        waiting.is_err(),
+        "the naive retry was expected to wait behind the open transaction, got {waiting:?}"
+    );
+    let mut conn = pool.get().unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'naive_lost' AND wait_event_type = 'Lock'"
+        ),
+        1,
+        "the retry waits on a lock"
+    );
+    drop(conn);
+    // The server sees its client gone: the open transaction rolls back, the retry goes on.
+    proxy.sever_silenced();
+    let (attempts, last) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the retry never ended after the open transaction rolled back");
+    worker.join().unwrap();
+    println!("naive retry after the lost COMMIT: {attempts} attempts, {last:?}");
+    assert_eq!(last, Ok(()));
+    let mut conn = pool.get().unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM orders"), 1);
+}
