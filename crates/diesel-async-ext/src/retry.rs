@@ -15,6 +15,9 @@
 //!   `txid_current()` just before `COMMIT`, then asks fresh connections for `txid_status()`:
 //!   *committed* returns the body's result, *aborted* retries, *in progress* asks again, until
 //!   the policy's `commit_resolution_timeout`, which also bounds every checkout made to ask.
+//!   A transaction still in progress whose session sits idle in it lost its `COMMIT` on the
+//!   way: that session is ended ([`RetryConnection::end_abandoned`]), so the transaction can
+//!   never commit and the next answer is *aborted*.
 //!   Only when no answer can be had does it return [`RetryError::AmbiguousCommit`]. On
 //!   backends without transaction ids, [`commit_with_key`] writes an idempotency key in the
 //!   same transaction and looks it up instead.

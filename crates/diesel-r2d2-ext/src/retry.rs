@@ -17,7 +17,10 @@
 //!   off with [`RetryPolicyBuilder::verify_commit`](pool_core::retry::RetryPolicyBuilder::verify_commit)),
 //!   then asks a fresh connection for `txid_status()`: *committed* returns the closure's result,
 //!   *aborted* retries, *in progress* asks again until the policy's
-//!   `commit_resolution_timeout`. Only when the answer cannot be had does it return
+//!   `commit_resolution_timeout`. A transaction still in progress whose session sits idle
+//!   in it lost its `COMMIT` on the way: that session is ended
+//!   ([`RetryConnection::end_abandoned`]), so the transaction can never commit and the next
+//!   answer is *aborted*. Only when the answer cannot be had does it return
 //!   [`RetryError::AmbiguousCommit`]. On backends without transaction ids, [`commit_with_key`]
 //!   writes an idempotency key in the same transaction and looks it up instead.
 //!
