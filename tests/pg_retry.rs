@@ -189,17 +189,32 @@ fn proxied(pg: &PgServer) -> FaultProxy {
     FaultProxy::start(pg.addr()).expect("fault proxy")
 }
 
+/// Our pool of 2 (no overflow) through `proxy`, its sessions named `app`.
+fn pool_via(pg: &PgServer, proxy: &FaultProxy, app: &str) -> PgPool {
+    PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .unwrap()
+}
+
+/// The ledger and the idempotency key table, both writable by the app's role.
+fn setup_keyed(pg: &PgServer) {
+    setup(pg, LEDGER);
+    pg.execute(&format!(
+        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
+        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
+    ))
+    .unwrap();
+}
+
 #[test]
 fn a_connection_cut_while_commit_is_in_flight_commits_exactly_once() {
     let Some(pg) = server() else { return };
     setup(&pg, LEDGER);
     let proxy = proxied(&pg);
-    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
-        .application_name("retry_commit_cut")
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .unwrap();
+    let pool = pool_via(&pg, &proxy, "retry_commit_cut");
     let runs = AtomicU32::new(0);
     proxy.sever_after_forwarding(b"COMMIT", Duration::from_millis(100));
     let id: i64 = commit_with_retry(&pool, &patient(), |conn| {
@@ -327,19 +342,9 @@ fn control_a_naive_retry_loop_writes_twice_when_commit_is_cut() {
 #[test]
 fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
     let Some(pg) = server() else { return };
-    setup(&pg, LEDGER);
-    pg.execute(&format!(
-        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
-        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
-    ))
-    .unwrap();
+    setup_keyed(&pg);
     let proxy = proxied(&pg);
-    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
-        .application_name("retry_key")
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .unwrap();
+    let pool = pool_via(&pg, &proxy, "retry_key");
     let policy = RetryPolicy::builder().verify_commit(false).build().unwrap();
     let runs = AtomicU32::new(0);
     let insert = |conn: &mut PgConnection| {
@@ -367,12 +372,7 @@ fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
 fn a_cut_keyed_commit_that_rolled_back_while_a_concurrent_call_committed_the_key_is_already_committed(
 ) {
     let Some(pg) = server() else { return };
-    setup(&pg, LEDGER);
-    pg.execute(&format!(
-        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
-        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
-    ))
-    .unwrap();
+    setup_keyed(&pg);
     let proxy = proxied(&pg);
     // A through the proxy, whose COMMIT never reaches the server (so it rolls back); B, a
     // second delivery of the same key, direct.
@@ -596,12 +596,7 @@ fn errors_from_a_real_server_are_classified() {
 #[test]
 fn resolving_a_cut_keyed_commit_waits_on_the_key_lock_no_longer_than_the_resolution_timeout() {
     let Some(pg) = server() else { return };
-    setup(&pg, LEDGER);
-    pg.execute(&format!(
-        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
-        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
-    ))
-    .unwrap();
+    setup_keyed(&pg);
     let proxy = proxied(&pg);
     let app = "retry_key_locked";
     // One connection: resolution opens a fresh one (not paused) that meets the key's lock.
@@ -710,12 +705,7 @@ fn a_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_on
     setup(&pg, LEDGER);
     let proxy = proxied(&pg);
     let app = "retry_commit_lost";
-    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
-        .application_name(app)
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .unwrap();
+    let pool = pool_via(&pg, &proxy, app);
     let policy = RetryPolicy::builder()
         .commit_resolution_timeout(Duration::from_secs(5))
         .build()
@@ -759,20 +749,10 @@ fn a_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_on
 #[test]
 fn a_keyed_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_once() {
     let Some(pg) = server() else { return };
-    setup(&pg, LEDGER);
-    pg.execute(&format!(
-        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
-        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
-    ))
-    .unwrap();
+    setup_keyed(&pg);
     let proxy = proxied(&pg);
     let app = "retry_key_lost";
-    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
-        .application_name(app)
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .unwrap();
+    let pool = pool_via(&pg, &proxy, app);
     let policy = RetryPolicy::builder()
         .verify_commit(false)
         .commit_resolution_timeout(Duration::from_secs(5))
@@ -810,12 +790,7 @@ fn a_keyed_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_commit
 #[test]
 fn behind_a_transaction_mode_pooler_a_lost_keyed_commit_ends_no_session() {
     let Some(pg) = server() else { return };
-    setup(&pg, LEDGER);
-    pg.execute(&format!(
-        "{}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
-        resilient_diesel::retry::IDEMPOTENCY_TABLE_SQL
-    ))
-    .unwrap();
+    setup_keyed(&pg);
     let proxy = proxied(&pg);
     let app = "retry_key_lost_pooled";
     let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))

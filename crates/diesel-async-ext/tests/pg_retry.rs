@@ -39,6 +39,29 @@ async fn count(conn: &mut AsyncPgConnection, sql: &str) -> i64 {
 const LEDGER: &str = "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL); \
      GRANT ALL ON ledger TO app; GRANT ALL ON SEQUENCE ledger_id_seq TO app";
 
+/// The ledger and the idempotency key table, both writable by the app's role.
+fn setup_keyed(pg: &PgServer) {
+    PgServer::execute(
+        pg,
+        &format!(
+            "{LEDGER}; {IDEMPOTENCY_TABLE_SQL}; \
+             GRANT ALL ON resilient_diesel_idempotency_keys TO app"
+        ),
+    )
+    .unwrap();
+}
+
+/// Our pool of 2 (no overflow) at `url`, its sessions named `app`.
+async fn pool_at(url: &str, app: &str) -> PgPool {
+    PgPool::builder(url)
+        .application_name(app)
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap()
+}
+
 const COUNTER: &str = "CREATE TABLE counter (id int PRIMARY KEY, v bigint NOT NULL); \
      INSERT INTO counter VALUES (1, 0); GRANT ALL ON counter TO app";
 
@@ -112,13 +135,7 @@ async fn a_connection_cut_while_commit_is_in_flight_commits_exactly_once() {
     let Some(pg) = server() else { return };
     PgServer::execute(&pg, LEDGER).unwrap();
     let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pool = PgPool::builder(&url)
-        .application_name("retry_commit_cut")
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .await
-        .unwrap();
+    let pool = pool_at(&url, "retry_commit_cut").await;
     let runs = Arc::new(AtomicU32::new(0));
     proxy.sever_after_forwarding(b"COMMIT", Duration::from_millis(100));
     let (p, r) = (pool.clone(), runs.clone());
@@ -197,13 +214,7 @@ async fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
     )
     .unwrap();
     let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pool = PgPool::builder(&url)
-        .application_name("retry_key")
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .await
-        .unwrap();
+    let pool = pool_at(&url, "retry_key").await;
     let policy = RetryPolicy::builder().verify_commit(false).build().unwrap();
     let runs = AtomicU32::new(0);
     let insert = async |conn: &mut AsyncPgConnection| {
@@ -423,13 +434,7 @@ async fn a_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_commit
     PgServer::execute(&pg, LEDGER).unwrap();
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     let app = "aretry_commit_lost";
-    let pool = PgPool::builder(&url)
-        .application_name(app)
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .await
-        .unwrap();
+    let pool = pool_at(&url, app).await;
     let policy = RetryPolicy::builder()
         .commit_resolution_timeout(Duration::from_secs(5))
         .build()
@@ -475,23 +480,10 @@ async fn a_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_commit
 #[tokio::test]
 async fn a_keyed_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_committed_once() {
     let Some(pg) = server() else { return };
-    PgServer::execute(
-        &pg,
-        &format!(
-            "{LEDGER}; {IDEMPOTENCY_TABLE_SQL}; \
-             GRANT ALL ON resilient_diesel_idempotency_keys TO app"
-        ),
-    )
-    .unwrap();
+    setup_keyed(&pg);
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     let app = "aretry_key_lost";
-    let pool = PgPool::builder(&url)
-        .application_name(app)
-        .pool_size(2)
-        .max_overflow(0)
-        .build()
-        .await
-        .unwrap();
+    let pool = pool_at(&url, app).await;
     let policy = RetryPolicy::builder()
         .verify_commit(false)
         .commit_resolution_timeout(Duration::from_secs(5))
@@ -538,14 +530,7 @@ async fn a_keyed_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_
 #[tokio::test]
 async fn behind_a_transaction_mode_pooler_a_lost_keyed_commit_ends_no_session() {
     let Some(pg) = server() else { return };
-    PgServer::execute(
-        &pg,
-        &format!(
-            "{LEDGER}; {IDEMPOTENCY_TABLE_SQL}; \
-             GRANT ALL ON resilient_diesel_idempotency_keys TO app"
-        ),
-    )
-    .unwrap();
+    setup_keyed(&pg);
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     let app = "aretry_key_lost_pooled";
     let pool = PgPool::builder(&url)
