@@ -370,4 +370,29 @@ mod tests {
         assert!(matches!(poll(next.as_mut()), Poll::Ready(Ok(_))));
         drop(w2);
     }
+
+    #[test]
+    fn a_held_connection_released_back_wakes_no_connect() {
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let d = Demand::default();
+        let held = d.hold();
+        let _w = d.want();
+        let flag = std::sync::Arc::new(Flag(Default::default()));
+        let waker = Waker::from(flag.clone());
+        let mut claim = pin!(d.claim());
+        let pending = std::future::Future::poll(claim.as_mut(), &mut Context::from_waker(&waker));
+        assert!(pending.is_pending(), "the held connection comes back");
+        // It goes back to the idle list, where the waiting checkout takes it: a connect woken
+        // now would find that checkout still counted and open a connection nobody needs.
+        held.release();
+        assert!(
+            !flag.0.load(std::sync::atomic::Ordering::SeqCst),
+            "releasing a held connection woke the connects"
+        );
+    }
 }
