@@ -344,7 +344,13 @@ fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
     let Some(pg) = server() else { return };
     setup_keyed(&pg);
     let proxy = proxied(&pg);
-    let pool = pool_via(&pg, &proxy, "retry_key");
+    let pool = PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .name("retry_key_cut")
+        .application_name("retry_key")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .unwrap();
     let policy = RetryPolicy::builder().verify_commit(false).build().unwrap();
     let runs = AtomicU32::new(0);
     let insert = |conn: &mut PgConnection| {
@@ -365,6 +371,14 @@ fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
             "SELECT count(*) FROM ledger WHERE note = 'keyed'"
         ),
         1
+    );
+    // The resolution asked the server to end the transaction if its session still sat idle
+    // in it; it had committed, so nothing was ended, and nothing says so.
+    assert!(
+        !test_support::captured_logs()
+            .iter()
+            .any(|l| l.contains("pool retry_key_cut:") && l.contains("ended the session")),
+        "an ending was logged where no session was ended"
     );
 }
 

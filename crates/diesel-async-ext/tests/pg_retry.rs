@@ -207,14 +207,16 @@ async fn control_a_naive_retry_loop_writes_twice_when_commit_is_cut() {
 #[tokio::test]
 async fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
     let Some(pg) = server() else { return };
-    PgServer::execute(&pg, LEDGER).unwrap();
-    PgServer::execute(
-        &pg,
-        &format!("{IDEMPOTENCY_TABLE_SQL}; GRANT ALL ON resilient_diesel_idempotency_keys TO app"),
-    )
-    .unwrap();
+    setup_keyed(&pg);
     let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pool = pool_at(&url, "retry_key").await;
+    let pool = PgPool::builder(&url)
+        .name("aretry_key_cut")
+        .application_name("retry_key")
+        .pool_size(2)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
     let policy = RetryPolicy::builder().verify_commit(false).build().unwrap();
     let runs = AtomicU32::new(0);
     let insert = async |conn: &mut AsyncPgConnection| {
@@ -243,18 +245,21 @@ async fn an_idempotency_key_resolves_a_cut_commit_and_makes_repeats_no_ops() {
         .await,
         1
     );
+    // The resolution asked the server to end the transaction if its session still sat idle
+    // in it; it had committed, so nothing was ended, and nothing says so.
+    assert!(
+        !test_support::captured_logs()
+            .iter()
+            .any(|l| l.contains("pool aretry_key_cut:") && l.contains("ended the session")),
+        "an ending was logged where no session was ended"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_keyed_commit_that_rolled_back_while_a_concurrent_call_committed_the_key_is_already_committed(
 ) {
     let Some(pg) = server() else { return };
-    PgServer::execute(&pg, LEDGER).unwrap();
-    PgServer::execute(
-        &pg,
-        &format!("{IDEMPOTENCY_TABLE_SQL}; GRANT ALL ON resilient_diesel_idempotency_keys TO app"),
-    )
-    .unwrap();
+    setup_keyed(&pg);
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     // A through the proxy, whose COMMIT never reaches the server (so it rolls back); B, a
     // second delivery of the same key, direct.
