@@ -328,6 +328,12 @@ fn a_budget_timeout_names_the_class_and_the_budget_state() {
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["budget"]["classes"][1]["name"], "adhoc");
     assert!(json["budget"]["classes"][1]["timeouts"].as_u64().unwrap() >= 1);
+    // The set's `Debug` names its classes and the budget's state, and no password.
+    let shown = format!("{pools:?}");
+    for part in ["ClassPools", "\"automation\"", "\"adhoc\"", "Budget"] {
+        assert!(shown.contains(part), "the Debug lacks {part}: {shown}");
+    }
+    assert!(!shown.contains(PgServer::PASSWORD), "{shown}");
     assert_no_secret_in_logs();
 }
 

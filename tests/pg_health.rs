@@ -125,6 +125,36 @@ fn terminated_backends_are_found_dead_by_the_check_which_invalidates_the_pool_an
 }
 
 #[test]
+fn a_connection_whose_ping_fails_during_the_check_counts_as_found_dead() {
+    let Some(pg) = server() else { return };
+    let app = "health_hung";
+    let window = Duration::from_millis(100);
+    let pool = ext_pool(&pg, app, 1)
+        .validation_bypass_window(window)
+        .validation_timeout(Duration::from_millis(500))
+        .build()
+        .expect("pool");
+    warm(&pool, 1);
+    std::thread::sleep(window * 3);
+    // The backend hangs: its socket stays open (the probe sees nothing wrong), the check's
+    // ping gets no answer within `validation_timeout`.
+    let pause = pg.pause_backends(app).expect("pause");
+    let before = pool.stats();
+    let health = pool.health();
+    let after = pool.stats();
+    pause.resume();
+    assert!(
+        after.validations_failed > before.validations_failed,
+        "precondition: the check's ping failed: {after:?}"
+    );
+    assert_eq!(
+        after.probe_detected_dead, before.probe_detected_dead,
+        "precondition: the probe saw nothing wrong"
+    );
+    assert!(health.found_dead >= 1, "{}", health.to_json());
+}
+
+#[test]
 fn a_saturated_pool_answers_degraded_without_waiting() {
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "health_saturated", 1)
