@@ -175,6 +175,28 @@ fn a_saturated_pool_answers_degraded_without_waiting() {
 }
 
 #[test]
+fn a_class_whose_budget_is_all_in_use_elsewhere_answers_without_a_round_trip() {
+    use diesel::PgConnection;
+    use resilient_diesel::{Class, ClassPools};
+    let Some(pg) = server() else { return };
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 2)
+        .class("automation", Class::new().pool_size(0).max_overflow(2))
+        .class("adhoc", Class::new().pool_size(0).max_overflow(2))
+        .configure(|b| b.application_name("health_budget"))
+        .build()
+        .expect("class pools");
+    let automation = pools.class("automation").unwrap();
+    let _all: Vec<_> = (0..2).map(|_| automation.get().unwrap()).collect();
+    // adhoc: nothing idle, room in its own pool, but no permit free in the budget.
+    let health = pools.class("adhoc").unwrap().health();
+    assert_eq!(health.error_class.as_deref(), Some("budget"), "{health}");
+    assert!(
+        !health.round_trip,
+        "no ping and no connect were made: {health}"
+    );
+}
+
+#[test]
 fn warm_up_opens_pool_size_connections_and_then_finds_them_idle() {
     let Some(pg) = server() else { return };
     let app = "health_warm";
