@@ -197,6 +197,23 @@ fn a_class_whose_budget_is_all_in_use_elsewhere_answers_without_a_round_trip() {
 }
 
 #[test]
+fn a_check_waits_for_a_slow_connect_within_its_bound() {
+    let Some(pg) = server() else { return };
+    // Every chunk delayed 40 ms: the connect's exchanges (startup, SCRAM, settings) take
+    // several times the check's 20 ms slices.
+    let proxy = test_support::FaultProxy::start(pg.addr()).expect("fault proxy");
+    proxy.set_latency(Duration::from_millis(40));
+    let pool = resilient_diesel::PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name("health_slow_connect")
+        .pool_size(1)
+        .build_lazy()
+        .expect("lazy pool");
+    let health = pool.health();
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    assert_eq!(health.source, HealthSource::Connect, "{health}");
+}
+
+#[test]
 fn warm_up_opens_pool_size_connections_and_then_finds_them_idle() {
     let Some(pg) = server() else { return };
     let app = "health_warm";
