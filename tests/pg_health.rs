@@ -214,6 +214,48 @@ fn a_check_waits_for_a_slow_connect_within_its_bound() {
 }
 
 #[test]
+fn warm_up_waits_for_slow_connects_within_its_timeout() {
+    let Some(pg) = server() else { return };
+    // Every chunk delayed 40 ms: each connect takes several times warm-up's 20 ms slices.
+    let proxy = test_support::FaultProxy::start(pg.addr()).expect("fault proxy");
+    proxy.set_latency(Duration::from_millis(40));
+    let pool = resilient_diesel::PgPool::builder(&pg.url_via(proxy.port(), "sslmode=disable"))
+        .application_name("health_slow_warm")
+        .pool_size(2)
+        .build_lazy()
+        .expect("lazy pool");
+    let warm = pool.warm_up(Duration::from_secs(30));
+    assert!(warm.complete(), "{warm:?}");
+    assert_eq!((warm.wanted, warm.opened), (2, 2), "{warm:?}");
+}
+
+#[test]
+fn warm_up_against_a_hopeless_server_stops_at_the_first_failure_not_at_its_timeout() {
+    let Some(pg) = server() else { return };
+    let url = pg
+        .url_with("sslmode=disable")
+        .replace("/app?", "/no_such_db?");
+    let pool = resilient_diesel::PgPool::builder(&url)
+        .pool_size(2)
+        .build_lazy()
+        .expect("lazy pool");
+    let started = Instant::now();
+    let warm = pool.warm_up(Duration::from_secs(12));
+    let took = started.elapsed();
+    assert!(!warm.complete(), "{warm:?}");
+    assert!(
+        warm.errors.iter().any(|e| e.contains("does not exist")),
+        "{warm:?}"
+    );
+    // The bound this test proves: a hopeless connect error ends the warm-up, far below the
+    // 12 s it was given.
+    assert!(
+        took < Duration::from_secs(6),
+        "warm-up took {took:?}: {warm:?}"
+    );
+}
+
+#[test]
 fn warm_up_opens_pool_size_connections_and_then_finds_them_idle() {
     let Some(pg) = server() else { return };
     let app = "health_warm";
