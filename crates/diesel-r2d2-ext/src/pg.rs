@@ -118,6 +118,26 @@ mod tests {
     }
 
     #[test]
+    fn libpq_seconds_round_up_and_are_never_zero() {
+        // libpq takes whole seconds, and 0 means "the OS default" (for `connect_timeout`,
+        // "wait forever"): a part of a second rounds up, and nothing becomes 0.
+        assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(200)), 1);
+        assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
+        assert_eq!(ceil_secs(Duration::ZERO), 1);
+        let url = render(
+            &PoolConfig::builder("postgres://u:pw@h/app")
+                .keepalives_idle(Duration::from_millis(2500))
+                .connect_timeout(Some(Duration::from_millis(300)))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(url.contains("keepalives_idle=3"), "{url}");
+        assert!(url.contains("connect_timeout=1"), "{url}");
+    }
+
+    #[test]
     fn parameters_written_by_the_user_win_and_are_kept() {
         let url = render(&config(
             "postgres://u:pw@h/app?keepalives_idle=7&application_name=mine&sslmode=require",
