@@ -138,6 +138,21 @@ mod tests {
     }
 
     #[test]
+    fn a_url_ending_in_a_separator_gets_no_empty_parameter() {
+        for (url, joined) in [
+            ("postgres://u:pw@h/app?", "/app?connect_timeout=10"),
+            (
+                "postgres://u:pw@h/app?sslmode=disable&",
+                "sslmode=disable&connect_timeout=10",
+            ),
+        ] {
+            let out = render(&config(url)).unwrap();
+            assert!(out.contains(joined), "{out}");
+            assert!(!out.contains("?&") && !out.contains("&&"), "{out}");
+        }
+    }
+
+    #[test]
     fn parameters_written_by_the_user_win_and_are_kept() {
         let url = render(&config(
             "postgres://u:pw@h/app?keepalives_idle=7&application_name=mine&sslmode=require",
