@@ -168,6 +168,37 @@ async fn terminated_backends_are_found_dead_by_the_check_which_invalidates_the_p
 }
 
 #[tokio::test]
+async fn a_connection_whose_ping_fails_during_the_check_counts_as_found_dead() {
+    let Some(pg) = server() else { return };
+    let app = "ahealth_hung";
+    let window = Duration::from_millis(100);
+    let pool = ext_pool(&pg, app, 1)
+        .validation_bypass_window(window)
+        .validation_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .expect("pool");
+    pool.warm(1).await;
+    tokio::time::sleep(window * 3).await;
+    // The backend hangs: its socket stays open (the probe sees nothing wrong), the check's
+    // ping gets no answer within `validation_timeout`.
+    let pause = pg.pause_backends(app).expect("pause");
+    let before = pool.stats();
+    let health = pool.health().await;
+    let after = pool.stats();
+    pause.resume();
+    assert!(
+        after.validations_failed > before.validations_failed,
+        "precondition: the check's ping failed: {after:?}"
+    );
+    assert_eq!(
+        after.probe_detected_dead, before.probe_detected_dead,
+        "precondition: the probe saw nothing wrong"
+    );
+    assert!(health.found_dead >= 1, "{}", health.to_json());
+}
+
+#[tokio::test]
 async fn a_saturated_pool_answers_degraded_without_waiting() {
     let Some(pg) = server() else { return };
     let pool = ext_pool(&pg, "ahealth_saturated", 1)
@@ -265,6 +296,12 @@ async fn a_class_set_answers_per_class_a_saturated_class_degraded_beside_a_ready
     assert_eq!(a.error_class.as_deref(), Some("saturated"), "{health}");
     let adhoc = health.class("adhoc").expect("adhoc's answer");
     assert_eq!(adhoc.state, HealthState::Ready, "{health}");
+    // The set's `Debug` names its classes and the budget's state, and no password.
+    let shown = format!("{pools:?}");
+    for part in ["ClassPools", "\"automation\"", "\"adhoc\"", "Budget"] {
+        assert!(shown.contains(part), "the Debug lacks {part}: {shown}");
+    }
+    assert!(!shown.contains(PgServer::PASSWORD), "{shown}");
     drop(held);
     let health = pools.health().await;
     assert_eq!(health.state, HealthState::Ready, "{health}");
