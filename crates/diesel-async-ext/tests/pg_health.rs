@@ -243,9 +243,67 @@ async fn warm_up_opens_pool_size_connections_and_then_finds_them_idle() {
     );
     assert!(warm.errors.is_empty(), "{warm:?}");
     assert_eq!(pg.count_backends(app).expect("count"), 3);
+    // Done once it holds `pool_size`: far from the 20 s it was given.
+    assert!(warm.took_ms < 10_000, "{warm:?}");
     let again = pool.warm_up(Duration::from_secs(20)).await;
     assert_eq!((again.opened, again.already_idle), (0, 3), "{again:?}");
+    assert!(again.took_ms < 10_000, "{again:?}");
     assert_eq!(pool.stats().idle, 3);
+}
+
+/// Warm-up waits for connects slower than its 20 ms slices (here through a proxy delaying
+/// every chunk 40 ms), each slice a real wait: the runtime's one thread stays mostly idle.
+#[tokio::test]
+async fn warm_up_waits_for_slow_connects_within_its_timeout_without_spinning() {
+    let Some(pg) = server() else { return };
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    proxy.set_latency(Duration::from_millis(40));
+    let pool = diesel_async_ext::PgPool::builder(&url)
+        .application_name("ahealth_slow_warm")
+        .pool_size(2)
+        .build_lazy()
+        .await
+        .expect("lazy pool");
+    let cpu_before = test_support::this_thread_cpu();
+    let started = Instant::now();
+    let warm = pool.warm_up(Duration::from_secs(30)).await;
+    let (took, cpu) = (
+        started.elapsed(),
+        test_support::this_thread_cpu() - cpu_before,
+    );
+    assert!(warm.complete(), "{warm:?}");
+    assert_eq!((warm.wanted, warm.opened), (2, 2), "{warm:?}");
+    assert!(
+        cpu < took / 2,
+        "the warm-up's thread burned {cpu:?} of CPU in {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn warm_up_against_a_hopeless_server_stops_at_the_first_failure_not_at_its_timeout() {
+    let Some(pg) = server() else { return };
+    let url = pg
+        .url_with("sslmode=disable")
+        .replace("/app?", "/no_such_db?");
+    let pool = diesel_async_ext::PgPool::builder(&url)
+        .pool_size(2)
+        .build_lazy()
+        .await
+        .expect("lazy pool");
+    let started = Instant::now();
+    let warm = pool.warm_up(Duration::from_secs(12)).await;
+    let took = started.elapsed();
+    assert!(!warm.complete(), "{warm:?}");
+    assert!(
+        warm.errors.iter().any(|e| e.contains("does not exist")),
+        "{warm:?}"
+    );
+    // The bound this test proves: a hopeless connect error ends the warm-up, far below the
+    // 12 s it was given.
+    assert!(
+        took < Duration::from_secs(6),
+        "warm-up took {took:?}: {warm:?}"
+    );
 }
 
 #[tokio::test]
