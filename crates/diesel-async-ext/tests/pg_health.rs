@@ -196,6 +196,12 @@ async fn a_connection_whose_ping_fails_during_the_check_counts_as_found_dead() {
         "precondition: the probe saw nothing wrong"
     );
     assert!(health.found_dead >= 1, "{}", health.to_json());
+    // The backend runs again; past the bypass window, the pool (a failed ping in its
+    // history) is checked again, and answers.
+    tokio::time::sleep(window * 3).await;
+    let health = pool.health().await;
+    assert_eq!(health.state, HealthState::Ready, "{health}");
+    assert_eq!(health.found_dead, 0, "{}", health.to_json());
 }
 
 #[tokio::test]
