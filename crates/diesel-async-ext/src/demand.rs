@@ -218,6 +218,31 @@ mod tests {
         f.poll(&mut Context::from_waker(Waker::noop()))
     }
 
+    /// A waker that records whether it was woken.
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Flag {
+        fn woken(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// Polls `f` once with a fresh [`Flag`]'s waker; the flag says later whether `f` was woken.
+    fn poll_flagged<F: std::future::Future>(
+        f: std::pin::Pin<&mut F>,
+    ) -> (Poll<F::Output>, std::sync::Arc<Flag>) {
+        let flag = std::sync::Arc::new(Flag::default());
+        let waker = Waker::from(flag.clone());
+        (f.poll(&mut Context::from_waker(&waker)), flag)
+    }
+
     #[test]
     fn a_connect_claims_only_unserved_demand_and_gives_it_back_when_it_fails() {
         let d = Demand::default();
@@ -288,24 +313,16 @@ mod tests {
         let Poll::Ready(Ok(other)) = poll(next.as_mut()) else {
             panic!("two checkouts, two connects")
         };
-        struct Flag(std::sync::atomic::AtomicBool);
-        impl std::task::Wake for Flag {
-            fn wake(self: std::sync::Arc<Self>) {
-                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let flag = std::sync::Arc::new(Flag(Default::default()));
-        let waker = Waker::from(flag.clone());
         let mut third = pin!(d.claim());
-        let pending = std::future::Future::poll(third.as_mut(), &mut Context::from_waker(&waker));
+        let (pending, flag) = poll_flagged(third.as_mut());
         assert!(pending.is_pending(), "both are being served");
         claim.opened();
         other.opened();
         // Both connections went to the idle list, where the two checkouts take them: no
         // third connect is woken meanwhile.
-        assert!(!flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!flag.woken());
         d.close();
-        assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(flag.woken());
         assert!(matches!(poll(third.as_mut()), Poll::Ready(Err(Closed))));
     }
 
@@ -373,25 +390,17 @@ mod tests {
 
     #[test]
     fn a_held_connection_released_back_wakes_no_connect() {
-        struct Flag(std::sync::atomic::AtomicBool);
-        impl std::task::Wake for Flag {
-            fn wake(self: std::sync::Arc<Self>) {
-                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
         let d = Demand::default();
         let held = d.hold();
         let _w = d.want();
-        let flag = std::sync::Arc::new(Flag(Default::default()));
-        let waker = Waker::from(flag.clone());
         let mut claim = pin!(d.claim());
-        let pending = std::future::Future::poll(claim.as_mut(), &mut Context::from_waker(&waker));
+        let (pending, flag) = poll_flagged(claim.as_mut());
         assert!(pending.is_pending(), "the held connection comes back");
         // It goes back to the idle list, where the waiting checkout takes it: a connect woken
         // now would find that checkout still counted and open a connection nobody needs.
         held.release();
         assert!(
-            !flag.0.load(std::sync::atomic::Ordering::SeqCst),
+            !flag.woken(),
             "releasing a held connection woke the connects"
         );
     }
