@@ -132,11 +132,19 @@ impl MessageCounter {
 
 struct Trigger {
     needle: Vec<u8>,
-    after: Duration,
-    /// Whether the chunk holding the needle reaches the server before the reset.
-    forward: bool,
-    /// Whether only the client's side is reset, the server's kept open and silent.
-    lose: bool,
+    cut: Cut,
+}
+
+/// What a fired trigger does to its connection.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// The chunk holding the needle reaches the server; both sides are reset this long after.
+    AfterForwarding(Duration),
+    /// The chunk never reaches the server; both sides are reset at once.
+    BeforeForwarding,
+    /// The chunk never reaches the server; the client's side is reset at once, the server's
+    /// kept open and silent.
+    Lose,
 }
 
 /// Per connection: the sever flag and an eventfd that wakes its thread out of `poll`.
@@ -387,9 +395,7 @@ impl FaultProxy {
     pub fn sever_after_forwarding(&self, needle: &[u8], after: Duration) {
         *self.shared.trigger.lock() = Some(Trigger {
             needle: needle.to_vec(),
-            after,
-            forward: true,
-            lose: false,
+            cut: Cut::AfterForwarding(after),
         });
     }
 
@@ -400,9 +406,7 @@ impl FaultProxy {
     pub fn sever_before_forwarding(&self, needle: &[u8]) {
         *self.shared.trigger.lock() = Some(Trigger {
             needle: needle.to_vec(),
-            after: Duration::ZERO,
-            forward: false,
-            lose: false,
+            cut: Cut::BeforeForwarding,
         });
     }
 
@@ -415,9 +419,7 @@ impl FaultProxy {
     pub fn lose_before_forwarding(&self, needle: &[u8]) {
         *self.shared.trigger.lock() = Some(Trigger {
             needle: needle.to_vec(),
-            after: Duration::ZERO,
-            forward: false,
-            lose: true,
+            cut: Cut::Lose,
         });
     }
 
@@ -774,13 +776,18 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
                     let mut hay = std::mem::take(&mut tail);
                     hay.extend_from_slice(&chunk);
                     if contains(&hay, &t.needle) {
-                        let (after, forward) = (t.after, t.forward);
-                        lost = t.lose;
+                        let cut = t.cut;
                         *armed = None;
-                        if !forward {
-                            return Err(());
+                        match cut {
+                            Cut::AfterForwarding(after) => {
+                                trigger = TriggerState::Flushing(after);
+                            }
+                            Cut::BeforeForwarding => return Err(()),
+                            Cut::Lose => {
+                                lost = true;
+                                return Err(());
+                            }
                         }
-                        trigger = TriggerState::Flushing(after);
                     }
                     tail = hay;
                 } else {
