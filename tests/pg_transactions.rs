@@ -60,7 +60,8 @@ fn rows(observer: &mut PgConnection, table: &str, tag: &str) -> i64 {
 struct NextCheckout {
     /// Whether the next checkout got the same backend.
     same_backend: bool,
-    /// The first backend's `pg_stat_activity.state` right after the checkin (`None`: gone).
+    /// The first backend's `pg_stat_activity.state` after the checkin (`None`: gone), read
+    /// until it is no longer `idle in transaction` or 5 s have passed.
     state_after_checkin: Option<String>,
     /// `txid_current_if_assigned()` on the next checkout: set if it is still inside the
     /// first session's transaction (which wrote a row).
@@ -88,14 +89,27 @@ fn next_checkout_after<P: Checkout>(
         .execute(&mut *conn)
         .expect("insert inside the transaction");
     drop(conn);
-    let state_after_checkin = diesel::sql_query(format!(
-        "SELECT state::text AS state FROM pg_stat_activity WHERE pid = {first_pid}"
-    ))
-    .get_results::<State>(&mut observer)
-    .expect("pg_stat_activity")
-    .into_iter()
-    .next()
-    .and_then(|s| s.state);
+    // A connection the pool closed at checkin (rather than rolled back) leaves a backend that
+    // takes a moment to exit, showing its old state until then: read the state until it is
+    // no longer inside the transaction, for at most 5 s.
+    let state_of_first = |observer: &mut PgConnection| {
+        diesel::sql_query(format!(
+            "SELECT state::text AS state FROM pg_stat_activity WHERE pid = {first_pid}"
+        ))
+        .get_results::<State>(observer)
+        .expect("pg_stat_activity")
+        .into_iter()
+        .next()
+        .and_then(|s| s.state)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut state_after_checkin = state_of_first(&mut observer);
+    while state_after_checkin.as_deref() == Some("idle in transaction")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        state_after_checkin = state_of_first(&mut observer);
+    }
     let mut conn = pool.checkout().expect("next checkout");
     let same_backend = pid(&mut conn) == first_pid;
     let xid_on_next_checkout = diesel::sql_query("SELECT txid_current_if_assigned() AS xid")
