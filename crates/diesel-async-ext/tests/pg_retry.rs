@@ -480,6 +480,83 @@ async fn a_commit_lost_on_the_way_is_ended_on_the_server_then_retried_and_commit
     );
 }
 
+/// The control for a lost `COMMIT`: plain bb8 at its defaults (diesel-async's manager,
+/// `RecyclingMethod::Verified`) with the field reports' naive retry loop. The lost
+/// transaction stays open on the server, holding its locks; the retry of the same row waits
+/// behind it, here until the test lets the server see the client gone (in the field, until
+/// the server notices: hours with default settings).
+#[tokio::test]
+async fn control_a_naive_retry_of_a_lost_commit_waits_behind_the_transaction_left_open() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(
+        &pg,
+        "CREATE TABLE orders (key text PRIMARY KEY); GRANT ALL ON orders TO app",
+    )
+    .unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable&application_name=anaive_lost");
+    let pool = control_verified(&url).await;
+    proxy.lose_before_forwarding(b"COMMIT");
+    let mut worker = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            // The field reports' loop: any error, sleep, try again, three times.
+            let mut attempts = 0;
+            let mut last = Err("not run".to_owned());
+            for _ in 0..3 {
+                attempts += 1;
+                let mut conn = match pool.get().await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        last = Err(e.to_string());
+                        continue;
+                    }
+                };
+                last = conn
+                    .transaction::<_, diesel::result::Error, _>(async |c| {
+                        diesel::sql_query("INSERT INTO orders (key) VALUES ('order-9')")
+                            .execute(c)
+                            .await
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string());
+                if last.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (attempts, last)
+        }
+    });
+    let waiting = tokio::time::timeout(Duration::from_secs(4), &mut worker).await;
+    assert!(
+        waiting.is_err(),
+        "the naive retry was expected to wait behind the open transaction, got {waiting:?}"
+    );
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'anaive_lost' AND wait_event_type = 'Lock'"
+        )
+        .await,
+        1,
+        "the retry waits on a lock"
+    );
+    drop(conn);
+    // The server sees its client gone: the open transaction rolls back, the retry goes on.
+    proxy.sever_silenced();
+    let (attempts, last) = tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("the retry never ended after the open transaction rolled back")
+        .expect("the naive loop panicked");
+    println!("naive retry after the lost COMMIT: {attempts} attempts, {last:?}");
+    assert_eq!(last, Ok(()));
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM orders").await, 1);
+}
+
 /// The same for `commit_with_key`: the lost transaction holds the key's lock, which the
 /// resolution's probe would wait for until the resolution timed out; ended, it releases it.
 #[tokio::test]

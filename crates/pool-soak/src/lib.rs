@@ -15,6 +15,7 @@
 
 pub mod async_work;
 pub mod blackhole;
+pub mod events;
 pub mod faults;
 pub mod ledger;
 pub mod report;
@@ -203,6 +204,8 @@ fn say(opts: &Options, shared: &Shared, msg: &str) {
 /// A description of what could not be set up (server, proxies, pools, ledger).
 pub fn run(opts: &Options) -> Result<Report, String> {
     let seed = opts.seed.unwrap_or_else(|| rand::rng().random());
+    let events_counted = events::install();
+    let events_before = events::snapshot();
     let pg = PgServer::start_with(PgOptions::new().ssl(true).conf("max_connections = 100"))
         .map_err(|e| format!("{NO_SERVER}: {e}"))?;
     pg.execute(&setup_sql())
@@ -408,6 +411,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     drop(rt);
     Ok(Report {
         seed,
+        pool_events: events_counted.then(|| events::since(&events_before, &events::snapshot())),
         seconds: opts.seconds,
         ran_ms,
         results,

@@ -1,5 +1,7 @@
 //! The soak's result: the table (ours beside the controls) and the JSON document.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Map, Value};
 
 use crate::blackhole::BlackholeOutcome;
@@ -29,6 +31,9 @@ pub struct Report {
     pub overshoots: Vec<Overshoot>,
     /// The blackhole phase, or why it did not run.
     pub blackhole: Result<BlackholeOutcome, String>,
+    /// The library's own log lines during the run, by their `event` key (see
+    /// [`crate::events`]); `None` when another logger was installed first.
+    pub pool_events: Option<BTreeMap<String, u64>>,
 }
 
 /// The promised figures for ours, summed over our systems.
@@ -149,6 +154,7 @@ impl Report {
             "blackhole_bound_ms": bh_bound,
             "blackhole": bh,
             "faults_injected": faults,
+            "pool_events": self.pool_events,
             "p50_ms": p50,
             "p99_ms": p99,
             "systems": systems,
@@ -229,6 +235,20 @@ impl Report {
                 b.at_ms, b.window_ms, b.sync_detect_ms, b.async_detect_ms, b.bound_ms
             )),
             Err(why) => out.push_str(&format!("blackhole: not run: {why}\n")),
+        }
+        match &self.pool_events {
+            Some(events) if events.is_empty() => out.push_str("library log events: none\n"),
+            Some(events) => out.push_str(&format!(
+                "library log events: {}\n",
+                events
+                    .iter()
+                    .map(|(event, n)| format!("{event} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None => {
+                out.push_str("library log events: not counted (another logger was installed)\n")
+            }
         }
         for r in &self.results {
             let control = !OURS.contains(&r.system);

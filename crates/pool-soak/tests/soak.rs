@@ -44,6 +44,10 @@ fn ten_seconds_of_faults_lose_nothing_duplicate_nothing_and_surface_nothing() {
     );
     assert!(report.ours_acknowledged() > 100, "ours barely wrote");
     assert!(
+        report.pool_events.is_some(),
+        "the library's log events were not counted"
+    );
+    assert!(
         report.budget_samples > 20,
         "the budget watcher barely sampled"
     );
