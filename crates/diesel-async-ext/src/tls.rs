@@ -658,6 +658,20 @@ mod tests {
     }
 
     #[test]
+    fn versions_and_stacks_display_as_libpq_and_the_docs_name_them() {
+        let versions = [
+            TlsVersion::Tls1_0,
+            TlsVersion::Tls1_1,
+            TlsVersion::Tls1_2,
+            TlsVersion::Tls1_3,
+        ]
+        .map(|v| v.to_string());
+        assert_eq!(versions, ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]);
+        assert_eq!(TlsBackend::OpenSsl.to_string(), "OpenSSL");
+        assert_eq!(TlsBackend::Rustls.to_string(), "rustls");
+    }
+
+    #[test]
     fn without_its_stack_a_connector_connects_in_clear_only_where_libpq_would() {
         for backend in [TlsBackend::OpenSsl, TlsBackend::Rustls] {
             if backend.is_compiled() {
@@ -669,7 +683,21 @@ mod tests {
             };
             assert!(matches!(s(SslMode::Disable).build(), Ok(Connector::Plain)));
             let err = s(SslMode::Require).build().err().unwrap().to_string();
-            assert!(err.contains("cargo feature"), "{err}");
+            // The error names the mode, the stack and the feature that brings it.
+            let (name, feature) = match backend {
+                TlsBackend::OpenSsl => ("OpenSSL", "tls-openssl (or postgres)"),
+                TlsBackend::Rustls => ("rustls", "rustls (or postgres-rustls)"),
+            };
+            assert!(
+                err.contains(&format!(
+                    "sslmode=require needs TLS through {name}, which this build"
+                )),
+                "{err}"
+            );
+            assert!(
+                err.contains(&format!("enable its cargo feature {feature}")),
+                "{err}"
+            );
             let none_at_all =
                 !TlsBackend::OpenSsl.is_compiled() && !TlsBackend::Rustls.is_compiled();
             assert_eq!(
@@ -744,6 +772,24 @@ mod tests {
         }
         fs::set_permissions(&key_path, fs::Permissions::from_mode(0o400)).unwrap();
         builds(&key_path);
+        // Owned by another user (root, for a key the system manages): group read is allowed
+        // too, and nothing more. Only root can give a file away; others skip this part.
+        let owned_elsewhere = dir.path().join("system.key");
+        fs::copy(&key_path, &owned_elsewhere).unwrap();
+        if std::os::unix::fs::chown(&owned_elsewhere, Some(65534), Some(65534)).is_ok() {
+            for mode in [0o640, 0o600, 0o400] {
+                fs::set_permissions(&owned_elsewhere, fs::Permissions::from_mode(mode)).unwrap();
+                builds(&owned_elsewhere);
+            }
+            for mode in [0o660, 0o644, 0o642, 0o641] {
+                fs::set_permissions(&owned_elsewhere, fs::Permissions::from_mode(mode)).unwrap();
+                for err in errors(&with(&owned_elsewhere)) {
+                    assert!(err.contains("0640 (u=rw,g=r) or less"), "{mode:o}: {err}");
+                }
+            }
+        } else {
+            eprintln!("not root: the rule for a key owned by another user is not checked");
+        }
 
         // Encrypted: an error at once, never OpenSSL's passphrase prompt, no passphrase shown.
         let passphrase = b"correct horse battery staple";
