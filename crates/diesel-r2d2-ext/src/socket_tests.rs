@@ -97,13 +97,18 @@ fn shutdown_wakes_a_blocked_reader() {
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let sock = found(window.finish(&tcp_filter(port), &mut || false));
     let _server = listener.accept().unwrap();
-    let t = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut buf = [0u8; 1];
-        client.read(&mut buf)
+        let _ = tx.send(client.read(&mut buf).map_err(|e| e.to_string()));
     });
     std::thread::sleep(Duration::from_millis(50));
     sock.shutdown();
-    assert_eq!(t.join().unwrap().unwrap(), 0, "reader sees end-of-file");
+    // A reader shutdown did not wake stays blocked: the test fails at its deadline.
+    let read = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the reader was still blocked 5 s after the shutdown");
+    assert_eq!(read, Ok(0), "reader sees end-of-file");
 }
 
 /// Twenty connects at the same moment to one port (on three addresses), each between its
@@ -129,26 +134,38 @@ fn concurrent_connects_each_claim_their_own_socket() {
         }
         let filter = Arc::new(tcp_filter(port));
         let barrier = Arc::new(Barrier::new(THREADS));
-        let threads: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let (filter, barrier) = (filter.clone(), barrier.clone());
-                let addr = addrs[t % addrs.len()];
-                std::thread::spawn(move || {
-                    let window = begin_connect();
-                    barrier.wait();
-                    let mut stream = TcpStream::connect((addr, port)).unwrap();
-                    let own = inode(&stream);
-                    barrier.wait(); // every window now sees all twenty sockets
-                    let mut rounds = 0;
-                    let claim = window.finish(&filter, &mut || {
-                        rounds += 1;
-                        echo_once(&mut stream)
-                    });
-                    (claim, own, stream, rounds)
-                })
-            })
-            .collect();
-        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for t in 0..THREADS {
+            let (filter, barrier, tx) = (filter.clone(), barrier.clone(), tx.clone());
+            let addr = addrs[t % addrs.len()];
+            std::thread::spawn(move || {
+                let window = begin_connect();
+                barrier.wait();
+                let mut stream = TcpStream::connect((addr, port)).unwrap();
+                let own = inode(&stream);
+                barrier.wait(); // every window now sees all twenty sockets
+                let mut rounds = 0;
+                let claim = window.finish(&filter, &mut || {
+                    rounds += 1;
+                    echo_once(&mut stream)
+                });
+                let _ = tx.send((t, (claim, own, stream, rounds)));
+            });
+        }
+        drop(tx);
+        // A thread that panics leaves the others at the barrier: wait with a deadline.
+        let mut results = Vec::new();
+        while results.len() < THREADS {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(result) => results.push(result),
+                Err(e) => panic!(
+                    "{} of {THREADS} connects finished; the others did not within 20 s ({e})",
+                    results.len()
+                ),
+            }
+        }
+        results.sort_by_key(|(t, _)| *t);
+        let results: Vec<_> = results.into_iter().map(|(_, r)| r).collect();
         let mut claimed = std::collections::BTreeSet::new();
         for (t, (claim, own, _stream, rounds)) in results.iter().enumerate() {
             match claim {
