@@ -441,3 +441,68 @@ fn a_pending_socket_is_resolved_only_right_after_a_successful_statement() {
     slot.after_success();
     assert_eq!(slot.get().map(ConnSocket::inode), Some(inode(&a)));
 }
+
+/// A connection already open to the same server before the window is not a candidate: only
+/// sockets new since `begin_connect` are, so a lone new one needs no tiebreak.
+#[test]
+fn a_socket_open_before_the_window_is_never_a_candidate() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let older = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let _older_server = listener.accept().unwrap();
+    let window = begin_connect();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || {
+        panic!("the older connection was taken for a candidate")
+    }));
+    assert_eq!(sock.inode(), inode(&client));
+    assert_ne!(sock.inode(), inode(&older));
+}
+
+/// Only sockets have a socket inode, not a regular file.
+#[test]
+fn a_regular_file_is_no_socket() {
+    let dir = temp_dir("files");
+    let file = std::fs::File::create(dir.join("plain")).unwrap();
+    assert_eq!(sys::socket_inode(file.as_raw_fd()), None, "a regular file");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    assert!(
+        sys::socket_inode(listener.as_raw_fd()).is_some(),
+        "a socket"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A connected datagram socket aimed at the server's port is not a connection: only
+/// stream sockets are candidates.
+#[test]
+fn a_connected_datagram_socket_is_never_a_candidate() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let window = begin_connect();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.connect(("127.0.0.1", port)).unwrap();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || {
+        panic!("the datagram socket was taken for a candidate")
+    }));
+    assert_eq!(sock.inode(), inode(&client));
+    drop(udp);
+}
+
+/// A connection over IPv6 is identified as one over IPv4 is (skipped where the host has no
+/// IPv6 loopback).
+#[test]
+fn a_connection_over_ipv6_is_identified() {
+    let Ok(listener) = TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    let window = begin_connect();
+    let client = TcpStream::connect(("::1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || {
+        panic!("one candidate: no tiebreak")
+    }));
+    assert_eq!(sock.inode(), inode(&client));
+}
