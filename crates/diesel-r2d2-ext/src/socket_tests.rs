@@ -506,3 +506,33 @@ fn a_connection_over_ipv6_is_identified() {
     }));
     assert_eq!(sock.inode(), inode(&client));
 }
+
+/// The tiebreak keeps only the candidates that both sent and received during its round
+/// trip: a connection that only sent (a client writing to a server that does not answer
+/// yet) or only received (a server pushing a notification) at that moment is not ours.
+#[test]
+fn a_candidate_that_only_sent_or_only_received_during_the_round_trip_is_not_ours() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let window = begin_connect();
+    let mut talker = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (_talker_server, _) = listener.accept().unwrap();
+    let hearer = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut hearer_server, _) = listener.accept().unwrap();
+    let mut ours = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    echo_server(listener, 1);
+    let mut rounds = 0;
+    let claim = window.finish(&tcp_filter(port), &mut || {
+        rounds += 1;
+        talker.write_all(b"t").unwrap();
+        hearer_server.write_all(b"h").unwrap();
+        // Let both land before our own round trip completes.
+        std::thread::sleep(Duration::from_millis(20));
+        echo_once(&mut ours)
+    });
+    match claim {
+        SocketClaim::Found(sock) => assert_eq!(sock.inode(), inode(&ours)),
+        other => panic!("after {rounds} tiebreak round trips: {other:?}"),
+    }
+    drop(hearer);
+}
