@@ -562,7 +562,7 @@ mod sys {
     }
 
     /// A random pause between nothing and two round trips (at most 20 ms).
-    fn jitter(rtt: Duration) -> Duration {
+    pub(super) fn jitter(rtt: Duration) -> Duration {
         use std::hash::{BuildHasher, Hasher};
         let random = std::collections::hash_map::RandomState::new()
             .build_hasher()

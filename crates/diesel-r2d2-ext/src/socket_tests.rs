@@ -536,3 +536,48 @@ fn a_candidate_that_only_sent_or_only_received_during_the_round_trip_is_not_ours
     }
     drop(hearer);
 }
+
+/// The pause between tiebreak rounds is random, between nothing and two round trips, and
+/// never over 20 ms.
+#[test]
+fn the_pause_between_tiebreak_rounds_is_random_and_bounded() {
+    for (rtt, max) in [
+        (Duration::from_millis(3), Duration::from_millis(6)),
+        (Duration::from_millis(50), Duration::from_millis(20)),
+    ] {
+        let pauses: Vec<Duration> = (0..500).map(|_| sys::jitter(rtt)).collect();
+        assert!(pauses.iter().all(|p| *p <= max), "{rtt:?}: {pauses:?}");
+        let distinct: std::collections::BTreeSet<_> = pauses.iter().collect();
+        assert!(distinct.len() > 100, "{rtt:?}: {} distinct", distinct.len());
+        // Spread over the range, not bunched at one end.
+        let low = pauses.iter().filter(|p| **p < max / 4).count();
+        let high = pauses.iter().filter(|p| **p > max * 3 / 4).count();
+        assert!(low > 50 && high > 50, "{rtt:?}: {low} low, {high} high");
+    }
+}
+
+/// A candidate whose descriptor no longer holds its socket (closed, and the number reused
+/// by another socket) is not claimed, and its claim is given back.
+#[test]
+fn a_descriptor_reused_by_another_socket_is_not_claimed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gone = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let reused = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let stale = Candidate {
+        fd: reused.as_raw_fd(),
+        ino: inode(&gone),
+        tcp: true,
+    };
+    assert!(
+        sys::claim(&stale).is_none(),
+        "claimed the socket now at that number"
+    );
+    let claimed = sys::claim(&Candidate {
+        fd: gone.as_raw_fd(),
+        ino: inode(&gone),
+        tcp: true,
+    })
+    .expect("the stale attempt left the socket's claim behind");
+    assert_eq!(claimed.inode(), inode(&gone));
+}
