@@ -609,10 +609,10 @@ mod sys {
     }
 
     /// A TCP socket's byte counters.
-    #[derive(Debug, Clone, Copy)]
-    struct Counters {
-        sent: u64,
-        received: u64,
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) struct Counters {
+        pub(super) sent: u64,
+        pub(super) received: u64,
     }
 
     /// The head of the kernel's `struct tcp_info` (`include/uapi/linux/tcp.h`), up to
@@ -620,22 +620,22 @@ mod sys {
     /// the later fields; the layout is the kernel's ABI and only ever grows at the end.
     #[repr(C)]
     #[derive(Default)]
-    struct TcpInfoHead {
+    pub(super) struct TcpInfoHead {
         /// `tcpi_state` .. the two bitfield bytes.
         _bytes: [u8; 8],
         /// `tcpi_rto` .. `tcpi_total_retrans`.
         _u32s: [u32; 24],
         /// `tcpi_pacing_rate`, `tcpi_max_pacing_rate`.
         _u64s: [u64; 2],
-        tcpi_bytes_acked: u64,
-        tcpi_bytes_received: u64,
+        pub(super) tcpi_bytes_acked: u64,
+        pub(super) tcpi_bytes_received: u64,
         /// `tcpi_segs_out` .. `tcpi_data_segs_out`.
         _u32s_2: [u32; 6],
         /// `tcpi_delivery_rate` .. `tcpi_sndbuf_limited`.
         _u64s_2: [u64; 4],
         /// `tcpi_delivered`, `tcpi_delivered_ce`.
         _u32s_3: [u32; 2],
-        tcpi_bytes_sent: u64,
+        pub(super) tcpi_bytes_sent: u64,
     }
 
     const _: () = {
@@ -667,8 +667,22 @@ mod sys {
                 &mut len,
             )
         };
-        let len = len as usize;
-        if rc != 0 || len < std::mem::offset_of!(TcpInfoHead, tcpi_bytes_received) + 8 {
+        if rc != 0 {
+            return None;
+        }
+        let counted = read_counters(&info, len as usize)?;
+        // The fd may have been closed and reused by another socket.
+        if socket_inode(c.fd) != Some(c.ino) {
+            return None;
+        }
+        Some(counted)
+    }
+
+    /// The counters in the first `len` bytes of `info`, as much as the kernel wrote:
+    /// `None` without `tcpi_bytes_received` (before Linux 4.1); the bytes acknowledged
+    /// stand for the bytes sent without `tcpi_bytes_sent` (before 4.19).
+    pub(super) fn read_counters(info: &TcpInfoHead, len: usize) -> Option<Counters> {
+        if len < std::mem::offset_of!(TcpInfoHead, tcpi_bytes_received) + 8 {
             return None;
         }
         let sent = if len >= std::mem::size_of::<TcpInfoHead>() {
@@ -676,10 +690,6 @@ mod sys {
         } else {
             info.tcpi_bytes_acked
         };
-        // The fd may have been closed and reused by another socket.
-        if socket_inode(c.fd) != Some(c.ino) {
-            return None;
-        }
         Some(Counters {
             sent,
             received: info.tcpi_bytes_received,

@@ -581,3 +581,25 @@ fn a_descriptor_reused_by_another_socket_is_not_claimed() {
     .expect("the stale attempt left the socket's claim behind");
     assert_eq!(claimed.inode(), inode(&gone));
 }
+
+/// The counters are read from as much of `tcp_info` as the kernel wrote: none without the
+/// bytes received, the bytes acknowledged for the bytes sent on kernels that do not count
+/// those.
+#[test]
+fn counters_are_read_from_as_much_of_tcp_info_as_the_kernel_wrote() {
+    use std::mem::{offset_of, size_of};
+    let mut info = sys::TcpInfoHead::default();
+    info.tcpi_bytes_acked = 10;
+    info.tcpi_bytes_received = 20;
+    info.tcpi_bytes_sent = 30;
+    let received_end = offset_of!(sys::TcpInfoHead, tcpi_bytes_received) + 8;
+    let counted = |len| sys::read_counters(&info, len).map(|c| (c.sent, c.received));
+    assert_eq!(counted(size_of::<sys::TcpInfoHead>()), Some((30, 20)));
+    assert_eq!(counted(size_of::<sys::TcpInfoHead>() + 24), Some((30, 20)));
+    let before_sent = offset_of!(sys::TcpInfoHead, tcpi_bytes_sent);
+    assert_eq!(counted(before_sent), Some((10, 20)), "before Linux 4.19");
+    assert_eq!(counted(received_end), Some((10, 20)));
+    assert_eq!(counted(received_end - 1), None, "before Linux 4.1");
+    assert_eq!(counted(104), None);
+    assert_eq!(counted(0), None);
+}
