@@ -85,6 +85,12 @@ def main():
     parser.add_argument("--dispositions", help="KEY<TAB>DISPOSITION file")
     parser.add_argument("--title", default="pool-core", help="what was mutated (the heading)")
     parser.add_argument("--output", default="docs/mutants.md", help="the file written (named in the text)")
+    parser.add_argument(
+        "--any-build",
+        action="store_true",
+        help="the runs are of different feature sets: a mutant caught in any run is caught "
+        "(code behind a feature is only tested in a build that compiles it)",
+    )
     parser.add_argument("outcomes", nargs="+", help="outcomes.json of each run, oldest first")
     args = parser.parse_args()
 
@@ -102,7 +108,8 @@ def main():
             seen[stem] += 1
             key = (stem, seen[stem])
             first.setdefault(key, (file, status, name))
-            final[key] = (file, status, name)
+            if not (args.any_build and final.get(key, (None, None))[1] == "caught"):
+                final[key] = (file, status, name)
             run[status] = run.get(status, 0) + 1
         run["interrupted"] = outcomes.get("end_time") is None
         runs.append(run)
@@ -129,6 +136,13 @@ def main():
         "matched across runs by name without `:line:col`):"
     )
     out.append("")
+    if args.any_build:
+        out.append(
+            "The runs build different feature sets: code behind a cargo feature is only "
+            "tested in a build that compiles it, so a mutant caught in any run counts as "
+            "caught, whatever a run of another build said of it."
+        )
+        out.append("")
     out.append("```sh")
     out.append(args.command)
     out.append("```")
@@ -144,6 +158,7 @@ def main():
     out.append("```sh")
     out.append(
         "scripts/mutants-table.py --command \"$(cat COMMANDS)\" "
+        + ("--any-build " if args.any_build else "")
         + (f"--title '{args.title}' " if args.title != "pool-core" else "")
         + f"--dispositions {dispositions} "
         + " ".join(

@@ -660,7 +660,48 @@ mod tests {
     }
 
     #[test]
+    fn peer_filter_a_service_may_still_set_what_the_url_leaves_unset() {
+        // A service file may set any of host, hostaddr and port the string leaves unset:
+        // hostaddr turns a Unix socket into TCP, a port moves either.
+        let service = [("PGSERVICE", "prod")];
+        for url in [
+            "postgres://db:6000/app",
+            "postgres:///app?host=/tmp&port=6000",
+            "postgres://db/app?hostaddr=10.0.0.1",
+            "postgres:///app?hostaddr=10.0.0.1&port=6000",
+        ] {
+            assert_eq!(filter_env(url, &service), PeerFilter::any(), "{url}");
+        }
+    }
+
+    #[test]
+    fn peer_filter_an_empty_bracketed_host_is_refused_as_libpq_does() {
+        assert_eq!(filter("postgres://[]:6000/app"), PeerFilter::any());
+        assert_eq!(filter("postgres://[::1]:6000/app"), tcp(&[6000]));
+    }
+
+    #[test]
+    fn a_unix_socket_port_is_digits_only() {
+        assert_eq!(unix_port(b"/tmp/.s.PGSQL.6000"), Some(6000));
+        assert_eq!(unix_port(b".s.PGSQL.6000"), Some(6000));
+        for path in [
+            &b"/tmp/.s.PGSQL.+6000"[..],
+            b"/tmp/.s.PGSQL.",
+            b"/tmp/.s.PGSQL.60x",
+            b"/tmp/.s.PGSQL. 6000",
+            b"/tmp/.s.PGSQL.99999",
+            b"/tmp/s.PGSQL.6000",
+        ] {
+            assert_eq!(unix_port(path), None, "{}", String::from_utf8_lossy(path));
+        }
+    }
+
+    #[test]
     fn peer_filter_display_names_the_ports() {
+        assert_eq!(
+            filter("postgres://db.example:6543/app").to_string(),
+            "TCP: port 6543; Unix socket: none"
+        );
         let f = filter("postgres://u@/db?host=/tmp,db.example&port=5433,5434");
         assert_eq!(f.to_string(), "TCP: port 5434; Unix socket: port 5433");
         assert_eq!(
