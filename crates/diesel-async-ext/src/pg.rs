@@ -1574,6 +1574,54 @@ mod tests {
     }
 
     #[test]
+    fn targets_display_as_libpq_names_them_in_messages() {
+        let shown = |url: &str| -> Vec<String> {
+            translate_ok(url)
+                .targets()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            shown("postgres://u@db.example:6000/db"),
+            ["db.example:6000"]
+        );
+        assert_eq!(shown("postgres://u@[::1]:6000/db"), ["[::1]:6000"]);
+        assert_eq!(
+            shown("postgres://u@db/db?hostaddr=10.0.0.1&port=6001"),
+            ["db:6001 (10.0.0.1)"]
+        );
+        assert_eq!(
+            shown("postgres://u@/db?hostaddr=::1&port=6002"),
+            ["[::1]:6002"]
+        );
+        assert_eq!(
+            shown("postgres://u@/db?hostaddr=10.0.0.2"),
+            ["10.0.0.2:5432"]
+        );
+        assert_eq!(
+            shown("postgres://u@/db?host=/tmp&port=6003"),
+            ["/tmp/.s.PGSQL.6003"]
+        );
+    }
+
+    #[test]
+    fn the_config_debugs_its_masked_url_and_its_targets() {
+        let c = translate_ok(&format!(
+            "postgres://u:{PW}@db.example:6000/db?connect_timeout=7"
+        ));
+        let debug = format!("{c:?}");
+        assert!(debug.starts_with("PgConnectConfig {"), "{debug}");
+        assert!(
+            debug.contains("url: \"postgres://u:***@db.example:6000/db"),
+            "{debug}"
+        );
+        assert!(debug.contains("port: 6000"), "{debug}");
+        assert!(debug.contains("connect_timeout: Some(7s)"), "{debug}");
+        assert!(!debug.contains(PW), "{debug}");
+    }
+
+    #[test]
     fn no_password_in_debug_or_errors() {
         let c = translate_ok(&format!("postgres://u:{PW}@h/db"));
         assert!(!format!("{c:?}").contains(PW));
