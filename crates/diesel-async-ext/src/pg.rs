@@ -1619,6 +1619,14 @@ mod tests {
         assert!(debug.contains("port: 6000"), "{debug}");
         assert!(debug.contains("connect_timeout: Some(7s)"), "{debug}");
         assert!(!debug.contains(PW), "{debug}");
+        let connector = PgConnector::new(c).unwrap();
+        let debug = format!("{connector:?}");
+        assert!(
+            debug.starts_with("PgConnector { config: PgConnectConfig {"),
+            "{debug}"
+        );
+        assert!(debug.contains("postgres://u:***@db.example"), "{debug}");
+        assert!(!debug.contains(PW), "{debug}");
     }
 
     #[test]
