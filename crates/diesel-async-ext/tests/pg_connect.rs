@@ -434,3 +434,23 @@ async fn one_connector_serves_many_connections_and_tries_hosts_in_order() {
     assert!(uses_tls(&mut a).await && uses_tls(&mut b).await);
     assert_eq!(pg.count_backends("shared").unwrap(), 2);
 }
+
+/// Each host that fails is logged with "trying the next host" before the next is tried, all
+/// but the last: its error is the one returned.
+#[tokio::test]
+async fn every_failed_host_but_the_last_is_logged_before_the_next_is_tried() {
+    test_support::capture_logs();
+    let (first, second) = (test_support::free_port(), test_support::free_port());
+    let url = format!("postgres://app:{PASSWORD}@127.0.0.1:{first},127.0.0.1:{second}/app");
+    let err = connect(&url).await.err().expect("both refused");
+    assert!(matches!(err, ConnectError::Refused { .. }), "{err:?}");
+    assert!(err.to_string().contains(&format!(":{second}")), "{err}");
+    let logged = |port: u16| {
+        test_support::captured_logs()
+            .iter()
+            .filter(|l| l.contains("trying the next host") && l.contains(&format!(":{port} ")))
+            .count()
+    };
+    assert_eq!(logged(first), 1, "{:?}", test_support::captured_logs());
+    assert_eq!(logged(second), 0, "{:?}", test_support::captured_logs());
+}
