@@ -522,7 +522,7 @@ mod sys {
                 // Several advanced: another connect of ours ran its round trip at the same
                 // moment. Step out of its rhythm before trying again (and let it claim its
                 // socket meanwhile).
-                std::thread::sleep(jitter(rtt));
+                std::thread::sleep(jitter(rtt).min(MAX_JITTER));
                 prune(&mut set);
             }
             if set.len() <= 1 {
@@ -561,13 +561,16 @@ mod sys {
         }
     }
 
-    /// A random pause between nothing and two round trips (at most 20 ms).
+    /// The longest pause between tiebreak rounds.
+    pub(super) const MAX_JITTER: Duration = Duration::from_millis(20);
+
+    /// A random pause between nothing and two round trips (at most [`MAX_JITTER`]).
     pub(super) fn jitter(rtt: Duration) -> Duration {
         use std::hash::{BuildHasher, Hasher};
         let random = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
-        let max = rtt.saturating_mul(2).min(Duration::from_millis(20));
+        let max = rtt.saturating_mul(2).min(MAX_JITTER);
         max.mul_f64((random >> 11) as f64 / (1u64 << 53) as f64)
     }
 

@@ -156,10 +156,10 @@ fn concurrent_connects_each_claim_their_own_socket() {
         // A thread that panics leaves the others at the barrier: wait with a deadline.
         let mut results = Vec::new();
         while results.len() < THREADS {
-            match rx.recv_timeout(Duration::from_secs(20)) {
+            match rx.recv_timeout(Duration::from_secs(10)) {
                 Ok(result) => results.push(result),
                 Err(e) => panic!(
-                    "{} of {THREADS} connects finished; the others did not within 20 s ({e})",
+                    "{} of {THREADS} connects finished; the others did not within 10 s ({e})",
                     results.len()
                 ),
             }
