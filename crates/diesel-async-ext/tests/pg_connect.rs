@@ -454,3 +454,56 @@ async fn every_failed_host_but_the_last_is_logged_before_the_next_is_tried() {
     assert_eq!(logged(first), 1, "{:?}", test_support::captured_logs());
     assert_eq!(logged(second), 0, "{:?}", test_support::captured_logs());
 }
+
+/// What the server's authentication says is an authentication error, named as such: no
+/// password where the server asks for one, channel binding required where none can be used.
+#[tokio::test]
+async fn authentication_failures_are_named_as_such() {
+    let Some(pg) = test_support::pg_or_skip() else {
+        return;
+    };
+    let port = pg.port();
+    let err = connect(&format!(
+        "postgres://app@127.0.0.1:{port}/app?sslmode=disable"
+    ))
+    .await
+    .err()
+    .expect("no password");
+    assert!(matches!(err, ConnectError::Auth { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("the server asks for a password and none is given"),
+        "{err}"
+    );
+    let err = connect(&format!(
+        "postgres://app:{PASSWORD}@127.0.0.1:{port}/app?sslmode=disable&channel_binding=require"
+    ))
+    .await
+    .err()
+    .expect("channel binding without TLS");
+    assert_no_password(&err);
+    assert!(matches!(err, ConnectError::Auth { .. }), "{err:?}");
+}
+
+/// An error names the place connected to as typed, with the address tried when the host is
+/// a name.
+#[tokio::test]
+async fn an_error_names_the_host_as_typed_and_the_address_of_a_name() {
+    let closed = test_support::free_port();
+    let err = connect(&format!("postgres://app@localhost:{closed}/app"))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains(&format!("localhost:{closed} (127.0.0.1)")),
+        "{err}"
+    );
+    let err = connect(&format!("postgres://app@127.0.0.1:{closed}/app"))
+        .await
+        .err()
+        .expect("refused");
+    let shown = err.to_string();
+    assert!(shown.contains(&format!("127.0.0.1:{closed}")), "{shown}");
+    assert!(!shown.contains("(127.0.0.1)"), "{shown}");
+}
