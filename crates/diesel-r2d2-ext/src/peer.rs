@@ -423,22 +423,26 @@ mod tests {
         Ports::Only(ports.iter().copied().collect())
     }
 
-    fn no_env(_: &str) -> Option<String> {
-        None
-    }
-
     fn filter(url: &str) -> PeerFilter {
-        PeerFilter::from_conninfo(url, &no_env)
+        filter_env(url, &[])
     }
 
+    /// Parses on another thread, within 5 s: a parser that loops fails the test instead of
+    /// hanging it.
     fn filter_env(url: &str, vars: &[(&str, &str)]) -> PeerFilter {
         let vars: Vec<(String, String)> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        PeerFilter::from_conninfo(url, &move |name| {
-            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-        })
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owned = url.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(PeerFilter::from_conninfo(&owned, &move |name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            }));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("parsing {url:?} did not end within 5 s ({e})"))
     }
 
     fn tcp(ports: &[u16]) -> PeerFilter {
