@@ -1587,6 +1587,7 @@ mod tests {
             ["db.example:6000"]
         );
         assert_eq!(shown("postgres://u@[::1]:6000/db"), ["[::1]:6000"]);
+        assert_eq!(shown("postgres://u@[::1]/db"), ["[::1]:5432"]);
         assert_eq!(
             shown("postgres://u@db/db?hostaddr=10.0.0.1&port=6001"),
             ["db:6001 (10.0.0.1)"]
