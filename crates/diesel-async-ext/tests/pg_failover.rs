@@ -239,3 +239,41 @@ async fn the_standby_check_is_one_simple_query_safe_behind_a_transaction_pooler(
     );
     assert!(sent.queries >= 1, "no standby check was sent: {sent:?}");
 }
+
+/// `target_session_attrs=read-write` against a standby alone: the server refused the
+/// session, said as such (not a network failure), and the next host of a list is tried.
+#[tokio::test]
+async fn a_standby_refused_by_target_session_attrs_is_a_server_refusal() {
+    let Some(standby) = server() else { return };
+    let Some(primary) = server() else { return };
+    standby.restart_as_standby().expect("a standby");
+    let settings = pool_core::config::ConnectSettings::default();
+    let only = standby.url_with("sslmode=disable&target_session_attrs=read-write");
+    let err = diesel_async_ext::establish(&only, &settings)
+        .await
+        .err()
+        .expect("a standby is not read-write");
+    assert!(
+        matches!(
+            err,
+            diesel_async_ext::ConnectError::Server { code: None, .. }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("does not allow writes"), "{err}");
+    // Both in one list: the primary is found after the standby.
+    let both = format!(
+        "postgres://app:{}@127.0.0.1:{},127.0.0.1:{}/app?sslmode=disable&target_session_attrs=read-write",
+        PgServer::PASSWORD,
+        standby.port(),
+        primary.port()
+    );
+    let mut conn = diesel_async_ext::establish(&both, &settings)
+        .await
+        .expect("the primary, second in the list");
+    let standby_now: bool = diesel::select(diesel::dsl::sql::<Bool>("pg_is_in_recovery()"))
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert!(!standby_now);
+}
