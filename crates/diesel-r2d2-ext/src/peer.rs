@@ -679,6 +679,13 @@ mod tests {
     }
 
     #[test]
+    fn peer_filter_a_query_right_after_the_authority_is_read() {
+        assert_eq!(filter("postgres://db.example?port=6001"), tcp(&[6001]));
+        assert_eq!(filter("postgres://db.example:6000?port=6001"), tcp(&[6001]));
+        assert_eq!(filter("postgres://?host=/tmp&port=6002"), unix(&[6002]));
+    }
+
+    #[test]
     fn peer_filter_an_empty_bracketed_host_is_refused_as_libpq_does() {
         assert_eq!(filter("postgres://[]:6000/app"), PeerFilter::any());
         assert_eq!(filter("postgres://[::1]:6000/app"), tcp(&[6000]));
