@@ -1311,15 +1311,30 @@ mod tests {
         translate_with(url, &ConnectSettings::default())
     }
 
+    /// Translates on another thread, within 5 s: a parser that loops fails the test instead
+    /// of hanging it.
+    fn from_url_within(
+        url: &str,
+        settings: &ConnectSettings,
+    ) -> Result<PgConnectConfig, ConfigError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (owned, settings) = (url.to_owned(), settings.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(PgConnectConfig::from_url(&owned, &settings));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("translating {url:?} did not end within 5 s ({e})"))
+    }
+
     fn translate_with(url: &str, settings: &ConnectSettings) -> PgConnectConfig {
-        match PgConnectConfig::from_url(url, settings) {
+        match from_url_within(url, settings) {
             Ok(c) => c,
             Err(e) => panic!("{url:?} should translate: {e}"),
         }
     }
 
     fn refused(url: &str) -> String {
-        match PgConnectConfig::from_url(url, &ConnectSettings::default()) {
+        match from_url_within(url, &ConnectSettings::default()) {
             Ok(c) => panic!("{url:?} should be refused, got {c:?}"),
             Err(e) => {
                 let text = format!("{e} {e:?}");
