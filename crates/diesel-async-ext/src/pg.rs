@@ -1589,6 +1589,18 @@ mod tests {
     }
 
     #[test]
+    fn zero_keepalive_values_leave_the_systems_defaults_as_in_libpq() {
+        let c = translate_ok(
+            "postgres://u@h/db?keepalives_idle=0&keepalives_interval=0&keepalives_count=0",
+        );
+        let driver = c.driver_config();
+        // tokio-postgres's own idle default (Linux's, 2 h), no interval, no count.
+        assert_eq!(driver.get_keepalives_idle(), secs(2 * 60 * 60));
+        assert_eq!(driver.get_keepalives_interval(), None);
+        assert_eq!(driver.get_keepalives_retries(), None);
+    }
+
+    #[test]
     fn targets_display_as_libpq_names_them_in_messages() {
         let shown = |url: &str| -> Vec<String> {
             translate_ok(url)
