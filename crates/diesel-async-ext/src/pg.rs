@@ -1550,7 +1550,23 @@ mod tests {
             c.driver_config().get_channel_binding(),
             ChannelBinding::Require
         );
-        assert!(refused("postgres://h/db?target_session_attrs=primary").contains("primary"));
+        for (v, attrs) in [
+            ("any", TargetSessionAttrs::Any),
+            ("read-write", TargetSessionAttrs::ReadWrite),
+            ("read-only", TargetSessionAttrs::ReadOnly),
+        ] {
+            let c = translate_ok(&format!("postgres://h/db?target_session_attrs={v}"));
+            assert_eq!(c.driver_config().get_target_session_attrs(), attrs, "{v}");
+        }
+        for v in ["primary", "standby", "prefer-standby"] {
+            let err = refused(&format!("postgres://h/db?target_session_attrs={v}"));
+            assert!(
+                err.contains(&format!("target_session_attrs={v} is not supported")),
+                "{err}"
+            );
+        }
+        let err = refused("postgres://h/db?target_session_attrs=leader");
+        assert!(err.contains("is not one of"), "{err}");
     }
 
     #[test]
