@@ -1567,6 +1567,14 @@ mod tests {
         }
         let err = refused("postgres://h/db?target_session_attrs=leader");
         assert!(err.contains("is not one of"), "{err}");
+        for (v, binding) in [
+            ("disable", ChannelBinding::Disable),
+            ("prefer", ChannelBinding::Prefer),
+            ("require", ChannelBinding::Require),
+        ] {
+            let c = translate_ok(&format!("postgres://h/db?channel_binding={v}"));
+            assert_eq!(c.driver_config().get_channel_binding(), binding, "{v}");
+        }
     }
 
     #[test]
