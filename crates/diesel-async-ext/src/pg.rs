@@ -1579,6 +1579,8 @@ mod tests {
 
     #[test]
     fn unknown_and_unsupported_keys_are_refused_by_name_never_sent() {
+        let msg = refused("postgres://u@h/db?ssl=true");
+        assert!(msg.contains("use sslmode=require"), "{msg}");
         let msg = refused(&format!("postgres://u:{PW}@h/db?keepalives_retries=3"));
         assert!(
             msg.contains("`keepalives_retries`") && msg.contains("keepalives_count"),
@@ -1622,6 +1624,27 @@ mod tests {
         assert_eq!(driver.get_keepalives_idle(), secs(2 * 60 * 60));
         assert_eq!(driver.get_keepalives_interval(), None);
         assert_eq!(driver.get_keepalives_retries(), None);
+    }
+
+    #[test]
+    fn client_encoding_utf8_is_accepted_and_any_other_refused() {
+        for v in ["UTF8", "utf8", "UTF-8", "unicode", "auto"] {
+            translate_ok(&format!("postgres://u@h/db?client_encoding={v}"));
+        }
+        let err = refused("postgres://u@h/db?client_encoding=LATIN1");
+        assert!(err.contains("always use UTF8"), "{err}");
+    }
+
+    #[test]
+    fn a_pool_wide_system_root_means_the_systems_roots_as_in_the_url() {
+        let mut s = ConnectSettings::default();
+        s.ssl_root_cert = Some(PathBuf::from("system"));
+        s.ssl_mode = Some(SslMode::VerifyFull);
+        let c = translate_with("postgres://u@db.example/db", &s);
+        assert_eq!(c.tls().root_certs, RootCerts::System);
+        s.ssl_root_cert = Some(PathBuf::from("/etc/ca.crt"));
+        let c = translate_with("postgres://u@db.example/db", &s);
+        assert_eq!(c.tls().root_certs, RootCerts::File("/etc/ca.crt".into()));
     }
 
     #[test]
