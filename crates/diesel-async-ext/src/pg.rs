@@ -1627,6 +1627,17 @@ mod tests {
     }
 
     #[test]
+    fn gssencmode_is_read_as_a_libpq_without_gssapi_reads_it() {
+        for v in ["disable", "prefer"] {
+            translate_ok(&format!("postgres://u@h/db?gssencmode={v}"));
+        }
+        let err = refused("postgres://u@h/db?gssencmode=require");
+        assert!(err.contains("not supported (no GSSAPI)"), "{err}");
+        let err = refused("postgres://u@h/db?gssencmode=always");
+        assert!(err.contains("is not one of"), "{err}");
+    }
+
+    #[test]
     fn client_encoding_utf8_is_accepted_and_any_other_refused() {
         for v in ["UTF8", "utf8", "UTF-8", "unicode", "auto"] {
             translate_ok(&format!("postgres://u@h/db?client_encoding={v}"));
