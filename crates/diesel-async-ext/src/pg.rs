@@ -1638,6 +1638,33 @@ mod tests {
     }
 
     #[test]
+    fn tls_protocol_versions_are_read_in_libpqs_spelling() {
+        for (v, version) in [
+            ("TLSv1", TlsVersion::Tls1_0),
+            ("TLSv1.1", TlsVersion::Tls1_1),
+            ("tlsv1.2", TlsVersion::Tls1_2),
+            ("TLSv1.3", TlsVersion::Tls1_3),
+        ] {
+            let c = translate_ok(&format!(
+                "postgres://u@h/db?ssl_min_protocol_version={v}&ssl_max_protocol_version={v}"
+            ));
+            assert_eq!(c.tls().min_protocol, Some(version), "{v}");
+            assert_eq!(c.tls().max_protocol, Some(version), "{v}");
+        }
+        let err = refused("postgres://u@h/db?ssl_min_protocol_version=SSLv3");
+        assert!(err.contains("is not one of TLSv1"), "{err}");
+    }
+
+    #[test]
+    fn one_port_serves_every_host() {
+        let ports = |url: &str| -> Vec<u16> {
+            translate_ok(url).targets().iter().map(|t| t.port).collect()
+        };
+        assert_eq!(ports("postgres://u@/db?host=a,b&port=6000"), [6000, 6000]);
+        assert!(refused("postgres://u@/db?host=a,b,c&port=6000,6001").contains("could not match"));
+    }
+
+    #[test]
     fn client_encoding_utf8_is_accepted_and_any_other_refused() {
         for v in ["UTF8", "utf8", "UTF-8", "unicode", "auto"] {
             translate_ok(&format!("postgres://u@h/db?client_encoding={v}"));
