@@ -1666,6 +1666,22 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_host_item_is_the_default_socket_or_the_hostaddr_alone() {
+        let c = translate_ok("postgres://u@/db?host=,db.example&port=6000,6001");
+        let t = c.targets();
+        assert!(matches!(&t[0].host, Some(Host::Unix(_))), "{t:?}");
+        assert_eq!(t[1].host, Some(Host::Tcp("db.example".into())));
+        let c = translate_ok("postgres://u@/db?host=,db.example&hostaddr=10.0.0.1,10.0.0.2");
+        assert_eq!(c.targets()[0].host, None);
+    }
+
+    #[test]
+    fn an_abstract_unix_socket_is_refused() {
+        let err = refused("postgres://u@/db?host=%40pg");
+        assert!(err.contains("abstract Unix socket"), "{err}");
+    }
+
+    #[test]
     fn client_encoding_utf8_is_accepted_and_any_other_refused() {
         for v in ["UTF8", "utf8", "UTF-8", "unicode", "auto"] {
             translate_ok(&format!("postgres://u@h/db?client_encoding={v}"));
