@@ -452,3 +452,74 @@ where
         self.1.on_acquire(conn)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(keepalives: TcpKeepalives) -> String {
+        match keepalives.validate() {
+            Ok(k) => panic!("accepted: {k:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn keepalive_seconds_are_whole_and_within_the_kernels_range() {
+        for secs in [1, 30, 32_767] {
+            let d = Duration::from_secs(secs);
+            let k = TcpKeepalives::new().idle(d).interval(d).validate().unwrap();
+            assert_eq!((k.idle_secs, k.interval_secs), (secs as u32, secs as u32));
+        }
+        for d in [
+            Duration::ZERO,
+            Duration::from_secs(32_768),
+            Duration::from_millis(1500),
+            Duration::from_millis(500),
+        ] {
+            let err = refused(TcpKeepalives::new().idle(d));
+            assert!(err.contains("keepalives_idle"), "{d:?}: {err}");
+            let err = refused(TcpKeepalives::new().interval(d));
+            assert!(err.contains("keepalives_interval"), "{d:?}: {err}");
+        }
+        for n in [0, 128] {
+            assert!(refused(TcpKeepalives::new().count(n)).contains("keepalives_count"));
+        }
+        assert_eq!(
+            TcpKeepalives::new().count(127).validate().unwrap().count,
+            127
+        );
+    }
+
+    #[test]
+    fn the_user_timeout_is_whole_milliseconds_up_to_u32_max_and_zero_is_none() {
+        let k = TcpKeepalives::new()
+            .user_timeout(Duration::from_millis(u64::from(u32::MAX)))
+            .validate()
+            .unwrap();
+        assert_eq!(k.user_timeout_ms, Some(u32::MAX));
+        let k = TcpKeepalives::new()
+            .user_timeout(Duration::ZERO)
+            .validate()
+            .unwrap();
+        assert_eq!(k.user_timeout_ms, None);
+        for d in [
+            Duration::from_micros(1500),
+            Duration::from_millis(u64::from(u32::MAX) + 1),
+        ] {
+            let err = refused(TcpKeepalives::new().user_timeout(d));
+            assert!(err.contains("tcp_user_timeout"), "{d:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_first_bad_value_is_the_one_reported() {
+        let err = refused(
+            TcpKeepalives::new()
+                .count(0)
+                .idle(Duration::ZERO)
+                .interval(Duration::ZERO),
+        );
+        assert!(err.contains("keepalives_count"), "{err}");
+    }
+}
