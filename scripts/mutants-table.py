@@ -86,10 +86,11 @@ def main():
     parser.add_argument("--title", default="pool-core", help="what was mutated (the heading)")
     parser.add_argument("--output", default="docs/mutants.md", help="the file written (named in the text)")
     parser.add_argument(
-        "--any-build",
+        "--any-run",
         action="store_true",
-        help="the runs are of different feature sets: a mutant caught in any run is caught "
-        "(code behind a feature is only tested in a build that compiles it)",
+        help="the runs differ in feature sets or in the tests they run: a mutant caught in any "
+        "run is caught (code behind a feature is only tested in a build that compiles it; "
+        "a run of the unit tests alone cannot catch what only a server test can)",
     )
     parser.add_argument("outcomes", nargs="+", help="outcomes.json of each run, oldest first")
     args = parser.parse_args()
@@ -108,7 +109,7 @@ def main():
             seen[stem] += 1
             key = (stem, seen[stem])
             first.setdefault(key, (file, status, name))
-            if not (args.any_build and final.get(key, (None, None))[1] == "caught"):
+            if not (args.any_run and final.get(key, (None, None))[1] == "caught"):
                 final[key] = (file, status, name)
             run[status] = run.get(status, 0) + 1
         run["interrupted"] = outcomes.get("end_time") is None
@@ -136,11 +137,12 @@ def main():
         "matched across runs by name without `:line:col`):"
     )
     out.append("")
-    if args.any_build:
+    if args.any_run:
         out.append(
-            "The runs build different feature sets: code behind a cargo feature is only "
-            "tested in a build that compiles it, so a mutant caught in any run counts as "
-            "caught, whatever a run of another build said of it."
+            "The runs differ in the feature sets they build or in the tests they run: code "
+            "behind a cargo feature is only tested in a build that compiles it, and a run of "
+            "the unit tests alone cannot catch what only a server test can. So a mutant "
+            "caught in any run counts as caught, whatever another run said of it."
         )
         out.append("")
     out.append("```sh")
@@ -158,7 +160,7 @@ def main():
     out.append("```sh")
     out.append(
         "scripts/mutants-table.py --command \"$(cat COMMANDS)\" "
-        + ("--any-build " if args.any_build else "")
+        + ("--any-run " if args.any_run else "")
         + (f"--title '{args.title}' " if args.title != "pool-core" else "")
         + f"--dispositions {dispositions} "
         + " ".join(

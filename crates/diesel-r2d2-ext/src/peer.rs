@@ -106,6 +106,16 @@ pub(crate) enum Peer<'a> {
 }
 
 impl PeerFilter {
+    /// Lets TCP sockets to `tcp` and Unix sockets named for `unix` through, without parsing
+    /// a connection string (the socket tests' filters).
+    #[cfg(test)]
+    pub(crate) fn ports(tcp: &[u16], unix: &[u16]) -> PeerFilter {
+        PeerFilter {
+            tcp: Ports::Only(tcp.iter().copied().collect()),
+            unix: Ports::Only(unix.iter().copied().collect()),
+        }
+    }
+
     /// Lets every stream socket through.
     pub(crate) fn any() -> PeerFilter {
         PeerFilter {
@@ -427,9 +437,17 @@ mod tests {
         filter_env(url, &[])
     }
 
+    /// Set once a parse did not end: every later one fails at once.
+    static HUNG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
     /// Parses on another thread, within 5 s: a parser that loops fails the test instead of
-    /// hanging it.
+    /// hanging it (and every later parse fails at once, so that the run ends soon).
     fn filter_env(url: &str, vars: &[(&str, &str)]) -> PeerFilter {
+        use std::sync::atomic::Ordering;
+        assert!(
+            !HUNG.load(Ordering::Relaxed),
+            "an earlier parse never ended"
+        );
         let vars: Vec<(String, String)> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -442,7 +460,10 @@ mod tests {
             }));
         });
         rx.recv_timeout(std::time::Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("parsing {url:?} did not end within 5 s ({e})"))
+            .unwrap_or_else(|e| {
+                HUNG.store(true, Ordering::Relaxed);
+                panic!("parsing {url:?} did not end within 5 s ({e})")
+            })
     }
 
     fn tcp(ports: &[u16]) -> PeerFilter {
