@@ -1311,19 +1311,29 @@ mod tests {
         translate_with(url, &ConnectSettings::default())
     }
 
+    /// Set once a translation did not end: every later one fails at once.
+    static HUNG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
     /// Translates on another thread, within 5 s: a parser that loops fails the test instead
-    /// of hanging it.
+    /// of hanging it (and every later translation fails at once, so that the run ends soon).
     fn from_url_within(
         url: &str,
         settings: &ConnectSettings,
     ) -> Result<PgConnectConfig, ConfigError> {
+        use std::sync::atomic::Ordering;
+        assert!(
+            !HUNG.load(Ordering::Relaxed),
+            "an earlier translation never ended"
+        );
         let (tx, rx) = std::sync::mpsc::channel();
         let (owned, settings) = (url.to_owned(), settings.clone());
         std::thread::spawn(move || {
             let _ = tx.send(PgConnectConfig::from_url(&owned, &settings));
         });
-        rx.recv_timeout(Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("translating {url:?} did not end within 5 s ({e})"))
+        rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|e| {
+            HUNG.store(true, Ordering::Relaxed);
+            panic!("translating {url:?} did not end within 5 s ({e})")
+        })
     }
 
     fn translate_with(url: &str, settings: &ConnectSettings) -> PgConnectConfig {
