@@ -756,6 +756,9 @@ async fn maintain<C: ExtConnection>(parts: Parts<C>, mut stop: watch::Receiver<(
             // Everything borrowed is in use; it goes back at checkin. Do not spin.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // A round may follow another at once (a class still waits for headroom): let the
+        // runtime's other tasks run in between, on a current-thread runtime too.
+        tokio::task::yield_now().await;
         if schedule.sweep_due() {
             parts.sweep().await;
             schedule.swept();
