@@ -240,6 +240,102 @@ fn sqlite_pragmas_are_in_effect_on_every_connection_of_a_stock_r2d2_pool() {
 
 /// The TCP options of the process's socket whose local port is `port`, read with
 /// getsockopt: (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT).
+/// A new SQLite file (journal `delete`) whose reader holds a shared lock in an open
+/// transaction until the returned sender is dropped or sends (or `hold` passes): switching it
+/// to WAL needs the file to itself.
+fn locked_sqlite_file(
+    dir: &std::path::Path,
+    hold: Duration,
+) -> (
+    String,
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let path = dir.join("locked.db");
+    let url = path.to_str().expect("utf-8 path").to_owned();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let reader_url = url.clone();
+    let reader = std::thread::spawn(move || {
+        let mut conn = SqliteConnection::establish(&reader_url).expect("the reader's connection");
+        conn.batch_execute("CREATE TABLE t (id INTEGER); INSERT INTO t VALUES (1); BEGIN;")
+            .expect("set up the file");
+        // The read takes the shared lock, held until the transaction ends.
+        pragma_int(&mut conn, "SELECT id AS v FROM t");
+        locked_tx.send(()).expect("tell the test");
+        let _ = release_rx.recv_timeout(hold);
+        conn.batch_execute("COMMIT").expect("end the read");
+    });
+    locked_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reader did not take its lock within 10 s");
+    (url, release_tx, reader)
+}
+
+/// Runs `SqlitePragmas::on_acquire` (as r2d2 does after each connect) on a fresh connection
+/// to `url` on a thread of its own: its result, or `None` if it did not return within `limit`.
+fn acquire_with_deadline(
+    url: &str,
+    pragmas: SqlitePragmas,
+    limit: Duration,
+) -> Option<Result<String, String>> {
+    let url = url.to_owned();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut conn = SqliteConnection::establish(&url).expect("connection");
+        let result =
+            r2d2::CustomizeConnection::<SqliteConnection, diesel::r2d2::Error>::on_acquire(
+                &pragmas, &mut conn,
+            )
+            .map(|()| journal_mode(&mut conn))
+            .map_err(|e| e.to_string());
+        let _ = tx.send(result);
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Switching a new file to WAL needs it to itself, and SQLite reports a lock found there as
+/// "database is locked" once `busy_timeout` has run out (two of r2d2's connects switching
+/// at the same instant find each other so, without waiting: the race the retry answers).
+/// With no `busy_timeout` at all, a reader's lock held 60 ms is the same failure on demand:
+/// the customizer tries again until the lock is gone.
+#[test]
+fn a_wal_switch_that_finds_the_file_locked_is_tried_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (url, release, reader) = locked_sqlite_file(dir.path(), Duration::from_secs(10));
+    let pragmas = SqlitePragmas::new().busy_timeout(Duration::ZERO);
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(60));
+        let _ = release.send(());
+    });
+    let result = acquire_with_deadline(&url, pragmas, Duration::from_secs(10))
+        .expect("on_acquire did not return within 10 s of the lock's release");
+    releaser.join().unwrap();
+    reader.join().unwrap();
+    assert_eq!(
+        result.as_deref(),
+        Ok("wal"),
+        "a WAL switch that found the file locked for 60 ms was not tried again"
+    );
+}
+
+/// The retry is bounded: a lock that stays (a long reader) fails the connect with SQLite's
+/// own message after 20 tries 10 ms apart, well before the lock is gone, instead of waiting
+/// on it past the `busy_timeout` the application set.
+#[test]
+fn a_wal_switch_that_stays_locked_fails_with_sqlites_message_within_its_tries() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (url, release, reader) = locked_sqlite_file(dir.path(), Duration::from_secs(5));
+    let pragmas = SqlitePragmas::new().busy_timeout(Duration::ZERO);
+    let result = acquire_with_deadline(&url, pragmas, Duration::from_secs(3));
+    drop(release);
+    reader.join().unwrap();
+    let result = result
+        .expect("on_acquire was still trying 3 s into a lock held 5 s: its retry is not bounded");
+    let err = result.expect_err("the switch succeeded while another connection held the file");
+    assert!(err.contains("database is locked"), "{err}");
+}
+
 fn socket_options_of_local_port(port: u16) -> Option<[i32; 5]> {
     fn get(fd: i32, level: i32, name: i32) -> i32 {
         let mut v: libc::c_int = -1;

@@ -233,15 +233,31 @@ fn a_socket_left_ambiguous_at_connect_is_resolved_later_and_its_pings_are_bounde
 /// returning, here stalled in the instrumentation), the ping "succeeds" on a socket that no
 /// longer works: counted as a success, that connection would be handed out and fail the
 /// caller's first query. It counts as a failed ping, and the caller gets another connection.
+///
+/// Hedging is off: the watchdog's deadline is the only thing that ends this ping (with
+/// hedging on, a pool with no room gives the slow connection up at the hedge delay first:
+/// the test below).
 #[test]
 fn a_ping_that_returned_only_after_the_watchdog_cut_its_socket_counts_as_failed() {
+    late_ping_counts_as_failed("mech_late_ping", false);
+}
+
+/// As above, with hedged validation on (the default): at the hedge delay the pool, with no
+/// room for a fresh connection, gives the slow one up and shuts its socket down; a reply
+/// that was already in hand does not make that connection usable again.
+#[test]
+fn a_ping_whose_connection_was_given_up_at_the_hedge_delay_counts_as_failed() {
+    late_ping_counts_as_failed("mech_late_ping_hedged", true);
+}
+
+fn late_ping_counts_as_failed(app: &str, hedged: bool) {
     let Some(pg) = server() else { return };
     install_hooks();
-    let app = "mech_late_ping";
     let validation_timeout = Duration::from_millis(300);
     let pool = ext_pool(&pg, app, 1)
         .name(app)
         .validation_timeout(validation_timeout)
+        .hedged_validation(hedged)
         .build()
         .unwrap();
     warm(&pool, 1);

@@ -219,6 +219,32 @@ async fn the_idle_connections_close_when_the_last_clone_of_the_pool_is_dropped()
     assert_eq!(settle_backends(&pg, app, 0).await, 0);
 }
 
+/// An owned checkout (an axum extractor's, a spawned task's) keeps bb8's pool alive after
+/// the last clone of ours is dropped. The idle connections still close at once: the pool's
+/// maintenance retires each one ("released") and its checkin honours that, instead of
+/// putting them back into a pool nobody can reach, open until the last checkout ends.
+#[tokio::test]
+async fn the_idle_connections_close_at_the_pools_drop_while_an_owned_checkout_is_still_out() {
+    let Some(pg) = server() else { return };
+    let app = "ext_drop_owned";
+    let pool = ext_pool(&pg, app, 3).build().await.unwrap();
+    let mut owned = pool.get_owned().await.expect("an owned checkout");
+    assert_eq!(settle_backends(&pg, app, 3).await, 3, "warm-up");
+    drop(pool);
+    assert_eq!(
+        settle_backends(&pg, app, 1).await,
+        1,
+        "the pool's last clone is gone, yet its idle connections stayed open behind the \
+         owned checkout"
+    );
+    diesel::sql_query("SELECT 1")
+        .execute(&mut *owned)
+        .await
+        .expect("the owned checkout still works");
+    drop(owned);
+    assert_eq!(settle_backends(&pg, app, 0).await, 0);
+}
+
 fn assert_clean(what: &str, shown: &str) {
     assert!(
         !shown.contains(PgServer::PASSWORD),

@@ -248,6 +248,99 @@ async fn a_cancelled_sqlite_transaction_never_stays_in_the_pool() {
     );
 }
 
+/// A new file (journal `delete`) with a reader holding its shared lock, in an open
+/// transaction on a thread of its own, until the returned sender sends or is dropped (or
+/// `hold` passes). Switching the file to WAL needs it to itself.
+fn hold_a_read_lock(
+    dir: &tempfile::TempDir,
+    hold: Duration,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let path = dir.path().join("app.db");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap())
+            .expect("the reader's connection");
+        conn.batch_execute(
+            "CREATE TABLE t (id INTEGER); INSERT INTO t VALUES (1); BEGIN; SELECT id FROM t;",
+        )
+        .expect("set up the file and take the read lock");
+        locked_tx.send(()).expect("tell the test");
+        let _ = release_rx.recv_timeout(hold);
+        conn.batch_execute("COMMIT").expect("end the read");
+    });
+    locked_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reader did not take its lock within 10 s");
+    (release_tx, reader)
+}
+
+/// Switching a new file to WAL needs it to itself; SQLite reports a lock found there as
+/// "database is locked" once `busy_timeout` has run out (two connects switching at the same
+/// instant find each other so without waiting: the race the retry answers). A 1 ms
+/// `busy_timeout` and a reader's lock held 60 ms make that failure on demand: the connect
+/// tries again until the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_switch_that_finds_the_file_locked_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (release, reader) = hold_a_read_lock(&dir, Duration::from_secs(10));
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(60));
+        let _ = release.send(());
+    });
+    let built = tokio::time::timeout(
+        Duration::from_secs(10),
+        SqlitePool::builder(&db(&dir))
+            .pool_size(1)
+            .max_overflow(0)
+            .sqlite_busy_timeout(Duration::from_millis(1))
+            .pool_timeout(Duration::from_secs(5))
+            .build(),
+    )
+    .await
+    .expect("the pool's first connect did not return within 10 s");
+    releaser.join().unwrap();
+    reader.join().unwrap();
+    let pool = built.unwrap_or_else(|e| {
+        panic!("a WAL switch that found the file locked for 60 ms was not tried again: {e}")
+    });
+    let mode: Mode = diesel::sql_query("PRAGMA journal_mode")
+        .get_result(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(mode.journal_mode, "wal");
+}
+
+/// The retry is bounded: a lock that stays (a long reader) fails the connect with SQLite's
+/// own message after 20 tries 10 ms apart, well before the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_switch_that_stays_locked_fails_with_sqlites_message_within_its_tries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (release, reader) = hold_a_read_lock(&dir, Duration::from_secs(5));
+    let built = tokio::time::timeout(
+        Duration::from_secs(3),
+        SqlitePool::builder(&db(&dir))
+            .pool_size(1)
+            .max_overflow(0)
+            .sqlite_busy_timeout(Duration::from_millis(1))
+            .pool_timeout(Duration::from_secs(10))
+            .build(),
+    )
+    .await;
+    drop(release);
+    reader.join().unwrap();
+    let built = built.expect(
+        "the pool's first connect was still trying 3 s into a lock held 5 s: its retry is \
+         not bounded",
+    );
+    let Err(err) = built else {
+        panic!("the switch succeeded while another connection held the file");
+    };
+    assert!(err.to_string().contains("database is locked"), "{err}");
+}
+
 /// `get_owned` (the form an axum extractor or a spawned task needs) goes through the pool's
 /// gate, budget and stats like `get`: it is counted, and it waits its turn instead of
 /// slipping past the wrapped bb8 pool (which `Deref` would otherwise reach).
