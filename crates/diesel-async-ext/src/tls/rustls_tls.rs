@@ -602,3 +602,293 @@ fn client_certificate(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openssl::asn1::Asn1Time;
+    use openssl::bn::BigNum;
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::pkey::{PKey, Private};
+    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
+    use openssl::x509::{X509Builder, X509NameBuilder, X509};
+    // Test-only: rustls keeps `DigitallySignedStruct::new` private; its wire form is public.
+    use rustls::internal::msgs::codec::{Codec, Reader};
+
+    fn ec_key() -> PKey<Private> {
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+    }
+
+    /// A v3 certificate for `key`, signed with `digest` by `issuer` (self-signed without one),
+    /// a CA when `ca`, with `dns` as its subject alternative name if given.
+    fn cert(
+        key: &PKey<Private>,
+        digest: MessageDigest,
+        issuer: Option<(&X509, &PKey<Private>)>,
+        ca: bool,
+        dns: Option<&str>,
+    ) -> X509 {
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", if ca { "unit CA" } else { "unit leaf" })
+            .unwrap();
+        let name = name.build();
+        let mut b = X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        let serial = BigNum::from_u32(if ca { 1 } else { 2 }).unwrap();
+        b.set_serial_number(&serial.to_asn1_integer().unwrap())
+            .unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(issuer.map_or(&*name, |(c, _)| c.subject_name()))
+            .unwrap();
+        b.set_pubkey(key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        if ca {
+            let bc = BasicConstraints::new().critical().ca().build().unwrap();
+            b.append_extension(bc).unwrap();
+        }
+        if let Some(dns) = dns {
+            let san = SubjectAlternativeName::new()
+                .dns(dns)
+                .build(&b.x509v3_context(issuer.map(|(c, _)| &**c), None))
+                .unwrap();
+            b.append_extension(san).unwrap();
+        }
+        b.sign(issuer.map_or(key, |(_, k)| k), digest).unwrap();
+        b.build()
+    }
+
+    fn der_of(cert: &X509) -> CertificateDer<'static> {
+        CertificateDer::from(cert.to_der().unwrap())
+    }
+
+    /// A certificate-shaped DER whose `signatureAlgorithm` is `oid` (an empty tbs).
+    fn with_algorithm(oid: &[u8]) -> Vec<u8> {
+        let mut algorithm = vec![0x06, u8::try_from(oid.len()).unwrap()];
+        algorithm.extend_from_slice(oid);
+        let mut body = vec![0x30, 0x00, 0x30, u8::try_from(algorithm.len()).unwrap()];
+        body.extend_from_slice(&algorithm);
+        let mut cert = vec![0x30, u8::try_from(body.len()).unwrap()];
+        cert.extend_from_slice(&body);
+        cert
+    }
+
+    #[test]
+    fn der_reads_short_and_long_lengths_and_refuses_what_does_not_fit() {
+        assert_eq!(der(&[]), None);
+        assert_eq!(der(&[0x04]), None);
+        assert_eq!(
+            der(&[0x04, 0x02, 7, 8, 9]),
+            Some((0x04, &[7u8, 8][..], &[9u8][..]))
+        );
+        assert_eq!(
+            der(&[0x04, 0x02, 7, 8]),
+            Some((0x04, &[7u8, 8][..], &[][..]))
+        );
+        assert_eq!(der(&[0x04, 0x03, 7, 8]), None, "content cut short");
+        // The longest short form, and the first long form.
+        let mut short = vec![0x04, 0x7f];
+        short.extend(std::iter::repeat_n(1u8, 127));
+        assert_eq!(der(&short).map(|(_, c, _)| c.len()), Some(127));
+        let mut long = vec![0x04, 0x81, 0x80];
+        long.extend(std::iter::repeat_n(1u8, 128));
+        assert_eq!(der(&long).map(|(_, c, _)| c.len()), Some(128));
+        // 0x80 alone is BER's indefinite length: not DER.
+        let mut indefinite = vec![0x04, 0x80];
+        indefinite.extend(std::iter::repeat_n(1u8, 128));
+        assert_eq!(der(&indefinite), None);
+        // Two length bytes, big-endian: 0x0102 = 258.
+        let mut two = vec![0x30, 0x82, 0x01, 0x02];
+        two.extend(std::iter::repeat_n(2u8, 260));
+        assert_eq!(
+            der(&two).map(|(t, c, r)| (t, c.len(), r.len())),
+            Some((0x30, 258, 2))
+        );
+        // Four length bytes are read; five are refused; missing length bytes too.
+        assert_eq!(
+            der(&[0x04, 0x84, 0, 0, 0, 1, 5]),
+            Some((0x04, &[5u8][..], &[][..]))
+        );
+        assert_eq!(der(&[0x04, 0x85, 0, 0, 0, 0, 1, 5]), None);
+        assert_eq!(der(&[0x04, 0x82, 0x01]), None);
+        assert_eq!(der(&[0x04, 0x81, 0x00]), Some((0x04, &[][..], &[][..])));
+    }
+
+    #[test]
+    fn the_channel_binding_hash_follows_the_certificates_signature_algorithm() {
+        let name = |a: Option<&'static ring::digest::Algorithm>| a.map(|a| format!("{a:?}"));
+        let sha = |a: &'static ring::digest::Algorithm| Some(format!("{a:?}"));
+        use ring::digest::{SHA256, SHA384, SHA512};
+        const RSA: [u8; 8] = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+        const ECDSA_SHA2: [u8; 7] = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+        let rsa = |last: u8| [&RSA[..], &[last]].concat();
+        let ecdsa = |last: u8| [&ECDSA_SHA2[..], &[last]].concat();
+        let cases: [(Vec<u8>, Option<String>, &str); 12] = [
+            (rsa(0x04), sha(&SHA256), "md5WithRSAEncryption: SHA-256"),
+            (rsa(0x05), sha(&SHA256), "sha1WithRSAEncryption: SHA-256"),
+            (rsa(0x0b), sha(&SHA256), "sha256WithRSAEncryption"),
+            (rsa(0x0c), sha(&SHA384), "sha384WithRSAEncryption"),
+            (rsa(0x0d), sha(&SHA512), "sha512WithRSAEncryption"),
+            (rsa(0x0a), None, "RSASSA-PSS: none, as libpq"),
+            (
+                vec![0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01],
+                sha(&SHA256),
+                "ecdsa-with-SHA1: SHA-256",
+            ),
+            (ecdsa(0x02), sha(&SHA256), "ecdsa-with-SHA256"),
+            (ecdsa(0x03), sha(&SHA384), "ecdsa-with-SHA384"),
+            (ecdsa(0x04), sha(&SHA512), "ecdsa-with-SHA512"),
+            (ecdsa(0x01), None, "ecdsa-with-SHA224: none"),
+            (vec![0x2b, 0x65, 0x70], None, "Ed25519: none, as libpq"),
+        ];
+        for (oid, want, what) in cases {
+            assert_eq!(name(signature_hash(&with_algorithm(&oid))), want, "{what}");
+        }
+        // Not a certificate: no binding rather than a wrong one.
+        assert_eq!(name(signature_hash(&[])), None);
+        assert_eq!(name(signature_hash(&[0x04, 0x00])), None);
+        // Real certificates, as OpenSSL writes them.
+        let key = ec_key();
+        for (digest, want) in [
+            (MessageDigest::sha256(), &SHA256),
+            (MessageDigest::sha384(), &SHA384),
+            (MessageDigest::sha512(), &SHA512),
+        ] {
+            let c = cert(&key, digest, None, true, None);
+            assert_eq!(name(signature_hash(&c.to_der().unwrap())), sha(want));
+        }
+    }
+
+    /// `ecdsa_secp256r1_sha256` over `message`, signed by `key`, in TLS's wire form.
+    fn signed(key: &PKey<Private>, message: &[u8]) -> DigitallySignedStruct {
+        let mut signer = openssl::sign::Signer::new(MessageDigest::sha256(), key).unwrap();
+        signer.update(message).unwrap();
+        let sig = signer.sign_to_vec().unwrap();
+        let mut wire = vec![0x04, 0x03];
+        wire.extend_from_slice(&u16::try_from(sig.len()).unwrap().to_be_bytes());
+        wire.extend_from_slice(&sig);
+        DigitallySignedStruct::read(&mut Reader::init(&wire)).unwrap()
+    }
+
+    /// Every verifier checks the handshake's signature against the certificate's key, the
+    /// one without verification (`require`) too: a server that shows a certificate whose key
+    /// it does not hold is refused, as OpenSSL refuses it with `SSL_VERIFY_NONE`.
+    #[test]
+    fn every_verifier_checks_the_handshake_signature_against_the_certificates_key() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca_key = ec_key();
+        let ca = cert(&ca_key, MessageDigest::sha256(), None, true, None);
+        let mut roots = RootCertStore::empty();
+        roots.add(der_of(&ca)).unwrap();
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+        let verifiers: [(&str, Arc<dyn ServerCertVerifier>); 2] = [
+            ("none", Arc::new(AnyCertificate(provider.clone()))),
+            ("chain", Arc::new(ChainOnly(webpki.clone()))),
+        ];
+        let key = ec_key();
+        let leaf = der_of(&cert(
+            &key,
+            MessageDigest::sha256(),
+            Some((&ca, &ca_key)),
+            false,
+            Some("localhost"),
+        ));
+        let message = b"the handshake transcript";
+        let good = signed(&key, message);
+        let by_another_key = signed(&ec_key(), message);
+        for (what, v) in verifiers {
+            assert!(
+                v.supported_verify_schemes()
+                    .contains(&SignatureScheme::ECDSA_NISTP256_SHA256),
+                "{what}: {:?}",
+                v.supported_verify_schemes()
+            );
+            assert_eq!(
+                v.supported_verify_schemes(),
+                webpki.supported_verify_schemes(),
+                "{what}"
+            );
+            assert!(
+                v.verify_tls13_signature(message, &leaf, &good).is_ok(),
+                "{what}"
+            );
+            assert!(
+                v.verify_tls12_signature(message, &leaf, &good).is_ok(),
+                "{what}"
+            );
+            assert!(
+                v.verify_tls13_signature(message, &leaf, &by_another_key)
+                    .is_err(),
+                "{what}: a TLS 1.3 handshake signed by another key was accepted"
+            );
+            assert!(
+                v.verify_tls12_signature(message, &leaf, &by_another_key)
+                    .is_err(),
+                "{what}: a TLS 1.2 handshake signed by another key was accepted"
+            );
+            assert!(
+                v.verify_tls13_signature(b"another transcript", &leaf, &good)
+                    .is_err(),
+                "{what}: a signature over another transcript was accepted"
+            );
+        }
+    }
+
+    /// `verify-ca`: the chain must lead to a root; the name alone is forgiven.
+    #[test]
+    fn the_chain_only_verifier_forgives_the_name_and_nothing_else() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca_key = ec_key();
+        let ca = cert(&ca_key, MessageDigest::sha256(), None, true, None);
+        let mut roots = RootCertStore::empty();
+        roots.add(der_of(&ca)).unwrap();
+        let chain = ChainOnly(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap(),
+        );
+        let name = |n: &str| ServerName::try_from(n.to_owned()).unwrap();
+        let verify = |leaf: &X509, server: &str| {
+            chain.verify_server_cert(&der_of(leaf), &[], &name(server), &[], UnixTime::now())
+        };
+        let ours = cert(
+            &ec_key(),
+            MessageDigest::sha256(),
+            Some((&ca, &ca_key)),
+            false,
+            Some("localhost"),
+        );
+        assert!(verify(&ours, "localhost").is_ok());
+        assert!(
+            verify(&ours, "db.other.example").is_ok(),
+            "verify-ca refused a certificate of the right chain for another name"
+        );
+        let stranger_key = ec_key();
+        let stranger_ca = cert(&stranger_key, MessageDigest::sha256(), None, true, None);
+        let theirs = cert(
+            &ec_key(),
+            MessageDigest::sha256(),
+            Some((&stranger_ca, &stranger_key)),
+            false,
+            Some("localhost"),
+        );
+        // (Both CAs have the same name: the root found by name did not sign it.)
+        assert!(
+            matches!(
+                verify(&theirs, "localhost"),
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::BadSignature | CertificateError::UnknownIssuer
+                ))
+            ),
+            "verify-ca did not refuse a certificate of another CA: {:?}",
+            verify(&theirs, "localhost")
+        );
+    }
+}
