@@ -447,6 +447,18 @@ impl PgConnector {
             return self.attempt(target, Some(addr)).await;
         }
         let addrs = self.resolve(name, target.port).await?;
+        self.connect_addrs(target, name, addrs).await
+    }
+
+    /// Tries `name`'s addresses in order (libpq's order): the first connection made, else the
+    /// last error. Each failure before the next address is logged with "trying the next
+    /// address".
+    async fn connect_addrs(
+        &self,
+        target: &PgTarget,
+        name: &str,
+        addrs: Vec<IpAddr>,
+    ) -> Result<AsyncPgConnection, ConnectError> {
         let mut last = None;
         let count = addrs.len();
         for (i, addr) in addrs.into_iter().enumerate() {
@@ -461,7 +473,7 @@ impl PgConnector {
             }
         }
         Err(last.unwrap_or_else(|| ConnectError::Dns {
-            host: name.clone(),
+            host: name.to_owned(),
             message: "the name has no addresses".into(),
         }))
     }
@@ -1807,6 +1819,49 @@ mod tests {
             PgConnector::from_url("postgres://h/db", &ConnectSettings::default()).unwrap();
         let fut = connector.connect();
         assert_send(&fut);
+    }
+
+    /// A name with several addresses (a dual-stack host, a round-robin record): each address
+    /// but the last, when it fails, is logged with the next one's try, and the error is the
+    /// last address's. (The resolver here gives one address per name, so the addresses are
+    /// given directly; nothing listens on the port.)
+    #[tokio::test]
+    async fn each_address_of_a_name_but_the_last_is_logged_before_the_next_is_tried() {
+        test_support::capture_logs();
+        let port = test_support::free_port();
+        let name = "several-addresses.invalid";
+        let connector = PgConnector::from_url(
+            &format!("postgres://app@{name}:{port}/db?connect_timeout=5"),
+            &ConnectSettings::default(),
+        )
+        .unwrap();
+        let target = connector.config().targets()[0].clone();
+        let addrs: Vec<IpAddr> = vec![[127, 0, 0, 2].into(), [127, 0, 0, 3].into()];
+        let Err(err) = tokio::time::timeout(
+            Duration::from_secs(20),
+            connector.connect_addrs(&target, name, addrs),
+        )
+        .await
+        .expect("two refused connects took over 20 s") else {
+            panic!("connected where nothing listens");
+        };
+        assert!(
+            err.to_string().contains("127.0.0.3"),
+            "not the last address's: {err}"
+        );
+        let warnings: Vec<String> = test_support::captured_logs()
+            .into_iter()
+            .filter(|l| l.contains(&format!("trying the next address of {name}")))
+            .collect();
+        assert_eq!(
+            warnings.len(),
+            1,
+            "one warning, before the second address: {warnings:?}"
+        );
+        assert!(
+            warnings[0].contains("127.0.0.2") && warnings[0].starts_with("WARN"),
+            "{warnings:?}"
+        );
     }
 }
 
