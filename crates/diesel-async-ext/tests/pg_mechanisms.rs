@@ -69,6 +69,39 @@ async fn a_connection_returned_by_a_panicking_task_is_closed_even_outside_a_tran
     assert_eq!(pool.stats().closed.broken, 1, "{:?}", pool.stats());
 }
 
+/// The server ended a session while the application held its connection without using it
+/// (an idle-session timeout, a terminate, a restart): the driver read the FATAL and the FIN
+/// (its connection is closed), no query saw an error. The checkin closes it there and then,
+/// instead of putting it back for the next checkout's probe to find.
+#[tokio::test]
+async fn a_connection_the_server_closed_while_it_was_held_unused_is_closed_at_checkin() {
+    use diesel_async::pooled_connection::PoolableConnection;
+    let Some(pg) = server() else { return };
+    let app = "amech_closed_held";
+    let pool = ext_pool(&pg, app, 2).build().await.unwrap();
+    let mut conn = pool.get().await.expect("checkout");
+    terminate_all(&pg, app).await;
+    eventually(
+        Duration::from_secs(5),
+        "the driver never saw its server close the connection",
+        || PoolableConnection::is_broken(&mut *conn),
+    )
+    .await;
+    let before = pool.stats();
+    drop(conn);
+    let after = pool.stats();
+    assert_eq!(
+        after.closed.broken - before.closed.broken,
+        1,
+        "a connection its server had closed was put back at checkin: {after:?}"
+    );
+    assert_eq!(
+        pool.inner().state().idle_connections,
+        1,
+        "the closed connection went back to the idle list (the other one, idle all along, is the only one there)"
+    );
+}
+
 /// After a "read-only transaction" error the next checkout asks the server whether it became
 /// a standby: a round trip of the pool's own, inside the caller's checkout. A caller that
 /// gives up meanwhile (its deadline, a client gone) drops the checkout half-way and bb8 takes

@@ -341,6 +341,54 @@ async fn a_wal_switch_that_stays_locked_fails_with_sqlites_message_within_its_tr
     assert!(err.to_string().contains("database is locked"), "{err}");
 }
 
+/// A "read-only transaction" error makes the next checkout ask the server whether it became a
+/// standby. An embedded database has no standby: the question is answered "no" without a
+/// round trip, whatever text brought it up (here a trigger's own `RAISE` in PostgreSQL's
+/// words), and the connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_database_is_never_taken_for_a_standby() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    // Set up outside the pool: a trigger's `BEGIN ... END` looks like a transaction opened
+    // behind Diesel's back, which closes the pool's connection at checkin.
+    diesel::SqliteConnection::establish(dir.path().join("app.db").to_str().unwrap())
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE t (x INTEGER); \
+             CREATE TRIGGER no_writes BEFORE INSERT ON t BEGIN \
+             SELECT RAISE(ABORT, 'cannot execute INSERT in a read-only transaction'); END;",
+        )
+        .unwrap();
+    let pool = SqlitePool::builder(&db(&dir))
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    let mut conn = pool.get().await.unwrap();
+    let refused = diesel::sql_query("INSERT INTO t VALUES (1)")
+        .execute(&mut conn)
+        .await
+        .expect_err("the trigger refuses every insert");
+    assert!(
+        refused.to_string().contains("read-only transaction"),
+        "{refused}"
+    );
+    drop(conn);
+    let mut conn = pool.get().await.unwrap();
+    diesel::sql_query("SELECT 1")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.connects, stats.closed.broken),
+        (1, 0),
+        "the SQLite connection was taken for a standby and replaced: {stats:?}"
+    );
+}
+
 /// `get_owned` (the form an axum extractor or a spawned task needs) goes through the pool's
 /// gate, budget and stats like `get`: it is counted, and it waits its turn instead of
 /// slipping past the wrapped bb8 pool (which `Deref` would otherwise reach).
