@@ -841,6 +841,47 @@ mod tests {
         }
     }
 
+    /// A host that is no valid server name (the translation refuses it for `verify-full`):
+    /// `verify-full` refuses to start the handshake, having nothing to check the certificate
+    /// against; weaker modes go on without SNI, as for an address.
+    #[test]
+    fn verify_full_refuses_a_host_that_is_no_server_name_and_weaker_modes_go_on() {
+        use pool_core::config::SslMode;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root.crt");
+        let ca = cert(&ec_key(), MessageDigest::sha256(), None, true, None);
+        fs::write(&root, ca.to_pem().unwrap()).unwrap();
+        for (mode, refused) in [
+            (SslMode::VerifyFull, true),
+            (SslMode::VerifyCa, false),
+            (SslMode::Require, false),
+        ] {
+            let settings = TlsSettings {
+                mode: mode.clone(),
+                root_certs: RootCerts::File(root.clone()),
+                ..TlsSettings::default()
+            };
+            let mut connector = connector(&settings).unwrap();
+            let made = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+                &mut connector,
+                "not a host name",
+            );
+            match made {
+                Err(e) if refused => {
+                    assert!(e.to_string().contains("needs a host name"), "{mode:?}: {e}")
+                }
+                Ok(c) if !refused => {
+                    assert!(
+                        matches!(c.name, ServerName::IpAddress(_)),
+                        "{mode:?}: {c:?}"
+                    )
+                }
+                Err(e) => panic!("{mode:?}: refused: {e}"),
+                Ok(c) => panic!("{mode:?}: a handshake without a name to check: {c:?}"),
+            }
+        }
+    }
+
     /// `verify-ca`: the chain must lead to a root; the name alone is forgiven.
     #[test]
     fn the_chain_only_verifier_forgives_the_name_and_nothing_else() {
