@@ -728,7 +728,7 @@ mod tests {
         const ECDSA_SHA2: [u8; 7] = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
         let rsa = |last: u8| [&RSA[..], &[last]].concat();
         let ecdsa = |last: u8| [&ECDSA_SHA2[..], &[last]].concat();
-        let cases: [(Vec<u8>, Option<String>, &str); 12] = [
+        let cases: [(Vec<u8>, Option<String>, &str); 13] = [
             (rsa(0x04), sha(&SHA256), "md5WithRSAEncryption: SHA-256"),
             (rsa(0x05), sha(&SHA256), "sha1WithRSAEncryption: SHA-256"),
             (rsa(0x0b), sha(&SHA256), "sha256WithRSAEncryption"),
@@ -745,6 +745,11 @@ mod tests {
             (ecdsa(0x04), sha(&SHA512), "ecdsa-with-SHA512"),
             (ecdsa(0x01), None, "ecdsa-with-SHA224: none"),
             (vec![0x2b, 0x65, 0x70], None, "Ed25519: none, as libpq"),
+            (
+                vec![0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03, 0x02],
+                None,
+                "dsa-with-sha256 (ends as ecdsa-with-SHA256 does): none",
+            ),
         ];
         for (oid, want, what) in cases {
             assert_eq!(name(signature_hash(&with_algorithm(&oid))), want, "{what}");
