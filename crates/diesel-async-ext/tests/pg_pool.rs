@@ -314,6 +314,28 @@ async fn checkout_errors_name_the_real_cause_and_never_the_password() {
     );
     assert_clean("tls", &format!("{err} {err:?}"));
 
+    // Something listens there and hangs up at once (a crashing proxy, a half-configured load
+    // balancer): neither a refusal nor TLS, the network.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("listener");
+    let hangup_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let hangup = quick(&pg.url_via(hangup_port, "sslmode=disable"))
+        .build()
+        .await
+        .unwrap();
+    let err = hangup.get().await.err().expect("an error");
+    println!("hang-up: {err}");
+    assert_eq!(err.connect_cause(), Some(ConnectCause::Network), "{err}");
+    assert!(
+        err.to_string().contains("could not connect (network)"),
+        "the cause is named in the message: {err}"
+    );
+    assert_clean("hang-up", &format!("{err} {err:?}"));
+
     // The right password, but the pool is busy: a timeout with no other cause.
     let ok = quick(&pg.url_with("sslmode=disable"))
         .build()
