@@ -887,6 +887,70 @@ mod tests {
         }
     }
 
+    /// A handshake refused for the certificate reads as OpenSSL words it (what libpq users
+    /// search for), with rustls's own words beside; an address's mismatch is an address's.
+    #[test]
+    fn certificate_refusals_are_worded_as_openssls() {
+        let refusal = |cause: CertificateError| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(cause),
+            )
+        };
+        let cases = [
+            (
+                CertificateError::NotValidForName,
+                false,
+                "hostname mismatch",
+            ),
+            (
+                CertificateError::NotValidForName,
+                true,
+                "IP address mismatch",
+            ),
+            (CertificateError::Expired, false, "certificate has expired"),
+            (
+                CertificateError::NotValidYet,
+                false,
+                "certificate is not yet valid",
+            ),
+            (
+                CertificateError::UnknownIssuer,
+                false,
+                "unable to get local issuer certificate",
+            ),
+            (
+                CertificateError::BadSignature,
+                false,
+                "certificate signature failure",
+            ),
+            (CertificateError::Revoked, false, "certificate revoked"),
+            (
+                CertificateError::BadEncoding,
+                false,
+                "the certificate was rejected",
+            ),
+        ];
+        for (cause, is_address, want) in cases {
+            let what = format!("{cause:?}");
+            let message = describe(refusal(cause), is_address).to_string();
+            assert!(
+                message.starts_with(&format!("certificate verify failed: {want} (rustls: ")),
+                "{what}: {message}"
+            );
+        }
+        let other = describe(
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::NoCertificatesPresented,
+            ),
+            false,
+        );
+        assert!(other.to_string().starts_with("rustls: "), "{other}");
+        let plain = describe(io::Error::other("connection reset"), false);
+        assert_eq!(plain.to_string(), "connection reset");
+    }
+
     /// `verify-ca`: the chain must lead to a root; the name alone is forgiven.
     #[test]
     fn the_chain_only_verifier_forgives_the_name_and_nothing_else() {
