@@ -867,6 +867,11 @@ mod tests {
                 ..TlsSettings::default()
             };
             let mut connector = connector(&settings).unwrap();
+            let shown = format!("{connector:?}");
+            assert!(
+                shown.starts_with("RustlsConnector") && shown.contains("verification"),
+                "{shown}"
+            );
             let made = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
                 &mut connector,
                 "not a host name",
@@ -876,6 +881,8 @@ mod tests {
                     assert!(e.to_string().contains("needs a host name"), "{mode:?}: {e}")
                 }
                 Ok(c) if !refused => {
+                    let shown = format!("{c:?}");
+                    assert!(shown.starts_with("RustlsConnect {"), "{shown}");
                     assert!(
                         matches!(c.name, ServerName::IpAddress(_)),
                         "{mode:?}: {c:?}"
@@ -947,8 +954,15 @@ mod tests {
             false,
         );
         assert!(other.to_string().starts_with("rustls: "), "{other}");
-        let plain = describe(io::Error::other("connection reset"), false);
+        let plain = describe(io::Error::from(io::ErrorKind::ConnectionReset), false);
         assert_eq!(plain.to_string(), "connection reset");
+        // The source is the I/O failure's own; a rustls error is already in the message.
+        use std::error::Error as _;
+        assert_eq!(
+            plain.source().map(ToString::to_string).as_deref(),
+            Some("connection reset")
+        );
+        assert!(other.source().is_none(), "{:?}", other.source());
     }
 
     /// `verify-ca`: the chain must lead to a root; the name alone is forgiven.
