@@ -965,6 +965,35 @@ mod tests {
         assert!(other.source().is_none(), "{:?}", other.source());
     }
 
+    /// rustls speaks TLS 1.2 and 1.3: the bounds pick among them, and bounds that leave
+    /// neither name the setting to change (a maximum below 1.2, else the minimum).
+    #[test]
+    fn the_protocol_bounds_pick_among_the_versions_rustls_speaks() {
+        let with = |min: Option<TlsVersion>, max: Option<TlsVersion>| {
+            versions(&TlsSettings {
+                min_protocol: min,
+                max_protocol: max,
+                ..TlsSettings::default()
+            })
+            .map(|v| v.iter().map(|v| v.version).collect::<Vec<_>>())
+            .map_err(|e| match e {
+                ConfigError::Invalid { setting, .. } => setting,
+                other => panic!("{other}"),
+            })
+        };
+        use rustls::ProtocolVersion::{TLSv1_2, TLSv1_3};
+        use TlsVersion::*;
+        assert_eq!(with(None, None), Ok(vec![TLSv1_2, TLSv1_3]));
+        assert_eq!(with(Some(Tls1_3), None), Ok(vec![TLSv1_3]));
+        assert_eq!(with(None, Some(Tls1_2)), Ok(vec![TLSv1_2]));
+        assert_eq!(with(Some(Tls1_0), Some(Tls1_2)), Ok(vec![TLSv1_2]));
+        assert_eq!(with(None, Some(Tls1_1)), Err("ssl_max_protocol_version"));
+        assert_eq!(
+            with(Some(Tls1_3), Some(Tls1_2)),
+            Err("ssl_min_protocol_version")
+        );
+    }
+
     /// `verify-ca`: the chain must lead to a root; the name alone is forgiven.
     #[test]
     fn the_chain_only_verifier_forgives_the_name_and_nothing_else() {
