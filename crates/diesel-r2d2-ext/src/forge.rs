@@ -100,7 +100,17 @@ pub(crate) fn r2d2_error(message: &str) -> r2d2::Error {
         }
         let error = match forge.pool.get_timeout(Duration::ZERO) {
             Err(error) => error,
-            Ok(_) => continue, // cannot happen: the check always fails
+            // Cannot happen (the check always fails), and bounded anyway: past the deadline,
+            // with the pool's one connection held, a zero-timeout checkout fails at once
+            // (r2d2's own error, without our message).
+            Ok(held) if Instant::now() >= deadline => {
+                let Err(error) = forge.pool.get_timeout(Duration::ZERO) else {
+                    continue;
+                };
+                drop(held);
+                return error;
+            }
+            Ok(_) => continue,
         };
         // The background connect may finish between r2d2 recording our message and taking
         // it (it clears the last error): then the message is missing; forge again.
