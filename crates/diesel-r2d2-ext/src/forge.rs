@@ -129,10 +129,19 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..50 {
                         let msg = format!("thread {t} error {i}");
+                        let started = std::time::Instant::now();
                         let e = super::r2d2_error(&msg);
                         assert_eq!(
                             e.to_string(),
                             format!("timed out waiting for connection: {msg}")
+                        );
+                        // The bound this proves: a forging waits for the fake connection
+                        // only while it is being reopened (microseconds), never until its
+                        // 2 s deadline.
+                        assert!(
+                            started.elapsed() < std::time::Duration::from_secs(1),
+                            "forging took {:?}",
+                            started.elapsed()
                         );
                     }
                 })
