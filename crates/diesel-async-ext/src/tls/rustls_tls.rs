@@ -780,19 +780,26 @@ mod tests {
         DigitallySignedStruct::read(&mut Reader::init(&wire)).unwrap()
     }
 
+    /// A private CA (certificate and key) and webpki's verifier trusting it alone.
+    fn private_ca() -> (X509, PKey<Private>, Arc<WebPkiServerVerifier>) {
+        let ca_key = ec_key();
+        let ca = cert(&ca_key, MessageDigest::sha256(), None, true, None);
+        let mut roots = RootCertStore::empty();
+        roots.add(der_of(&ca)).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        (ca, ca_key, webpki)
+    }
+
     /// Every verifier checks the handshake's signature against the certificate's key, the
     /// one without verification (`require`) too: a server that shows a certificate whose key
     /// it does not hold is refused, as OpenSSL refuses it with `SSL_VERIFY_NONE`.
     #[test]
     fn every_verifier_checks_the_handshake_signature_against_the_certificates_key() {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca_key = ec_key();
-        let ca = cert(&ca_key, MessageDigest::sha256(), None, true, None);
-        let mut roots = RootCertStore::empty();
-        roots.add(der_of(&ca)).unwrap();
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .unwrap();
+        let (ca, ca_key, webpki) = private_ca();
         let verifiers: [(&str, Arc<dyn ServerCertVerifier>); 2] = [
             ("none", Arc::new(AnyCertificate(provider.clone()))),
             ("chain", Arc::new(ChainOnly(webpki.clone()))),
@@ -997,16 +1004,8 @@ mod tests {
     /// `verify-ca`: the chain must lead to a root; the name alone is forgiven.
     #[test]
     fn the_chain_only_verifier_forgives_the_name_and_nothing_else() {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca_key = ec_key();
-        let ca = cert(&ca_key, MessageDigest::sha256(), None, true, None);
-        let mut roots = RootCertStore::empty();
-        roots.add(der_of(&ca)).unwrap();
-        let chain = ChainOnly(
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .unwrap(),
-        );
+        let (ca, ca_key, webpki) = private_ca();
+        let chain = ChainOnly(webpki);
         let name = |n: &str| ServerName::try_from(n.to_owned()).unwrap();
         let verify = |leaf: &X509, server: &str| {
             chain.verify_server_cert(&der_of(leaf), &[], &name(server), &[], UnixTime::now())
