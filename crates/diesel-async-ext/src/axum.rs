@@ -293,5 +293,100 @@ mod tests {
     #[test]
     fn json_strings_escape_quotes_backslashes_and_controls() {
         assert_eq!(json_string("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+        // The last control character is escaped; a space, the first printable one, is not.
+        assert_eq!(json_string("\u{1f} \u{7f}é"), "\"\\u001f \u{7f}é\"");
+    }
+
+    /// Every kind of checkout failure names its cause (the root of a timeout's chain), and
+    /// the message is the error's own text.
+    #[test]
+    fn each_checkout_failure_names_its_cause() {
+        let pool = || "orders".to_owned();
+        let cases = [
+            (
+                ExtError::Budget {
+                    pool: pool(),
+                    message: "no permit".into(),
+                },
+                "budget",
+            ),
+            (
+                ExtError::PingFailed {
+                    elapsed_ms: 5,
+                    timeout_ms: 5,
+                    message: "no reply".into(),
+                },
+                "validation",
+            ),
+            (
+                ExtError::Retired(pool_core::lifecycle::CloseReason::Expired),
+                "retired",
+            ),
+            (
+                ExtError::Unavailable {
+                    pool: pool(),
+                    message: "database \"x\" does not exist".into(),
+                },
+                "unavailable",
+            ),
+            (ExtError::Closed { pool: pool() }, "closed"),
+            (
+                ExtError::Timeout {
+                    pool: pool(),
+                    waited: std::time::Duration::from_millis(30),
+                    state: "2 in use".into(),
+                    cause: None,
+                },
+                "timeout",
+            ),
+        ];
+        for (error, cause) in cases {
+            let rejection = DbUnavailable::from(&error);
+            assert_eq!(rejection.cause(), cause, "{error}");
+            assert_eq!(rejection.message(), error.to_string());
+            assert_eq!(
+                rejection.to_string(),
+                format!("database unavailable ({cause}): {error}")
+            );
+        }
+    }
+
+    async fn body_of(response: Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("the body");
+        String::from_utf8(bytes.to_vec()).expect("UTF-8")
+    }
+
+    /// The readiness and status handlers answer with the pool's JSON (an embedded database:
+    /// ready, one idle connection).
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn the_ready_and_status_handlers_answer_with_the_pools_json() {
+        use diesel::SqliteConnection;
+        use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+        type Conn = SyncConnectionWrapper<SqliteConnection>;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("app.db").display());
+        let pool = ExtPool::<Conn>::builder(&url)
+            .name("handlers")
+            .pool_size(1)
+            .max_overflow(0)
+            .build()
+            .await
+            .unwrap();
+        let response = ready::<Conn>(State(pool.clone())).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = body_of(response).await;
+        assert!(
+            body.contains("\"pool\": \"handlers\"") && body.contains("\"state\": \"ready\""),
+            "{body}"
+        );
+        let response = pool_status::<Conn>(State(pool.clone())).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = body_of(response).await;
+        assert!(body.starts_with('{') && body.contains("handlers"), "{body}");
     }
 }
