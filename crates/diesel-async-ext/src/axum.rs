@@ -388,5 +388,8 @@ mod tests {
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
         let body = body_of(response).await;
         assert!(body.starts_with('{') && body.contains("handlers"), "{body}");
+        // The extractor's checkout shows nothing of the connection (nor of its URL).
+        let conn = DbConn(pool.get_owned().await.unwrap());
+        assert_eq!(format!("{conn:?}"), "DbConn(..)");
     }
 }
