@@ -507,3 +507,94 @@ async fn an_error_names_the_host_as_typed_and_the_address_of_a_name() {
     assert!(shown.contains(&format!("127.0.0.1:{closed}")), "{shown}");
     assert!(!shown.contains("(127.0.0.1)"), "{shown}");
 }
+
+/// The distribution CA bundles, in the order the connectors look for them.
+const BUNDLES: [&str; 5] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// One `verify-full` connect to `url` on its own current-thread runtime, through each TLS
+/// stack built in: whether it is encrypted, or the error.
+fn verify_full_on_each_stack(url: String) -> Vec<(&'static str, Result<bool, String>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut stacks: Vec<(&'static str, diesel_async_ext::TlsBackend)> =
+        vec![("openssl", diesel_async_ext::TlsBackend::OpenSsl)];
+    #[cfg(feature = "rustls")]
+    stacks.push(("rustls", diesel_async_ext::TlsBackend::Rustls));
+    stacks
+        .into_iter()
+        .map(|(name, backend)| {
+            let result = runtime.block_on(async {
+                let config = diesel_async_ext::PgConnectConfig::from_url(&url, &settings())
+                    .map_err(|e| e.to_string())?
+                    .with_tls_backend(backend);
+                let connector = PgConnector::new(config).map_err(|e| e.to_string())?;
+                let mut conn = connector.connect().await.map_err(|e| e.to_string())?;
+                Ok(uses_tls(&mut conn).await)
+            });
+            (name, result)
+        })
+        .collect()
+}
+
+/// `verify-full` without `sslrootcert` trusts the distribution's CA bundle, as libpq's
+/// `sslrootcert=system` does: a managed server whose certificate a public CA signed verifies
+/// with no file to ship. For one thread, in a private mount namespace, `/etc/ssl` holds only a
+/// bundle with the test server's private CA, at the last place the connectors look
+/// (`/etc/ssl/cert.pem`), so that neither OpenSSL's defaults nor `SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` (set on some machines, and pointing into `/etc/ssl/certs`) find it: only the
+/// connectors' own list does. The machine's trust store is never touched; outside the
+/// namespace the same connect fails for want of the issuer.
+#[test]
+fn verify_full_without_a_root_file_trusts_the_distributions_ca_bundle() {
+    let Some(pg) = test_support::pg_or_skip() else {
+        return;
+    };
+    let elsewhere: Vec<&str> = BUNDLES
+        .iter()
+        .copied()
+        .filter(|b| !b.starts_with("/etc/ssl/") && std::path::Path::new(b).exists())
+        .collect();
+    if !elsewhere.is_empty() {
+        eprintln!(
+            "skipping: this machine's bundles outside /etc/ssl would be found first: {elsewhere:?}"
+        );
+        return;
+    }
+    let ca = std::fs::read(pg.ca_cert_path()).expect("the server's CA");
+    let url = url_for(&pg, "localhost", "sslmode=verify-full");
+    let inside = {
+        let url = url.clone();
+        let etc_ssl = std::path::Path::new("/etc/ssl");
+        let files: [(&str, &[u8]); 1] = [("cert.pem", &ca)];
+        match test_support::with_dir_replaced(etc_ssl, &files, move || {
+            verify_full_on_each_stack(url)
+        }) {
+            Ok(results) => results,
+            Err(e) if !ci_mode() => {
+                eprintln!("skipping: no private mount namespace: {e}");
+                return;
+            }
+            Err(e) => panic!("a private mount namespace, needed under CI=true: {e}"),
+        }
+    };
+    for (stack, result) in inside {
+        assert_eq!(
+            result,
+            Ok(true),
+            "{stack}: verify-full did not trust the CA in the distribution's bundle"
+        );
+    }
+    for (stack, result) in verify_full_on_each_stack(url) {
+        let err = result.expect_err("verify-full trusted a private CA that no bundle holds");
+        assert!(err.contains("certificate verify failed"), "{stack}: {err}");
+        assert!(!err.contains(PASSWORD), "{stack}: {err}");
+    }
+}

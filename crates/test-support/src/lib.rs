@@ -11,6 +11,8 @@
 //!   `PgServer`; the package is installed by `scripts/install-pgbouncer.sh` when missing
 //!   ([`pgbouncer_or_skip`] skips or, under `CI=true`, fails when it cannot be had).
 //! - [`SilentServer`]: accepts TCP connections and never answers.
+//! - [`with_dir_replaced`]: runs a closure on a thread that sees a machine directory (the
+//!   CA bundles') holding other files, in a private mount namespace.
 //! - [`capture_logs`] / [`captured_logs`]: assert that a secret never reaches the logs.
 //!
 //! Server binaries are found through `PG_BIN_DIR`, then `PATH`, then the highest version under
@@ -26,6 +28,7 @@ mod certs;
 mod cpu;
 mod error;
 mod logs;
+mod mountns;
 mod netns;
 mod pg;
 mod pgbouncer;
@@ -42,6 +45,7 @@ use parking_lot::Mutex;
 pub use cpu::{cpu_of_threads, this_thread_cpu, threads_cpu, threads_named, MAINTENANCE_THREADS};
 pub use error::TestSupportError;
 pub use logs::{capture_logs, captured_logs};
+pub use mountns::with_dir_replaced;
 pub use netns::NetNs;
 pub use pg::{BackendPause, ClientCert, PgOptions, PgServer, PAUSE_EXPIRES_AFTER};
 pub use pgbouncer::{pgbouncer_or_skip, PgBouncer, PgBouncerOptions, PoolMode, Release};
