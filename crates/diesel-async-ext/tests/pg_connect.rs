@@ -598,3 +598,31 @@ fn verify_full_without_a_root_file_trusts_the_distributions_ca_bundle() {
         assert!(!err.contains(PASSWORD), "{stack}: {err}");
     }
 }
+
+/// A connection that breaks after authentication, while diesel-async sets up its session
+/// (`SET TIME ZONE 'UTC'`, here cut before it reaches the server), is a network failure
+/// (transient: the next connect may pass), not the server's refusal.
+#[tokio::test]
+async fn a_connection_lost_during_the_session_setup_is_a_network_failure() {
+    let Some(pg) = test_support::pg_or_skip() else {
+        return;
+    };
+    let proxy = test_support::FaultProxy::start(pg.addr()).expect("proxy");
+    proxy.sever_before_forwarding(b"SET TIME ZONE");
+    let url = pg.url_via(proxy.port(), "sslmode=disable");
+    let err = tokio::time::timeout(Duration::from_secs(20), connect(&url))
+        .await
+        .expect("the connect did not end within 20 s")
+        .err()
+        .expect("the setup was cut: the connect must fail");
+    assert_no_password(&err);
+    assert!(
+        proxy.trigger_armed() == false,
+        "the cut never happened: {err}"
+    );
+    assert!(
+        matches!(err, ConnectError::Network { .. }),
+        "not a network failure: {err:?}"
+    );
+    assert!(err.to_string().contains("session setup failed"), "{err}");
+}
