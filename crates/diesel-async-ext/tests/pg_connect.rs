@@ -524,6 +524,7 @@ fn verify_full_on_each_stack(url: String) -> Vec<(&'static str, Result<bool, Str
         .enable_all()
         .build()
         .expect("runtime");
+    #[cfg_attr(not(feature = "rustls"), allow(unused_mut))]
     let mut stacks: Vec<(&'static str, diesel_async_ext::TlsBackend)> =
         vec![("openssl", diesel_async_ext::TlsBackend::OpenSsl)];
     #[cfg(feature = "rustls")]
@@ -616,10 +617,7 @@ async fn a_connection_lost_during_the_session_setup_is_a_network_failure() {
         .err()
         .expect("the setup was cut: the connect must fail");
     assert_no_password(&err);
-    assert!(
-        proxy.trigger_armed() == false,
-        "the cut never happened: {err}"
-    );
+    assert!(!proxy.trigger_armed(), "the cut never happened: {err}");
     assert!(
         matches!(err, ConnectError::Network { .. }),
         "not a network failure: {err:?}"
