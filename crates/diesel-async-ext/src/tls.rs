@@ -84,13 +84,11 @@ mod rustls_tls;
 #[cfg(feature = "rustls")]
 pub use rustls_tls::{RustlsConnect, RustlsConnector, RustlsError, RustlsStream};
 
-/// Certificate bundles of the common distributions, used in addition to OpenSSL's default
-/// paths (a vendored OpenSSL looks only under `/usr/local/ssl`), and by rustls.
-#[cfg_attr(
-    not(any(feature = "tls-openssl", feature = "rustls")),
-    allow(dead_code)
-)]
-const SYSTEM_BUNDLES: &[&str] = &[
+/// Certificate bundles of the common distributions: the system roots of `verify-full` without
+/// `sslrootcert` (and of `sslrootcert=system`). They are looked at in this order and the first
+/// that exists is read, by OpenSSL in addition to its default paths (a vendored OpenSSL looks
+/// only under `/usr/local/ssl`), and by rustls after `SSL_CERT_FILE` and `SSL_CERT_DIR`.
+pub const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
     "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
