@@ -55,6 +55,36 @@ fn a_raw_begin_is_rolled_back_before_the_next_checkout() {
 }
 
 #[test]
+fn a_trigger_whose_body_says_begin_keeps_its_connection() {
+    // The transaction watch counts any `BEGIN` as a possible opener (a false alarm costs a
+    // `ROLLBACK`). SQLite refuses that `ROLLBACK` outside a transaction, and the refusal means
+    // "no transaction": the connection stays, and nothing it did is undone.
+    let (_dir, pool) = pool();
+    let mut conn = pool.get().unwrap();
+    conn.batch_execute(
+        "CREATE TABLE audit (tag TEXT NOT NULL);
+         CREATE TRIGGER t_audit AFTER INSERT ON t BEGIN INSERT INTO audit VALUES (new.tag); END;
+         INSERT INTO t VALUES ('kept')",
+    )
+    .unwrap();
+    drop(conn);
+    let mut conn = pool.get().unwrap();
+    assert_eq!(count(&mut conn, "kept"), 1, "the insert was undone");
+    let audited: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "count(*) FROM audit",
+    ))
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(audited, 1, "the trigger did not run");
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.connects, stats.closed.broken),
+        (1, 0),
+        "the connection was closed for a keyword in a trigger's body: {stats:?}"
+    );
+}
+
+#[test]
 fn a_test_transaction_is_never_handed_to_the_next_checkout() {
     let (_dir, pool) = pool();
     let mut conn = pool.get().unwrap();

@@ -64,13 +64,18 @@ pub(crate) fn tracker_of<C: diesel::Connection>(conn: &mut C) -> Option<&mut Tra
     diesel_ext_common::tracker::tracker_of(conn.instrumentation())
 }
 
+/// What SQLite answers a `ROLLBACK` outside a transaction
+/// ("cannot rollback - no transaction is active").
+const SQLITE_NO_TRANSACTION: &str = "no transaction is active";
+
 /// At checkin: whether `conn` must be closed because it may be inside a transaction block.
 ///
 /// A transaction Diesel's manager opened and still holds (`begin_test_transaction`, which
 /// Diesel's own `is_broken` lets through) closes the connection. A session the tracker marked
 /// suspect (a raw `BEGIN` not followed by a successful plain `COMMIT`/`ROLLBACK`; see
 /// `diesel_ext_common::tracker`), or a connection whose tracker the application replaced, is
-/// sent a `ROLLBACK` (a no-op with a warning outside a transaction), bounded by `timeout` with
+/// sent a `ROLLBACK` (a no-op with a warning outside a transaction; SQLite's refusal there
+/// counts as done), bounded by `timeout` with
 /// the watchdog shutting the socket down at the deadline; if that fails, times out, or cannot
 /// be bounded (socket unknown, except for an `embedded` database), the connection is closed.
 /// A session of Diesel-built queries and Diesel-managed transactions costs nothing here.
@@ -95,7 +100,18 @@ pub(crate) fn left_in_transaction<C: crate::ExtConnection>(
     }
     let deadline = socket
         .map(|s| Watchdog::global().arm_critical(Instant::now() + timeout, move || s.shutdown()));
-    let rolled_back = conn.batch_execute("ROLLBACK").is_ok();
+    let rolled_back = match conn.batch_execute("ROLLBACK") {
+        Ok(()) => true,
+        // SQLite refuses a `ROLLBACK` outside a transaction (PostgreSQL only warns): that
+        // answers the question too, and a statement that merely mentioned a keyword (a
+        // trigger's `BEGIN ... END`) does not cost an embedded database its connection.
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if embedded && info.message().contains(SQLITE_NO_TRANSACTION) =>
+        {
+            true
+        }
+        Err(_) => false,
+    };
     let fired = deadline.is_some_and(|d| d.disarm());
     !rolled_back || fired
 }

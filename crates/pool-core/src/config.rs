@@ -774,6 +774,61 @@ mod tests {
     }
 
     #[test]
+    fn the_bounds_are_inclusive_and_the_error_names_the_setting_past_them() {
+        let b = |size: u32, overflow: u32| {
+            PoolConfig::builder("postgres://h/db")
+                .pool_size(size)
+                .max_overflow(overflow)
+                .build()
+        };
+        assert!(b(MAX_CONNECTIONS, 0).is_ok());
+        assert!(b(MAX_CONNECTIONS - 5, 5).is_ok());
+        for (size, overflow, named) in [
+            (MAX_CONNECTIONS, 1, "max_overflow"),
+            (MAX_CONNECTIONS + 1, 0, "pool_size"),
+            (1, MAX_CONNECTIONS, "max_overflow"),
+            (u32::MAX, 1, "pool_size"),
+        ] {
+            match b(size, overflow) {
+                Err(ConfigError::Invalid { setting, reason }) => {
+                    assert_eq!(setting, named, "{size} + {overflow}: {reason}");
+                    assert!(reason.contains("10000 connections"), "{reason}");
+                }
+                other => panic!("{size} + {overflow} was not refused: {other:?}"),
+            }
+        }
+        let life = |d: Duration| {
+            PoolConfig::builder("postgres://h/db")
+                .max_lifetime(Some(d))
+                .build()
+        };
+        assert!(life(MAX_DURATION).is_ok());
+        assert!(life(MAX_DURATION + Duration::from_secs(1)).is_err());
+        let name = |n: &str| build(PoolConfig::builder("postgres://h/db").application_name(n));
+        assert!(name(&"x".repeat(63)).is_ok());
+        assert!(name(" ~").is_ok());
+    }
+
+    #[test]
+    fn modes_display_in_the_spelling_they_parse_from() {
+        for mode in [
+            SslMode::Disable,
+            SslMode::Allow,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            assert_eq!(mode.to_string(), mode.as_str());
+            assert_eq!(mode.to_string().parse::<SslMode>().unwrap(), mode);
+        }
+        for pooler in [Pooler::None, Pooler::Session, Pooler::Transaction] {
+            assert_eq!(pooler.to_string(), pooler.as_str());
+            assert_eq!(pooler.to_string().parse::<Pooler>().unwrap(), pooler);
+        }
+    }
+
+    #[test]
     fn zero_timeouts_bad_jitter_and_absurd_durations_are_refused() {
         let b = || PoolConfig::builder("postgres://h/db");
         for (builder, setting) in [
@@ -867,8 +922,14 @@ mod tests {
 
     #[test]
     fn debug_output_of_the_builder_and_config_hides_the_password() {
-        let b = PoolConfig::builder("postgres://u:S3NT1NEL@h/db");
-        assert!(!format!("{b:?}").contains("S3NT1NEL"));
+        let b = PoolConfig::builder("postgres://u:S3NT1NEL@h/db").pool_size(7);
+        let shown = format!("{b:?}");
+        assert!(!shown.contains("S3NT1NEL"), "{shown}");
+        assert!(
+            shown.starts_with("PoolConfigBuilder {") && shown.contains("pool_size: 7"),
+            "{shown}"
+        );
+        assert!(shown.contains("u:***@h/db"), "{shown}");
         let c = b.build().unwrap();
         assert!(!format!("{c:?}").contains("S3NT1NEL"));
         assert!(format!("{c:?}").contains("u:***@h/db"));

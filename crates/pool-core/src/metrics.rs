@@ -564,6 +564,26 @@ mod tests {
     }
 
     #[test]
+    fn every_metric_a_pool_registers_carries_its_description() {
+        let recorder = DebuggingRecorder::new();
+        let snap = recorder.snapshotter();
+        let p = pool(&recorder);
+        let mut c = ConnState::opened(&p, Duration::from_millis(1), None);
+        c.handed_out(Instant::now(), None);
+        assert_eq!(c.checkin(false), None);
+        let entries = snap.snapshot().into_vec();
+        assert!(entries.len() >= 5, "{entries:?}");
+        for (key, _unit, description, _) in entries {
+            let name = key.key().name().to_owned();
+            assert!(
+                description.is_some_and(|d| !d.is_empty()),
+                "{name} has no description"
+            );
+        }
+        drop(c);
+    }
+
+    #[test]
     fn a_connection_moves_count_create_wait_and_use_time_through_its_life() {
         let recorder = DebuggingRecorder::new();
         let snap = recorder.snapshotter();

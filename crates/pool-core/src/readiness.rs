@@ -598,6 +598,103 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_is_saturated_when_nothing_is_available_or_callers_queue_with_nothing_idle() {
+        let p = pool();
+        let snap = |available: u32, idle: u32, waiters: Option<u32>| StatsSnapshot {
+            available,
+            idle,
+            waiters,
+            ..p.snapshot(0, 0)
+        };
+        assert!(saturated(&snap(0, 0, Some(0))), "nothing available");
+        assert!(saturated(&snap(0, 2, None)), "nothing available");
+        assert!(
+            saturated(&snap(1, 0, Some(1))),
+            "a caller queues, nothing idle"
+        );
+        assert!(
+            !saturated(&snap(1, 1, Some(1))),
+            "an idle connection serves at once"
+        );
+        assert!(
+            !saturated(&snap(1, 0, Some(0))),
+            "room to open one, nobody queued"
+        );
+        assert!(
+            !saturated(&snap(1, 0, None)),
+            "waiters unknown: room to open one"
+        );
+    }
+
+    #[test]
+    fn an_answer_carries_the_pools_numbers_the_checks_findings_and_the_evidences_age() {
+        let p = pool();
+        let c = ConnState::opened(&p, Duration::ZERO, None);
+        std::thread::sleep(Duration::from_millis(30));
+        let mut snap = p.snapshot(1, 1);
+        snap.available = 3;
+        snap.waiters = Some(4);
+        snap.timeouts = 5;
+        snap.connect_failures = 6;
+        snap.pings = 7;
+        let mut check = Check::start();
+        check.found_dead(2, Some("ping: timed out".into()));
+        check.found_dead(1, None);
+        let h = check.answer(
+            &p,
+            Finding::NoCheck {
+                class: "budget",
+                message: "no permit free".into(),
+            },
+            &snap,
+        );
+        assert_eq!(
+            (h.state, h.source),
+            (HealthState::Degraded, HealthSource::Stats)
+        );
+        assert!(!h.is_ready());
+        assert_eq!(h.found_dead, 3);
+        assert_eq!(
+            h.error.as_deref(),
+            Some("no permit free; last failed ping: ping: timed out")
+        );
+        assert_eq!(
+            h.stats,
+            HealthStats {
+                in_use: 1,
+                idle: 1,
+                total_possible: 2,
+                available: 3,
+                waiters: Some(4),
+                timeouts: 5,
+                connect_failures: 6,
+                pings: 7,
+            }
+        );
+        // In milliseconds: the connect was at least 30 ms ago, and not minutes.
+        let age = h
+            .evidence_age_ms
+            .expect("a stats answer shows the evidence's age");
+        assert!((30.0..60_000.0).contains(&age), "{age}");
+        assert!((0.0..60_000.0).contains(&h.latency_ms), "{}", h.latency_ms);
+        let h = Check::start().answer(&p, Finding::Evidence, &snap);
+        assert!(h.evidence_age_ms.is_some_and(|a| a >= 30.0), "{h:?}");
+        // An answer that rests on a round trip shows no evidence age.
+        let h = Check::start().answer(&p, Finding::Answered, &snap);
+        assert_eq!(h.evidence_age_ms, None);
+        drop(c);
+    }
+
+    #[test]
+    fn a_checks_latency_is_in_milliseconds() {
+        let p = pool();
+        let check = Check::start();
+        std::thread::sleep(Duration::from_millis(20));
+        let h = check.answer(&p, Finding::Connected, &p.snapshot(0, 0));
+        assert!((20.0..60_000.0).contains(&h.latency_ms), "{}", h.latency_ms);
+    }
+
+    #[test]
     fn a_warm_up_is_complete_when_opened_and_idle_reach_what_it_wanted() {
         let w = WarmUp {
             pool: "p".into(),
