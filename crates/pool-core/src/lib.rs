@@ -195,6 +195,39 @@ mod no_secret_leaks {
     }
 }
 
+/// A deadline on this crate's unit-test binary as a whole. The run takes a few seconds in a
+/// debug build; a library loop that stops advancing (a scan whose index no longer moves, a
+/// retry schedule of zero delays) would otherwise hang it, as libtest has no per-test timeout
+/// and a spinning call cannot be interrupted. Past [`DEADLINE`](test_deadline::DEADLINE) the
+/// binary fails with a message saying so. Set `POOL_CORE_TEST_NO_DEADLINE=1` to run without
+/// it (under a debugger, say).
+#[cfg(all(test, target_os = "linux", not(loom)))]
+mod test_deadline {
+    use std::time::Duration;
+
+    /// How long the unit tests may take together (about 3 s in a debug build on 2 cores).
+    pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
+
+    extern "C" fn start() {
+        if std::env::var_os("POOL_CORE_TEST_NO_DEADLINE").is_some() {
+            return;
+        }
+        std::thread::spawn(|| {
+            std::thread::sleep(DEADLINE);
+            eprintln!(
+                "pool-core's unit tests are still running after {DEADLINE:?}: a test is stuck \
+                 (a library loop that no longer advances?); failing the run"
+            );
+            std::process::exit(101);
+        });
+    }
+
+    /// Runs `start` when the test binary is loaded, before libtest's `main`.
+    #[used]
+    #[link_section = ".init_array"]
+    static START: extern "C" fn() = start;
+}
+
 #[cfg(test)]
 mod no_panics {
     //! Whatever text a user or a server hands us, parsing and redaction return; they never

@@ -906,6 +906,100 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_is_masked_from_its_first_byte_in_every_spelling_of_that_byte() {
+        // A leading space written as `+` (the trimmed secret alone would leave the `+`).
+        let r = Redactor::new().with_secret(" pw9Kq");
+        assert_masked(&r, "token +pw9Kq!", "token ***!");
+        // A leading quote escaped by a backslash, as `Debug` writes it.
+        let r = Redactor::new().with_secret("\"pw9Kq");
+        assert_masked(&r, &format!("{:?}", "\"pw9Kq"), "\"***\"");
+        // A leading byte percent-encoded.
+        let r = Redactor::new().with_secret("@pw9Kq");
+        assert_masked(&r, "token %40pw9Kq!", "token ***!");
+    }
+
+    #[test]
+    fn only_a_backslash_escapes_a_quote_and_only_before_a_quote() {
+        // Another byte before the quote is not an escape: the text is not the secret.
+        let r = Redactor::new().with_secret("x\"y9Kq");
+        assert_masked(&r, "say x?\"y9Kq now", "say x?\"y9Kq now");
+        assert_masked(&r, "say x\\\"y9Kq now", "say *** now");
+        // A backslash escapes only a quote or a backslash, never a plain character.
+        let r = Redactor::new().with_secret("xy9Kq");
+        assert_masked(&r, "id x-y9Kq", "id x-y9Kq");
+        assert_masked(&r, "id x\\y9Kq", "id x\\y9Kq");
+    }
+
+    #[test]
+    fn a_quoted_piece_in_lower_case_percent_encoding_is_masked() {
+        // "s%2f" shares 4 characters only with the lower-case encoding "p%40ss%2fw0rd".
+        let r = Redactor::new().with_secret("p@ss/w0rd");
+        assert_masked(&r, "token \"s%2f\" refused", "token \"***\" refused");
+        assert_masked(&r, "token \"s%2F\" refused", "token \"***\" refused");
+    }
+
+    #[test]
+    fn a_leading_url_scheme_is_a_letter_then_letters_digits_plus_dot_or_dash() {
+        assert_eq!(scheme_prefix_len("postgres+ssl.v-2:x"), Some(16));
+        assert_eq!(scheme_prefix_len("p:x"), Some(1));
+        assert_eq!(scheme_prefix_len("1pg:x"), None);
+        assert_eq!(scheme_prefix_len("pg sql:x"), None);
+        assert_eq!(scheme_prefix_len(":x"), None);
+        assert_eq!(scheme_prefix_len("postgres"), None);
+    }
+
+    #[test]
+    fn a_refused_urls_user_with_blanks_or_controls_is_masked_with_its_password() {
+        // Whole scope (a URL the parser refused): a user part that cannot be a user name is
+        // masked along with the password, not shown.
+        for user in ["my user", "my\tuser", "my\u{7}user", "a/b", "a?b"] {
+            let url = format!("postgres://{user}:pw9Kq@h/db");
+            assert_eq!(
+                redact_url(&url, Scope::Whole),
+                "postgres://***@h/db",
+                "{url:?}"
+            );
+            if user.contains(['/', '?']) {
+                continue; // Not user info in a URL that parsed: the authority ended before.
+            }
+            // Authority scope (a URL that parsed): the user is shown, the password masked.
+            assert_eq!(
+                redact_url(&url, Scope::Authority),
+                format!("postgres://{user}:***@h/db"),
+                "{url:?}"
+            );
+        }
+        assert_eq!(
+            redact_url("postgres://app:pw9Kq@h/db", Scope::Whole),
+            "postgres://app:***@h/db"
+        );
+    }
+
+    #[test]
+    fn an_empty_secret_value_is_left_as_it_is() {
+        for text in [
+            "password=\"\" user=x",
+            "password='' user=x",
+            "password=&sslmode=require",
+            "\"password\": \"\"",
+        ] {
+            assert_eq!(redact(text), text);
+        }
+        for url in [
+            "postgres://h/db?password=&sslmode=require",
+            "postgres://h/db?password=",
+        ] {
+            assert_eq!(redact_url(url, Scope::Authority), url);
+        }
+        // After a colon only a quoted value is a value: prose stays readable.
+        assert_eq!(
+            redact("password: authentication failed for user app"),
+            "password: authentication failed for user app"
+        );
+        assert_eq!(redact("password: \"pw9Kq\""), "password: \"***\"");
+    }
+
+    #[test]
     fn a_short_secret_is_masked_where_it_is_written_and_where_it_is_quoted_whole() {
         let r = Redactor::new().with_secret("密x");
         assert_masked(&r, "pw 密x, \"密x\"", "pw ***, \"***\"");

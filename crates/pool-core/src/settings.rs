@@ -366,6 +366,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_kind_says_how_its_values_are_written() {
+        let units: Vec<(Kind, &str)> = [
+            Kind::Count,
+            Kind::Duration,
+            Kind::Window,
+            Kind::OptionalDuration,
+            Kind::Bool,
+            Kind::Fraction,
+            Kind::SslMode,
+            Kind::Pooler,
+            Kind::Path,
+            Kind::Text,
+        ]
+        .into_iter()
+        .map(|k| (k, k.unit()))
+        .collect();
+        assert_eq!(units[0], (Kind::Count, "number"));
+        assert_eq!(units[3], (Kind::OptionalDuration, "duration or off"));
+        assert_eq!(
+            Kind::Duration.unit(),
+            Kind::Window.unit(),
+            "both are durations"
+        );
+        let mut distinct: Vec<&str> = units.iter().map(|(_, u)| *u).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), units.len() - 1, "{units:?}");
+        assert!(distinct.iter().all(|u| !u.is_empty() && *u != "xyzzy"));
+    }
+
+    #[test]
     fn every_default_in_the_table_is_the_default_the_builder_has() {
         let config = PoolConfig::builder("postgres://app@db/app")
             .build()

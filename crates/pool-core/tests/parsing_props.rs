@@ -30,8 +30,30 @@ fn config() -> ProptestConfig {
     let mut config = ProptestConfig::default();
     if std::env::var_os("PROPTEST_CASES").is_none() {
         config.cases = CASES;
+        deadline();
     }
     config
+}
+
+/// How long the default run of this file may take: well under a second in a debug build, so
+/// past this a parse or a redaction has stopped advancing.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Starts (once) the watch that ends this test binary with a failure if it runs past
+/// [`DEADLINE`]: a property whose input makes the library spin would otherwise hang the run
+/// (libtest has no per-test timeout, and a spinning case cannot be interrupted).
+fn deadline() {
+    static WATCH: std::sync::Once = std::sync::Once::new();
+    WATCH.call_once(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(DEADLINE);
+            eprintln!(
+                "parsing_props: still running after {DEADLINE:?}: a parse or a redaction no \
+                 longer ends on some input"
+            );
+            std::process::exit(101);
+        });
+    });
 }
 
 /// Characters that only a password holds; one of them is in every generated password.
