@@ -712,6 +712,9 @@ mod tests {
         let s = PoolStats::new();
         s.record_checkout(Duration::MAX);
         s.record_checkout(Duration::from_nanos(1));
+        // The longest waits with their own buckets: 2^40 µs up to 2^41 µs (12.7 to 25 days).
+        s.record_checkout(Duration::from_micros(1 << 40));
+        s.record_checkout(Duration::from_micros((1 << 41) - 1));
         let snap = s.snapshot(gauges(0, 0));
         assert!(snap.wait_p99_ms.is_finite() && snap.wait_p99_ms > 0.0);
         for us in [0, 1, 7, 8, 15, 16, 1000, 1 << 40, u64::MAX] {
@@ -755,5 +758,33 @@ mod tests {
             serde_json::to_string(&CloseReason::ProbeDead).unwrap(),
             "\"probe_dead\""
         );
+        // A snapshot written before `probe_available` existed reads as "available" (the
+        // field's serde default), and before `server_down`, as "not down".
+        let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let fields = value.as_object_mut().unwrap();
+        fields.remove("probe_available");
+        fields.remove("server_down");
+        let old: StatsSnapshot = serde_json::from_value(value).unwrap();
+        assert!(old.probe_available);
+        assert_eq!(old.server_down, None);
+    }
+
+    #[test]
+    fn close_reasons_display_as_their_json_names() {
+        for reason in [
+            CloseReason::Broken,
+            CloseReason::ProbeDead,
+            CloseReason::PingFailed,
+            CloseReason::Expired,
+            CloseReason::IdleTimeout,
+            CloseReason::Invalidated,
+            CloseReason::Released,
+            CloseReason::Reclaimed,
+            CloseReason::Overflow,
+        ] {
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(format!("\"{reason}\""), json);
+            assert_eq!(reason.to_string(), reason.as_str());
+        }
     }
 }
