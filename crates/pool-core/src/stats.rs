@@ -627,9 +627,16 @@ mod tests {
         s.record_close(CloseReason::Expired);
         s.record_close(CloseReason::ProbeDead);
         s.record_ping(true);
+        s.record_ping(true);
         s.record_ping(false);
         s.record_probe_dead();
         s.record_invalidation();
+        s.record_invalidation_event();
+        s.record_invalidation_event();
+        s.record_hedge(true);
+        s.record_hedge(false);
+        s.record_hedge(false);
+        s.record_hedge_gave_up();
         s.record_leak();
         s.record_retry();
         s.record_retry();
@@ -645,7 +652,17 @@ mod tests {
             snap.closed.non_zero().into_iter().collect::<Vec<_>>(),
             [("expired", 2), ("probe_dead", 1)]
         );
-        assert_eq!((snap.pings, snap.validations_failed), (2, 1));
+        assert_eq!((snap.pings, snap.validations_failed), (3, 1));
+        assert_eq!(snap.invalidation_events, 2);
+        assert_eq!(
+            (snap.hedges, snap.hedges_won, snap.hedges_gave_up),
+            (3, 1, 1)
+        );
+        let shown = format!("{s:?}");
+        assert!(
+            shown.starts_with("PoolStats {") && shown.contains("checkouts: 1"),
+            "{shown}"
+        );
         assert_eq!(
             (snap.probe_detected_dead, snap.invalidations, snap.leaks),
             (1, 1, 1)
@@ -693,6 +710,53 @@ mod tests {
         }
         assert_eq!(snap.wait_max_ms, 100.0);
         assert!(snap.wait_p50_ms <= snap.wait_p95_ms && snap.wait_p95_ms <= snap.wait_p99_ms);
+    }
+
+    /// The percentiles `waits` (in µs) give: each is interpolated within its bucket by rank
+    /// and capped at the longest wait.
+    fn percentiles(waits: &[u64]) -> [f64; 3] {
+        let s = PoolStats::new();
+        for &us in waits {
+            s.record_checkout(Duration::from_micros(us));
+        }
+        let snap = s.snapshot(gauges(0, 0));
+        [snap.wait_p50_ms, snap.wait_p95_ms, snap.wait_p99_ms]
+    }
+
+    #[test]
+    fn a_percentile_is_interpolated_by_rank_within_its_bucket() {
+        let close = |got: [f64; 3], want: [f64; 3]| {
+            assert!(
+                got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-9),
+                "got {got:?}, want {want:?}"
+            );
+        };
+        // 2 waits in [3, 4) µs, 4 in [1920, 2048), 13 in [98304, 106496), 1 of 5 s.
+        // p50 is rank 10: the 4th of the 13, 98304 + 8192 * 4 / 13 µs; p95 is rank 19, the
+        // 13th of them, the bucket's end; p99 is rank 20, the end of the 5 s bucket, capped
+        // at the longest wait.
+        let mut waits = vec![3, 3, 2000, 2000, 2000, 2000];
+        waits.extend([100_000; 13]);
+        waits.push(5_000_000);
+        close(
+            percentiles(&waits),
+            [(98304.0 + 8192.0 * 4.0 / 13.0) / 1000.0, 106.496, 5000.0],
+        );
+        // Within the first buckets (one microsecond wide): rank 2 of 3 in [3, 4) µs.
+        close(
+            percentiles(&[3, 3, 3, 7]),
+            [(3.0 + 2.0 / 3.0) / 1000.0, 0.007, 0.007],
+        );
+        // 2^40 µs has a bucket of its own, below the last one, [15 * 2^37, 2^41) µs, where
+        // every longer wait goes.
+        close(
+            percentiles(&[1 << 40, u64::MAX]),
+            [
+                (9u64 << 37) as f64 / 1000.0,
+                (1u64 << 41) as f64 / 1000.0,
+                (1u64 << 41) as f64 / 1000.0,
+            ],
+        );
     }
 
     #[test]
