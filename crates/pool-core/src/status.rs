@@ -412,6 +412,104 @@ mod tests {
     }
 
     #[test]
+    fn every_day_from_1970_to_2600_is_the_calendars() {
+        // A plain walk through the Gregorian calendar, a day at a time.
+        let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let month_len = |y: u64, m: u64| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let (mut y, mut m, mut d) = (1970, 1, 1);
+        for days in 0..240_000 {
+            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
+            d += 1;
+            if d > month_len(y, m) {
+                (m, d) = (m + 1, 1);
+                if m > 12 {
+                    (y, m) = (y + 1, 1);
+                }
+            }
+        }
+        assert!(y > 2600);
+    }
+
+    #[test]
+    fn waits_are_shown_with_fewer_decimals_as_they_grow() {
+        for (v, shown) in [
+            (0.0, "0.00"),
+            (2.345, "2.35"),
+            (9.99, "9.99"),
+            (10.0, "10.0"),
+            (12.34, "12.3"),
+            (99.9, "99.9"),
+            (100.0, "100"),
+            (1234.5, "1234"),
+        ] {
+            assert_eq!(ms(v), shown, "{v}");
+        }
+    }
+
+    #[test]
+    fn a_pool_shows_its_reserved_floor_and_its_waits_only_when_it_has_them() {
+        let mut reserved = snapshot("a", 1, 1, None);
+        reserved.reserved = 3;
+        let text = StatusReport::new(vec![reserved]).to_string();
+        assert!(text.contains("   ├─ Reserved: 3\n"), "{text}");
+        assert!(
+            text.contains("   ├─ Wait p50/p95/p99: 2.00 / 2.00 / 2.00 ms (max 2.00 ms)\n"),
+            "{text}"
+        );
+        let fresh = PoolStats::new().snapshot(Gauges {
+            name: "b".into(),
+            in_use: 0,
+            idle: 0,
+            pool_size: 5,
+            max_overflow: 0,
+            reserved: 0,
+            waiters: None,
+        });
+        let text = StatusReport::new(vec![fresh]).to_string();
+        assert!(!text.contains("Reserved"), "{text}");
+        assert!(
+            text.contains("   ├─ Wait p50/p95/p99: no checkouts yet\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_health_line_says_when_a_class_cannot_get_its_floor_and_what_is_reserved() {
+        let budget = |healthy: bool| BudgetSnapshot {
+            total: 10,
+            in_use: 4,
+            free: 6,
+            healthy,
+            classes: Vec::new(),
+        };
+        let pools = || vec![snapshot("a", 1, 1, None)];
+        let text = StatusReport::new(pools())
+            .with_budget_snapshot(budget(false))
+            .to_string();
+        assert!(
+            text.contains("❌ Reserved capacity is NOT available"),
+            "{text}"
+        );
+        let text = StatusReport::new(pools())
+            .with_budget_snapshot(budget(true))
+            .to_string();
+        assert!(
+            text.contains("✅ Healthy: every pool can hand out a connection now\n"),
+            "{text}"
+        );
+        let text = StatusReport::new(pools()).with_budget(60, 0).to_string();
+        assert!(
+            text.contains("✅ Healthy: every pool can hand out a connection now\n"),
+            "nothing reserved, nothing said: {text}"
+        );
+    }
+
+    #[test]
     fn json_holds_every_field_and_reads_back() {
         let report = StatusReport::new(vec![snapshot("a", 1, 1, None)]).with_budget(60, 5);
         let json = report.to_json();
