@@ -1195,6 +1195,39 @@ mod tests {
     }
 
     #[test]
+    fn backends_are_named_in_lower_case() {
+        for (url, name) in [
+            ("postgres://h/db", "postgres"),
+            ("sqlite://app.db", "sqlite"),
+            ("mysql://h/db", "mysql"),
+        ] {
+            let backend = parse(url).backend();
+            assert_eq!(
+                (backend.as_str(), backend.to_string().as_str()),
+                (name, name)
+            );
+        }
+    }
+
+    #[test]
+    fn the_shown_url_masks_exactly_the_password() {
+        // A short user info before a long host: the masked span ends at the `@`, wherever
+        // the host ends.
+        for (url, shown) in [
+            (
+                "postgres://a:b@hostname.example.com/dbname",
+                "postgres://a:***@hostname.example.com/dbname",
+            ),
+            (
+                "postgresql://app:S3NT1NEL@db.internal:5433/app?sslmode=require",
+                "postgresql://app:***@db.internal:5433/app?sslmode=require",
+            ),
+        ] {
+            assert_eq!(parse(url).redacted(), shown);
+        }
+    }
+
+    #[test]
     fn a_mysql_query_password_is_masked_as_written_and_decoded() {
         // `%ba` is an escape whose byte is not UTF-8: the decoded value differs from the
         // written one, and a message may quote the written one (a configuration file's
