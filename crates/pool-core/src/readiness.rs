@@ -686,6 +686,13 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_shown_in_milliseconds() {
+        assert_eq!(millis(Duration::from_millis(1500)), 1500.0);
+        assert_eq!(millis(Duration::from_micros(250)), 0.25);
+        assert_eq!(millis(Duration::ZERO), 0.0);
+    }
+
+    #[test]
     fn a_checks_latency_is_in_milliseconds() {
         let p = pool();
         let check = Check::start();

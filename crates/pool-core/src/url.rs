@@ -1225,6 +1225,12 @@ mod tests {
         ] {
             assert_eq!(parse(url).redacted(), shown);
         }
+        // A secret parameter after others: its masked span is where the parameter is.
+        let url = "postgres://h/d?x=&password=S3NT1NEL&options=-c%20statement_timeout%3D5000";
+        assert_eq!(
+            parse(url).redacted(),
+            "postgres://h/d?x=&password=***&options=-c%20statement_timeout%3D5000"
+        );
     }
 
     #[test]
