@@ -1195,6 +1195,14 @@ mod tests {
     }
 
     #[test]
+    fn host_names_and_hostaddr_values_must_pair_up() {
+        let why = reason("postgres://h1,h2/db?hostaddr=10.0.0.1");
+        assert!(why.contains("2 host names but 1 hostaddr values"), "{why}");
+        let u = parse("postgres://h1,h2/db?hostaddr=10.0.0.1,10.0.0.2");
+        assert_eq!(u.hosts().len(), 2);
+    }
+
+    #[test]
     fn backends_are_named_in_lower_case() {
         for (url, name) in [
             ("postgres://h/db", "postgres"),
