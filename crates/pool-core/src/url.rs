@@ -1203,6 +1203,65 @@ mod tests {
     }
 
     #[test]
+    fn mysql_urls_give_their_one_host_port_and_masked_password() {
+        for (url, host, port, shown) in [
+            (
+                "mysql://app:pw9Kq@db:3307/app",
+                Some("db"),
+                Some(3307),
+                "mysql://app:***@db:3307/app",
+            ),
+            ("mysql://app:pw9Kq@/app", None, None, "mysql://app:***@/app"),
+            (
+                "mysql://app:pw9Kq@:3307/app",
+                None,
+                Some(3307),
+                "mysql://app:***@:3307/app",
+            ),
+            (
+                "mysql://app@10.0.0.5/app",
+                Some("10.0.0.5"),
+                None,
+                "mysql://app@10.0.0.5/app",
+            ),
+            (
+                "mysql://app@[::1]:3307/app",
+                Some("::1"),
+                Some(3307),
+                "mysql://app@[::1]:3307/app",
+            ),
+            (
+                "mysql://app@/app?host=db2",
+                Some("db2"),
+                None,
+                "mysql://app@/app?host=db2",
+            ),
+            (
+                "mariadb://app:p%40ss9Kq@db.internal/app",
+                Some("db.internal"),
+                None,
+                "mariadb://app:***@db.internal/app",
+            ),
+        ] {
+            let u = parse(url);
+            assert_eq!(u.backend(), Backend::Mysql, "{url}");
+            assert_eq!(u.host().as_deref(), host, "{url}");
+            assert_eq!(u.port(), port, "{url}");
+            assert_eq!(u.redacted(), shown, "{url}");
+        }
+        let u = parse("mariadb://app:p%40ss9Kq@db.internal/app");
+        assert_eq!(u.redactor().redact("p@ss9Kq and p%40ss9Kq"), "*** and ***");
+        assert!(reason("mysql://app@db:0/app").contains("port 0"));
+        assert!(reason("mysql://app@db1,db2/app").contains("single host"));
+    }
+
+    #[test]
+    fn a_port_is_digits_only() {
+        assert!(reason("postgres://h:+5432/db").contains("port"));
+        assert_eq!(parse("postgres://h:5432/db").port(), Some(5432));
+    }
+
+    #[test]
     fn backends_are_named_in_lower_case() {
         for (url, name) in [
             ("postgres://h/db", "postgres"),
