@@ -973,6 +973,24 @@ mod tests {
             redact_url("postgres://app:pw9Kq@h/db", Scope::Whole),
             "postgres://app:***@h/db"
         );
+        // No colon: a user part that cannot be a user name may be a password typed alone.
+        for user in ["pw 9Kq", "pw\t9Kq", "pw/9Kq"] {
+            let url = format!("postgres://{user}@h/db");
+            assert_eq!(
+                redact_url(&url, Scope::Whole),
+                "postgres://***@h/db",
+                "{url:?}"
+            );
+        }
+        assert_eq!(
+            redact_url("postgres://app@h/db", Scope::Whole),
+            "postgres://app@h/db"
+        );
+        assert_eq!(
+            redact_url("postgres://pw 9Kq@h/db", Scope::Authority),
+            "postgres://pw 9Kq@h/db",
+            "a URL that parsed has a user name there"
+        );
     }
 
     #[test]
