@@ -407,6 +407,46 @@ mod tests {
     }
 
     #[test]
+    fn floors_that_take_the_whole_slice_are_kept_and_a_budget_too_large_is_noted() {
+        // 20 per replica, all of it reserved: valid, nothing left to scale.
+        let s = classes(
+            40,
+            2,
+            None,
+            vec![
+                ClassShare::new("web").reserved(15),
+                ClassShare::new("adhoc").reserved(5),
+            ],
+        );
+        assert_eq!(s.per_replica, 20);
+        let sizes: Vec<_> = s
+            .classes
+            .iter()
+            .map(|c| (c.reserved, c.pool_size))
+            .collect();
+        assert_eq!(sizes, [(15, 15), (5, 5)]);
+        assert!(s.notes.is_empty(), "{:?}", s.notes);
+        // A budget of 30 per replica does not fit the slice of 20: said once.
+        let s = classes(40, 2, Some(30), vec![ClassShare::new("web").pool_size(10)]);
+        assert_eq!(s.per_replica, 20);
+        assert!(
+            s.notes
+                .iter()
+                .any(|n| n.contains("budget of 30 per replica does not fit")),
+            "{:?}",
+            s.notes
+        );
+        // A budget smaller than the slice is kept, and nothing is said of it.
+        let s = classes(40, 2, Some(12), vec![ClassShare::new("web").pool_size(10)]);
+        assert_eq!(s.per_replica, 12);
+        assert!(
+            !s.notes.iter().any(|n| n.contains("does not fit")),
+            "{:?}",
+            s.notes
+        );
+    }
+
+    #[test]
     fn two_unreserved_classes_share_in_proportion() {
         let s = classes(
             40,
