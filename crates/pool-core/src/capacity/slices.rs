@@ -446,6 +446,21 @@ mod tests {
             "a pool_size that fits is not cut: {:?}",
             s.notes
         );
+        // An overflow beyond what the slice leaves is cut, and said so.
+        let s = classes(
+            40,
+            2,
+            Some(12),
+            vec![ClassShare::new("web").pool_size(10).max_overflow(5)],
+        );
+        assert_eq!((s.classes[0].pool_size, s.classes[0].max_overflow), (10, 2));
+        assert!(
+            s.notes
+                .iter()
+                .any(|n| n == "class \"web\": max_overflow 5 cut to 2"),
+            "{:?}",
+            s.notes
+        );
     }
 
     #[test]
