@@ -420,6 +420,12 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), SETTINGS.len());
         let vars: Vec<_> = crate::config::env_vars().collect();
+        assert_eq!(vars[0], "DATABASE_URL");
+        assert_eq!(
+            vars.len(),
+            1 + SETTINGS.iter().filter(|s| s.env.is_some()).count(),
+            "{vars:?}"
+        );
         let mut unique = vars.clone();
         unique.sort_unstable();
         unique.dedup();
