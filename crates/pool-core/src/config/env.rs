@@ -557,6 +557,13 @@ mod tests {
             "DB_POOL_SIZE=\"ten\" is not a whole number; set it to a non-negative integer such as 10"
         );
         assert!(error(&[URL, ("DB_POOL_SIZE", "-5")]).contains("negative"));
+        for not_negative in ["-", "-x1", "-1x"] {
+            let msg = error(&[URL, ("DB_POOL_SIZE", not_negative)]);
+            assert!(
+                msg.contains("is not a whole number"),
+                "{not_negative}: {msg}"
+            );
+        }
         assert!(error(&[URL, ("DB_MAX_OVERFLOW", "4294967296")]).contains("too large"));
         assert!(error(&[URL, ("DB_POOL_SIZE", "")]).contains("DB_POOL_SIZE=\"\" is empty"));
         assert!(error(&[URL, ("DB_POOL_SIZE", "  ")]).contains("is empty"));

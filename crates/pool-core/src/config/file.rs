@@ -197,6 +197,36 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_of_a_setting_the_file_did_not_give_keeps_the_builders_words() {
+        // pool_size alone is within bounds; with the default max_overflow the sum is not,
+        // and the builder names max_overflow, which the file does not set.
+        let size = crate::config::MAX_CONNECTIONS.to_string();
+        let err =
+            PoolConfig::from_settings([("url", url().as_str()), ("pool_size", &size)]).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::Invalid {
+                    setting: "max_overflow",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // A setting the file gives is named as the file spells it, with its value.
+        let err = PoolConfig::from_settings([
+            ("url", url().as_str()),
+            ("pool_size", "0"),
+            ("max_overflow", "0"),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::InvalidVar { var, .. } if var == "pool_size"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn json_numbers_booleans_and_strings_all_work() {
         let json = format!(
             r#"{{"url": {:?}, "pool_size": 4, "validate_on_checkout": false, "pool_timeout": "3s",
