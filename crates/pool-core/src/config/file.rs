@@ -227,6 +227,12 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_is_not_a_map_of_settings_says_what_is_expected() {
+        let err = serde_json::from_str::<PoolConfig>("[1, 2]").unwrap_err();
+        assert!(err.to_string().contains("a map of pool settings"), "{err}");
+    }
+
+    #[test]
     fn json_numbers_booleans_and_strings_all_work() {
         let json = format!(
             r#"{{"url": {:?}, "pool_size": 4, "validate_on_checkout": false, "pool_timeout": "3s",
