@@ -1237,6 +1237,12 @@ mod tests {
                 "mysql://app@/app?host=db2",
             ),
             (
+                "mysql:///app?host=db3",
+                Some("db3"),
+                None,
+                "mysql:///app?host=db3",
+            ),
+            (
                 "mariadb://app:p%40ss9Kq@db.internal/app",
                 Some("db.internal"),
                 None,
@@ -1311,6 +1317,9 @@ mod tests {
         let out = u.redactor().redact(&shown);
         assert!(!out.contains('密') && !out.contains("%ba"), "{out}");
         assert_eq!(u.redactor().redact(written), "***");
+        // The first parameter, and a key matched whole (`pwd`), not by its ending.
+        let u = parse("mysql://app@db/app?pwd=%ba9Kq");
+        assert_eq!(u.redactor().redact("pw %ba9Kq"), "pw ***");
         let u = parse("mysql://app@db/app?x=1&password=Kq7%2B-Wz9Pm");
         assert_eq!(u.redactor().redact("pw Kq7+-Wz9Pm"), "pw ***");
         assert_eq!(u.redactor().redact("pw Kq7%2B-Wz9Pm"), "pw ***");
