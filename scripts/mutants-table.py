@@ -86,6 +86,12 @@ def main():
     parser.add_argument("--title", default="pool-core", help="what was mutated (the heading)")
     parser.add_argument("--output", default="docs/mutants.md", help="the file written (named in the text)")
     parser.add_argument(
+        "--match-position",
+        action="store_true",
+        help="match a mutant to an earlier run's at the same :line:col first (for re-runs "
+        "filtered to single mutants while the mutated code's lines stayed where they were)",
+    )
+    parser.add_argument(
         "--any-run",
         action="store_true",
         help="the runs differ in feature sets or in the tests they run: a mutant caught in any "
@@ -98,16 +104,22 @@ def main():
     first = OrderedDict()  # name -> (file, status) in the first run that tested it
     final = OrderedDict()  # name -> (file, status) in the last run that tested it
     runs = []  # the tool's summary of each run
+    exact = {}  # full name (with :line:col) -> key, as first seen
     for path in args.outcomes:
         outcomes = load(path)
         run = dict.fromkeys(COLUMNS, 0)
         seen = defaultdict(int)
         for name, file, status in mutant_outcomes(outcomes):
             # Lines move between runs (tests and fixes land in between): a mutant is its
-            # name without `:line:col`, numbered among the same-named ones of its run.
+            # name without `:line:col`, numbered among the same-named ones of its run (a
+            # re-run then takes every mutant of the function). With --match-position, a
+            # mutant an earlier run tested at the same `:line:col` is that mutant (re-runs
+            # filtered to single mutants, where the code's lines did not move).
             stem = without_position(name)
             seen[stem] += 1
             key = (stem, seen[stem])
+            if args.match_position:
+                key = exact.setdefault(name, key)
             first.setdefault(key, (file, status, name))
             if not (args.any_run and final.get(key, (None, None))[1] == "caught"):
                 final[key] = (file, status, name)
