@@ -22,6 +22,7 @@ Only the standard library is used.
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections import OrderedDict, defaultdict
 
@@ -173,7 +174,8 @@ def main():
     out.append(
         "scripts/mutants-table.py --command \"$(cat COMMANDS)\" "
         + ("--any-run " if args.any_run else "")
-        + (f"--title '{args.title}' " if args.title != "pool-core" else "")
+        + ("--match-position " if args.match_position else "")
+        + (f"--title {shlex.quote(args.title)} " if args.title != "pool-core" else "")
         + f"--dispositions {dispositions} "
         + " ".join(
             path if path.startswith("docs/") else f"RUN{i + 1}/outcomes.json"
