@@ -414,7 +414,8 @@ mod tests {
     #[test]
     fn every_day_from_1970_to_2600_is_the_calendars() {
         // A plain walk through the Gregorian calendar, a day at a time.
-        let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let leap =
+            |y: u64| (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400);
         let month_len = |y: u64, m: u64| match m {
             2 if leap(y) => 29,
             2 => 28,
