@@ -835,17 +835,7 @@ mod tests {
 
     #[test]
     fn close_reasons_display_as_their_json_names() {
-        for reason in [
-            CloseReason::Broken,
-            CloseReason::ProbeDead,
-            CloseReason::PingFailed,
-            CloseReason::Expired,
-            CloseReason::IdleTimeout,
-            CloseReason::Invalidated,
-            CloseReason::Released,
-            CloseReason::Reclaimed,
-            CloseReason::Overflow,
-        ] {
+        for reason in CloseReason::ALL {
             let json = serde_json::to_string(&reason).unwrap();
             assert_eq!(format!("\"{reason}\""), json);
             assert_eq!(reason.to_string(), reason.as_str());
