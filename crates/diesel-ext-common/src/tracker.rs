@@ -29,8 +29,11 @@
 //! contains, as a whole word, `BEGIN`, `START` (`START TRANSACTION`), `SAVEPOINT` (SQLite
 //! opens a transaction with it) or `CHAIN` (`COMMIT AND CHAIN`), and such a keyword is never
 //! directly preceded by `"` or `.` (Diesel quotes every identifier it writes, so a column
-//! named `"start"` does not count). A `BEGIN` inside a string or a `DO` body counts: a false
-//! alarm costs a round trip, never a transaction handed out.
+//! named `"start"` does not count). A `BEGIN` inside a string, a `DO` body or a trigger's
+//! `BEGIN ... END` counts: a false alarm never hands out a transaction. It costs the sync pool
+//! a `ROLLBACK` round trip (SQLite refuses that `ROLLBACK` outside a transaction, and the
+//! refusal counts as done), and the async pool the connection (bb8's checkin cannot wait for
+//! a `ROLLBACK`, so a suspect connection is closed).
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use pool_core::classify::ErrorClass;
