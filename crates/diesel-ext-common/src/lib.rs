@@ -9,7 +9,7 @@
 //! | [`tracker`] | [`Tracker`]: the pool's per-connection state, carried in the connection's instrumentation slot |
 //! | [`session`] | session settings (`SET statement_timeout`, ...) validated and rendered for the adapters' customizers |
 //! | [`resolve`] | Diesel's side of resolving a cut-off `COMMIT` (the idempotency key's answer, a failed question) |
-//! | `capacity` | the capacity query's row and [`CapacityError`] (feature `postgres`) |
+//! | `capacity` | the capacity query's row and `CapacityError` (feature `postgres`) |
 //! | `sqlite` | the pragmas applied to every new SQLite connection (feature `sqlite`) |
 //!
 //! Applications use it through the adapters, which re-export what they need of it.
