@@ -489,25 +489,23 @@ mod tests {
             classes: Vec::new(),
         };
         let pools = || vec![snapshot("a", 1, 1, None)];
-        let text = StatusReport::new(pools())
-            .with_budget_snapshot(budget(false))
-            .to_string();
-        assert!(
-            text.contains("❌ Reserved capacity is NOT available"),
-            "{text}"
-        );
-        let text = StatusReport::new(pools())
-            .with_budget_snapshot(budget(true))
-            .to_string();
-        assert!(
-            text.contains("✅ Healthy: every pool can hand out a connection now\n"),
-            "{text}"
-        );
-        let text = StatusReport::new(pools()).with_budget(60, 0).to_string();
-        assert!(
-            text.contains("✅ Healthy: every pool can hand out a connection now\n"),
-            "nothing reserved, nothing said: {text}"
-        );
+        let with_budget = |healthy: bool| {
+            StatusReport::new(pools())
+                .with_budget_snapshot(budget(healthy))
+                .to_string()
+        };
+        let healthy = "✅ Healthy: every pool can hand out a connection now\n";
+        for (text, expected) in [
+            (with_budget(false), "❌ Reserved capacity is NOT available"),
+            (with_budget(true), healthy),
+            // Nothing reserved, nothing said.
+            (
+                StatusReport::new(pools()).with_budget(60, 0).to_string(),
+                healthy,
+            ),
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
     }
 
     #[test]
