@@ -596,3 +596,79 @@ fn a_reclaim_with_nothing_idle_to_give_back_waits_without_spinning() {
         );
     });
 }
+
+/// A budget that checks out `n` connections of `app` through one class sized `n`, each held
+/// inside a transaction Diesel's manager opened (`begin_test_transaction`): its checkin
+/// closes it without a round trip first.
+fn closing_on_checkin(pg: &PgServer, app: &str, n: u32) -> (Pools, Vec<ClassConn>) {
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), n)
+        .class("automation", Class::new().pool_size(n).max_overflow(0))
+        .configure(|b| {
+            b.application_name(app)
+                .pool_timeout(Duration::from_secs(10))
+        })
+        .build()
+        .expect("the budget is valid");
+    let held = (0..n)
+        .map(|_| {
+            let mut conn = pools.class("automation").unwrap().get().unwrap();
+            query(&mut conn);
+            conn.begin_test_transaction().unwrap();
+            conn
+        })
+        .collect();
+    (pools, held)
+}
+
+type ClassConn = r2d2::PooledConnection<resilient_diesel::ExtManager<PgConnection>>;
+
+/// A closed connection's permit comes back only once the server let its session go: the
+/// backend keeps its socket open until its process has exited, and the pool waits for that
+/// end-of-file (bounded). Here the backend is stopped when the connection closes and
+/// continued 300 ms later: the replacement must not connect while the server still counts
+/// the old session. The control is the pool without the wait: it connected at once, and the
+/// server saw 2 backends for a budget of 1.
+#[test]
+fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_session_go() {
+    let Some(pg) = server() else { return };
+    let app = "budget_confirm_close";
+    let (pools, mut held) = closing_on_checkin(&pg, app, 1);
+    let pause = pg.pause_backends(app).expect("the backend is there");
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        pause.resume();
+    });
+    drop(held.pop());
+    let mut again = pools.class("automation").unwrap().get().unwrap();
+    let seen = pg.count_backends(app).unwrap();
+    query(&mut again);
+    resumer.join().unwrap();
+    assert_eq!(
+        seen, 1,
+        "the replacement connected while the server still counted the closed session: {seen} \
+         backends for a budget of 1"
+    );
+}
+
+/// The wait for the server's confirmation is one bound per outage, not one per connection:
+/// closing 4 connections whose backends are all stopped takes one bound (the validation
+/// timeout, at most 1 s), after which the pool stops waiting for a while.
+#[test]
+fn closes_stop_waiting_for_a_server_that_does_not_answer_after_one_bound() {
+    let Some(pg) = server() else { return };
+    let app = "budget_confirm_outage";
+    let (_pools, held) = closing_on_checkin(&pg, app, 4);
+    let pause = pg.pause_backends(app).expect("the backends are there");
+    let started = Instant::now();
+    drop(held);
+    let took = started.elapsed();
+    pause.resume();
+    assert!(
+        took >= Duration::from_millis(900),
+        "closing took {took:?}: the first close did not wait for the server at all"
+    );
+    assert!(
+        took < Duration::from_millis(1900),
+        "closing 4 connections to a stopped server took {took:?}: more than one bound of 1 s"
+    );
+}

@@ -44,7 +44,7 @@ use pool_core::engine::ConnState;
 /// Field order matters: what the adapter keeps (`extra`, a socket duplicate say) is dropped
 /// before the state, whose drop releases the budget permit (and the connection's own socket
 /// is closed before its instrumentation).
-pub struct Tracker<X> {
+pub struct Tracker<X: Extra> {
     /// What the adapter keeps besides the state.
     pub extra: X,
     /// The engine's state of this connection.
@@ -84,7 +84,7 @@ struct Session {
     closing: bool,
 }
 
-impl<X> Tracker<X> {
+impl<X: Extra> Tracker<X> {
     /// The tracker of a connection in `state`, classifying its queries' errors with
     /// `classify`, forwarding every event to the application's default instrumentation.
     /// `sql_at` says where the driver shows a statement's text for free.
@@ -193,7 +193,7 @@ pub fn statement_effect(query: &dyn diesel::connection::DebugQuery) -> TxEffect 
     first.0.unwrap_or(TxEffect::MayOpen)
 }
 
-impl<X> std::fmt::Debug for Tracker<X> {
+impl<X: Extra> std::fmt::Debug for Tracker<X> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracker")
             .field("connection", &self.state.id())
@@ -201,11 +201,37 @@ impl<X> std::fmt::Debug for Tracker<X> {
     }
 }
 
-/// What the adapter keeps in a [`Tracker`] besides the state, told when a statement succeeded.
+/// What the adapter keeps in a [`Tracker`] besides the state, told when a statement succeeded
+/// and when the connection closed.
 pub trait Extra: Send + 'static {
     /// A statement on the connection just succeeded: the connection was alive and its
     /// socket open at that moment (the sync adapter resolves a pending socket here).
     fn after_success(&mut self) {}
+
+    /// The connection's driver has just closed it (the tracker is dropped after the driver's
+    /// own socket): wait up to `bound` for the server to confirm the session is gone.
+    /// Returns `Some(true)` once it did (or the socket is dead), `Some(false)` when `bound`
+    /// ran out, `None` when this adapter cannot tell (no socket of its own): the budget
+    /// permit is then released at once, as it always was.
+    fn confirm_close(&mut self, bound: std::time::Duration) -> Option<bool> {
+        let _ = bound;
+        None
+    }
+}
+
+impl<X: Extra> Drop for Tracker<X> {
+    /// A tracker is dropped when its connection closes (after the driver's socket), or when
+    /// the application replaced it while the connection is checked out: then nothing
+    /// closes, and the state keeps its permits (see `ConnState`'s `Drop`). When it closes,
+    /// the budget permit the state holds is released only after the server confirmed the
+    /// session gone, within the pool's bound (see `ConnState::close_confirm_bound`).
+    fn drop(&mut self) {
+        if let Some(bound) = self.state.close_confirm_bound() {
+            if let Some(confirmed) = self.extra.confirm_close(bound) {
+                self.state.close_confirmed(confirmed);
+            }
+        }
+    }
 }
 
 impl Extra for () {}

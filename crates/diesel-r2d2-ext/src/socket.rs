@@ -305,6 +305,70 @@ impl ConnSocket {
         }
     }
 
+    /// After the connection's driver closed its own descriptor (ours keeps the socket open):
+    /// ends our side of the stream, then waits up to `bound` for the server's end-of-file,
+    /// discarding whatever arrives before it. A PostgreSQL backend keeps its socket open
+    /// until its process has exited, after its `pg_stat_activity` entry and its connection
+    /// slot are freed ("so that clients can close synchronously", says the server's
+    /// `socket_close`); a pooler closes its client side once it let the client go. Returns
+    /// true once the end-of-file, a reset or an error came (a socket the watchdog shut down
+    /// returns at once), false when `bound` ran out.
+    pub(crate) fn confirm_closed(&self, bound: std::time::Duration) -> bool {
+        #[cfg(target_os = "linux")]
+        const RDHUP: libc::c_short = libc::POLLRDHUP;
+        #[cfg(not(target_os = "linux"))]
+        const RDHUP: libc::c_short = 0;
+        let fd = self.raw();
+        // SAFETY: shutdown takes no pointers; the descriptor is ours and open while `self`
+        // lives. The driver sent its Terminate message already; this end-of-file tells a
+        // server that never got it (a connection the driver had given up on) to go too.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_WR);
+        }
+        let deadline = std::time::Instant::now() + bound;
+        let mut sink = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN | RDHUP,
+                revents: 0,
+            };
+            // Round up: a wait of 0.5 ms must not become a busy zero-timeout poll.
+            let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            // SAFETY: one valid, initialized pollfd that outlives the call.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if rc < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return true;
+            }
+            if rc == 0 {
+                return false;
+            }
+            if pfd.revents & (libc::POLLHUP | libc::POLLERR | RDHUP | libc::POLLNVAL) != 0 {
+                return true;
+            }
+            // Bytes before the end-of-file (a notice, the server's goodbye): read them away.
+            // SAFETY: `sink` is a valid buffer of its length for the call's duration.
+            let n =
+                unsafe { libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
+            if n == 0 {
+                return true;
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) {
+                    return true;
+                }
+            }
+        }
+    }
+
     /// Shuts the socket down in both directions: a libpq call blocked on it returns at once
     /// with a closed-connection error.
     pub(crate) fn shutdown(&self) {

@@ -111,6 +111,69 @@ fn shutdown_wakes_a_blocked_reader() {
     assert_eq!(read, Ok(0), "reader sees end-of-file");
 }
 
+/// `confirm_closed`, as a pool's close uses it once libpq closed its own descriptor: our
+/// end-of-file reaches the peer; the wait ends when the peer closes (after bytes still to
+/// read away), and runs out when it never does.
+#[test]
+fn confirm_closed_waits_for_the_peers_end_of_file_and_no_longer_than_its_bound() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let window = begin_connect();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || false));
+    let (mut server, _) = listener.accept().unwrap();
+    drop(client); // the driver's descriptor; ours keeps the socket open
+                  // The peer, like a backend: reads the client's end-of-file, writes its last bytes,
+                  // closes 150 ms later.
+    let peer = std::thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        let eof = server.read(&mut buf).map(|n| n == 0);
+        server.write_all(&[7u8; 10_000]).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        drop(server);
+        eof
+    });
+    let started = Instant::now();
+    assert!(
+        sock.confirm_closed(Duration::from_secs(5)),
+        "the peer closed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(140),
+        "returned after {took:?}, before the peer closed"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "waited {took:?} for a closed peer"
+    );
+    assert_eq!(
+        peer.join().unwrap().ok(),
+        Some(true),
+        "the peer saw our end-of-file"
+    );
+
+    // A peer that never closes: the wait runs out at its bound.
+    let window = begin_connect();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || false));
+    let (_silent, _) = listener.accept().unwrap();
+    drop(client);
+    let started = Instant::now();
+    assert!(
+        !sock.confirm_closed(Duration::from_millis(200)),
+        "nobody closed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_secs(3),
+        "a 200 ms bound ran out after {took:?}"
+    );
+    // A socket already shut down (the watchdog's doing) answers at once.
+    sock.shutdown();
+    assert!(sock.confirm_closed(Duration::from_secs(5)));
+}
+
 /// Twenty connects at the same moment to one port (on three addresses), each between its
 /// own `begin_connect` and `finish`: every one must claim exactly its own socket. Without
 /// the tiebreak every window sees twenty candidates; without the registry two could claim

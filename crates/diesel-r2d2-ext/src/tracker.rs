@@ -42,6 +42,12 @@ impl diesel_ext_common::tracker::Extra for SocketSlot {
             }
         }
     }
+
+    /// libpq has closed its descriptor; ours keeps the socket open: wait on it for the
+    /// server's end-of-file (see [`ConnSocket::confirm_closed`]).
+    fn confirm_close(&mut self, bound: Duration) -> Option<bool> {
+        self.get().map(|sock| sock.confirm_closed(bound))
+    }
 }
 
 /// The pool's view of one connection, with its socket; lives in the connection's

@@ -184,6 +184,26 @@ impl ConnState {
         self.checked_out_at.is_some()
     }
 
+    /// How long, now that its connection is closing, the adapter may wait for the server to
+    /// confirm the session is gone (the socket's end-of-file) before this state, and the
+    /// budget permit it holds, is dropped: `None` when it must not wait, because the
+    /// connection holds no budget permit, is still checked out (the application replaced
+    /// what carried this state: the connection is not closing), or the pool's last wait ran
+    /// out (see [`PoolState::close_confirm_bound`]). Report the outcome with
+    /// [`ConnState::close_confirmed`].
+    pub fn close_confirm_bound(&self) -> Option<Duration> {
+        if self._permit.is_none() || self.checked_out_at.is_some() {
+            return None;
+        }
+        self.pool.close_confirm_bound(Instant::now())
+    }
+
+    /// Reports how a wait allowed by [`ConnState::close_confirm_bound`] ended: `confirmed`
+    /// false when it ran out.
+    pub fn close_confirmed(&self, confirmed: bool) {
+        self.pool.close_confirmed(confirmed, Instant::now());
+    }
+
     /// Why the pool decided to close it, if it did.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.close_reason

@@ -25,6 +25,13 @@ pub const HEDGE_FACTOR: u32 = 4;
 /// worth a parallel connect.
 pub const HEDGE_FLOOR: Duration = Duration::from_millis(100);
 
+/// The longest a closing connection waits for the server's confirmation (see
+/// [`PoolState::close_confirm_bound`]).
+pub const CONFIRM_BOUND_MAX: Duration = Duration::from_secs(1);
+
+/// How long closes stop waiting for the server's confirmation after a wait ran out.
+pub const CONFIRM_PAUSE: Duration = Duration::from_secs(10);
+
 /// State shared by a pool and all its connections: the configuration (validated once, here),
 /// stats, the invalidation epoch, the event listener, the budget slot, the checkout gate and
 /// the count of open connections that `pool_size` and `max_overflow` are enforced against.
@@ -72,6 +79,10 @@ pub struct PoolState {
     /// Nanoseconds after `born`, plus one, of the latest slow ping that lost its race at the
     /// hedge delay (0: none); see [`PoolState::slow_ping_lost`].
     last_slow_ping: AtomicU64,
+    /// Nanoseconds after `born`, plus one, until which closing connections do not wait for
+    /// the server's confirmation (0: they do): set when a wait ran out, see
+    /// [`PoolState::close_confirm_bound`].
+    confirm_off_until: AtomicU64,
 }
 
 /// What a connection's state held (permits, place in the open count) while the connection
@@ -147,6 +158,7 @@ impl PoolState {
             last_good: AtomicU64::new(0),
             last_bad: AtomicU64::new(0),
             last_slow_ping: AtomicU64::new(0),
+            confirm_off_until: AtomicU64::new(0),
             read_only_pending: AtomicBool::new(false),
         })
     }
@@ -354,6 +366,41 @@ impl PoolState {
             self.path_went_silent(ping_started);
         }
         recent
+    }
+
+    /// How long a closing connection that holds a budget permit may wait, at `now`, for the
+    /// server to confirm its session is gone before the permit is released: `None` when it
+    /// must not wait, because a wait ran out less than [`CONFIRM_PAUSE`] ago (the path or
+    /// the server is not answering, so every other close would run out too: one wait per
+    /// outage, not one per connection). The bound is the validation timeout, at most
+    /// [`CONFIRM_BOUND_MAX`].
+    ///
+    /// Why wait at all: a PostgreSQL backend keeps its socket open until its process has
+    /// exited, after its `pg_stat_activity` entry and its connection slot are freed, so
+    /// that a client can close synchronously. A permit released before that lets the
+    /// replacement connect while the server still counts the old session: above the
+    /// budget, and refused with "too many clients" when the budget is the server's limit.
+    pub fn close_confirm_bound(&self, now: Instant) -> Option<Duration> {
+        let off_until = self.confirm_off_until.load(Ordering::Acquire);
+        if off_until != 0 && self.mark(now) < off_until {
+            return None;
+        }
+        Some(
+            self.config
+                .lifecycle
+                .validation
+                .timeout
+                .min(CONFIRM_BOUND_MAX),
+        )
+    }
+
+    /// Reports how a wait allowed by [`PoolState::close_confirm_bound`] ended at `now`:
+    /// `confirmed` false (it ran out) stops closes from waiting for [`CONFIRM_PAUSE`].
+    pub fn close_confirmed(&self, confirmed: bool, now: Instant) {
+        if !confirmed {
+            self.confirm_off_until
+                .store(self.mark(now + CONFIRM_PAUSE), Ordering::Release);
+        }
     }
 
     /// `at` as a mark on the pool's own clock: nanoseconds after it was made, plus one (so

@@ -937,3 +937,60 @@ fn a_failover_makes_every_older_connection_suspect_and_a_read_only_error_asks_on
     assert!(p.take_read_only_seen());
     assert!(!p.take_read_only_seen(), "taken once");
 }
+
+/// A closing connection waits for the server's confirmation only while it holds a budget
+/// permit and is not checked out; the bound is the validation timeout, at most 1 s; a wait
+/// that ran out stops every close of the pool from waiting for `CONFIRM_PAUSE`, and a wait
+/// that ended in time does not.
+#[test]
+fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out() {
+    let b =
+        PoolConfig::builder("postgres://app@db/app").validation_timeout(Duration::from_millis(300));
+    let (p, budget) = pool_in_budget(b, 4, 0, 4);
+    let class = budget.class_id("app").unwrap();
+    let with_permit =
+        || ConnState::opened(&p, Duration::ZERO, Some(budget.try_acquire(class).unwrap()));
+    assert_eq!(
+        ConnState::opened(&p, Duration::ZERO, None).close_confirm_bound(),
+        None,
+        "no permit: nothing to hold back"
+    );
+    let mut c = with_permit();
+    assert_eq!(c.close_confirm_bound(), Some(Duration::from_millis(300)));
+    c.handed_out(Instant::now(), None);
+    assert_eq!(c.close_confirm_bound(), None, "checked out: not closing");
+    c.checkin(false);
+    assert_eq!(c.close_confirm_bound(), Some(Duration::from_millis(300)));
+
+    // The bound is capped.
+    let slow =
+        PoolConfig::builder("postgres://app@db/app").validation_timeout(Duration::from_secs(30));
+    let (q, _b) = pool_in_budget(slow, 4, 0, 4);
+    let now = Instant::now();
+    assert_eq!(q.close_confirm_bound(now), Some(CONFIRM_BOUND_MAX));
+    q.close_confirmed(true, now);
+    assert_eq!(
+        q.close_confirm_bound(now),
+        Some(CONFIRM_BOUND_MAX),
+        "confirmed: keep waiting"
+    );
+    q.close_confirmed(false, now);
+    assert_eq!(
+        q.close_confirm_bound(now),
+        None,
+        "a wait ran out: stop waiting"
+    );
+    assert_eq!(
+        q.close_confirm_bound(now + CONFIRM_PAUSE - Duration::from_millis(1)),
+        None
+    );
+    assert_eq!(
+        q.close_confirm_bound(now + CONFIRM_PAUSE),
+        Some(CONFIRM_BOUND_MAX)
+    );
+
+    // Through a connection's state too.
+    c.close_confirmed(false);
+    assert_eq!(c.close_confirm_bound(), None);
+    drop(c);
+}
