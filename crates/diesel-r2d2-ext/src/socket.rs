@@ -314,10 +314,6 @@ impl ConnSocket {
     /// true once the end-of-file, a reset or an error came (a socket the watchdog shut down
     /// returns at once), false when `bound` ran out.
     pub(crate) fn confirm_closed(&self, bound: std::time::Duration) -> bool {
-        #[cfg(target_os = "linux")]
-        const RDHUP: libc::c_short = libc::POLLRDHUP;
-        #[cfg(not(target_os = "linux"))]
-        const RDHUP: libc::c_short = 0;
         let fd = self.raw();
         // SAFETY: shutdown takes no pointers; the descriptor is ours and open while `self`
         // lives. The driver sent its Terminate message already; this end-of-file tells a
@@ -329,42 +325,44 @@ impl ConnSocket {
         let mut sink = [0u8; 4096];
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // Readable covers the end-of-file; a hang-up or an error is reported whatever
+            // the events asked.
             let mut pfd = libc::pollfd {
                 fd,
-                events: libc::POLLIN | RDHUP,
+                events: libc::POLLIN,
                 revents: 0,
             };
             // Round up: a wait of 0.5 ms must not become a busy zero-timeout poll.
             let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
             // SAFETY: one valid, initialized pollfd that outlives the call.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            match unsafe { libc::poll(&mut pfd, 1, ms) } {
+                0 => return false,
+                rc if rc < 0 => {
+                    if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                        return true;
+                    }
                 }
-                return true;
+                _ => {
+                    // Readable, hung up or failed: a read tells which. Bytes before the
+                    // end-of-file (a notice, the server's goodbye) are read away.
+                    // SAFETY: `sink` is a valid buffer of its length for the call.
+                    let n = unsafe {
+                        libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT)
+                    };
+                    if n == 0 {
+                        return true;
+                    }
+                    if n < 0
+                        && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
+                    {
+                        // Reset, or any other failure: the socket is dead.
+                        return true;
+                    }
+                }
             }
-            if rc == 0 {
+            // Whatever the poll said, the bound holds.
+            if left.is_zero() {
                 return false;
-            }
-            if pfd.revents & (libc::POLLHUP | libc::POLLERR | RDHUP | libc::POLLNVAL) != 0 {
-                return true;
-            }
-            // Bytes before the end-of-file (a notice, the server's goodbye): read them away.
-            // SAFETY: `sink` is a valid buffer of its length for the call's duration.
-            let n =
-                unsafe { libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
-            if n == 0 {
-                return true;
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) {
-                    return true;
-                }
             }
         }
     }

@@ -172,6 +172,42 @@ fn confirm_closed_waits_for_the_peers_end_of_file_and_no_longer_than_its_bound()
     // A socket already shut down (the watchdog's doing) answers at once.
     sock.shutdown();
     assert!(sock.confirm_closed(Duration::from_secs(5)));
+
+    // A peer that resets the connection (a server killed, a proxy's reset) answers at once,
+    // even with its bytes unread.
+    let window = begin_connect();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let sock = found(window.finish(&tcp_filter(port), &mut || false));
+    let (mut server, _) = listener.accept().unwrap();
+    drop(client);
+    server.write_all(b"goodbye").unwrap();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid `linger` for the call's duration, on a socket `server` owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            server.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_millis(20));
+    drop(server); // closing with a zero linger sends a reset
+    let started = Instant::now();
+    assert!(
+        sock.confirm_closed(Duration::from_secs(5)),
+        "the peer reset"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a reset peer took {:?}",
+        started.elapsed()
+    );
 }
 
 /// Twenty connects at the same moment to one port (on three addresses), each between its
