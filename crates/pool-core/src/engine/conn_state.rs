@@ -188,11 +188,15 @@ impl ConnState {
     /// confirm the session is gone (the socket's end-of-file) before this state, and the
     /// budget permit it holds, is dropped: `None` when it must not wait, because the
     /// connection holds no budget permit, is still checked out (the application replaced
-    /// what carried this state: the connection is not closing), or the pool's last wait ran
-    /// out (see [`PoolState::close_confirm_bound`]). Report the outcome with
-    /// [`ConnState::close_confirmed`].
+    /// what carried this state: the connection is not closing), was retired because its
+    /// path went silent ([`CloseReason::Invalidated`]: closed precisely so as not to wait
+    /// on it), or the pool's last wait ran out (see [`PoolState::close_confirm_bound`]).
+    /// Report the outcome with [`ConnState::close_confirmed`].
     pub fn close_confirm_bound(&self) -> Option<Duration> {
-        if self._permit.is_none() || self.checked_out_at.is_some() {
+        if self._permit.is_none()
+            || self.checked_out_at.is_some()
+            || self.close_reason == Some(CloseReason::Invalidated)
+        {
             return None;
         }
         self.pool.close_confirm_bound(Instant::now())

@@ -961,6 +961,18 @@ fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out(
     assert_eq!(c.close_confirm_bound(), None, "checked out: not closing");
     c.checkin(false);
     assert_eq!(c.close_confirm_bound(), Some(Duration::from_millis(300)));
+    let mut silent = with_permit();
+    silent.set_close_reason(CloseReason::PingFailed);
+    assert_eq!(
+        silent.close_confirm_bound(),
+        Some(Duration::from_millis(300))
+    );
+    silent.set_close_reason(CloseReason::Invalidated);
+    assert_eq!(
+        silent.close_confirm_bound(),
+        None,
+        "retired for a silent path: no wait"
+    );
 
     // The bound is capped.
     let slow =
