@@ -55,6 +55,8 @@ use diesel::result::Error as DieselError;
 use diesel::QueryResult;
 use diesel_ext_common::resolve::{asked, is_unique_violation, key_owner, key_probe_answer};
 use pool_core::config::Pooler;
+// `sql` holds PostgreSQL's statements: unused in a SQLite-only build.
+#[cfg_attr(not(feature = "postgres"), allow(unused_imports))]
 use pool_core::retry::{
     finish_ambiguous, log_abandoned_ended, no_txid_reason, other_server_reason, run_sync, sql,
     xid_of, Asked, AttemptError, Resolution, Resolved, RetryHooks, Step,

@@ -101,6 +101,8 @@
 //! [`SocketClaim::Unavailable`].
 
 #[path = "peer.rs"]
+// The peer filter reads PostgreSQL connection strings: unused in a SQLite-only build.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) mod peer;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
