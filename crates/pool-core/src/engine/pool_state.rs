@@ -381,8 +381,8 @@ impl PoolState {
     /// replacement connect while the server still counts the old session: above the
     /// budget, and refused with "too many clients" when the budget is the server's limit.
     pub fn close_confirm_bound(&self, now: Instant) -> Option<Duration> {
-        let off_until = self.confirm_off_until.load(Ordering::Acquire);
-        if off_until != 0 && self.mark(now) < off_until {
+        // A mark is never 0, so a pause never set (0) never applies.
+        if self.mark(now) < self.confirm_off_until.load(Ordering::Acquire) {
             return None;
         }
         Some(
