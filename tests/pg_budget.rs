@@ -626,8 +626,8 @@ type ClassConn = r2d2::PooledConnection<resilient_diesel::ExtManager<PgConnectio
 /// backend keeps its socket open until its process has exited, and the pool waits for that
 /// end-of-file (bounded). Here the backend is stopped when the connection closes and
 /// continued 300 ms later: the replacement must not connect while the server still counts
-/// the old session. The control is the pool without the wait: it connected at once, and the
-/// server saw 2 backends for a budget of 1.
+/// the old session. Without the wait (hand mutation `close-confirm-skipped`) the replacement
+/// connected at once; the control below shows plain r2d2 doing the same.
 #[test]
 fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_session_go() {
     let Some(pg) = server() else { return };
@@ -670,5 +670,38 @@ fn closes_stop_waiting_for_a_server_that_does_not_answer_after_one_bound() {
     assert!(
         took < Duration::from_millis(1900),
         "closing 4 connections to a stopped server took {took:?}: more than one bound of 1 s"
+    );
+}
+
+/// Control: plain r2d2 at its defaults, sized to the same 1 connection. A connection returned
+/// by a panicking thread is broken to r2d2, which starts its replacement before it even
+/// closes the old one: with the old backend stopped, the server counts 2 sessions for a pool
+/// of 1.
+#[test]
+fn control_plain_r2d2_replaces_a_closed_connection_while_the_server_still_counts_it() {
+    let Some(pg) = server() else { return };
+    let app = "budget_confirm_control";
+    let pool = r2d2::Pool::builder()
+        .max_size(1)
+        .build(diesel::r2d2::ConnectionManager::<PgConnection>::new(
+            pg.url_with(&format!("sslmode=disable&application_name={app}")),
+        ))
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    query(&mut conn);
+    let pause = pg.pause_backends(app).expect("the backend is there");
+    // The connection goes back while its thread unwinds: r2d2 closes it.
+    let holder = std::thread::spawn(move || {
+        let _conn = conn;
+        panic!("returned during a panic (expected by the test)");
+    });
+    assert!(holder.join().is_err());
+    let mut again = pool.get_timeout(Duration::from_secs(10)).unwrap();
+    let seen = pg.count_backends(app).unwrap();
+    query(&mut again);
+    pause.resume();
+    assert_eq!(
+        seen, 2,
+        "the control did not reproduce the overlap: the server counted {seen} sessions"
     );
 }
