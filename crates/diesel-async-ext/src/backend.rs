@@ -23,6 +23,7 @@ use pool_core::lifecycle::ProbeResult;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 
 use crate::manager::ConnectCause;
+use crate::tracker::ServerSocket;
 use sealed::OpenFailure;
 
 /// A diesel-async connection type the extended pool can manage: [`AsyncPgConnection`] and
@@ -67,11 +68,14 @@ pub(crate) mod sealed {
             options: &OpenerOptions,
         ) -> Result<Self::Opener, ConfigError>;
 
-        /// Opens one connection with the pool's settings applied.
+        /// Opens one connection with the pool's settings applied; with `claim_socket`, also
+        /// our duplicate of its socket where the backend has one and it can be told apart
+        /// (for the close confirmation of a connection holding a budget permit).
         fn open(
             opener: &Self::Opener,
             config: &PoolConfig,
-        ) -> impl Future<Output = Result<Self, OpenFailure>> + Send;
+            claim_socket: bool,
+        ) -> impl Future<Output = Result<(Self, ServerSocket), OpenFailure>> + Send;
 
         /// The zero-round-trip liveness probe, before any transaction.
         fn probe(&mut self) -> ProbeResult;
@@ -119,8 +123,9 @@ mod pg_backend {
         async fn open(
             opener: &PgConnector,
             config: &PoolConfig,
-        ) -> Result<AsyncPgConnection, OpenFailure> {
-            let mut conn = opener.connect().await.map_err(|e| {
+            claim_socket: bool,
+        ) -> Result<(AsyncPgConnection, ServerSocket), OpenFailure> {
+            let (mut conn, socket) = opener.connect_claiming(claim_socket).await.map_err(|e| {
                 // The server's TLS alert refusing our client certificate arrives with the
                 // first read after the handshake (TLS 1.3), as a failed read.
                 let tls_alert =
@@ -167,7 +172,7 @@ mod pg_backend {
                 use diesel_async::AsyncConnection;
                 conn.set_prepared_statement_cache_size(CacheSize::Disabled);
             }
-            Ok(conn)
+            Ok((conn, ServerSocket::new(socket)))
         }
 
         fn probe(&mut self) -> ProbeResult {
@@ -236,7 +241,8 @@ mod sqlite_backend {
         async fn open(
             path: &String,
             config: &PoolConfig,
-        ) -> Result<SyncConnectionWrapper<SqliteConnection>, OpenFailure> {
+            _claim_socket: bool,
+        ) -> Result<(SyncConnectionWrapper<SqliteConnection>, ServerSocket), OpenFailure> {
             let mut conn = SyncConnectionWrapper::<SqliteConnection>::establish(path)
                 .await
                 .map_err(|e| OpenFailure {
@@ -252,7 +258,7 @@ mod sqlite_backend {
             let mut tries = 0;
             loop {
                 match conn.batch_execute(&pragmas).await {
-                    Ok(()) => return Ok(conn),
+                    Ok(()) => return Ok((conn, ServerSocket::default())),
                     Err(e) if tries < 20 && e.to_string().contains("database is locked") => {
                         tries += 1;
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

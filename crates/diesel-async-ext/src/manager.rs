@@ -29,7 +29,7 @@ use pool_core::lifecycle::{CloseReason, ProbeResult};
 use crate::backend::sealed::OpenFailure;
 use crate::backend::ExtConnection;
 use crate::demand::{Claim, Demand};
-use crate::tracker::{tracker, tracker_of};
+use crate::tracker::{tracker, tracker_of, ServerSocket};
 
 /// What made opening a connection fail, as far as a caller can act on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -481,7 +481,11 @@ impl<C: ExtConnection> ExtManager<C> {
     /// Opens one connection: the application's connect if it gave one (bounded by
     /// `connect_timeout`), else the backend's; then the application's after-connect hook
     /// (bounded by `connect_timeout` too). Errors are redacted and classified.
-    async fn open_raw(&self) -> Result<C, OpenFailure> {
+    ///
+    /// With `claim_socket` (a connection that will hold a budget permit), the built-in
+    /// connector also claims our duplicate of the connection's socket, waited on at close
+    /// (see [`ServerSocket`]); a custom connect never gives one.
+    async fn open_raw(&self, claim_socket: bool) -> Result<(C, ServerSocket), OpenFailure> {
         let config = self.config();
         let bound = config.connect.connect_timeout;
         let timed_out = |what: &str| OpenFailure {
@@ -489,8 +493,8 @@ impl<C: ExtConnection> ExtManager<C> {
             class: ConnectClass::Transient,
             message: format!("{what} did not finish within connect_timeout ({bound:?})"),
         };
-        let mut conn = match &self.hooks.custom_connect {
-            None => C::open(&*self.opener, config).await?,
+        let (mut conn, socket) = match &self.hooks.custom_connect {
+            None => C::open(&*self.opener, config, claim_socket).await?,
             Some(connect) => {
                 let url = config.url.expose_secret();
                 let result = match bound {
@@ -499,7 +503,10 @@ impl<C: ExtConnection> ExtManager<C> {
                         .map_err(|_| timed_out("the custom connect"))?,
                     None => connect(url).await,
                 };
-                result.map_err(|e| custom_connect_failure(&e, config))?
+                (
+                    result.map_err(|e| custom_connect_failure(&e, config))?,
+                    ServerSocket::default(),
+                )
             }
         };
         if let Some(hook) = &self.hooks.after_connect {
@@ -522,7 +529,7 @@ impl<C: ExtConnection> ExtManager<C> {
                 });
             }
         }
-        Ok(conn)
+        Ok((conn, socket))
     }
 
     fn config(&self) -> &PoolConfig {
@@ -535,34 +542,40 @@ impl<C: ExtConnection> ExtManager<C> {
     /// queued for without condition (see [`ExtManager::permit`]).
     pub(crate) async fn open(&self, claimed: bool) -> Result<C, ExtError> {
         let started = Instant::now();
-        let (permit, mut conn) = self.open_with_permit(claimed).await?;
+        let (permit, mut conn, socket) = self.open_with_permit(claimed).await?;
         let state = ConnState::opened(&self.pool, started.elapsed(), permit);
-        conn.set_instrumentation(tracker(state, C::classify));
+        conn.set_instrumentation(tracker(state, socket, C::classify));
         Ok(conn)
     }
 
     /// A connection outside the pool: it holds a budget permit (released when it is
     /// dropped) but is not in the pool's count, stats or checks.
     pub(crate) async fn open_dedicated(&self) -> Result<C, ExtError> {
-        let (permit, mut conn) = self.open_with_permit(false).await?;
+        let (permit, mut conn, _socket) = self.open_with_permit(false).await?;
         if let Some(permit) = permit {
             conn.set_instrumentation(crate::tracker::Dedicated::new(permit));
         }
         Ok(conn)
     }
 
-    async fn open_with_permit(&self, claimed: bool) -> Result<(Option<Permit>, C), ExtError> {
+    async fn open_with_permit(
+        &self,
+        claimed: bool,
+    ) -> Result<(Option<Permit>, C, ServerSocket), ExtError> {
         let pool = &self.pool;
         let permit = match pool.budget() {
             Some((budget, class)) => Some(self.permit(budget, class, claimed).await?),
             None => None,
         };
-        let conn = self.open_raw().await.map_err(|f| ExtError::Connect {
-            pool: pool.name().to_owned(),
-            cause: f.cause,
-            message: pool.connect_failed(f.class, &f.message),
-        })?;
-        Ok((permit, conn))
+        let (conn, socket) =
+            self.open_raw(permit.is_some())
+                .await
+                .map_err(|f| ExtError::Connect {
+                    pool: pool.name().to_owned(),
+                    cause: f.cause,
+                    message: pool.connect_failed(f.class, &f.message),
+                })?;
+        Ok((permit, conn, socket))
     }
 
     /// A budget permit for a connect. A permit free at once is taken whoever asked. Otherwise
@@ -773,11 +786,11 @@ impl<C: ExtConnection> ExtManager<C> {
         };
         let started = Instant::now();
         let pool = &self.pool;
-        let opened = self.open_raw().await;
+        let opened = self.open_raw(permit.is_some()).await;
         Some(match opened {
-            Ok(mut conn) => {
+            Ok((mut conn, socket)) => {
                 let state = ConnState::opened(pool, started.elapsed(), permit);
-                conn.set_instrumentation(tracker(state, C::classify));
+                conn.set_instrumentation(tracker(state, socket, C::classify));
                 Ok(conn)
             }
             Err(f) => Err(ExtError::Connect {
@@ -842,7 +855,11 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
         if tracker_of(conn).is_none() {
             // The application replaced the connection's instrumentation: we know nothing of
             // it any more, so treat it as unvalidated.
-            conn.set_instrumentation(tracker(ConnState::adopted(&self.pool), C::classify));
+            conn.set_instrumentation(tracker(
+                ConnState::adopted(&self.pool),
+                ServerSocket::default(),
+                C::classify,
+            ));
         }
         // The probe is a look at the client's state: cheap, taken before the state is borrowed.
         let probe: ProbeResult = conn.probe();
@@ -897,7 +914,11 @@ impl<C: ExtConnection> bb8::ManageConnection for ExtManager<C> {
             if tracker_of(conn).is_none() {
                 // The application replaced the connection's instrumentation while it had it:
                 // take back what its state held (budget and gate permits), then check it in.
-                conn.set_instrumentation(tracker(ConnState::adopted(&self.pool), C::classify));
+                conn.set_instrumentation(tracker(
+                    ConnState::adopted(&self.pool),
+                    ServerSocket::default(),
+                    C::classify,
+                ));
                 // Its statements were not seen: it may be inside a transaction.
                 if let Some(t) = tracker_of(conn) {
                     t.mark_transaction_suspect();

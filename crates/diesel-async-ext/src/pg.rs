@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use diesel::ConnectionError;
 use diesel_async::AsyncPgConnection;
+use diesel_ext_common::socket::{self, ConnSocket, PeerFilter, SocketClaim};
 use pool_core::config::{ConnectSettings, PoolConfig, SslMode};
 use pool_core::error::ConfigError;
 use pool_core::redact::{redact, Redactor};
@@ -48,6 +49,9 @@ use pool_core::url::{Backend, DatabaseUrl};
 use tokio_postgres::config::{ChannelBinding, Host, SslNegotiation, TargetSessionAttrs};
 
 use crate::tls::{Connector, RootCerts, TlsBackend, TlsSettings, TlsVersion};
+
+/// A new connection, and our duplicate of its socket when one was claimed.
+type Opened = (AsyncPgConnection, Option<ConnSocket>);
 
 /// libpq's default port.
 const DEFAULT_PORT: u16 = 5432;
@@ -417,10 +421,25 @@ impl PgConnector {
     /// # Errors
     /// The last attempt's [`ConnectError`] (earlier ones are logged as warnings).
     pub async fn connect(&self) -> Result<AsyncPgConnection, ConnectError> {
+        Ok(self.connect_claiming(false).await?.0)
+    }
+
+    /// [`PgConnector::connect`], and with `claim`, our duplicate of the new connection's
+    /// socket when it can be told apart from the process's other sockets (see
+    /// `diesel_ext_common::socket`): the pool waits on it, at close, for the server to let
+    /// the session go. The identification runs right after tokio-postgres connected and
+    /// before its connection task is spawned, so the socket is open and among the
+    /// candidates; it reads `/proc/self/fd` twice (about 1 µs per open descriptor, on the
+    /// connecting task). Several new sockets to the same port give none: no round trip
+    /// tells them apart here.
+    pub(crate) async fn connect_claiming(
+        &self,
+        claim: bool,
+    ) -> Result<(AsyncPgConnection, Option<ConnSocket>), ConnectError> {
         let mut last = None;
         let targets = self.config.targets.len();
         for (i, target) in self.config.targets.iter().enumerate() {
-            match self.connect_target(target).await {
+            match self.connect_target(target, claim).await {
                 Ok(conn) => return Ok(conn),
                 Err(err) => {
                     if i + 1 < targets {
@@ -438,16 +457,16 @@ impl PgConnector {
         }))
     }
 
-    async fn connect_target(&self, target: &PgTarget) -> Result<AsyncPgConnection, ConnectError> {
+    async fn connect_target(&self, target: &PgTarget, claim: bool) -> Result<Opened, ConnectError> {
         let name = match (&target.host, target.hostaddr) {
             (Some(Host::Tcp(name)), None) => name,
-            _ => return self.attempt(target, None).await,
+            _ => return self.attempt(target, None, claim).await,
         };
         if let Ok(addr) = name.parse::<IpAddr>() {
-            return self.attempt(target, Some(addr)).await;
+            return self.attempt(target, Some(addr), claim).await;
         }
         let addrs = self.resolve(name, target.port).await?;
-        self.connect_addrs(target, name, addrs).await
+        self.connect_addrs(target, name, addrs, claim).await
     }
 
     /// Tries `name`'s addresses in order (libpq's order): the first connection made, else the
@@ -458,11 +477,12 @@ impl PgConnector {
         target: &PgTarget,
         name: &str,
         addrs: Vec<IpAddr>,
-    ) -> Result<AsyncPgConnection, ConnectError> {
+        claim: bool,
+    ) -> Result<Opened, ConnectError> {
         let mut last = None;
         let count = addrs.len();
         for (i, addr) in addrs.into_iter().enumerate() {
-            match self.attempt(target, Some(addr)).await {
+            match self.attempt(target, Some(addr), claim).await {
                 Ok(conn) => return Ok(conn),
                 Err(err) => {
                     if i + 1 < count {
@@ -511,8 +531,14 @@ impl PgConnector {
         &self,
         target: &PgTarget,
         addr: Option<IpAddr>,
-    ) -> Result<AsyncPgConnection, ConnectError> {
+        claim: bool,
+    ) -> Result<Opened, ConnectError> {
         let config = self.config.attempt_config(target, addr);
+        // Only the target's port: a narrowing, the socket itself is told apart by being new.
+        let peers = claim.then(|| match &target.host {
+            Some(Host::Unix(_)) => PeerFilter::ports(&[], &[target.port]),
+            _ => PeerFilter::ports(&[target.port], &[]),
+        });
         let place = match (addr, &target.host) {
             (Some(addr), Some(Host::Tcp(name))) if name.parse::<IpAddr>().is_err() => {
                 format!("{name}:{} ({addr})", target.port)
@@ -522,10 +548,19 @@ impl PgConnector {
         let work = async {
             match &self.tls {
                 #[cfg(feature = "tls-openssl")]
-                Connector::OpenSsl(tls) => self.open(&config, tls.clone(), &place).await,
+                Connector::OpenSsl(tls) => {
+                    self.open(&config, tls.clone(), &place, peers.as_ref())
+                        .await
+                }
                 #[cfg(feature = "rustls")]
-                Connector::Rustls(tls) => self.open(&config, tls.clone(), &place).await,
-                Connector::Plain => self.open(&config, tokio_postgres::NoTls, &place).await,
+                Connector::Rustls(tls) => {
+                    self.open(&config, tls.clone(), &place, peers.as_ref())
+                        .await
+                }
+                Connector::Plain => {
+                    self.open(&config, tokio_postgres::NoTls, &place, peers.as_ref())
+                        .await
+                }
             }
         };
         match self.config.connect_timeout {
@@ -540,26 +575,38 @@ impl PgConnector {
         }
     }
 
-    /// Connects with one TLS connector and sets diesel-async's session up.
+    /// Connects with one TLS connector and sets diesel-async's session up; with `peers`,
+    /// claims the new connection's socket (see [`PgConnector::connect_claiming`]).
     async fn open<T>(
         &self,
         config: &tokio_postgres::Config,
         tls: T,
         place: &str,
-    ) -> Result<AsyncPgConnection, ConnectError>
+        peers: Option<&PeerFilter>,
+    ) -> Result<Opened, ConnectError>
     where
         T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
         T::Stream: Send + 'static,
         T::TlsConnect: Send,
         <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
     {
+        let window = peers.map(|_| socket::begin_connect());
         let (client, connection) = config
             .connect(tls)
             .await
             .map_err(|e| self.driver_error(&e, place))?;
-        AsyncPgConnection::try_from_client_and_connection(client, connection)
+        // Nothing has polled `connection` yet: its socket is open, and new since the window.
+        let claimed = match (window, peers) {
+            (Some(window), Some(peers)) => match window.finish(peers, &mut || false) {
+                SocketClaim::Found(sock) => Some(sock),
+                SocketClaim::Ambiguous(_) | SocketClaim::Unavailable => None,
+            },
+            _ => None,
+        };
+        let conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
             .await
-            .map_err(|e| self.setup_error(e, place))
+            .map_err(|e| self.setup_error(e, place))?;
+        Ok((conn, claimed))
     }
 
     /// Names the cause of a tokio-postgres error. Its `Display` is the error kind alone
@@ -1839,7 +1886,7 @@ mod tests {
         let addrs: Vec<IpAddr> = vec![[127, 0, 0, 2].into(), [127, 0, 0, 3].into()];
         let Err(err) = tokio::time::timeout(
             Duration::from_secs(20),
-            connector.connect_addrs(&target, name, addrs),
+            connector.connect_addrs(&target, name, addrs, false),
         )
         .await
         .expect("two refused connects took over 20 s") else {

@@ -8,21 +8,110 @@ use diesel::connection::{Instrumentation, InstrumentationEvent};
 use pool_core::classify::ErrorClass;
 use pool_core::engine::ConnState;
 
-/// The pool's view of one connection; lives in the connection's instrumentation slot. The
-/// async adapter keeps nothing beside the engine's state.
-pub(crate) type Tracker = diesel_ext_common::Tracker<()>;
+/// The pool's view of one connection; lives in the connection's instrumentation slot.
+pub(crate) type Tracker = diesel_ext_common::Tracker<ServerSocket>;
 
-/// The tracker of a connection in `state`, classifying its errors with `classify`.
+/// The tracker of a connection in `state`, with `socket`, classifying its errors with
+/// `classify`.
 pub(crate) fn tracker(
     state: ConnState,
+    socket: ServerSocket,
     classify: fn(&diesel::result::Error) -> ErrorClass,
 ) -> Tracker {
     Tracker::new(
         state,
-        (),
+        socket,
         classify,
         diesel_ext_common::tracker::SqlAt::Finish,
     )
+}
+
+/// What the async tracker keeps besides the engine's state: our duplicate of a PostgreSQL
+/// connection's socket, when one was claimed at connect (a pool with a budget; see
+/// `PgConnector::connect_claiming`), waited on at close so that the connection's budget
+/// permit comes back only once the server let the session go.
+#[derive(Debug, Default)]
+pub struct ServerSocket {
+    #[cfg(feature = "postgres-core")]
+    socket: Option<diesel_ext_common::socket::ConnSocket>,
+}
+
+#[cfg(feature = "postgres-core")]
+impl ServerSocket {
+    /// Keeps `socket` (none: the connection closes without waiting for the server).
+    pub(crate) fn new(socket: Option<diesel_ext_common::socket::ConnSocket>) -> ServerSocket {
+        ServerSocket { socket }
+    }
+}
+
+impl diesel_ext_common::tracker::Extra for ServerSocket {
+    /// diesel-async has dropped its connection: its task drops the driver's descriptor
+    /// without a Terminate message, and ours keeps the socket open. So we end our side of
+    /// the stream, and a task of the runtime waits for the server's end-of-file (a backend
+    /// keeps its socket open until its process exited, after its slot was freed), within
+    /// the wait's bound, before it releases the permit. No runtime here (a connection
+    /// dropped outside one): the permit is released at once, as without a socket.
+    fn confirm_close(&mut self, wait: pool_core::engine::CloseWait) {
+        #[cfg(feature = "postgres-core")]
+        if let Some(socket) = self.socket.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                socket.shutdown_write();
+                runtime.spawn(async move {
+                    match server_let_go(socket, wait.bound()).await {
+                        Some(confirmed) => wait.finish(confirmed),
+                        None => drop(wait),
+                    }
+                });
+                return;
+            }
+        }
+        drop(wait);
+    }
+}
+
+/// Waits up to `bound` for the server's end-of-file (or a reset) on our duplicate of a
+/// closed connection's socket, without reading from it: `Some(true)` once it came,
+/// `Some(false)` when `bound` ran out, `None` when the runtime cannot watch the descriptor.
+#[cfg(feature = "postgres-core")]
+pub(crate) async fn server_let_go(
+    socket: diesel_ext_common::socket::ConnSocket,
+    bound: std::time::Duration,
+) -> Option<bool> {
+    /// Registers our duplicate with the runtime, and keeps it open while it is registered.
+    struct Watched(diesel_ext_common::socket::ConnSocket);
+    impl std::os::fd::AsRawFd for Watched {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.raw_fd()
+        }
+    }
+    let register = move || {
+        // SAFETY: `Watched` holds a clone of the `ConnSocket`, whose duplicate stays open
+        // and keeps its number until the last clone is dropped, after the registration.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                Watched(socket),
+                tokio::io::Interest::READABLE,
+            )
+        }
+    };
+    // A runtime without I/O enabled panics here (a connection dropped on another runtime
+    // than the one it was opened on): then nobody can watch it.
+    let watched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(register))
+        .ok()?
+        .ok()?;
+    let end_of_file = async {
+        loop {
+            let mut ready = watched.readable().await.ok()?;
+            // A FIN (`EPOLLRDHUP`) or a reset (`EPOLLHUP`); bytes before it are left unread.
+            if ready.ready().is_read_closed() {
+                return Some(true);
+            }
+            ready.clear_ready();
+        }
+    };
+    tokio::time::timeout(bound, end_of_file)
+        .await
+        .unwrap_or(Some(false))
 }
 
 /// The instrumentation of a dedicated connection (outside the pool) of a budget class: it

@@ -545,3 +545,159 @@ fn a_reclaim_with_nothing_idle_to_give_back_waits_without_spinning() {
         .expect("ad-hoc's checkout ended within 20 s");
     assert!(timed_out, "the budget is spent: ad-hoc times out");
 }
+
+/// Budget `n` with one class of `n` for `app`, and `n` of its connections checked out, each
+/// inside a transaction Diesel's manager opened (not a test transaction): the checkin closes
+/// each (bb8's and ours alike).
+async fn closing_on_checkin(
+    pg: &PgServer,
+    app: &str,
+    n: u32,
+) -> (
+    Pools,
+    Vec<bb8::PooledConnection<'static, diesel_async_ext::ExtManager<AsyncPgConnection>>>,
+) {
+    use diesel_async::{AsyncConnection, TransactionManager};
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), n)
+        .class("automation", Class::new().pool_size(n).max_overflow(0))
+        .configure(|b| {
+            b.application_name(app)
+                .pool_timeout(Duration::from_secs(10))
+        })
+        .build()
+        .await
+        .unwrap();
+    let pool = pools.class("automation").unwrap().clone();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut conn = pool.get_owned().await.unwrap();
+        one(&mut conn).await.unwrap();
+        <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(&mut *conn)
+            .await
+            .unwrap();
+        held.push(conn);
+    }
+    (pools, held)
+}
+
+/// A closed connection's permit comes back only once the server let its session go: the
+/// backend keeps its socket open until its process has exited, and the pool waits, in a task
+/// of its own, for that end-of-file on its duplicate of the socket (bounded). Here the
+/// backend is stopped when the connection closes and continued 300 ms later: the
+/// replacement must not connect while the server still counts the old session. The control
+/// below shows plain bb8 connecting at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_session_go() {
+    let Some(pg) = server() else { return };
+    let app = "abudget_confirm_close";
+    let (pools, mut held) = closing_on_checkin(&pg, app, 1).await;
+    let pause = pg.pause_backends(app).expect("the backend is there");
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        pause.resume();
+    });
+    drop(held.pop());
+    let started = Instant::now();
+    let mut again = pools.class("automation").unwrap().get().await.unwrap();
+    let waited = started.elapsed();
+    let seen = pg.count_backends(app).unwrap();
+    one(&mut again).await.unwrap();
+    resumer.join().unwrap();
+    assert_eq!(
+        seen, 1,
+        "the replacement connected while the server still counted the closed session: {seen} \
+         backends for a budget of 1 (it waited {waited:?})"
+    ); // The backend went on after 300 ms and left at once: the permit came back then, not at
+       // the bound (1 s), which is what a server that never read our end of the stream gives.
+    assert!(
+        waited < Duration::from_millis(800),
+        "the permit came back after {waited:?}, at the bound: the server did not see the \
+         connection's end"
+    );
+}
+
+/// The wait is bounded: with the closed session's backend stopped for good, the permit comes
+/// back after one bound (the validation timeout, at most 1 s), and the next close within
+/// the pause after a wait ran out does not wait at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_the_server_does_not_answer_holds_the_permit_one_bound_and_then_closes_stop_waiting(
+) {
+    let Some(pg) = server() else { return };
+    let app = "abudget_confirm_outage";
+    let (pools, mut held) = closing_on_checkin(&pg, app, 1).await;
+    let pause = pg.pause_backends(app).expect("the backend is there");
+    let pool = pools.class("automation").unwrap().clone();
+    drop(held.pop());
+    let started = Instant::now();
+    let mut again = tokio::time::timeout(Duration::from_secs(8), pool.get_owned())
+        .await
+        .expect("the permit never came back: the wait for a stopped backend is unbounded")
+        .unwrap();
+    let took = started.elapsed();
+    one(&mut again).await.unwrap();
+    assert!(
+        took >= Duration::from_millis(900),
+        "the replacement came after {took:?}: the close did not wait for the server at all"
+    );
+    // Stop the new backend too and close it: a wait ran out less than 10 s ago, so this
+    // close does not wait, and its permit is back at once.
+    {
+        use diesel_async::{AsyncConnection, TransactionManager};
+        <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(&mut *again)
+            .await
+            .unwrap();
+    }
+    let second = pg.pause_backends(app).expect("the backends are there");
+    drop(again);
+    let started = Instant::now();
+    let mut third = tokio::time::timeout(Duration::from_secs(8), pool.get())
+        .await
+        .expect("no connection within 8 s")
+        .unwrap();
+    let took = started.elapsed();
+    one(&mut third).await.unwrap();
+    pause.resume();
+    second.resume();
+    assert!(
+        took < Duration::from_millis(700),
+        "the close right after a wait ran out waited again ({took:?}): one bound per outage, \
+         not one per connection"
+    );
+}
+
+/// Control: plain bb8 at its defaults over diesel-async's manager, sized to the same 1
+/// connection. A connection returned inside a transaction is broken to bb8, which drops it
+/// and connects anew at the next checkout: with the old backend stopped, the server counts
+/// 2 sessions for a pool of 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plain_bb8_replaces_a_closed_connection_while_the_server_still_counts_it() {
+    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+    use diesel_async::{AsyncConnection, TransactionManager};
+    let Some(pg) = server() else { return };
+    let app = "abudget_confirm_control";
+    let pool = bb8::Pool::builder()
+        .max_size(1)
+        .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(
+            pg.url_with(&format!("sslmode=disable&application_name={app}")),
+        ))
+        .await
+        .unwrap();
+    let mut conn = pool.get().await.unwrap();
+    one(&mut conn).await.unwrap();
+    <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(&mut *conn)
+        .await
+        .unwrap();
+    let pause = pg.pause_backends(app).expect("the backend is there");
+    drop(conn);
+    let mut again = tokio::time::timeout(Duration::from_secs(10), pool.get())
+        .await
+        .expect("no connection within 10 s")
+        .unwrap();
+    let seen = pg.count_backends(app).unwrap();
+    one(&mut again).await.unwrap();
+    pause.resume();
+    assert_eq!(
+        seen, 2,
+        "the control did not reproduce the overlap: the server counted {seen} sessions"
+    );
+}

@@ -11,6 +11,7 @@
 //! | [`resolve`] | Diesel's side of resolving a cut-off `COMMIT` (the idempotency key's answer, a failed question) |
 //! | `capacity` | the capacity query's row and `CapacityError` (feature `postgres`) |
 //! | `sqlite` | the pragmas applied to every new SQLite connection (feature `sqlite`) |
+//! | `socket` | a connection's socket found among the process's descriptors: probed, shut down, waited on at close (feature `socket`) |
 //!
 //! Applications use it through the adapters, which re-export what they need of it.
 //!
@@ -33,6 +34,8 @@ pub mod capacity;
 pub mod classify;
 pub mod resolve;
 pub mod session;
+#[cfg(feature = "socket")]
+pub mod socket;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod tracker;

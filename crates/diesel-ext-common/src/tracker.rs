@@ -37,7 +37,7 @@
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
 use pool_core::classify::ErrorClass;
-use pool_core::engine::ConnState;
+use pool_core::engine::{CloseWait, ConnState};
 
 /// The pool's view of one connection; lives in the connection's instrumentation slot.
 ///
@@ -209,13 +209,14 @@ pub trait Extra: Send + 'static {
     fn after_success(&mut self) {}
 
     /// The connection's driver has just closed it (the tracker is dropped after the driver's
-    /// own socket): wait up to `bound` for the server to confirm the session is gone.
-    /// Returns `Some(true)` once it did (or the socket is dead), `Some(false)` when `bound`
-    /// ran out, `None` when this adapter cannot tell (no socket of its own): the budget
-    /// permit is then released at once, as it always was.
-    fn confirm_close(&mut self, bound: std::time::Duration) -> Option<bool> {
-        let _ = bound;
-        None
+    /// own socket) and `wait` holds its budget permit: release it once the server confirmed
+    /// the session gone, within [`CloseWait::bound`], with [`CloseWait::finish`] (`true`
+    /// once the end-of-file came or the socket is dead, `false` when the bound ran out). An
+    /// adapter that cannot tell (no socket of its own) drops `wait`, which releases the
+    /// permit at once, as the default does. A sync adapter waits here; an async one hands
+    /// `wait` to a task and returns.
+    fn confirm_close(&mut self, wait: CloseWait) {
+        drop(wait);
     }
 }
 
@@ -224,12 +225,10 @@ impl<X: Extra> Drop for Tracker<X> {
     /// the application replaced it while the connection is checked out: then nothing
     /// closes, and the state keeps its permits (see `ConnState`'s `Drop`). When it closes,
     /// the budget permit the state holds is released only after the server confirmed the
-    /// session gone, within the pool's bound (see `ConnState::close_confirm_bound`).
+    /// session gone, within the pool's bound (see `ConnState::close_wait`).
     fn drop(&mut self) {
-        if let Some(bound) = self.state.close_confirm_bound() {
-            if let Some(confirmed) = self.extra.confirm_close(bound) {
-                self.state.close_confirmed(confirmed);
-            }
+        if let Some(wait) = self.state.close_wait() {
+            self.extra.confirm_close(wait);
         }
     }
 }

@@ -54,7 +54,7 @@ mod manager;
 mod pg;
 mod pool;
 pub mod retry;
-mod socket;
+use diesel_ext_common::socket;
 mod tracker;
 
 pub use classes::{Class, ClassPools};

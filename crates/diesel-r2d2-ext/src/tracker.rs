@@ -45,8 +45,11 @@ impl diesel_ext_common::tracker::Extra for SocketSlot {
 
     /// libpq has closed its descriptor; ours keeps the socket open: wait on it for the
     /// server's end-of-file (see [`ConnSocket::confirm_closed`]).
-    fn confirm_close(&mut self, bound: Duration) -> Option<bool> {
-        self.get().map(|sock| sock.confirm_closed(bound))
+    fn confirm_close(&mut self, wait: pool_core::engine::CloseWait) {
+        if let Some(sock) = self.get() {
+            let confirmed = sock.confirm_closed(wait.bound());
+            wait.finish(confirmed);
+        }
     }
 }
 
@@ -139,5 +142,81 @@ mod tests {
         let q = diesel::sql_query("SELECT 2");
         let query = diesel::debug_query::<diesel::pg::Pg, _>(&q);
         assert_eq!(statement_effect(&query), TxEffect::Neutral);
+    }
+}
+
+/// The pending socket of an ambiguous identification (the socket module's own tests are in
+/// `diesel-ext-common`).
+#[cfg(all(test, target_os = "linux"))]
+mod socket_slot_tests {
+    use super::SocketSlot;
+    use crate::socket::{begin_connect, ConnSocket, PeerFilter, SocketClaim};
+    use diesel_ext_common::tracker::Extra;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+
+    fn inode<T: AsRawFd>(sock: &T) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", sock.as_raw_fd()))
+            .expect("a descriptor")
+            .ino()
+    }
+
+    fn tcp_filter(port: u16) -> PeerFilter {
+        PeerFilter::ports(&[port], &[])
+    }
+
+    /// Echoes every byte back on each of the next `n` connections.
+    fn echo_server(listener: TcpListener, n: usize) {
+        std::thread::spawn(move || {
+            for _ in 0..n {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    return;
+                };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1];
+                    while let Ok(1) = conn.read(&mut buf) {
+                        if conn.write_all(&buf).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// One round trip: a byte out, its echo back.
+    fn echo_once(stream: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 1];
+        stream.write_all(b"?").is_ok() && stream.read_exact(&mut buf).is_ok()
+    }
+
+    #[test]
+    fn a_pending_socket_is_resolved_only_right_after_a_successful_statement() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        echo_server(listener, 2);
+        let filter = tcp_filter(port);
+        let window = begin_connect();
+        let mut a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let SocketClaim::Ambiguous(candidates) =
+            window.finish(&filter, &mut || echo_once(&mut a) && echo_once(&mut b))
+        else {
+            panic!("two sockets that both answer: ambiguous");
+        };
+        let mut slot = SocketSlot::Pending(candidates);
+        // b's connection is lost and its socket closed: elimination would now say "a", but
+        // nothing proves a is still open and ours until a statement on the connection succeeds
+        // (a lost connection's socket is closed by libpq too).
+        drop(b);
+        assert!(
+            slot.get().is_none(),
+            "a checkout must not resolve a pending socket: it pings"
+        );
+        assert!(echo_once(&mut a));
+        slot.after_success();
+        assert_eq!(slot.get().map(ConnSocket::inode), Some(inode(&a)));
     }
 }

@@ -75,6 +75,41 @@ impl std::fmt::Debug for ConnState {
     }
 }
 
+/// A closing connection's budget permit, held while the adapter waits for the server to
+/// confirm the session gone (from [`ConnState::close_wait`]). [`CloseWait::finish`] reports
+/// how the wait ended and releases the permit; dropping it releases the permit without a
+/// report (the adapter could not tell).
+#[must_use = "finish() it once the server confirmed the session gone, or drop it"]
+pub struct CloseWait {
+    pool: Arc<PoolState>,
+    bound: Duration,
+    _permit: Option<Permit>,
+}
+
+impl CloseWait {
+    /// How long the adapter may wait (the pool's validation timeout, at most
+    /// [`super::CONFIRM_BOUND_MAX`]).
+    pub fn bound(&self) -> Duration {
+        self.bound
+    }
+
+    /// Reports how the wait ended, then releases the permit: `confirmed` false when the
+    /// bound ran out, which stops the pool's closes from waiting for
+    /// [`super::CONFIRM_PAUSE`].
+    pub fn finish(self, confirmed: bool) {
+        self.pool.close_confirmed(confirmed, Instant::now());
+    }
+}
+
+impl std::fmt::Debug for CloseWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloseWait")
+            .field("pool", &self.pool.name())
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConnState {
     /// A connection was just opened (in `took`), holding `permit` if the pool has a budget.
     /// Counts it and reports it.
@@ -185,13 +220,13 @@ impl ConnState {
     }
 
     /// How long, now that its connection is closing, the adapter may wait for the server to
-    /// confirm the session is gone (the socket's end-of-file) before this state, and the
-    /// budget permit it holds, is dropped: `None` when it must not wait, because the
-    /// connection holds no budget permit, is still checked out (the application replaced
-    /// what carried this state: the connection is not closing), was retired because its
-    /// path went silent ([`CloseReason::Invalidated`]: closed precisely so as not to wait
-    /// on it), or the pool's last wait ran out (see [`PoolState::close_confirm_bound`]).
-    /// Report the outcome with [`ConnState::close_confirmed`].
+    /// confirm the session is gone (the socket's end-of-file) before the budget permit this
+    /// state holds is released: `None` when it must not wait, because the connection holds
+    /// no budget permit, is still checked out (the application replaced what carried this
+    /// state: the connection is not closing), was retired because its path went silent
+    /// ([`CloseReason::Invalidated`]: closed precisely so as not to wait on it), or the
+    /// pool's last wait ran out (see [`PoolState::close_confirm_bound`]). The wait itself is
+    /// [`ConnState::close_wait`].
     pub fn close_confirm_bound(&self) -> Option<Duration> {
         if self._permit.is_none()
             || self.checked_out_at.is_some()
@@ -202,10 +237,17 @@ impl ConnState {
         self.pool.close_confirm_bound(Instant::now())
     }
 
-    /// Reports how a wait allowed by [`ConnState::close_confirm_bound`] ended: `confirmed`
-    /// false when it ran out.
-    pub fn close_confirmed(&self, confirmed: bool) {
-        self.pool.close_confirmed(confirmed, Instant::now());
+    /// Takes the budget permit out for a wait on the server's confirmation, when
+    /// [`ConnState::close_confirm_bound`] allows one: the [`CloseWait`] holds the permit
+    /// until it is finished or dropped, which may be after this state is gone (an async
+    /// adapter waits in a task of its own).
+    pub fn close_wait(&mut self) -> Option<CloseWait> {
+        let bound = self.close_confirm_bound()?;
+        Some(CloseWait {
+            pool: self.pool.clone(),
+            bound,
+            _permit: self._permit.take(),
+        })
     }
 
     /// Why the pool decided to close it, if it did.

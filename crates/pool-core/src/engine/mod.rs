@@ -30,7 +30,7 @@ mod maintenance;
 mod pool_state;
 mod watchdog;
 
-pub use conn_state::{CheckoutStep, ConnState};
+pub use conn_state::{CheckoutStep, CloseWait, ConnState};
 pub use gate::Gate;
 pub use health::{Attempt, ConnectClass, ServerHealth, ServerState};
 pub use leak::LeakTimer;

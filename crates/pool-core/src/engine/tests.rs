@@ -1001,8 +1001,33 @@ fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out(
         Some(CONFIRM_BOUND_MAX)
     );
 
-    // Through a connection's state too.
-    c.close_confirmed(false);
-    assert_eq!(c.close_confirm_bound(), None);
+    // Through a connection's state: the wait holds the budget permit until it is finished,
+    // after the state itself is gone; a wait dropped without a report releases it too.
+    let in_use = || budget.snapshot().in_use;
+    let held = in_use();
+    let mut e = with_permit();
+    assert_eq!(in_use(), held + 1);
+    drop(
+        e.close_wait()
+            .expect("a permit and no wait ran out: it waits"),
+    );
+    assert_eq!(in_use(), held, "a dropped wait released the permit");
+    drop(e);
+    let wait = c
+        .close_wait()
+        .expect("a permit and no wait ran out: it waits");
+    assert_eq!(wait.bound(), Duration::from_millis(300));
+    assert_eq!(
+        c.close_confirm_bound(),
+        None,
+        "the permit went with the wait"
+    );
     drop(c);
+    assert_eq!(in_use(), held, "the wait still holds the permit");
+    wait.finish(false);
+    assert_eq!(in_use(), held - 1, "finished: the permit is back");
+    let mut d = with_permit();
+    assert!(d.close_wait().is_none(), "the wait ran out: no wait");
+    d.set_close_reason(CloseReason::PingFailed);
+    drop(d);
 }

@@ -508,36 +508,6 @@ fn a_failed_tiebreak_never_claims_another_connections_socket() {
     assert_eq!(sock_b.inode(), ino_b);
 }
 
-#[test]
-fn a_pending_socket_is_resolved_only_right_after_a_successful_statement() {
-    use crate::tracker::SocketSlot;
-    use diesel_ext_common::tracker::Extra;
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    echo_server(listener, 2);
-    let filter = tcp_filter(port);
-    let window = begin_connect();
-    let mut a = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let SocketClaim::Ambiguous(candidates) =
-        window.finish(&filter, &mut || echo_once(&mut a) && echo_once(&mut b))
-    else {
-        panic!("two sockets that both answer: ambiguous");
-    };
-    let mut slot = SocketSlot::Pending(candidates);
-    // b's connection is lost and its socket closed: elimination would now say "a", but
-    // nothing proves a is still open and ours until a statement on the connection succeeds
-    // (a lost connection's socket is closed by libpq too).
-    drop(b);
-    assert!(
-        slot.get().is_none(),
-        "a checkout must not resolve a pending socket: it pings"
-    );
-    assert!(echo_once(&mut a));
-    slot.after_success();
-    assert_eq!(slot.get().map(ConnSocket::inode), Some(inode(&a)));
-}
-
 /// A connection already open to the same server before the window is not a candidate: only
 /// sockets new since `begin_connect` are, so a lone new one needs no tiebreak.
 #[test]

@@ -101,22 +101,20 @@
 //! [`SocketClaim::Unavailable`].
 
 #[path = "peer.rs"]
-// The peer filter reads PostgreSQL connection strings: unused in a SQLite-only build.
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-pub(crate) mod peer;
+pub mod peer;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-pub(crate) use peer::PeerFilter;
+pub use peer::PeerFilter;
 
 /// How many tiebreak round trips [`ConnectWindow::finish`] runs at most (one, then up to
 /// three retries while several candidates advanced).
-pub(crate) const TIEBREAK_ROUNDS: usize = 4;
+pub const TIEBREAK_ROUNDS: usize = 4;
 
 /// Whether sockets can be identified here at all: Linux with a readable `/proc/self/fd`.
 /// Checked once per process.
-pub(crate) fn supported() -> bool {
+pub fn supported() -> bool {
     #[cfg(target_os = "linux")]
     {
         static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -130,7 +128,7 @@ pub(crate) fn supported() -> bool {
 
 /// Opens a connect window: snapshots the process's sockets. Call right before establishing
 /// the connection, then [`ConnectWindow::finish`] right after it succeeded.
-pub(crate) fn begin_connect() -> ConnectWindow {
+pub fn begin_connect() -> ConnectWindow {
     #[cfg(target_os = "linux")]
     let before = if supported() { sys::scan() } else { None };
     #[cfg(not(target_os = "linux"))]
@@ -144,8 +142,7 @@ pub(crate) fn begin_connect() -> ConnectWindow {
 /// `tiebreak`'s round trips as in [`ConnectWindow::finish`]. The module's invariant holds:
 /// the connection is open and its socket among the candidates when this runs. Release the
 /// claim (drop the socket) once done with it.
-#[cfg_attr(not(all(target_os = "linux", feature = "postgres")), allow(dead_code))]
-pub(crate) fn find_established(tiebreak: &mut dyn FnMut() -> bool) -> SocketClaim {
+pub fn find_established(tiebreak: &mut dyn FnMut() -> bool) -> SocketClaim {
     ConnectWindow {
         before: supported().then(Vec::new),
     }
@@ -155,14 +152,14 @@ pub(crate) fn find_established(tiebreak: &mut dyn FnMut() -> bool) -> SocketClai
 /// The process's sockets before a connect (see [`begin_connect`]).
 #[derive(Debug)]
 #[must_use = "call finish() once the connection is established"]
-pub(crate) struct ConnectWindow {
+pub struct ConnectWindow {
     /// `(fd, inode)` of every socket, sorted; `None` where unsupported.
     before: Option<Vec<(RawFd, u64)>>,
 }
 
 /// What [`ConnectWindow::finish`] found.
 #[derive(Debug)]
-pub(crate) enum SocketClaim {
+pub enum SocketClaim {
     /// The connection's socket, claimed.
     Found(ConnSocket),
     /// Several sockets may be the connection's; [`Candidates::resolve`] may tell later.
@@ -178,11 +175,7 @@ impl ConnectWindow {
     /// `tiebreak` is called only when several TCP candidates remain: it must run one round
     /// trip on the new connection (e.g. `SELECT 1`) and return whether it succeeded; it is
     /// called at most [`TIEBREAK_ROUNDS`] times. No lock is held while it runs.
-    pub(crate) fn finish(
-        self,
-        filter: &PeerFilter,
-        tiebreak: &mut dyn FnMut() -> bool,
-    ) -> SocketClaim {
+    pub fn finish(self, filter: &PeerFilter, tiebreak: &mut dyn FnMut() -> bool) -> SocketClaim {
         #[cfg(target_os = "linux")]
         if let Some(before) = self.before {
             return sys::finish(&before, filter, tiebreak);
@@ -205,7 +198,7 @@ struct Candidate {
 
 /// Sockets of which one is a connection's, left by an ambiguous [`ConnectWindow::finish`].
 #[derive(Debug)]
-pub(crate) struct Candidates(Vec<Candidate>);
+pub struct Candidates(Vec<Candidate>);
 
 impl Candidates {
     /// Drops the candidates claimed by other connections or closed since, and claims the
@@ -214,7 +207,7 @@ impl Candidates {
     ///
     /// Call it only while the connection's own socket is known to be open: right after a
     /// statement on it succeeded (see the module's invariant).
-    pub(crate) fn resolve(&mut self) -> Option<ConnSocket> {
+    pub fn resolve(&mut self) -> Option<ConnSocket> {
         #[cfg(target_os = "linux")]
         {
             sys::prune(&mut self.0);
@@ -226,15 +219,19 @@ impl Candidates {
     }
 
     /// How many sockets are still candidates.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Whether no socket is a candidate any more.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
 /// What a zero-timeout look at the socket says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Probe {
+pub enum Probe {
     /// Nothing pending, peer still there.
     Alive,
     /// The peer closed or reset the connection.
@@ -247,7 +244,7 @@ pub(crate) enum Probe {
 /// Our duplicate of a connection's socket, registered as claimed. Clones share it; the
 /// duplicate is closed and the claim released when the last clone is dropped.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnSocket(Arc<Claimed>);
+pub struct ConnSocket(Arc<Claimed>);
 
 /// The registered duplicate behind a [`ConnSocket`].
 #[derive(Debug)]
@@ -271,19 +268,17 @@ impl ConnSocket {
     }
 
     /// Our duplicate's descriptor (socket options set on it act on the connection's socket).
-    #[cfg_attr(not(all(target_os = "linux", feature = "postgres")), allow(dead_code))]
-    pub(crate) fn raw_fd(&self) -> RawFd {
+    pub fn raw_fd(&self) -> RawFd {
         self.raw()
     }
 
     /// The socket's inode (tests compare it with the connection's own descriptor).
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn inode(&self) -> u64 {
+    pub fn inode(&self) -> u64 {
         self.0.ino
     }
 
     /// Looks at the socket without reading from it and without blocking.
-    pub(crate) fn probe(&self) -> Probe {
+    pub fn probe(&self) -> Probe {
         #[cfg(target_os = "linux")]
         const RDHUP: libc::c_short = libc::POLLRDHUP;
         #[cfg(not(target_os = "linux"))]
@@ -315,14 +310,11 @@ impl ConnSocket {
     /// `socket_close`); a pooler closes its client side once it let the client go. Returns
     /// true once the end-of-file, a reset or an error came (a socket the watchdog shut down
     /// returns at once), false when `bound` ran out.
-    pub(crate) fn confirm_closed(&self, bound: std::time::Duration) -> bool {
+    pub fn confirm_closed(&self, bound: std::time::Duration) -> bool {
         let fd = self.raw();
-        // SAFETY: shutdown takes no pointers; the descriptor is ours and open while `self`
-        // lives. The driver sent its Terminate message already; this end-of-file tells a
-        // server that never got it (a connection the driver had given up on) to go too.
-        unsafe {
-            libc::shutdown(fd, libc::SHUT_WR);
-        }
+        // The driver sent its Terminate message already; this end-of-file tells a server
+        // that never got it (a connection the driver had given up on) to go too.
+        self.shutdown_write();
         let deadline = std::time::Instant::now() + bound;
         let mut sink = [0u8; 4096];
         loop {
@@ -369,9 +361,19 @@ impl ConnSocket {
         }
     }
 
+    /// Ends our side of the stream (`SHUT_WR`): the peer reads its end-of-file although
+    /// our duplicate keeps the socket open after the driver closed its own descriptor.
+    pub fn shutdown_write(&self) {
+        // SAFETY: shutdown takes no pointers; the descriptor is ours and open for as long as
+        // `self` lives. Errors (already shut down) are irrelevant.
+        unsafe {
+            libc::shutdown(self.raw(), libc::SHUT_WR);
+        }
+    }
+
     /// Shuts the socket down in both directions: a libpq call blocked on it returns at once
     /// with a closed-connection error.
-    pub(crate) fn shutdown(&self) {
+    pub fn shutdown(&self) {
         // SAFETY: shutdown takes no pointers; the descriptor is ours and open for as long as
         // `self` lives. Errors (already shut down) are irrelevant.
         unsafe {

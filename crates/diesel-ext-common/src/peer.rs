@@ -97,7 +97,7 @@ pub struct PeerFilter {
 
 /// The peer of a connected stream socket, as `getpeername` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Peer<'a> {
+pub enum Peer<'a> {
     /// An IPv4 or IPv6 peer on this port.
     Tcp(u16),
     /// A Unix-domain peer with this address (`sun_path`, without trailing NULs; a leading NUL
@@ -107,9 +107,8 @@ pub(crate) enum Peer<'a> {
 
 impl PeerFilter {
     /// Lets TCP sockets to `tcp` and Unix sockets named for `unix` through, without parsing
-    /// a connection string (the socket tests' filters).
-    #[cfg(test)]
-    pub(crate) fn ports(tcp: &[u16], unix: &[u16]) -> PeerFilter {
+    /// a connection string (an adapter that knows the port it connects to).
+    pub fn ports(tcp: &[u16], unix: &[u16]) -> PeerFilter {
         PeerFilter {
             tcp: Ports::Only(tcp.iter().copied().collect()),
             unix: Ports::Only(unix.iter().copied().collect()),
@@ -117,7 +116,7 @@ impl PeerFilter {
     }
 
     /// Lets every stream socket through.
-    pub(crate) fn any() -> PeerFilter {
+    pub fn any() -> PeerFilter {
         PeerFilter {
             tcp: Ports::Any,
             unix: Ports::Any,
@@ -127,10 +126,7 @@ impl PeerFilter {
     /// Derives the filter from a libpq connection string (URI or `keyword=value`), reading
     /// `PGHOST`, `PGHOSTADDR`, `PGPORT` and `PGSERVICE` through `env` (pass
     /// `&|v| std::env::var(v).ok()`), exactly where libpq would.
-    pub(crate) fn from_conninfo(
-        conninfo: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> PeerFilter {
+    pub fn from_conninfo(conninfo: &str, env: &dyn Fn(&str) -> Option<String>) -> PeerFilter {
         let Some(mut opts) = parse(conninfo) else {
             return PeerFilter::any();
         };
@@ -145,7 +141,7 @@ impl PeerFilter {
     }
 
     /// Whether a socket with this peer may be the connection's.
-    pub(crate) fn matches(&self, peer: &Peer<'_>) -> bool {
+    pub fn matches(&self, peer: &Peer<'_>) -> bool {
         match *peer {
             Peer::Tcp(port) => self.tcp.contains(port),
             Peer::Unix(path) => match &self.unix {
