@@ -298,6 +298,7 @@ impl BudgetBuilder {
                 limits: self.classes.iter().map(|(_, l)| *l).collect(),
                 state: Mutex::new(State {
                     in_use: vec![0; n],
+                    returning: vec![0; n],
                     queue: VecDeque::new(),
                     granted: Vec::new(),
                     next_ticket: 0,
@@ -341,6 +342,8 @@ struct Waiter {
 /// Everything that changes, under one lock.
 struct State {
     in_use: Vec<u32>,
+    /// Of `in_use`, the permits on their way back (see [`Permit::set_returning`]).
+    returning: Vec<u32>,
     queue: VecDeque<Waiter>,
     /// Tickets a permit was handed to, not yet collected by their waiter.
     granted: Vec<u64>,
@@ -409,14 +412,23 @@ impl Inner {
         woken
     }
 
-    fn release(&self, class: usize) {
-        let woken = {
+    fn release(&self, class: usize, returning: bool) {
+        let (woken, still_waiting) = {
             let mut st = self.state.lock();
             debug_assert!(st.in_use[class] > 0, "released a permit never granted");
             st.in_use[class] = st.in_use[class].saturating_sub(1);
-            self.dispatch(&mut st)
+            if returning {
+                st.returning[class] = st.returning[class].saturating_sub(1);
+            }
+            let woken = self.dispatch(&mut st);
+            (woken, returning && !st.queue.is_empty())
         };
         woken.into_iter().for_each(Wake::wake);
+        if still_waiting {
+            // It was counted as coming for those still waiting: the holders of borrowed
+            // headroom look again.
+            self.notify_pressure();
+        }
     }
 
     fn take_grant(st: &mut State, ticket: u64) -> bool {
@@ -430,13 +442,20 @@ impl Inner {
     }
 
     fn reclaim_wanted(&self, st: &State, class: usize) -> u32 {
-        let borrowed = st.in_use[class].saturating_sub(self.limits[class].reserved);
+        let held = st.in_use[class].saturating_sub(st.returning[class]);
+        let borrowed = held.saturating_sub(self.limits[class].reserved);
         let blocked = st
             .queue
             .iter()
             .filter(|w| w.class != class && st.in_use[w.class] < self.limits[w.class].max)
             .count();
-        borrowed.min(u32::try_from(blocked).unwrap_or(u32::MAX))
+        // Permits on their way back serve blocked waiters without another close.
+        let coming: u32 = st.returning.iter().sum();
+        borrowed.min(
+            u32::try_from(blocked)
+                .unwrap_or(u32::MAX)
+                .saturating_sub(coming),
+        )
     }
 
     fn waiters(st: &State, class: usize) -> u32 {
@@ -474,12 +493,24 @@ impl fmt::Debug for Budget {
 pub struct Permit {
     budget: Budget,
     class: usize,
+    returning: bool,
 }
 
 impl Permit {
     /// The class the permit was granted to.
     pub fn class(&self) -> ClassId {
         ClassId(self.class)
+    }
+
+    /// Marks the permit as on its way back: its connection is closing and waits for the
+    /// server to let the session go. It is still in use (the server may still count the
+    /// session), but [`Budget::reclaim_wanted`] no longer counts it as headroom its class
+    /// holds, and counts it as coming for a blocked waiter: a borrowing class is not asked
+    /// to close another connection for a permit already on its way.
+    pub fn set_returning(&mut self) {
+        if !std::mem::replace(&mut self.returning, true) {
+            self.budget.inner.state.lock().returning[self.class] += 1;
+        }
     }
 }
 
@@ -494,7 +525,7 @@ impl fmt::Debug for Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.budget.inner.metrics.released(self.class);
-        self.budget.inner.release(self.class);
+        self.budget.inner.release(self.class, self.returning);
     }
 }
 
@@ -574,6 +605,7 @@ impl Budget {
         Permit {
             budget: self.clone(),
             class,
+            returning: false,
         }
     }
 
@@ -856,7 +888,7 @@ impl Drop for Acquire {
             } else if Inner::take_grant(&mut st, ticket) {
                 // Handed a permit but dropped before collecting it: give it back.
                 drop(st);
-                self.budget.inner.release(self.class);
+                self.budget.inner.release(self.class, false);
             }
         }
     }
@@ -1080,6 +1112,102 @@ mod tests {
             assert_eq!(permit.class(), a);
         });
         assert_eq!(b.snapshot().free, 1);
+    }
+
+    /// A permit on its way back (its connection closing, waiting for the server) counts as
+    /// coming for a blocked waiter: the borrowing class is not asked to close another
+    /// connection for it.
+    #[test]
+    fn a_permit_on_its_way_back_is_not_asked_for_twice() {
+        let b = Budget::builder(3)
+            .class("auto", 0, 3)
+            .class("adhoc", 1, 3)
+            .build()
+            .unwrap();
+        let (auto, adhoc) = (b.class_id("auto").unwrap(), b.class_id("adhoc").unwrap());
+        let mut borrowed: Vec<_> = (0..3).map(|_| b.try_acquire(adhoc).unwrap()).collect();
+        std::thread::scope(|s| {
+            let first = s.spawn(|| b.acquire(auto, Duration::from_secs(5)));
+            assert_eq!(b.wait_for_pressure(adhoc, Duration::from_secs(5)), 1);
+            borrowed[0].set_returning();
+            borrowed[0].set_returning();
+            assert_eq!(
+                b.reclaim_wanted(adhoc),
+                0,
+                "the permit coming back serves the waiter: nothing more to give back"
+            );
+            assert_eq!(b.snapshot().in_use, 3, "still in use until it is back");
+            let second = s.spawn(|| b.acquire(auto, Duration::from_secs(5)));
+            while b.waiters(auto) < 2 {
+                std::thread::yield_now();
+            }
+            assert_eq!(
+                b.reclaim_wanted(adhoc),
+                1,
+                "one more waiter: one more to give back"
+            );
+            drop(borrowed.remove(0));
+            let _one = first.join().unwrap().unwrap();
+            assert_eq!(b.reclaim_wanted(adhoc), 1, "the second still waits");
+            borrowed.pop();
+            let _two = second.join().unwrap().unwrap();
+        });
+        assert_eq!(b.reclaim_wanted(adhoc), 0);
+        drop(borrowed);
+        check(&b.snapshot());
+    }
+
+    /// A permit that was counted as coming for a blocked waiter but went to another waiter
+    /// (of its own class, queued first) wakes the holders of borrowed headroom at once: the
+    /// blocked waiter needs another permit given back, and nobody queues anew to say so.
+    #[test]
+    fn a_returning_permit_that_went_elsewhere_wakes_the_lenders() {
+        let b = Budget::builder(3)
+            .class("auto", 0, 3)
+            .class("adhoc", 1, 3)
+            .build()
+            .unwrap();
+        let (auto, adhoc) = (b.class_id("auto").unwrap(), b.class_id("adhoc").unwrap());
+        let mut borrowed: Vec<_> = (0..3).map(|_| b.try_acquire(adhoc).unwrap()).collect();
+        borrowed[0].set_returning();
+        std::thread::scope(|s| {
+            let own = s.spawn(|| b.acquire(adhoc, Duration::from_secs(5)));
+            while b.waiters(adhoc) < 1 {
+                std::thread::yield_now();
+            }
+            let blocked = s.spawn(|| b.acquire(auto, Duration::from_secs(5)));
+            while b.waiters(auto) < 1 {
+                std::thread::yield_now();
+            }
+            assert_eq!(
+                b.reclaim_wanted(adhoc),
+                0,
+                "the returning permit is counted as coming"
+            );
+            let lender = s.spawn(|| {
+                let started = std::time::Instant::now();
+                (
+                    b.wait_for_pressure(adhoc, Duration::from_secs(5)),
+                    started.elapsed(),
+                )
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            drop(borrowed.remove(0));
+            let _own = own.join().unwrap().unwrap();
+            let (wanted, took) = lender.join().unwrap();
+            assert_eq!(
+                wanted, 1,
+                "the blocked waiter still needs a permit given back"
+            );
+            assert!(
+                took < Duration::from_secs(4),
+                "the lender was not woken when the permit went elsewhere ({took:?})"
+            );
+            borrowed.pop();
+            let _blocked = blocked.join().unwrap().unwrap();
+        });
+        drop(borrowed);
+        check(&b.snapshot());
     }
 
     #[test]

@@ -243,10 +243,16 @@ impl ConnState {
     /// adapter waits in a task of its own).
     pub fn close_wait(&mut self) -> Option<CloseWait> {
         let bound = self.close_confirm_bound()?;
+        let mut permit = self._permit.take();
+        // Coming back: the budget does not ask a borrowing class to close another
+        // connection for it.
+        if let Some(permit) = permit.as_mut() {
+            permit.set_returning();
+        }
         Some(CloseWait {
             pool: self.pool.clone(),
             bound,
-            _permit: self._permit.take(),
+            _permit: permit,
         })
     }
 
