@@ -1155,6 +1155,38 @@ mod tests {
         assert_eq!(b.reclaim_wanted(adhoc), 0);
         drop(borrowed);
         check(&b.snapshot());
+
+        // A returning permit is no headroom its class could give back: with it gone, the
+        // class is at its floor.
+        let b = Budget::builder(3)
+            .class("auto", 0, 3)
+            .class("adhoc", 1, 3)
+            .build()
+            .unwrap();
+        let (auto, adhoc) = (b.class_id("auto").unwrap(), b.class_id("adhoc").unwrap());
+        let auto_held = b.try_acquire(auto).unwrap();
+        let mut two: Vec<_> = (0..2).map(|_| b.try_acquire(adhoc).unwrap()).collect();
+        std::thread::scope(|s| {
+            let waiters: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| b.acquire(auto, Duration::from_secs(5))))
+                .collect();
+            while b.waiters(auto) < 2 {
+                std::thread::yield_now();
+            }
+            assert_eq!(b.reclaim_wanted(adhoc), 1);
+            two[1].set_returning();
+            assert_eq!(
+                b.reclaim_wanted(adhoc),
+                0,
+                "the other permit is the class's floor: nothing more to give back"
+            );
+            two.clear();
+            // Adhoc's floor stays free: the waiters fit once automation's own permit is back.
+            drop(auto_held);
+            for w in waiters {
+                let _permit = w.join().unwrap().unwrap();
+            }
+        });
     }
 
     /// A permit that was counted as coming for a blocked waiter but went to another waiter
