@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use diesel::ConnectionError;
 use diesel_async::AsyncPgConnection;
-use diesel_ext_common::socket::{self, ConnSocket, PeerFilter, SocketClaim};
+use diesel_ext_common::socket::{self, ConnSocket, Next, PeerFilter, SocketClaim};
 use pool_core::config::{ConnectSettings, PoolConfig, SslMode};
 use pool_core::error::ConfigError;
 use pool_core::redact::{redact, Redactor};
@@ -591,16 +591,29 @@ impl PgConnector {
         <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
     {
         let window = peers.map(|_| socket::begin_connect());
-        let (client, connection) = config
+        let (client, mut connection) = config
             .connect(tls)
             .await
             .map_err(|e| self.driver_error(&e, place))?;
-        // Nothing has polled `connection` yet: its socket is open, and new since the window.
+        // Nobody polls `connection` but the tiebreak's round trips until it is handed to
+        // diesel-async: its socket is open, new since the window, and (after a successful
+        // round trip) was open when the counters were read.
         let claimed = match (window, peers) {
-            (Some(window), Some(peers)) => match window.finish(peers, &mut || false) {
-                SocketClaim::Found(sock) => Some(sock),
-                SocketClaim::Ambiguous(_) | SocketClaim::Unavailable => None,
-            },
+            (Some(window), Some(peers)) => {
+                let mut elimination = window.eliminate(peers);
+                loop {
+                    match elimination.next() {
+                        Next::Done(SocketClaim::Found(sock)) => break Some(sock),
+                        Next::Done(_) => break None,
+                        Next::Pause(pause) => tokio::time::sleep(pause).await,
+                        Next::RoundTrip => {
+                            let started = std::time::Instant::now();
+                            let ok = round_trip(&client, &mut connection).await;
+                            elimination.round_trip_done(ok, started.elapsed());
+                        }
+                    }
+                }
+            }
             _ => None,
         };
         let conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
@@ -729,6 +742,29 @@ impl PgConnector {
             },
         }
     }
+}
+
+/// One round trip on a connection whose task is not spawned yet (an empty query, driving the
+/// connection meanwhile): whether it succeeded.
+async fn round_trip<S, T>(
+    client: &tokio_postgres::Client,
+    connection: &mut tokio_postgres::Connection<S, T>,
+) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use std::future::Future;
+    let query = client.simple_query("");
+    let mut query = std::pin::pin!(query);
+    std::future::poll_fn(|cx| {
+        // Ended (the server closed it, or an error): no answer is coming.
+        if std::pin::Pin::new(&mut *connection).poll(cx).is_ready() {
+            return std::task::Poll::Ready(false);
+        }
+        query.as_mut().poll(cx).map(|answer| answer.is_ok())
+    })
+    .await
 }
 
 /// `err: source: source ...`.

@@ -616,6 +616,86 @@ async fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_ses
     );
 }
 
+/// Connections opened together each know their own socket: several new sockets to the
+/// server's port at once are told apart by a round trip on the new connection (whose byte
+/// counters only its own socket advances), so every one of them waits for its own session to
+/// go. Four connects at once, each closed with its backend stopped for 300 ms: the server never
+/// counts more than the budget of 4. Without the tiebreak, the connects that overlapped know no
+/// socket and release their permit at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_opened_together_each_wait_for_their_own_session_to_go() {
+    use diesel_async::{AsyncConnection, TransactionManager};
+    let Some(pg) = server() else { return };
+    let app = "abudget_confirm_together";
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 4)
+        .class("automation", Class::new().pool_size(4).max_overflow(0))
+        .configure(|b| {
+            b.application_name(app)
+                .pool_timeout(Duration::from_secs(10))
+        })
+        .build()
+        .await
+        .unwrap();
+    let pool = pools.class("automation").unwrap().clone();
+    let opened: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut conn = pool.get_owned().await.unwrap();
+                one(&mut conn).await.unwrap();
+                <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(
+                    &mut *conn,
+                )
+                .await
+                .unwrap();
+                conn
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for task in opened {
+        held.push(task.await.unwrap());
+    }
+    let pause = pg.pause_backends(app).expect("the backends are there");
+    let stop = Arc::new(AtomicBool::new(false));
+    let max = Arc::new(AtomicI64::new(0));
+    let pg = Arc::new(pg);
+    let watcher = {
+        let (pg, stop, max) = (pg.clone(), stop.clone(), max.clone());
+        std::thread::spawn(move || watch_backends(&pg, app, stop, max))
+    };
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        pause.resume();
+    });
+    drop(held);
+    let again: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut conn = pool.get_owned().await.unwrap();
+                one(&mut conn).await.unwrap();
+                conn
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for task in again {
+        held.push(task.await.unwrap());
+    }
+    resumer.join().unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let most = max.load(Ordering::SeqCst);
+    assert!(
+        most <= 4,
+        "the server counted {most} backends for a budget of 4: a connection opened beside the \
+         others did not wait for its own session to go"
+    );
+    drop(held);
+}
+
 /// The wait is bounded: with the closed session's backend stopped for good, the permit comes
 /// back after one bound (the validation timeout, at most 1 s), and the next close within
 /// the pause after a wait ran out does not wait at all.

@@ -105,6 +105,7 @@ pub mod peer;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use peer::PeerFilter;
 
@@ -176,12 +177,99 @@ impl ConnectWindow {
     /// trip on the new connection (e.g. `SELECT 1`) and return whether it succeeded; it is
     /// called at most [`TIEBREAK_ROUNDS`] times. No lock is held while it runs.
     pub fn finish(self, filter: &PeerFilter, tiebreak: &mut dyn FnMut() -> bool) -> SocketClaim {
-        #[cfg(target_os = "linux")]
-        if let Some(before) = self.before {
-            return sys::finish(&before, filter, tiebreak);
+        let mut elimination = self.eliminate(filter);
+        loop {
+            match elimination.next() {
+                Next::Done(claim) => return claim,
+                Next::Pause(pause) => std::thread::sleep(pause),
+                Next::RoundTrip => {
+                    let started = Instant::now();
+                    let ok = tiebreak();
+                    elimination.round_trip_done(ok, started.elapsed());
+                }
+            }
         }
-        let _ = (filter, tiebreak);
-        SocketClaim::Unavailable
+    }
+
+    /// [`ConnectWindow::finish`] step by step, for a caller whose round trip cannot run in a
+    /// blocking closure (an async connector): call [`Elimination::next`] until it is done,
+    /// running each round trip it asks for, and pausing as it says.
+    pub fn eliminate(self, filter: &PeerFilter) -> Elimination {
+        #[cfg(target_os = "linux")]
+        let start = match self.before {
+            Some(before) => sys::start(&before, filter),
+            None => Err(SocketClaim::Unavailable),
+        };
+        #[cfg(not(target_os = "linux"))]
+        let start: Result<Vec<Candidate>, SocketClaim> = {
+            let _ = filter;
+            Err(SocketClaim::Unavailable)
+        };
+        let (set, done) = match start {
+            Ok(set) => (set, None),
+            Err(claim) => (Vec::new(), Some(claim)),
+        };
+        Elimination {
+            set,
+            done,
+            rounds: 0,
+            last_round_trip: None,
+            paused: false,
+            counters: Vec::new(),
+        }
+    }
+}
+
+/// The candidates of a [`ConnectWindow`] being told apart (see
+/// [`ConnectWindow::eliminate`]).
+#[derive(Debug)]
+pub struct Elimination {
+    set: Vec<Candidate>,
+    /// Decided before any round: nothing to break a tie between.
+    done: Option<SocketClaim>,
+    rounds: usize,
+    last_round_trip: Option<Duration>,
+    /// The pause after the last round was asked for.
+    paused: bool,
+    #[cfg(target_os = "linux")]
+    counters: Vec<Option<sys::Counters>>,
+    #[cfg(not(target_os = "linux"))]
+    counters: Vec<()>,
+}
+
+/// What an [`Elimination`] needs next.
+#[derive(Debug)]
+pub enum Next {
+    /// It is over.
+    Done(SocketClaim),
+    /// Run one round trip on the new connection (e.g. an empty query), then report it with
+    /// [`Elimination::round_trip_done`]. No lock is held meanwhile.
+    RoundTrip,
+    /// Pause this long before asking again (a random step out of another connect's rhythm).
+    Pause(Duration),
+}
+
+impl Elimination {
+    /// What to do next; at most [`TIEBREAK_ROUNDS`] round trips are asked for.
+    pub fn next(&mut self) -> Next {
+        if let Some(claim) = self.done.take() {
+            return Next::Done(claim);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            sys::next(self)
+        }
+        #[cfg(not(target_os = "linux"))]
+        Next::Done(SocketClaim::Unavailable)
+    }
+
+    /// Reports the round trip [`Elimination::next`] asked for: whether it succeeded, and how
+    /// long it took. A failed one ends the elimination with [`SocketClaim::Unavailable`].
+    pub fn round_trip_done(&mut self, ok: bool, took: Duration) {
+        #[cfg(target_os = "linux")]
+        sys::round_trip_done(self, ok, took);
+        #[cfg(not(target_os = "linux"))]
+        let _ = (ok, took);
     }
 }
 
@@ -415,7 +503,7 @@ mod registry {
 mod sys {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::peer::Peer;
     use super::TIEBREAK_ROUNDS;
@@ -561,15 +649,16 @@ mod sys {
         Some(found)
     }
 
-    pub(super) fn finish(
+    /// The candidates after a connect, and the tiebreak over them (see
+    /// [`super::Elimination`]): `Err` when there is nothing to break a tie between.
+    pub(super) fn start(
         before: &[(RawFd, u64)],
         filter: &PeerFilter,
-        tiebreak: &mut dyn FnMut() -> bool,
-    ) -> SocketClaim {
+    ) -> Result<Vec<Candidate>, SocketClaim> {
         let Some(new) = new_stream_sockets(before) else {
-            return SocketClaim::Unavailable;
+            return Err(SocketClaim::Unavailable);
         };
-        let mut set: Vec<Candidate> = new
+        let set: Vec<Candidate> = new
             .iter()
             .filter(|s| filter.matches(&s.addr.as_peer()))
             .map(|s| s.cand)
@@ -577,53 +666,73 @@ mod sys {
         if set.is_empty() {
             // The filter rejected every new socket; our own is among them. When it is the
             // only one, it is ours whatever the filter said.
-            return match new[..] {
+            return Err(match new[..] {
                 [ref only] => found(claim(&only.cand)),
                 _ => SocketClaim::Unavailable,
-            };
+            });
         }
-        let mut last_round_trip = None;
-        for _ in 0..TIEBREAK_ROUNDS {
-            if let Some(rtt) = last_round_trip {
+        Ok(set)
+    }
+
+    /// What the tiebreak over `e`'s candidates does next (see [`super::Elimination::next`]).
+    pub(super) fn next(e: &mut super::Elimination) -> super::Next {
+        if e.rounds == TIEBREAK_ROUNDS {
+            return super::Next::Done(conclude(&e.set));
+        }
+        if let Some(rtt) = e.last_round_trip {
+            if !std::mem::replace(&mut e.paused, true) {
                 // Several advanced: another connect of ours ran its round trip at the same
                 // moment. Step out of its rhythm before trying again (and let it claim its
                 // socket meanwhile).
-                std::thread::sleep(jitter(rtt).min(MAX_JITTER));
-                prune(&mut set);
+                return super::Next::Pause(jitter(rtt).min(MAX_JITTER));
             }
-            if set.len() <= 1 {
-                break;
-            }
-            let before: Vec<Option<Counters>> = set.iter().map(counters).collect();
-            if before.iter().all(Option::is_none) {
-                break; // nothing to compare: elimination only
-            }
-            let started = Instant::now();
-            if !tiebreak() {
-                // The round trip failed: libpq may have closed the connection's socket, which
-                // then is no longer among the candidates, so elimination could pick another
-                // connection's. Leave the socket unknown (pinged, never trusted).
-                return SocketClaim::Unavailable;
-            }
-            last_round_trip = Some(started.elapsed());
-            let mut i = 0;
-            set.retain(|c| {
-                let was = before[i];
-                i += 1;
-                match (was, counters(c)) {
-                    (Some(was), Some(now)) => now.sent > was.sent && now.received > was.received,
-                    // Counters readable before, not now: closed, not ours.
-                    (Some(_), None) => false,
-                    // No counters (Unix-domain): cannot be told apart this way.
-                    (None, _) => true,
-                }
-            });
-            prune(&mut set);
+            prune(&mut e.set);
         }
+        if e.set.len() <= 1 {
+            return super::Next::Done(conclude(&e.set));
+        }
+        e.counters = e.set.iter().map(counters).collect();
+        if e.counters.iter().all(Option::is_none) {
+            // Nothing to compare: elimination only.
+            return super::Next::Done(conclude(&e.set));
+        }
+        super::Next::RoundTrip
+    }
+
+    /// Takes in the round trip `next` asked for: whether it succeeded, and how long it took.
+    pub(super) fn round_trip_done(e: &mut super::Elimination, ok: bool, took: Duration) {
+        if !ok {
+            // The round trip failed: the driver may have closed the connection's socket,
+            // which then is no longer among the candidates, so elimination could pick another
+            // connection's. Leave the socket unknown (pinged, never trusted).
+            e.set.clear();
+            e.rounds = TIEBREAK_ROUNDS;
+            return;
+        }
+        e.rounds += 1;
+        e.last_round_trip = Some(took);
+        e.paused = false;
+        let before = std::mem::take(&mut e.counters);
+        let mut i = 0;
+        e.set.retain(|c| {
+            let was = before[i];
+            i += 1;
+            match (was, counters(c)) {
+                (Some(was), Some(now)) => now.sent > was.sent && now.received > was.received,
+                // Counters readable before, not now: closed, not ours.
+                (Some(_), None) => false,
+                // No counters (Unix-domain): cannot be told apart this way.
+                (None, _) => true,
+            }
+        });
+        prune(&mut e.set);
+    }
+
+    fn conclude(set: &[Candidate]) -> SocketClaim {
         match set[..] {
             [] => SocketClaim::Unavailable,
             [only] => found(claim(&only)),
-            _ => SocketClaim::Ambiguous(Candidates(set)),
+            _ => SocketClaim::Ambiguous(Candidates(set.to_vec())),
         }
     }
 
