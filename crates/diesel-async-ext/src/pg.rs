@@ -602,7 +602,7 @@ impl PgConnector {
             (Some(window), Some(peers)) => {
                 let mut elimination = window.eliminate(peers);
                 loop {
-                    match elimination.next() {
+                    match elimination.step() {
                         Next::Done(SocketClaim::Found(sock)) => break Some(sock),
                         Next::Done(_) => break None,
                         Next::Pause(pause) => tokio::time::sleep(pause).await,

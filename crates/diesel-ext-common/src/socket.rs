@@ -179,7 +179,7 @@ impl ConnectWindow {
     pub fn finish(self, filter: &PeerFilter, tiebreak: &mut dyn FnMut() -> bool) -> SocketClaim {
         let mut elimination = self.eliminate(filter);
         loop {
-            match elimination.next() {
+            match elimination.step() {
                 Next::Done(claim) => return claim,
                 Next::Pause(pause) => std::thread::sleep(pause),
                 Next::RoundTrip => {
@@ -192,7 +192,7 @@ impl ConnectWindow {
     }
 
     /// [`ConnectWindow::finish`] step by step, for a caller whose round trip cannot run in a
-    /// blocking closure (an async connector): call [`Elimination::next`] until it is done,
+    /// blocking closure (an async connector): call [`Elimination::step`] until it is done,
     /// running each round trip it asks for, and pausing as it says.
     pub fn eliminate(self, filter: &PeerFilter) -> Elimination {
         #[cfg(target_os = "linux")]
@@ -251,19 +251,19 @@ pub enum Next {
 
 impl Elimination {
     /// What to do next; at most [`TIEBREAK_ROUNDS`] round trips are asked for.
-    pub fn next(&mut self) -> Next {
+    pub fn step(&mut self) -> Next {
         if let Some(claim) = self.done.take() {
             return Next::Done(claim);
         }
         #[cfg(target_os = "linux")]
         {
-            sys::next(self)
+            sys::step(self)
         }
         #[cfg(not(target_os = "linux"))]
         Next::Done(SocketClaim::Unavailable)
     }
 
-    /// Reports the round trip [`Elimination::next`] asked for: whether it succeeded, and how
+    /// Reports the round trip [`Elimination::step`] asked for: whether it succeeded, and how
     /// long it took. A failed one ends the elimination with [`SocketClaim::Unavailable`].
     pub fn round_trip_done(&mut self, ok: bool, took: Duration) {
         #[cfg(target_os = "linux")]
@@ -674,8 +674,8 @@ mod sys {
         Ok(set)
     }
 
-    /// What the tiebreak over `e`'s candidates does next (see [`super::Elimination::next`]).
-    pub(super) fn next(e: &mut super::Elimination) -> super::Next {
+    /// What the tiebreak over `e`'s candidates does next (see [`super::Elimination::step`]).
+    pub(super) fn step(e: &mut super::Elimination) -> super::Next {
         if e.rounds == TIEBREAK_ROUNDS {
             return super::Next::Done(conclude(&e.set));
         }
