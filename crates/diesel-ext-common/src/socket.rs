@@ -1,6 +1,8 @@
-//! The connection's socket, seen from the side: liveness probe and forced shutdown.
+//! The connection's socket, seen from the side: liveness probe, forced shutdown, close
+//! confirmation.
 //!
-//! Diesel's `PgConnection` does not expose libpq's socket, yet two things need it:
+//! Neither Diesel's `PgConnection` nor diesel-async's exposes its driver's socket, yet three
+//! things need it:
 //!
 //! * the **liveness probe**: a server that ended a session (`pg_terminate_backend`, an idle
 //!   timeout, a restart, a failover) has already sent its FATAL message and closed the TCP
@@ -12,6 +14,16 @@
 //!   neither keepalives nor `tcp_user_timeout` fire. The only sound way to bound a blocking
 //!   libpq call from outside is `shutdown(2)` on its socket from another thread: the blocked
 //!   `poll()` wakes up, `recv()` returns end-of-file and libpq reports a closed connection.
+//! * the **close confirmation**, in both adapters: a budgeted connection's permit comes back
+//!   only once the server let the session go. A backend keeps its socket open until its
+//!   process exited, so after the driver closed its descriptor, our duplicate is shut down
+//!   for writing ([`ConnSocket::shutdown_write`]: the server reads its end-of-file) and
+//!   waited on for the server's end-of-file, bounded ([`ConnSocket::confirm_closed`] in the
+//!   sync adapter; the async adapter waits on the descriptor in a task of its runtime).
+//!
+//! The async adapter identifies a connection's socket right after tokio-postgres connected,
+//! before its connection task is spawned; it drives the tiebreak below step by step
+//! ([`ConnectWindow::eliminate`]), with an empty query as the round trip.
 //!
 //! # Finding the socket, with no lock held across a connect
 //!
