@@ -1031,3 +1031,39 @@ fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out(
     d.set_close_reason(CloseReason::PingFailed);
     drop(d);
 }
+
+/// A closing connection's wait marks its permit as on its way back: the class waiting for the
+/// budget is not served twice by the lending pool closing another connection for it.
+#[test]
+fn a_close_wait_marks_its_permit_as_coming_back() {
+    let b =
+        PoolConfig::builder("postgres://app@db/app").validation_timeout(Duration::from_millis(300));
+    let (p, budget) = pool_in_budget(b, 2, 0, 2);
+    let app = budget.class_id("app").unwrap();
+    let other = budget.class_id("other").unwrap();
+    let mut closing = ConnState::opened(&p, Duration::ZERO, Some(budget.try_acquire(app).unwrap()));
+    let _kept = ConnState::opened(&p, Duration::ZERO, Some(budget.try_acquire(app).unwrap()));
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| budget.acquire(other, Duration::from_secs(5)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while budget.waiters(other) == 0 {
+            assert!(Instant::now() < deadline, "the waiter never queued");
+            std::thread::yield_now();
+        }
+        assert_eq!(budget.reclaim_wanted(app), 1, "one waiter, two borrowed");
+        let wait = closing
+            .close_wait()
+            .expect("a permit and no wait ran out: it waits");
+        assert_eq!(
+            budget.reclaim_wanted(app),
+            0,
+            "the closing connection's permit is coming: nothing more to give back"
+        );
+        drop(closing);
+        wait.finish(true);
+        waiter
+            .join()
+            .unwrap()
+            .expect("the permit came back to the waiter");
+    });
+}
