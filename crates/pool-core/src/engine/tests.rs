@@ -1017,6 +1017,11 @@ fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out(
         .close_wait()
         .expect("a permit and no wait ran out: it waits");
     assert_eq!(wait.bound(), Duration::from_millis(300));
+    let shown = format!("{wait:?}");
+    assert!(
+        shown.starts_with("CloseWait") && shown.contains("300ms"),
+        "{shown}"
+    );
     assert_eq!(
         c.close_confirm_bound(),
         None,
