@@ -708,6 +708,8 @@ mod sys {
             // Nothing to compare: elimination only.
             return super::Next::Done(conclude(&e.set));
         }
+        // Counted when asked for: the rounds stay bounded whatever the caller reports.
+        e.rounds += 1;
         super::Next::RoundTrip
     }
 
@@ -721,7 +723,6 @@ mod sys {
             e.rounds = TIEBREAK_ROUNDS;
             return;
         }
-        e.rounds += 1;
         e.last_round_trip = Some(took);
         e.paused = false;
         let before = std::mem::take(&mut e.counters);
