@@ -546,6 +546,15 @@ fn a_reclaim_with_nothing_idle_to_give_back_waits_without_spinning() {
     assert!(timed_out, "the budget is spent: ad-hoc times out");
 }
 
+/// Opens a transaction through Diesel's manager (not a test transaction): the checkin closes
+/// the connection (bb8's and ours alike).
+async fn open_transaction(conn: &mut AsyncPgConnection) {
+    use diesel_async::{AsyncConnection, TransactionManager};
+    <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(conn)
+        .await
+        .unwrap();
+}
+
 /// Budget `n` with one class of `n` for `app`, and `n` of its connections checked out, each
 /// inside a transaction Diesel's manager opened (not a test transaction): the checkin closes
 /// each (bb8's and ours alike).
@@ -557,7 +566,6 @@ async fn closing_on_checkin(
     Pools,
     Vec<bb8::PooledConnection<'static, diesel_async_ext::ExtManager<AsyncPgConnection>>>,
 ) {
-    use diesel_async::{AsyncConnection, TransactionManager};
     let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), n)
         .class("automation", Class::new().pool_size(n).max_overflow(0))
         .configure(|b| {
@@ -572,9 +580,7 @@ async fn closing_on_checkin(
     for _ in 0..n {
         let mut conn = pool.get_owned().await.unwrap();
         one(&mut conn).await.unwrap();
-        <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(&mut *conn)
-            .await
-            .unwrap();
+        open_transaction(&mut conn).await;
         held.push(conn);
     }
     (pools, held)
@@ -624,7 +630,6 @@ async fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_ses
 /// socket and release their permit at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_opened_together_each_wait_for_their_own_session_to_go() {
-    use diesel_async::{AsyncConnection, TransactionManager};
     let Some(pg) = server() else { return };
     let app = "abudget_confirm_together";
     let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 4)
@@ -643,11 +648,7 @@ async fn connections_opened_together_each_wait_for_their_own_session_to_go() {
             tokio::spawn(async move {
                 let mut conn = pool.get_owned().await.unwrap();
                 one(&mut conn).await.unwrap();
-                <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(
-                    &mut *conn,
-                )
-                .await
-                .unwrap();
+                open_transaction(&mut conn).await;
                 conn
             })
         })
@@ -721,12 +722,7 @@ async fn a_close_the_server_does_not_answer_holds_the_permit_one_bound_and_then_
     );
     // Stop the new backend too and close it: a wait ran out less than 10 s ago, so this
     // close does not wait, and its permit is back at once.
-    {
-        use diesel_async::{AsyncConnection, TransactionManager};
-        <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(&mut *again)
-            .await
-            .unwrap();
-    }
+    open_transaction(&mut again).await;
     let second = pg.pause_backends(app).expect("the backends are there");
     drop(again);
     let started = Instant::now();
@@ -752,7 +748,6 @@ async fn a_close_the_server_does_not_answer_holds_the_permit_one_bound_and_then_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plain_bb8_replaces_a_closed_connection_while_the_server_still_counts_it() {
     use diesel_async::pooled_connection::AsyncDieselConnectionManager;
-    use diesel_async::{AsyncConnection, TransactionManager};
     let Some(pg) = server() else { return };
     let app = "abudget_confirm_control";
     let pool = bb8::Pool::builder()
@@ -764,9 +759,7 @@ async fn control_plain_bb8_replaces_a_closed_connection_while_the_server_still_c
         .unwrap();
     let mut conn = pool.get().await.unwrap();
     one(&mut conn).await.unwrap();
-    <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(&mut *conn)
-        .await
-        .unwrap();
+    open_transaction(&mut conn).await;
     let pause = pg.pause_backends(app).expect("the backend is there");
     drop(conn);
     let mut again = tokio::time::timeout(Duration::from_secs(10), pool.get())

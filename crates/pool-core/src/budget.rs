@@ -1114,17 +1114,23 @@ mod tests {
         assert_eq!(b.snapshot().free, 1);
     }
 
-    /// A permit on its way back (its connection closing, waiting for the server) counts as
-    /// coming for a blocked waiter: the borrowing class is not asked to close another
-    /// connection for it.
-    #[test]
-    fn a_permit_on_its_way_back_is_not_asked_for_twice() {
+    /// A budget of 3: `auto` (no floor, up to 3) and `adhoc` (a floor of 1, up to 3).
+    fn auto_and_adhoc_of_3() -> (Budget, ClassId, ClassId) {
         let b = Budget::builder(3)
             .class("auto", 0, 3)
             .class("adhoc", 1, 3)
             .build()
             .unwrap();
         let (auto, adhoc) = (b.class_id("auto").unwrap(), b.class_id("adhoc").unwrap());
+        (b, auto, adhoc)
+    }
+
+    /// A permit on its way back (its connection closing, waiting for the server) counts as
+    /// coming for a blocked waiter: the borrowing class is not asked to close another
+    /// connection for it.
+    #[test]
+    fn a_permit_on_its_way_back_is_not_asked_for_twice() {
+        let (b, auto, adhoc) = auto_and_adhoc_of_3();
         let mut borrowed: Vec<_> = (0..3).map(|_| b.try_acquire(adhoc).unwrap()).collect();
         std::thread::scope(|s| {
             let first = s.spawn(|| b.acquire(auto, Duration::from_secs(5)));
@@ -1158,12 +1164,7 @@ mod tests {
 
         // A returning permit is no headroom its class could give back: with it gone, the
         // class is at its floor.
-        let b = Budget::builder(3)
-            .class("auto", 0, 3)
-            .class("adhoc", 1, 3)
-            .build()
-            .unwrap();
-        let (auto, adhoc) = (b.class_id("auto").unwrap(), b.class_id("adhoc").unwrap());
+        let (b, auto, adhoc) = auto_and_adhoc_of_3();
         let auto_held = b.try_acquire(auto).unwrap();
         let mut two: Vec<_> = (0..2).map(|_| b.try_acquire(adhoc).unwrap()).collect();
         std::thread::scope(|s| {
@@ -1194,12 +1195,7 @@ mod tests {
     /// blocked waiter needs another permit given back, and nobody queues anew to say so.
     #[test]
     fn a_returning_permit_that_went_elsewhere_wakes_the_lenders() {
-        let b = Budget::builder(3)
-            .class("auto", 0, 3)
-            .class("adhoc", 1, 3)
-            .build()
-            .unwrap();
-        let (auto, adhoc) = (b.class_id("auto").unwrap(), b.class_id("adhoc").unwrap());
+        let (b, auto, adhoc) = auto_and_adhoc_of_3();
         let mut borrowed: Vec<_> = (0..3).map(|_| b.try_acquire(adhoc).unwrap()).collect();
         borrowed[0].set_returning();
         std::thread::scope(|s| {
