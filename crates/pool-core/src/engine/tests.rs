@@ -1066,7 +1066,7 @@ fn a_close_wait_marks_its_permit_as_coming_back() {
         );
         drop(closing);
         wait.finish(true);
-        waiter
+        let _permit = waiter
             .join()
             .unwrap()
             .expect("the permit came back to the waiter");
