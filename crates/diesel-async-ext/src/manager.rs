@@ -542,7 +542,7 @@ impl<C: ExtConnection> ExtManager<C> {
     /// queued for without condition (see [`ExtManager::permit`]).
     pub(crate) async fn open(&self, claimed: bool) -> Result<C, ExtError> {
         let started = Instant::now();
-        let (permit, mut conn, socket) = self.open_with_permit(claimed).await?;
+        let (permit, mut conn, socket) = self.open_with_permit(claimed, true).await?;
         let state = ConnState::opened(&self.pool, started.elapsed(), permit);
         conn.set_instrumentation(tracker(state, socket, C::classify));
         Ok(conn)
@@ -551,30 +551,33 @@ impl<C: ExtConnection> ExtManager<C> {
     /// A connection outside the pool: it holds a budget permit (released when it is
     /// dropped) but is not in the pool's count, stats or checks.
     pub(crate) async fn open_dedicated(&self) -> Result<C, ExtError> {
-        let (permit, mut conn, _socket) = self.open_with_permit(false).await?;
+        let (permit, mut conn, _) = self.open_with_permit(false, false).await?;
         if let Some(permit) = permit {
             conn.set_instrumentation(crate::tracker::Dedicated::new(permit));
         }
         Ok(conn)
     }
 
+    /// `confirm_close`: the connection's close will wait for the server (a pooled one, not
+    /// a dedicated one), so its socket is claimed when it holds a permit.
     async fn open_with_permit(
         &self,
         claimed: bool,
+        confirm_close: bool,
     ) -> Result<(Option<Permit>, C, ServerSocket), ExtError> {
         let pool = &self.pool;
         let permit = match pool.budget() {
             Some((budget, class)) => Some(self.permit(budget, class, claimed).await?),
             None => None,
         };
-        let (conn, socket) =
-            self.open_raw(permit.is_some())
-                .await
-                .map_err(|f| ExtError::Connect {
-                    pool: pool.name().to_owned(),
-                    cause: f.cause,
-                    message: pool.connect_failed(f.class, &f.message),
-                })?;
+        let (conn, socket) = self
+            .open_raw(confirm_close && permit.is_some())
+            .await
+            .map_err(|f| ExtError::Connect {
+                pool: pool.name().to_owned(),
+                cause: f.cause,
+                message: pool.connect_failed(f.class, &f.message),
+            })?;
         Ok((permit, conn, socket))
     }
 

@@ -590,31 +590,16 @@ impl PgConnector {
         T::TlsConnect: Send,
         <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
     {
-        let window = peers.map(|_| socket::begin_connect());
+        let window = peers.map(|peers| (peers, socket::begin_connect()));
         let (client, mut connection) = config
             .connect(tls)
             .await
             .map_err(|e| self.driver_error(&e, place))?;
-        // Nobody polls `connection` but the tiebreak's round trips until it is handed to
-        // diesel-async: its socket is open, new since the window, and (after a successful
-        // round trip) was open when the counters were read.
-        let claimed = match (window, peers) {
-            (Some(window), Some(peers)) => {
-                let mut elimination = window.eliminate(peers);
-                loop {
-                    match elimination.step() {
-                        Next::Done(SocketClaim::Found(sock)) => break Some(sock),
-                        Next::Done(_) => break None,
-                        Next::Pause(pause) => tokio::time::sleep(pause).await,
-                        Next::RoundTrip => {
-                            let started = std::time::Instant::now();
-                            let ok = round_trip(&client, &mut connection).await;
-                            elimination.round_trip_done(ok, started.elapsed());
-                        }
-                    }
-                }
+        let claimed = match window {
+            Some((peers, window)) => {
+                claim_socket(window.eliminate(peers), &client, &mut connection).await
             }
-            _ => None,
+            None => None,
         };
         let conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
             .await
@@ -740,6 +725,34 @@ impl PgConnector {
                 code: None,
                 message,
             },
+        }
+    }
+}
+
+/// Drives `elimination` to its end on a new connection whose task is not spawned yet, with
+/// empty queries as the tiebreak's round trips: our claim of the connection's socket, if it
+/// was told apart. Nobody polls `connection` but those round trips until it is handed to
+/// diesel-async, so its socket is open, new since the window, and (after a successful round
+/// trip) was open when the counters were read.
+async fn claim_socket<S, T>(
+    mut elimination: socket::Elimination,
+    client: &tokio_postgres::Client,
+    connection: &mut tokio_postgres::Connection<S, T>,
+) -> Option<ConnSocket>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match elimination.step() {
+            Next::Done(SocketClaim::Found(sock)) => return Some(sock),
+            Next::Done(_) => return None,
+            Next::Pause(pause) => tokio::time::sleep(pause).await,
+            Next::RoundTrip => {
+                let started = std::time::Instant::now();
+                let ok = round_trip(client, connection).await;
+                elimination.round_trip_done(ok, started.elapsed());
+            }
         }
     }
 }

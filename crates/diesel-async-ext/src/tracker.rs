@@ -50,27 +50,27 @@ impl diesel_ext_common::tracker::Extra for ServerSocket {
     /// the stream, and a task of the runtime waits for the server's end-of-file (a backend
     /// keeps its socket open until its process exited, after its slot was freed), within
     /// the wait's bound, before it releases the permit. A socket whose peer is gone already
-    /// releases it here, without a task. No runtime here (a connection
-    /// dropped outside one): the permit is released at once, as without a socket.
+    /// releases it here, without a task. No socket, or no runtime here (a connection dropped
+    /// outside one): the permit is released at once.
     fn confirm_close(&mut self, wait: pool_core::engine::CloseWait) {
         #[cfg(feature = "postgres-core")]
-        if let Some(socket) = self.socket.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                socket.shutdown_write();
-                if socket.probe() == diesel_ext_common::socket::Probe::Dead {
-                    // Gone already (a stopped server, a reset): the permit is back before
-                    // the next connect asks for it, as in the sync pool.
-                    wait.finish(true);
-                    return;
-                }
-                runtime.spawn(async move {
-                    match server_let_go(socket, wait.bound()).await {
-                        Some(confirmed) => wait.finish(confirmed),
-                        None => drop(wait),
-                    }
-                });
+        if let (Some(socket), Ok(runtime)) =
+            (self.socket.take(), tokio::runtime::Handle::try_current())
+        {
+            socket.shutdown_write();
+            if socket.probe() == diesel_ext_common::socket::Probe::Dead {
+                // Gone already (a stopped server, a reset): the permit is back before the
+                // next connect asks for it, as in the sync pool.
+                wait.finish(true);
                 return;
             }
+            runtime.spawn(async move {
+                match server_let_go(socket, wait.bound()).await {
+                    Some(confirmed) => wait.finish(confirmed),
+                    None => drop(wait),
+                }
+            });
+            return;
         }
         drop(wait);
     }

@@ -555,6 +555,19 @@ async fn open_transaction(conn: &mut AsyncPgConnection) {
         .unwrap();
 }
 
+/// Budget `n` with one class, `automation`, of `n` for `app` (10 s pool timeout).
+async fn one_class(pg: &PgServer, app: &str, n: u32) -> Pools {
+    ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), n)
+        .class("automation", Class::new().pool_size(n).max_overflow(0))
+        .configure(|b| {
+            b.application_name(app)
+                .pool_timeout(Duration::from_secs(10))
+        })
+        .build()
+        .await
+        .unwrap()
+}
+
 /// Budget `n` with one class of `n` for `app`, and `n` of its connections checked out, each
 /// inside a transaction Diesel's manager opened (not a test transaction): the checkin closes
 /// each (bb8's and ours alike).
@@ -566,15 +579,7 @@ async fn closing_on_checkin(
     Pools,
     Vec<bb8::PooledConnection<'static, diesel_async_ext::ExtManager<AsyncPgConnection>>>,
 ) {
-    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), n)
-        .class("automation", Class::new().pool_size(n).max_overflow(0))
-        .configure(|b| {
-            b.application_name(app)
-                .pool_timeout(Duration::from_secs(10))
-        })
-        .build()
-        .await
-        .unwrap();
+    let pools = one_class(pg, app, n).await;
     let pool = pools.class("automation").unwrap().clone();
     let mut held = Vec::new();
     for _ in 0..n {
@@ -632,15 +637,7 @@ async fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_ses
 async fn connections_opened_together_each_wait_for_their_own_session_to_go() {
     let Some(pg) = server() else { return };
     let app = "abudget_confirm_together";
-    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 4)
-        .class("automation", Class::new().pool_size(4).max_overflow(0))
-        .configure(|b| {
-            b.application_name(app)
-                .pool_timeout(Duration::from_secs(10))
-        })
-        .build()
-        .await
-        .unwrap();
+    let pools = one_class(&pg, app, 4).await;
     let pool = pools.class("automation").unwrap().clone();
     let opened: Vec<_> = (0..4)
         .map(|_| {
