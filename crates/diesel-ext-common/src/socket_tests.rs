@@ -301,16 +301,30 @@ fn ambiguous_socket_is_resolved_once_the_others_are_claimed_or_closed() {
 
     // A tiebreak that reports success without a round trip: nothing advanced, so none of
     // the three can be the connection's.
+    let mut calls = 0;
     assert!(matches!(
-        window_x.finish(&filter, &mut || true),
+        window_x.finish(&filter, &mut || {
+            calls += 1;
+            assert!(
+                calls <= TIEBREAK_ROUNDS,
+                "the tiebreak asked for more than its {TIEBREAK_ROUNDS} round trips"
+            );
+            true
+        }),
         SocketClaim::Unavailable
     ));
 
-    // Round trips on all three every round: still three after every round.
+    // Round trips on all three every round: still three after every round. The tiebreak
+    // must stop asking after its rounds whatever the answers (checked in the round trip
+    // itself, so a tiebreak that never stops fails here instead of hanging).
     let (mut a, mut c) = (a, c);
     let mut calls = 0;
     let SocketClaim::Ambiguous(mut candidates) = window_a.finish(&filter, &mut || {
         calls += 1;
+        assert!(
+            calls <= TIEBREAK_ROUNDS,
+            "the tiebreak asked for more than its {TIEBREAK_ROUNDS} round trips"
+        );
         echo_once(&mut a) && echo_once(&mut b) && echo_once(&mut c)
     }) else {
         panic!("three sockets that all answer: ambiguous");

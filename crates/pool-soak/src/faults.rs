@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use test_support::{FaultProxy, PgServer};
 
-use crate::Shared;
+use crate::{Shared, Zombie};
 
 /// A kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,8 +111,6 @@ pub struct Targets<'a> {
     pub apps: Vec<String>,
     /// Those on the TLS route.
     pub tls_apps: Vec<String>,
-    /// Those on the proxy route.
-    pub proxy_apps: Vec<String>,
 }
 
 /// The seeded sequence of faults: each round shuffles every kind, then draws each fault's
@@ -271,17 +269,20 @@ fn inject(
             let mut pauses = Vec::new();
             for app in &t.apps {
                 if let Ok(p) = t.pg.pause_backends(app) {
-                    shared.add_zombies(p.pids());
+                    shared.add_zombies(p.pids().iter().map(|pid| Zombie::Pid(*pid)));
                     pauses.push(p);
                 }
             }
             let n: usize = pauses.iter().map(|p| p.pids().len()).sum();
             rest_of(started, window);
-            let pids: Vec<i32> = pauses.iter().flat_map(|p| p.pids().to_vec()).collect();
+            let pids: Vec<Zombie> = pauses
+                .iter()
+                .flat_map(|p| p.pids().iter().map(|pid| Zombie::Pid(*pid)))
+                .collect();
             for p in pauses {
                 p.resume();
             }
-            shared.end_zombies(&pids);
+            shared.end_zombies(&pids, crate::ZOMBIE_GRACE);
             format!("{n} backends stopped")
         }
         FaultKind::IdleTimeout => {
@@ -301,16 +302,40 @@ fn inject(
             }
         }
         FaultKind::Silence => {
-            let mut pids = Vec::new();
-            for app in &t.proxy_apps {
-                pids.extend(t.pg.backend_pids(app).unwrap_or_default());
-            }
-            shared.add_zombies(&pids);
             let n: usize = t.proxies.iter().map(|p| p.silence_existing()).sum();
-            rest_of(started, window);
+            // The silenced flows' backends, by the port the server sees them from. A flow
+            // silenced while it was still connecting upstream gets its port a moment later,
+            // so the set is read again until the window ends.
+            let mut ports: Vec<Zombie> = Vec::new();
+            while Instant::now() < started + window {
+                let now: Vec<Zombie> = t
+                    .proxies
+                    .iter()
+                    .flat_map(|p| p.silenced_upstream_ports())
+                    .map(Zombie::Port)
+                    .filter(|z| !ports.contains(z))
+                    .collect();
+                shared.add_zombies(now.iter().copied());
+                ports.extend(now);
+                std::thread::sleep(
+                    Duration::from_millis(20)
+                        .min((started + window).saturating_duration_since(Instant::now())),
+                );
+            }
+            // Once the flows are reset their ports are free for new connections: from then
+            // on the zombies are known by pid, for the grace their exit may take.
+            let pids: Vec<Zombie> = pids_behind(t.pg, &ports)
+                .into_iter()
+                .map(Zombie::Pid)
+                .collect();
+            shared.add_zombies(pids.iter().copied());
             let cut: usize = t.proxies.iter().map(|p| p.sever_silenced()).sum();
-            shared.end_zombies(&pids);
-            format!("{n} flows silenced, {cut} reset at the end")
+            shared.end_zombies(&ports, Duration::ZERO);
+            shared.end_zombies(&pids, crate::ZOMBIE_GRACE);
+            format!(
+                "{n} flows silenced ({} connected upstream), {cut} reset at the end",
+                ports.len()
+            )
         }
         FaultKind::RefuseConnects => {
             for p in t.proxies {
@@ -392,6 +417,42 @@ fn inject(
     detail
 }
 
+/// The pids of the backends whose `client_port` is one of `ports` (empty if the server
+/// cannot be asked).
+fn pids_behind(pg: &PgServer, ports: &[Zombie]) -> Vec<i32> {
+    let ports: Vec<String> = ports
+        .iter()
+        .filter_map(|z| match z {
+            Zombie::Port(p) => Some(p.to_string()),
+            Zombie::Pid(_) => None,
+        })
+        .collect();
+    if ports.is_empty() {
+        return Vec::new();
+    }
+    let url = format!(
+        "{}?sslmode=disable&application_name=outside-sampler",
+        pg.superuser_url()
+    );
+    let sql = format!(
+        "SELECT pid FROM pg_stat_activity WHERE client_port = ANY(ARRAY[{}]::int[])",
+        ports.join(",")
+    );
+    let Ok(mut conn) = PgConnection::establish(&url) else {
+        return Vec::new();
+    };
+    diesel::sql_query(sql)
+        .load::<Pid>(&mut conn)
+        .map(|rows| rows.into_iter().map(|r| r.pid).collect())
+        .unwrap_or_default()
+}
+
+#[derive(QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = Integer)]
+    pid: i32,
+}
+
 fn terminate(pg: &PgServer, pids: &[i32]) -> String {
     if pids.is_empty() {
         return "none to terminate".to_owned();
@@ -426,10 +487,12 @@ struct Backend {
     state: Option<String>,
     #[diesel(sql_type = Integer)]
     age_ms: i32,
+    #[diesel(sql_type = Nullable<Integer>)]
+    port: Option<i32>,
 }
 
 const BACKENDS_SQL: &str = "SELECT pid, application_name AS app, state, \
-     (extract(epoch FROM now() - backend_start) * 1000)::int AS age_ms \
+     (extract(epoch FROM now() - backend_start) * 1000)::int AS age_ms, client_port AS port \
      FROM pg_stat_activity WHERE application_name LIKE 'soak-ours-%'";
 
 /// A pool set the watcher checks: its budget and a view of its own permits.
@@ -510,7 +573,7 @@ pub fn watch_budget(
                     let now = Instant::now();
                     let mut per_app: BTreeMap<&str, usize> = BTreeMap::new();
                     for row in &rows {
-                        if !shared.is_zombie(row.pid, now) {
+                        if !shared.is_zombie(row.pid, row.port, now) {
                             *per_app.entry(row.app.as_str()).or_default() += 1;
                         }
                     }
@@ -522,7 +585,7 @@ pub fn watch_budget(
                             let at_ms = shared.elapsed_ms();
                             let counted: Vec<&Backend> = rows
                                 .iter()
-                                .filter(|r| &r.app == app && !shared.is_zombie(r.pid, now))
+                                .filter(|r| &r.app == app && !shared.is_zombie(r.pid, r.port, now))
                                 .collect();
                             // Recount until the excess is gone or the grace is over.
                             let mut later: Vec<i32> = Vec::new();
@@ -545,8 +608,9 @@ pub fn watch_budget(
                                 .iter()
                                 .map(|r| {
                                     format!(
-                                        "pid {} {} age {} ms{}",
+                                        "pid {} port {} {} age {} ms{}",
                                         r.pid,
+                                        r.port.map_or("-".to_owned(), |p| p.to_string()),
                                         r.state.as_deref().unwrap_or("-"),
                                         r.age_ms,
                                         if later.contains(&r.pid) {

@@ -118,12 +118,12 @@ pub struct Shared {
     pub started: Instant,
     stop: AtomicBool,
     fault: Mutex<(String, bool)>,
-    /// Backends a fault left behind with no client (pid, excluded until).
-    zombies: Mutex<Vec<(i32, Option<Instant>)>>,
+    /// Backends a fault left behind with no client (who, excluded until).
+    zombies: Mutex<Vec<(Zombie, Option<Instant>)>>,
 }
 
 /// How long a zombie stays excluded after its fault ended (it exits within milliseconds).
-const ZOMBIE_GRACE: Duration = Duration::from_millis(500);
+pub(crate) const ZOMBIE_GRACE: Duration = Duration::from_millis(500);
 
 impl Shared {
     fn new() -> Shared {
@@ -171,25 +171,48 @@ impl Shared {
         }
     }
 
-    fn add_zombies(&self, pids: &[i32]) {
-        self.zombies.lock().extend(pids.iter().map(|p| (*p, None)));
+    fn add_zombies(&self, who: impl IntoIterator<Item = Zombie>) {
+        let mut zombies = self.zombies.lock();
+        for z in who {
+            if !zombies
+                .iter()
+                .any(|(known, until)| *known == z && until.is_none())
+            {
+                zombies.push((z, None));
+            }
+        }
     }
 
-    fn end_zombies(&self, pids: &[i32]) {
-        let until = Instant::now() + ZOMBIE_GRACE;
+    /// The fault that made `who` zombies is over: they stay excluded for `grace` more.
+    fn end_zombies(&self, who: &[Zombie], grace: Duration) {
+        let until = Instant::now() + grace;
         for z in self.zombies.lock().iter_mut() {
-            if z.1.is_none() && pids.contains(&z.0) {
+            if z.1.is_none() && who.contains(&z.0) {
                 z.1 = Some(until);
             }
         }
     }
 
-    fn is_zombie(&self, pid: i32, now: Instant) -> bool {
-        self.zombies
-            .lock()
-            .iter()
-            .any(|(p, until)| *p == pid && until.is_none_or(|u| now < u))
+    /// Whether the backend `pid`, connected from `port`, is a known zombie now.
+    fn is_zombie(&self, pid: i32, port: Option<i32>, now: Instant) -> bool {
+        self.zombies.lock().iter().any(|(z, until)| {
+            let same = match *z {
+                Zombie::Pid(p) => p == pid,
+                Zombie::Port(p) => Some(i32::from(p)) == port,
+            };
+            same && until.is_none_or(|u| now < u)
+        })
     }
+}
+
+/// How a zombie backend is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zombie {
+    /// By its pid (a backend stopped by SIGSTOP).
+    Pid(i32),
+    /// By its `client_port`: the proxy's side of a flow it silenced. Known from the proxy
+    /// itself, so a backend that started while the fault began is not missed.
+    Port(u16),
 }
 
 fn say(opts: &Options, shared: &Shared, msg: &str) {
@@ -287,7 +310,6 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         pg: &pg,
         proxies: &proxies,
         tls_apps: SYSTEMS.iter().map(|sys| app(sys, "tls")).collect(),
-        proxy_apps: SYSTEMS.iter().map(|sys| app(sys, "proxy")).collect(),
         apps,
     };
     say(opts, &shared, "pools built, writers starting");

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -152,6 +152,9 @@ struct ConnCtl {
     sever: AtomicBool,
     /// Stalled on its own (see [`FaultProxy::silence_existing`]).
     silenced: AtomicBool,
+    /// The local port of the upstream connection (the server's `client_port`), 0 until it is
+    /// connected.
+    upstream_port: AtomicU16,
     wake: OwnedFd,
 }
 
@@ -168,6 +171,7 @@ impl ConnCtl {
         Ok(ConnCtl {
             sever: AtomicBool::new(false),
             silenced: AtomicBool::new(false),
+            upstream_port: AtomicU16::new(0),
             // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
         })
@@ -334,6 +338,20 @@ impl FaultProxy {
         // Without the thread the silence lasts until the proxy is dropped, as before.
         drop(expiry);
         n
+    }
+
+    /// The server-facing local ports (what the server's `pg_stat_activity.client_port` shows)
+    /// of the connections silenced by [`FaultProxy::silence_existing`] that are still open and
+    /// connected upstream: the sessions behind them can no longer be ended by their clients.
+    pub fn silenced_upstream_ports(&self) -> Vec<u16> {
+        self.shared
+            .conns
+            .lock()
+            .values()
+            .filter(|ctl| ctl.silenced.load(Ordering::SeqCst))
+            .map(|ctl| ctl.upstream_port.load(Ordering::SeqCst))
+            .filter(|port| *port != 0)
+            .collect()
     }
 
     /// Resets every connection silenced by [`FaultProxy::silence_existing`] (RST to both
@@ -660,6 +678,9 @@ fn run_connection(shared: &Shared, ctl: &ConnCtl, client: TcpStream) {
             return;
         }
     };
+    if let Ok(local) = upstream.local_addr() {
+        ctl.upstream_port.store(local.port(), Ordering::SeqCst);
+    }
     for stream in [&client, &upstream] {
         let _ = stream.set_nodelay(true);
         if stream.set_nonblocking(true).is_err() {

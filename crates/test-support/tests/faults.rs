@@ -98,8 +98,24 @@ fn sever_silenced_resets_only_the_silenced_flows_and_their_backends_end() {
         "sslmode=disable&application_name=silenced_new",
     ));
     one(&mut new).unwrap();
-    // Silent: the server still holds the old flow's backend.
+    // Silent: the server still holds the old flow's backend, and the proxy names it by the
+    // port the server sees it from.
     assert_eq!(pg.count_backends("silenced_old").unwrap(), 1);
+    let mut admin = connect(&format!("{}?sslmode=disable", pg.superuser_url()));
+    let ports: Vec<i32> = diesel::sql_query(
+        "SELECT client_port AS n FROM pg_stat_activity WHERE application_name = 'silenced_old'",
+    )
+    .load::<PortRow>(&mut admin)
+    .unwrap()
+    .into_iter()
+    .map(|r| r.n)
+    .collect();
+    let silenced: Vec<i32> = proxy
+        .silenced_upstream_ports()
+        .into_iter()
+        .map(i32::from)
+        .collect();
+    assert_eq!(silenced, ports, "the silenced flow's server-facing port");
     assert_eq!(proxy.sever_silenced(), 1);
     assert_eq!(proxy.connections(), 1, "only the silenced flow is reset");
     pg.wait_backends_gone("silenced_old", Duration::from_secs(5))
@@ -111,6 +127,13 @@ fn sever_silenced_resets_only_the_silenced_flows_and_their_backends_end() {
         "the flow accepted later still passes"
     );
     assert_eq!(proxy.sever_silenced(), 0);
+    assert!(proxy.silenced_upstream_ports().is_empty());
+}
+
+#[derive(QueryableByName)]
+struct PortRow {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    n: i32,
 }
 
 #[test]
