@@ -673,6 +673,55 @@ fn closes_stop_waiting_for_a_server_that_does_not_answer_after_one_bound() {
     );
 }
 
+/// After a wait ran out, the connections the pool opens as it recovers still wait for their
+/// own sessions to go: the one that replaced the unanswered close is closed with its backend
+/// stopped for 300 ms, and its replacement must not connect while the server still counts it.
+/// (A pause of every close for a while after an outage let the pool above its budget just as
+/// it reconnects.)
+#[test]
+fn connections_opened_after_an_outage_still_wait_for_their_own_session_to_go() {
+    let Some(pg) = server() else { return };
+    let app = "budget_confirm_after_outage";
+    let (pools, mut held) = closing_on_checkin(&pg, app, 1);
+    let pool = pools.class("automation").unwrap();
+    let stopped = pg.pause_backends(app).expect("the backend is there");
+    let started = Instant::now();
+    drop(held.pop());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "the close took {took:?}: it did not wait for the stopped server"
+    );
+    let mut again = pool.get().unwrap();
+    query(&mut again);
+    // The old backend goes on and exits (it read our end of the stream): one session left.
+    stopped.resume();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pg.count_backends(app).unwrap() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the unanswered session never ended after its backend went on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    again.begin_test_transaction().unwrap();
+    let pause = pg.pause_backends(app).expect("the new backend is there");
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        pause.resume();
+    });
+    drop(again);
+    let mut third = pool.get().unwrap();
+    let seen = pg.count_backends(app).unwrap();
+    query(&mut third);
+    resumer.join().unwrap();
+    assert_eq!(
+        seen, 1,
+        "after an outage, the replacement connected while the server still counted the \
+         closed session: {seen} backends for a budget of 1"
+    );
+}
+
 /// Control: plain r2d2 at its defaults, sized to the same 1 connection. A connection returned
 /// by a panicking thread is broken to r2d2, which starts its replacement before it even
 /// closes the old one: with the old backend stopped, the server counts 2 sessions for a pool

@@ -694,16 +694,17 @@ async fn connections_opened_together_each_wait_for_their_own_session_to_go() {
     drop(held);
 }
 
-/// The wait is bounded: with the closed session's backend stopped for good, the permit comes
-/// back after one bound (the validation timeout, at most 1 s), and the next close within
-/// the pause after a wait ran out does not wait at all.
+/// The wait is bounded: with the closed sessions' backends stopped for good, the first
+/// permit comes back after one bound (the validation timeout, at most 1 s), and the close of
+/// another connection not heard from since that wait began does not wait at all: one bound
+/// per outage, not one per connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_the_server_does_not_answer_holds_the_permit_one_bound_and_then_closes_stop_waiting(
 ) {
     let Some(pg) = server() else { return };
     let app = "abudget_confirm_outage";
-    let (pools, mut held) = closing_on_checkin(&pg, app, 1).await;
-    let pause = pg.pause_backends(app).expect("the backend is there");
+    let (pools, mut held) = closing_on_checkin(&pg, app, 2).await;
+    let pause = pg.pause_backends(app).expect("the backends are there");
     let pool = pools.class("automation").unwrap().clone();
     drop(held.pop());
     let started = Instant::now();
@@ -717,11 +718,9 @@ async fn a_close_the_server_does_not_answer_holds_the_permit_one_bound_and_then_
         took >= Duration::from_millis(900),
         "the replacement came after {took:?}: the close did not wait for the server at all"
     );
-    // Stop the new backend too and close it: a wait ran out less than 10 s ago, so this
-    // close does not wait, and its permit is back at once.
-    open_transaction(&mut again).await;
-    let second = pg.pause_backends(app).expect("the backends are there");
-    drop(again);
+    // The other connection, also stopped, has not heard from the server since that wait
+    // began: its close does not wait, and its permit is back at once.
+    drop(held.pop());
     let started = Instant::now();
     let mut third = tokio::time::timeout(Duration::from_secs(8), pool.get())
         .await
@@ -730,11 +729,59 @@ async fn a_close_the_server_does_not_answer_holds_the_permit_one_bound_and_then_
     let took = started.elapsed();
     one(&mut third).await.unwrap();
     pause.resume();
-    second.resume();
     assert!(
         took < Duration::from_millis(700),
         "the close right after a wait ran out waited again ({took:?}): one bound per outage, \
          not one per connection"
+    );
+}
+
+/// After a wait ran out, the connections the pool opens as it recovers still wait for their
+/// own sessions to go: the one that replaced the unanswered close is closed with its backend
+/// stopped for 300 ms, and its replacement must not connect while the server still counts it.
+/// (A pause of every close for a while after an outage let the pool above its budget just as
+/// it reconnects.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_opened_after_an_outage_still_wait_for_their_own_session_to_go() {
+    let Some(pg) = server() else { return };
+    let app = "abudget_confirm_after_outage";
+    let (pools, mut held) = closing_on_checkin(&pg, app, 1).await;
+    let pool = pools.class("automation").unwrap().clone();
+    let stopped = pg.pause_backends(app).expect("the backend is there");
+    drop(held.pop());
+    let mut again = tokio::time::timeout(Duration::from_secs(8), pool.get_owned())
+        .await
+        .expect("the permit never came back after the bound")
+        .unwrap();
+    one(&mut again).await.unwrap();
+    // The old backend goes on and exits (it read our end of the stream): one session left.
+    stopped.resume();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pg.count_backends(app).unwrap() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the unanswered session never ended after its backend went on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    open_transaction(&mut again).await;
+    let pause = pg.pause_backends(app).expect("the new backend is there");
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        pause.resume();
+    });
+    drop(again);
+    let mut third = tokio::time::timeout(Duration::from_secs(8), pool.get())
+        .await
+        .expect("no connection within 8 s")
+        .unwrap();
+    let seen = pg.count_backends(app).unwrap();
+    one(&mut third).await.unwrap();
+    resumer.join().unwrap();
+    assert_eq!(
+        seen, 1,
+        "after an outage, the replacement connected while the server still counted the \
+         closed session: {seen} backends for a budget of 1"
     );
 }
 

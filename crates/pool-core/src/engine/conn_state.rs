@@ -59,6 +59,9 @@ pub struct ConnState {
     gate: Option<Permit>,
     /// The budget permit; released after the connection closed.
     _permit: Option<Permit>,
+    /// When the server last answered it: opened, validated, or checked in unbroken after
+    /// use (see [`ConnState::close_confirm_bound`]).
+    last_answer: Instant,
     /// Counted idle in `db.client.connection.count` (see [`crate::metrics`]).
     #[cfg(feature = "metrics")]
     gauged_idle: bool,
@@ -83,6 +86,8 @@ impl std::fmt::Debug for ConnState {
 pub struct CloseWait {
     pool: Arc<PoolState>,
     bound: Duration,
+    /// When the wait began.
+    started: Instant,
     _permit: Option<Permit>,
 }
 
@@ -94,10 +99,11 @@ impl CloseWait {
     }
 
     /// Reports how the wait ended, then releases the permit: `confirmed` false when the
-    /// bound ran out, which stops the pool's closes from waiting for
-    /// [`super::CONFIRM_PAUSE`].
+    /// bound ran out, which stops the closes of the pool's connections that have not heard
+    /// from the server since this wait began from waiting (see
+    /// [`PoolState::close_confirm_bound`]).
     pub fn finish(self, confirmed: bool) {
-        self.pool.close_confirmed(confirmed, Instant::now());
+        self.pool.close_confirmed(confirmed, self.started);
     }
 }
 
@@ -132,6 +138,7 @@ impl ConnState {
             read_only_suspect: false,
             gate: None,
             _permit: permit,
+            last_answer: now,
             #[cfg(feature = "metrics")]
             gauged_idle: true,
         };
@@ -174,6 +181,7 @@ impl ConnState {
                 read_only_suspect: false,
                 gate: orphan.gate,
                 _permit: orphan.permit,
+                last_answer: now,
                 // Checked out: counted as used, and uncounted at its checkin.
                 #[cfg(feature = "metrics")]
                 gauged_idle: false,
@@ -184,6 +192,7 @@ impl ConnState {
         state.lifecycle.validated_epoch = epoch.saturating_sub(1);
         let bypass = pool.config().lifecycle.validation.bypass_window;
         state.lifecycle.last_used = now.checked_sub(bypass).unwrap_or(state.lifecycle.last_used);
+        state.last_answer = state.lifecycle.last_used;
         state
     }
 
@@ -224,9 +233,9 @@ impl ConnState {
     /// state holds is released: `None` when it must not wait, because the connection holds
     /// no budget permit, is still checked out (the application replaced what carried this
     /// state: the connection is not closing), was retired because its path went silent
-    /// ([`CloseReason::Invalidated`]: closed precisely so as not to wait on it), or the
-    /// pool's last wait ran out (see [`PoolState::close_confirm_bound`]). The wait itself is
-    /// [`ConnState::close_wait`].
+    /// ([`CloseReason::Invalidated`]: closed precisely so as not to wait on it), or a wait of
+    /// the pool that began after the server last answered this connection ran out (see
+    /// [`PoolState::close_confirm_bound`]). The wait itself is [`ConnState::close_wait`].
     pub fn close_confirm_bound(&self) -> Option<Duration> {
         if self._permit.is_none()
             || self.checked_out_at.is_some()
@@ -234,7 +243,7 @@ impl ConnState {
         {
             return None;
         }
-        self.pool.close_confirm_bound(Instant::now())
+        self.pool.close_confirm_bound(self.last_answer)
     }
 
     /// Takes the budget permit out for a wait on the server's confirmation, when
@@ -252,6 +261,7 @@ impl ConnState {
         Some(CloseWait {
             pool: self.pool.clone(),
             bound,
+            started: Instant::now(),
             _permit: permit,
         })
     }
@@ -393,6 +403,7 @@ impl ConnState {
         if ok {
             self.lifecycle.validated_epoch = self.ping_epoch;
             self.lifecycle.last_validated = Instant::now();
+            self.last_answer = self.lifecycle.last_validated;
             self.pool.server_answered(self.lifecycle.last_validated);
             if let Some(started) = self.ping_started {
                 self.pool.record_ping_rtt(started.elapsed());
@@ -522,6 +533,7 @@ impl ConnState {
                 // Used and returned unbroken: the server answered it (as the bypass window
                 // trusts it).
                 pool.server_answered(now);
+                self.last_answer = now;
             }
             pool.emit(&PoolEvent::CheckedIn {
                 pool: pool.name(),

@@ -35,7 +35,7 @@ pub use gate::Gate;
 pub use health::{Attempt, ConnectClass, ServerHealth, ServerState};
 pub use leak::LeakTimer;
 pub use maintenance::{sweep_interval, Maintenance};
-pub use pool_state::{PoolState, CONFIRM_BOUND_MAX, CONFIRM_PAUSE, HEDGE_FACTOR, HEDGE_FLOOR};
+pub use pool_state::{PoolState, CONFIRM_BOUND_MAX, HEDGE_FACTOR, HEDGE_FLOOR};
 pub use watchdog::{Armed, Watchdog};
 
 #[cfg(all(test, not(loom)))]

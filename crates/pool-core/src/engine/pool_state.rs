@@ -29,9 +29,6 @@ pub const HEDGE_FLOOR: Duration = Duration::from_millis(100);
 /// [`PoolState::close_confirm_bound`]).
 pub const CONFIRM_BOUND_MAX: Duration = Duration::from_secs(1);
 
-/// How long closes stop waiting for the server's confirmation after a wait ran out.
-pub const CONFIRM_PAUSE: Duration = Duration::from_secs(10);
-
 /// State shared by a pool and all its connections: the configuration (validated once, here),
 /// stats, the invalidation epoch, the event listener, the budget slot, the checkout gate and
 /// the count of open connections that `pool_size` and `max_overflow` are enforced against.
@@ -79,10 +76,10 @@ pub struct PoolState {
     /// Nanoseconds after `born`, plus one, of the latest slow ping that lost its race at the
     /// hedge delay (0: none); see [`PoolState::slow_ping_lost`].
     last_slow_ping: AtomicU64,
-    /// Nanoseconds after `born`, plus one, until which closing connections do not wait for
-    /// the server's confirmation (0: they do): set when a wait ran out, see
-    /// [`PoolState::close_confirm_bound`].
-    confirm_off_until: AtomicU64,
+    /// Nanoseconds after `born`, plus one, of the start of the latest wait for the server's
+    /// confirmation that ran out (0: none did): a closing connection that has not heard from
+    /// the server since then does not wait, see [`PoolState::close_confirm_bound`].
+    confirm_off_before: AtomicU64,
 }
 
 /// What a connection's state held (permits, place in the open count) while the connection
@@ -158,7 +155,7 @@ impl PoolState {
             last_good: AtomicU64::new(0),
             last_bad: AtomicU64::new(0),
             last_slow_ping: AtomicU64::new(0),
-            confirm_off_until: AtomicU64::new(0),
+            confirm_off_before: AtomicU64::new(0),
             read_only_pending: AtomicBool::new(false),
         })
     }
@@ -368,11 +365,14 @@ impl PoolState {
         recent
     }
 
-    /// How long a closing connection that holds a budget permit may wait, at `now`, for the
-    /// server to confirm its session is gone before the permit is released: `None` when it
-    /// must not wait, because a wait ran out less than [`CONFIRM_PAUSE`] ago (the path or
-    /// the server is not answering, so every other close would run out too: one wait per
-    /// outage, not one per connection). The bound is the validation timeout, at most
+    /// How long a closing connection that holds a budget permit, and last heard from the
+    /// server at `last_answer`, may wait for the server to confirm its session is gone before
+    /// the permit is released: `None` when it must not wait, because a wait of this pool
+    /// that started after `last_answer` ran out. That connection is on the path or the
+    /// server that stopped answering, so its wait would run out too: an outage costs one
+    /// wait, not one per connection. A connection that heard from the server since (opened,
+    /// validated or used without error after that wait began) waits as usual, so the pool's
+    /// count stays exact while it recovers. The bound is the validation timeout, at most
     /// [`CONFIRM_BOUND_MAX`].
     ///
     /// Why wait at all: a PostgreSQL backend keeps its socket open until its process has
@@ -380,9 +380,9 @@ impl PoolState {
     /// that a client can close synchronously. A permit released before that lets the
     /// replacement connect while the server still counts the old session: above the
     /// budget, and refused with "too many clients" when the budget is the server's limit.
-    pub fn close_confirm_bound(&self, now: Instant) -> Option<Duration> {
-        // A mark is never 0, so a pause never set (0) never applies.
-        if self.mark(now) < self.confirm_off_until.load(Ordering::Acquire) {
+    pub fn close_confirm_bound(&self, last_answer: Instant) -> Option<Duration> {
+        // A mark is never 0, so before any wait ran out (0) every connection waits.
+        if self.mark(last_answer) < self.confirm_off_before.load(Ordering::Acquire) {
             return None;
         }
         Some(
@@ -394,12 +394,13 @@ impl PoolState {
         )
     }
 
-    /// Reports how a wait allowed by [`PoolState::close_confirm_bound`] ended at `now`:
-    /// `confirmed` false (it ran out) stops closes from waiting for [`CONFIRM_PAUSE`].
-    pub fn close_confirmed(&self, confirmed: bool, now: Instant) {
+    /// Reports how a wait allowed by [`PoolState::close_confirm_bound`], started at
+    /// `started`, ended: `confirmed` false (it ran out) stops the closes of connections that
+    /// have not heard from the server since `started` from waiting.
+    pub fn close_confirmed(&self, confirmed: bool, started: Instant) {
         if !confirmed {
-            self.confirm_off_until
-                .store(self.mark(now + CONFIRM_PAUSE), Ordering::Release);
+            self.confirm_off_before
+                .fetch_max(self.mark(started), Ordering::AcqRel);
         }
     }
 

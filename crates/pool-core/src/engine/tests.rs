@@ -940,13 +940,14 @@ fn a_failover_makes_every_older_connection_suspect_and_a_read_only_error_asks_on
 
 /// A closing connection waits for the server's confirmation only while it holds a budget
 /// permit and is not checked out; the bound is the validation timeout, at most 1 s; a wait
-/// that ran out stops every close of the pool from waiting for `CONFIRM_PAUSE`, and a wait
-/// that ended in time does not.
+/// that ran out stops the closes of connections that have not heard from the server since
+/// it began from waiting (one wait per outage), not those that have (the count stays exact
+/// while the pool recovers), and a wait that ended in time stops none.
 #[test]
-fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out() {
+fn a_close_waits_for_the_server_only_with_a_permit_and_not_on_a_path_whose_wait_ran_out() {
     let b =
         PoolConfig::builder("postgres://app@db/app").validation_timeout(Duration::from_millis(300));
-    let (p, budget) = pool_in_budget(b, 4, 0, 4);
+    let (p, budget) = pool_in_budget(b, 8, 0, 8);
     let class = budget.class_id("app").unwrap();
     let with_permit =
         || ConnState::opened(&p, Duration::ZERO, Some(budget.try_acquire(class).unwrap()));
@@ -978,32 +979,49 @@ fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out(
     let slow =
         PoolConfig::builder("postgres://app@db/app").validation_timeout(Duration::from_secs(30));
     let (q, _b) = pool_in_budget(slow, 4, 0, 4);
-    let now = Instant::now();
-    assert_eq!(q.close_confirm_bound(now), Some(CONFIRM_BOUND_MAX));
-    q.close_confirmed(true, now);
+    let heard = Instant::now();
+    let started = heard + Duration::from_millis(5);
+    assert_eq!(q.close_confirm_bound(heard), Some(CONFIRM_BOUND_MAX));
+    q.close_confirmed(true, started);
     assert_eq!(
-        q.close_confirm_bound(now),
+        q.close_confirm_bound(heard),
         Some(CONFIRM_BOUND_MAX),
         "confirmed: keep waiting"
     );
-    q.close_confirmed(false, now);
+    q.close_confirmed(false, started);
     assert_eq!(
-        q.close_confirm_bound(now),
+        q.close_confirm_bound(heard),
         None,
-        "a wait ran out: stop waiting"
+        "a wait that began after the server last answered ran out: stop waiting"
     );
     assert_eq!(
-        q.close_confirm_bound(now + CONFIRM_PAUSE - Duration::from_millis(1)),
+        q.close_confirm_bound(started - Duration::from_nanos(1)),
         None
     );
     assert_eq!(
-        q.close_confirm_bound(now + CONFIRM_PAUSE),
+        q.close_confirm_bound(started),
+        Some(CONFIRM_BOUND_MAX),
+        "heard from the server once the failed wait had begun: wait"
+    );
+    assert_eq!(
+        q.close_confirm_bound(started + Duration::from_secs(3600)),
         Some(CONFIRM_BOUND_MAX)
+    );
+    // An older wait that runs out later does not move the line back.
+    q.close_confirmed(false, heard);
+    assert_eq!(
+        q.close_confirm_bound(started - Duration::from_nanos(1)),
+        None
     );
 
     // Through a connection's state: the wait holds the budget permit until it is finished,
     // after the state itself is gone; a wait dropped without a report releases it too.
     let in_use = || budget.snapshot().in_use;
+    // Opened, so last heard from, before the wait below begins.
+    let mut old = with_permit();
+    let mut pinged = with_permit();
+    let mut used = with_permit();
+    let mut broke = with_permit();
     let held = in_use();
     let mut e = with_permit();
     assert_eq!(in_use(), held + 1);
@@ -1031,9 +1049,34 @@ fn a_close_waits_for_the_server_only_with_a_permit_and_not_after_a_wait_ran_out(
     assert_eq!(in_use(), held, "the wait still holds the permit");
     wait.finish(false);
     assert_eq!(in_use(), held - 1, "finished: the permit is back");
+    assert!(
+        old.close_wait().is_none(),
+        "not heard from since the wait that ran out began: no wait"
+    );
+    // Heard from since: a ping answered, a use returned unbroken.
+    p.invalidate("test");
+    let step = pinged.begin_checkout(|| ProbeResult::Alive, Instant::now());
+    assert!(matches!(step, CheckoutStep::Ping { .. }), "{step:?}");
+    assert!(pinged.finish_ping(true));
+    used.handed_out(Instant::now(), None);
+    assert_eq!(used.checkin(false), None);
+    for (name, c) in [("pinged", &mut pinged), ("used", &mut used)] {
+        let wait = c
+            .close_wait()
+            .unwrap_or_else(|| panic!("{name} since the wait ran out: it waits"));
+        wait.finish(true);
+    }
+    // A use that broke is no answer.
+    broke.handed_out(Instant::now(), None);
+    assert_eq!(broke.checkin(true), Some(CloseReason::Broken));
+    assert!(broke.close_wait().is_none(), "broken: no answer, no wait");
+    old.set_close_reason(CloseReason::PingFailed);
+    drop(old);
     let mut d = with_permit();
-    assert!(d.close_wait().is_none(), "the wait ran out: no wait");
-    d.set_close_reason(CloseReason::PingFailed);
+    let wait = d
+        .close_wait()
+        .expect("opened after the wait that ran out began: it waits");
+    wait.finish(true);
     drop(d);
 }
 
