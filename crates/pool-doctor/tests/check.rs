@@ -413,6 +413,8 @@ fn sqlite_reports_what_applies() {
     let out = run(doctor(&["check", "--json"], &[]));
     assert_eq!(out.code, 0, "{}", out.stdout);
     assert_eq!(out.json()["backend"], "sqlite");
+    assert_eq!(out.json()["target"], "DATABASE_URL unset", "{}", out.stdout);
+    assert_eq!(out.check("config")["data"]["source"], "no URL");
     assert_eq!(out.outcome("url"), "warn");
     assert_eq!(out.outcome("not_applicable"), "pass");
     // A SQLite file that exists, and one that does not.
