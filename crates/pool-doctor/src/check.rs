@@ -791,6 +791,7 @@ mod tests {
     use super::*;
     use crate::pg::{ServerSetting, Session};
     use crate::report::Outcome;
+    use crate::socket::SocketOptions;
 
     fn args() -> CheckArgs {
         CheckArgs {
@@ -934,5 +935,325 @@ mod tests {
             outcome(&evaluate(&config, &args(), &f), "tls"),
             Outcome::Pass
         );
+    }
+
+    fn check<'a>(checks: &'a [Check], id: &str) -> &'a Check {
+        checks
+            .iter()
+            .find(|c| c.id == id)
+            .unwrap_or_else(|| panic!("no {id}"))
+    }
+
+    fn config(url: &str) -> PoolConfig {
+        PoolConfig::builder(url).build().unwrap()
+    }
+
+    fn socket(idle: i64, interval: i64, count: i64, user_timeout_ms: i64) -> SocketOptions {
+        SocketOptions {
+            local_port: 40000,
+            peer_port: 5432,
+            keepalive: true,
+            keepalive_idle_s: idle,
+            keepalive_interval_s: interval,
+            keepalive_count: count,
+            user_timeout_ms,
+        }
+    }
+
+    #[test]
+    fn milliseconds_are_rounded_to_two_decimals_and_seconds_round_up() {
+        assert_eq!(ms(Duration::from_micros(1234)), 1.23);
+        assert_eq!(ms(Duration::from_micros(1236)), 1.24);
+        assert_eq!(ms(Duration::from_secs(2)), 2000.0);
+        assert_eq!(ceil_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
+        assert_eq!(ceil_secs(Duration::ZERO), 1, "0 s is no keepalive idle");
+    }
+
+    #[test]
+    fn a_connect_slower_than_two_seconds_warns() {
+        let c = config("postgres://u@h/db");
+        let mut f = facts(&[("max_connections", "100", None)]);
+        for (took, want) in [
+            (Duration::from_secs(1), Outcome::Pass),
+            (SLOW_CONNECT, Outcome::Pass),
+            (SLOW_CONNECT + Duration::from_millis(1), Outcome::Warn),
+        ] {
+            f.connect = took;
+            assert_eq!(
+                outcome(&evaluate(&c, &args(), &f), "connect"),
+                want,
+                "{took:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_that_verifies_the_server_passes() {
+        let mut f = facts(&[]);
+        f.tls.ssl = true;
+        for mode in ["verify-full", "verify-ca"] {
+            let c = config(&format!("postgres://u@h/db?sslmode={mode}"));
+            let checks = evaluate(&c, &args(), &f);
+            let t = check(&checks, "tls");
+            assert_eq!(t.outcome, Outcome::Pass, "{t:?}");
+            assert!(t.summary.contains(&format!("sslmode {mode}")), "{t:?}");
+            assert!(!t.summary.contains("not verified"), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn keepalives_off_in_the_url_warn() {
+        let f = facts(&[]);
+        let off = evaluate(&config("postgres://u@h/db?keepalives=0"), &args(), &f);
+        let k = check(&off, "keepalives");
+        assert_eq!(k.outcome, Outcome::Warn);
+        assert!(k.summary.contains("off"), "{k:?}");
+        let on = evaluate(&config("postgres://u@h/db?keepalives=1"), &args(), &f);
+        assert_eq!(outcome(&on, "keepalives"), Outcome::Pass);
+    }
+
+    #[test]
+    fn a_socket_that_disagrees_with_the_settings_warns() {
+        // The defaults render idle 30 s, interval 10 s, count 3.
+        let c = config("postgres://u@h/db");
+        let mut f = facts(&[]);
+        f.sockets = vec![socket(30, 10, 3, 30_000)];
+        let checks = evaluate(&c, &args(), &f);
+        assert_eq!(outcome(&checks, "keepalives"), Outcome::Pass);
+        let ut = check(&checks, "tcp_user_timeout");
+        assert_eq!(ut.outcome, Outcome::Pass);
+        assert!(ut.summary.contains("socket agrees"), "{ut:?}");
+        let mut off = socket(30, 10, 3, 30_000);
+        off.keepalive = false;
+        for (what, s) in [
+            ("keepalive off", off),
+            ("idle", socket(31, 10, 3, 30_000)),
+            ("interval", socket(30, 11, 3, 30_000)),
+            ("count", socket(30, 10, 4, 30_000)),
+        ] {
+            f.sockets = vec![s];
+            let k = evaluate(&c, &args(), &f);
+            let k = check(&k, "keepalives");
+            assert_eq!(k.outcome, Outcome::Warn, "{what}: {k:?}");
+            assert!(k.summary.contains("but the socket"), "{what}: {k:?}");
+        }
+        f.sockets = vec![socket(30, 10, 3, 0)];
+        assert_eq!(
+            outcome(&evaluate(&c, &args(), &f), "tcp_user_timeout"),
+            Outcome::Warn,
+            "the socket has another tcp_user_timeout"
+        );
+    }
+
+    #[test]
+    fn keepalives_that_notice_a_dead_peer_after_more_than_four_minutes_warn() {
+        let f = facts(&[]);
+        let at = |idle: u32, interval: u32, count: u32| {
+            let c = config(&format!(
+                "postgres://u@h/db?keepalives_idle={idle}&keepalives_interval={interval}\
+                 &keepalives_count={count}"
+            ));
+            let checks = evaluate(&c, &args(), &f);
+            let k = check(&checks, "keepalives").clone();
+            k
+        };
+        let k = at(200, 10, 4);
+        assert_eq!(k.outcome, Outcome::Pass, "240 s: {k:?}");
+        assert!(k.summary.contains("within 240 s"), "{k:?}");
+        let k = at(200, 10, 5);
+        assert_eq!(k.outcome, Outcome::Warn, "250 s: {k:?}");
+        assert!(k.summary.contains("only after 250 s"), "{k:?}");
+    }
+
+    #[test]
+    fn an_idle_session_timeout_equal_to_our_idle_timeout_still_warns() {
+        let c = PoolConfig::builder("postgres://u@h/db")
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .build()
+            .unwrap();
+        let f = facts(&[("idle_session_timeout", "300000", Some("ms"))]);
+        assert_eq!(
+            outcome(&evaluate(&c, &args(), &f), "idle_session_timeout"),
+            Outcome::Warn
+        );
+        // max_lifetime: named when it retires connections later than the server ends them.
+        for (lifetime, later) in [(300, false), (301, true)] {
+            let c = PoolConfig::builder("postgres://u@h/db")
+                .idle_timeout(None)
+                .max_lifetime(Some(Duration::from_secs(lifetime)))
+                .build()
+                .unwrap();
+            let checks = evaluate(&c, &args(), &f);
+            let t = check(&checks, "idle_session_timeout");
+            assert_eq!(t.outcome, Outcome::Warn);
+            assert_eq!(
+                t.summary.contains("retires them later still"),
+                later,
+                "max_lifetime {lifetime} s: {t:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn server_timeouts_are_named_and_a_statement_timeout_below_validation_warns() {
+        let c = PoolConfig::builder("postgres://u@h/db")
+            .validation_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let run = |st: &str, iitst: &str| {
+            let f = facts(&[
+                ("statement_timeout", st, Some("ms")),
+                ("idle_in_transaction_session_timeout", iitst, Some("ms")),
+            ]);
+            evaluate(&c, &args(), &f)
+        };
+        for (st, want, text) in [
+            ("0", Outcome::Pass, "statement_timeout off"),
+            ("4000", Outcome::Warn, "shorter than our validation_timeout"),
+            ("5000", Outcome::Pass, "statement_timeout 5s"),
+            ("6000", Outcome::Pass, "statement_timeout 6s"),
+        ] {
+            let checks = run(st, "0");
+            let t = check(&checks, "statement_timeout");
+            assert_eq!(t.outcome, want, "{st}: {t:?}");
+            assert!(t.summary.contains(text), "{st}: {t:?}");
+        }
+        let checks = run("0", "0");
+        let t = check(&checks, "idle_in_transaction");
+        assert!(t.summary.ends_with("off"), "{t:?}");
+        let checks = run("0", "60000");
+        let t = check(&checks, "idle_in_transaction");
+        assert!(t.summary.contains("loses its session"), "{t:?}");
+    }
+
+    #[test]
+    fn a_budget_that_exactly_fits_passes() {
+        let c = PoolConfig::builder("postgres://u@h/db")
+            .pool_size(10)
+            .max_overflow(7)
+            .build()
+            .unwrap();
+        let f = facts(&[
+            ("max_connections", "20", None),
+            ("superuser_reserved_connections", "3", None),
+        ]);
+        assert_eq!(outcome(&evaluate(&c, &args(), &f), "budget"), Outcome::Pass);
+    }
+
+    #[test]
+    fn a_role_connection_limit_fails_only_below_the_budget_and_warns_when_others_use_it() {
+        let c = PoolConfig::builder("postgres://u@h/db")
+            .pool_size(10)
+            .max_overflow(0)
+            .build()
+            .unwrap();
+        let mut f = facts(&[("max_connections", "100", None)]);
+        f.session.superuser = Some(false);
+        for (limit, used, want) in [
+            (9, 0, Outcome::Fail),
+            (10, 0, Outcome::Pass),
+            (12, 2, Outcome::Pass),
+            (12, 4, Outcome::Warn),
+        ] {
+            f.session.role_conn_limit = Some(limit);
+            f.activity.role_others = used;
+            assert_eq!(
+                outcome(&evaluate(&c, &args(), &f), "role_limit"),
+                want,
+                "limit {limit}, {used} used by others"
+            );
+        }
+    }
+
+    #[test]
+    fn latency_is_the_median_and_warns_when_the_slowest_is_a_quarter_of_the_timeout() {
+        let c = PoolConfig::builder("postgres://u@h/db")
+            .validation_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let mut f = facts(&[]);
+        f.round_trips = [4, 1, 3, 2].map(Duration::from_millis).to_vec();
+        let checks = evaluate(&c, &args(), &f);
+        let l = check(&checks, "latency");
+        assert_eq!(l.data["median_ms"], 3.0, "{l:?}");
+        assert_eq!(l.data["max_ms"], 4.0, "{l:?}");
+        for (slowest, want) in [(250, Outcome::Pass), (251, Outcome::Warn)] {
+            f.round_trips = vec![Duration::from_millis(slowest)];
+            assert_eq!(
+                outcome(&evaluate(&c, &args(), &f), "latency"),
+                want,
+                "slowest {slowest} ms of a 1 s timeout"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pooler_is_told_by_its_mode_its_name_and_what_it_changes() {
+        if std::env::var_os("DB_POOLER").is_some() {
+            return;
+        }
+        let c = config("postgres://u@h/db?application_name=api");
+        let base = || {
+            let mut f = facts(&[]);
+            f.session.application_name = "api".into();
+            f
+        };
+        let pooler = |f: &Facts| check(&evaluate(&c, &args(), f), "pooler").clone();
+        let p = pooler(&base());
+        assert_eq!(p.outcome, Outcome::Pass);
+        assert!(
+            p.summary.starts_with("no pooler or proxy detected"),
+            "{p:?}"
+        );
+        for (mode, transaction) in [
+            ("transaction", true),
+            ("statement", true),
+            ("session", false),
+        ] {
+            let mut f = base();
+            f.pool_mode = Some(mode.into());
+            let p = pooler(&f);
+            assert_eq!(p.data["transaction_mode"], transaction, "{mode}: {p:?}");
+            let want = if transaction {
+                Outcome::Warn
+            } else {
+                Outcome::Pass
+            };
+            assert_eq!(p.outcome, want, "{mode}: {p:?}");
+        }
+        let mut f = base();
+        f.session.application_name = "other".into();
+        let p = pooler(&f);
+        assert!(p.summary.contains("arrived as \"other\""), "{p:?}");
+        let mut f = base();
+        f.sockets = vec![socket(30, 10, 3, 30_000)];
+        f.session.client_port = Some(40000);
+        let p = pooler(&f);
+        assert!(
+            p.summary.starts_with("no pooler or proxy detected"),
+            "{p:?}"
+        );
+        f.session.client_port = Some(40001);
+        let p = pooler(&f);
+        assert!(p.summary.contains("another client port than ours"), "{p:?}");
+    }
+
+    #[test]
+    fn sessions_idle_inside_a_transaction_warn() {
+        let mut f = facts(&[]);
+        f.activity.apps = vec![pg::AppUsage {
+            name: "worker".into(),
+            total: 2,
+            active: 0,
+            idle: 1,
+            idle_in_transaction: 1,
+        }];
+        let checks = evaluate(&config("postgres://u@h/db"), &args(), &f);
+        let u = check(&checks, "usage");
+        assert_eq!(u.outcome, Outcome::Warn, "{u:?}");
+        f.activity.apps[0].idle_in_transaction = 0;
+        let checks = evaluate(&config("postgres://u@h/db"), &args(), &f);
+        assert_eq!(outcome(&checks, "usage"), Outcome::Pass);
     }
 }
