@@ -696,14 +696,8 @@ fn connections_opened_after_an_outage_still_wait_for_their_own_session_to_go() {
     query(&mut again);
     // The old backend goes on and exits (it read our end of the stream): one session left.
     stopped.resume();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pg.count_backends(app).unwrap() > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the unanswered session never ended after its backend went on"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    pg.wait_backends_at_most(app, 1, Duration::from_secs(5))
+        .expect("the unanswered session ends once its backend goes on");
     again.begin_test_transaction().unwrap();
     let pause = pg.pause_backends(app).expect("the new backend is there");
     let resumer = std::thread::spawn(move || {

@@ -756,14 +756,8 @@ async fn connections_opened_after_an_outage_still_wait_for_their_own_session_to_
     one(&mut again).await.unwrap();
     // The old backend goes on and exits (it read our end of the stream): one session left.
     stopped.resume();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pg.count_backends(app).unwrap() > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the unanswered session never ended after its backend went on"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    pg.wait_backends_at_most(app, 1, Duration::from_secs(5))
+        .expect("the unanswered session ends once its backend goes on");
     open_transaction(&mut again).await;
     let pause = pg.pause_backends(app).expect("the new backend is there");
     let resumer = std::thread::spawn(move || {

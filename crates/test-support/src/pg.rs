@@ -836,17 +836,29 @@ impl PgServer {
         application_name: &str,
         timeout: Duration,
     ) -> Result<(), TestSupportError> {
+        self.wait_backends_at_most(application_name, 0, timeout)
+    }
+
+    /// Polls `pg_stat_activity` until at most `n` backends with that `application_name`
+    /// remain.
+    pub fn wait_backends_at_most(
+        &self,
+        application_name: &str,
+        n: i64,
+        timeout: Duration,
+    ) -> Result<(), TestSupportError> {
         let deadline = Instant::now() + timeout;
         let mut conn = self.admin()?;
         loop {
-            let n = count_backends(&mut conn, application_name)?;
-            if n == 0 {
+            let seen = count_backends(&mut conn, application_name)?;
+            if seen <= n {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(TestSupportError::Timeout {
                     what: format!(
-                        "{n} backend(s) with application_name {application_name:?} to go away"
+                        "{seen} backend(s) with application_name {application_name:?} to be \
+                         {n} or fewer"
                     ),
                     timeout,
                 });
