@@ -683,3 +683,32 @@ fn counters_are_read_from_as_much_of_tcp_info_as_the_kernel_wrote() {
     assert_eq!(counted(104), None);
     assert_eq!(counted(0), None);
 }
+
+/// A round in which several candidates advanced (another connect of ours ran its round trip
+/// at the same moment) is followed by a random pause, before the next round trip, so that two
+/// connects in lock-step fall out of it.
+#[test]
+fn a_round_in_which_several_sockets_advanced_is_followed_by_a_pause() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    echo_server(listener, 2);
+    let filter = tcp_filter(port);
+    let window = begin_connect();
+    let mut a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut e = window.eliminate(&filter);
+    assert!(
+        matches!(e.step(), Next::RoundTrip),
+        "two candidates: a round trip"
+    );
+    assert!(echo_once(&mut a) && echo_once(&mut b), "both advance");
+    e.round_trip_done(true, Duration::from_millis(1));
+    match e.step() {
+        Next::Pause(pause) => assert!(pause <= sys::MAX_JITTER, "{pause:?}"),
+        other => panic!("{other:?}: no pause after a round in which both sockets advanced"),
+    }
+    assert!(
+        matches!(e.step(), Next::RoundTrip),
+        "still two after the pause: another round trip"
+    );
+}
