@@ -28,7 +28,17 @@ impl log::Log for Counter {
             return;
         }
         if let Some(event) = record.key_values().get(Key::from_str("event")) {
-            *COUNTS.lock().entry(event.to_string()).or_insert(0) += 1;
+            let event = event.to_string();
+            // Closes also by their reason (`closed.invalidated`, `closed.broken`, ...).
+            let reason = (event == "closed")
+                .then(|| record.key_values().get(Key::from_str("reason")))
+                .flatten()
+                .map(|r| format!("closed.{r}"));
+            let mut counts = COUNTS.lock();
+            *counts.entry(event).or_insert(0) += 1;
+            if let Some(reason) = reason {
+                *counts.entry(reason).or_insert(0) += 1;
+            }
         }
     }
 
@@ -82,6 +92,7 @@ mod tests {
         log::warn!(target: LOG_TARGET, pool = "p", event = "abandoned_transaction_ended"; "x");
         log::debug!(target: LOG_TARGET, event = "abandoned_transaction_ended"; "y");
         log::debug!(target: LOG_TARGET, event = "abandoned_transaction_end_failed"; "z");
+        log::debug!(target: LOG_TARGET, event = "closed", reason = "invalidated"; "c");
         log::warn!(target: LOG_TARGET, "no event key");
         log::warn!(target: "someone_else", event = "abandoned_transaction_ended"; "not ours");
         let counted = since(&before, &snapshot());
@@ -90,6 +101,8 @@ mod tests {
             BTreeMap::from([
                 ("abandoned_transaction_end_failed".to_owned(), 1),
                 ("abandoned_transaction_ended".to_owned(), 2),
+                ("closed".to_owned(), 1),
+                ("closed.invalidated".to_owned(), 1),
             ])
         );
     }
