@@ -173,3 +173,26 @@ impl Report {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_result_line_counts_each_outcome() {
+        let mut report = Report::new("postgres://app:***@h/app", "postgres");
+        report.push(Check::pass("a", "fine"));
+        report.push(Check::pass("b", "fine"));
+        report.push(Check::warn("c", "not quite", "change it"));
+        let text = report.to_text();
+        assert!(
+            text.ends_with("result: WARN (2 pass, 1 warn, 0 fail)\n"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(
+            json["counts"],
+            serde_json::json!({ "pass": 2, "warn": 1, "fail": 0 })
+        );
+    }
+}

@@ -141,3 +141,56 @@ fn text(source: &serde_json::Value, s: &Slice, compare: bool) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pool_core::capacity::slices::ClassShare;
+    use std::time::Duration;
+
+    fn args(classes: Vec<ClassShare>, budget: Option<u32>) -> SizeArgs {
+        SizeArgs {
+            url: Some("postgres://app@127.0.0.1:1/app".to_owned()),
+            replicas: 3,
+            total: Some(30),
+            classes,
+            budget,
+            app: None,
+            timeout: Duration::from_secs(1),
+            json: false,
+        }
+    }
+
+    fn class(name: &str) -> ClassShare {
+        ClassShare {
+            name: name.to_owned(),
+            reserved: 1,
+            pool_size: Some(4),
+            max_overflow: Some(2),
+        }
+    }
+
+    #[test]
+    fn the_text_compares_with_the_configuration_only_when_there_is_one_to_compare() {
+        // No classes: the pool's own sizes are compared.
+        let (text, code) = run(&args(Vec::new(), None));
+        assert_eq!(code, 0, "{text}");
+        assert!(
+            text.starts_with("pool-doctor size: 3 replica(s) sharing 30 connection(s)"),
+            "{text}"
+        );
+        assert!(text.contains("per replica: 10 connection(s)"), "{text}");
+        assert!(text.contains("DB_POOL_SIZE="), "{text}");
+        assert!(text.contains("as configured"), "{text}");
+        assert!(!text.contains("no --budget given"), "{text}");
+        // Classes without a budget: nothing to compare.
+        let (text, _) = run(&args(vec![class("web")], None));
+        assert!(text.contains("ClassPools::builder(url, 10)"), "{text}");
+        assert!(text.contains("no --budget given"), "{text}");
+        assert!(!text.contains("as configured"), "{text}");
+        // Classes and a budget: compared.
+        let (text, _) = run(&args(vec![class("web")], Some(8)));
+        assert!(text.contains("as configured"), "{text}");
+        assert!(!text.contains("no --budget given"), "{text}");
+    }
+}

@@ -242,7 +242,17 @@ mod tests {
         let u = parse_url("http://[::1]:9/").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 9));
         assert_eq!(parse_url("http://h").unwrap().path, "/");
-        assert!(parse_url("https://h/").unwrap_err().contains("https"));
+        assert!(parse_url("https://h/")
+            .unwrap_err()
+            .contains("https is not supported"));
+        let other = parse_url("ftp://u:secret@h/").unwrap_err();
+        assert!(other.contains("is not an http:// URL"), "{other}");
+        assert!(
+            other.contains("ftp://u:") && !other.contains("secret"),
+            "the URL is shown, its password not: {other}"
+        );
+        assert!(parse_url("http://h/a b").unwrap_err().contains("spaces"));
+        assert!(parse_url("http://h/a\tb").unwrap_err().contains("control"));
         assert!(parse_url("h:80").unwrap_err().contains("http://"));
         assert!(parse_url("http://h:99999/").unwrap_err().contains("port"));
         assert!(parse_url("http://:80/").unwrap_err().contains("no host"));
@@ -252,5 +262,51 @@ mod tests {
     #[test]
     fn chunked_bodies_are_joined() {
         assert_eq!(dechunk("4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n"), "Wikipedia");
+        assert_eq!(dechunk("4\r\nWiki"), "Wiki", "a last chunk that just fits");
+    }
+
+    /// Serves one HTTP response (`head` then `body`) to the first client, on a free port.
+    fn serve_once(head: &'static str, body: Vec<u8>) -> HttpUrl {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request);
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        });
+        HttpUrl {
+            host: "127.0.0.1".to_owned(),
+            port,
+            path: "/status".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_large_body_is_read_whole_and_only_a_chunked_one_is_dechunked() {
+        // 2 MiB: well within the limit of 16 MiB.
+        let big = vec![b'x'; 2 << 20];
+        let url = serve_once(
+            "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n",
+            big,
+        );
+        assert_eq!(fetch(&url).unwrap().len(), 2 << 20);
+        let url = serve_once(
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"4\r\nWiki\r\n0\r\n\r\n".to_vec(),
+        );
+        assert_eq!(
+            fetch(&url).unwrap(),
+            "4\r\nWiki\r\n0\r\n\r\n",
+            "not chunked: as sent"
+        );
+        let url = serve_once(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"4\r\nWiki\r\n0\r\n\r\n".to_vec(),
+        );
+        assert_eq!(fetch(&url).unwrap(), "Wiki");
+        let url = serve_once("HTTP/1.0 503 Service Unavailable\r\n\r\n", Vec::new());
+        assert!(fetch(&url).unwrap_err().contains("503"));
     }
 }
