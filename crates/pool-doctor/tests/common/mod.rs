@@ -1,7 +1,7 @@
 //! Running the `pool-doctor` binary in a clean environment, and private servers.
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use test_support::{PgOptions, PgServer};
 
@@ -76,16 +76,44 @@ impl Run {
     }
 }
 
-/// Runs the command.
+/// How long one run of the binary may take before the test fails (every command the tests
+/// run ends within seconds; a mutation that makes it loop fails here instead of hanging).
+const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs the command, killing it and failing the test if it has not ended within
+/// [`RUN_DEADLINE`].
 pub fn run(mut cmd: Command) -> Run {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().expect("running pool-doctor");
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running pool-doctor");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = std::time::Instant::now() + RUN_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for pool-doctor") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pool-doctor {cmd:?} did not end within {RUN_DEADLINE:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     Run {
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        stdout: stdout.join().expect("reading stdout"),
+        stderr: stderr.join().expect("reading stderr"),
         code: status.code().unwrap_or(-1),
     }
 }
