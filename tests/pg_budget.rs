@@ -634,10 +634,7 @@ fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_session_g
     let app = "budget_confirm_close";
     let (pools, mut held) = closing_on_checkin(&pg, app, 1);
     let pause = pg.pause_backends(app).expect("the backend is there");
-    let resumer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        pause.resume();
-    });
+    let resumer = pause.resume_after(Duration::from_millis(300));
     drop(held.pop());
     let mut again = pools.class("automation").unwrap().get().unwrap();
     let seen = pg.count_backends(app).unwrap();
@@ -700,10 +697,7 @@ fn connections_opened_after_an_outage_still_wait_for_their_own_session_to_go() {
         .expect("the unanswered session ends once its backend goes on");
     again.begin_test_transaction().unwrap();
     let pause = pg.pause_backends(app).expect("the new backend is there");
-    let resumer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        pause.resume();
-    });
+    let resumer = pause.resume_after(Duration::from_millis(300));
     drop(again);
     let mut third = pool.get().unwrap();
     let seen = pg.count_backends(app).unwrap();

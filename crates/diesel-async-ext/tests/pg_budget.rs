@@ -603,10 +603,7 @@ async fn a_closed_connections_permit_comes_back_only_once_the_server_let_its_ses
     let app = "abudget_confirm_close";
     let (pools, mut held) = closing_on_checkin(&pg, app, 1).await;
     let pause = pg.pause_backends(app).expect("the backend is there");
-    let resumer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        pause.resume();
-    });
+    let resumer = pause.resume_after(Duration::from_millis(300));
     drop(held.pop());
     let started = Instant::now();
     let mut again = pools.class("automation").unwrap().get().await.unwrap();
@@ -662,10 +659,7 @@ async fn connections_opened_together_each_wait_for_their_own_session_to_go() {
         let (pg, stop, max) = (pg.clone(), stop.clone(), max.clone());
         std::thread::spawn(move || watch_backends(&pg, app, stop, max))
     };
-    let resumer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        pause.resume();
-    });
+    let resumer = pause.resume_after(Duration::from_millis(300));
     drop(held);
     let again: Vec<_> = (0..4)
         .map(|_| {
@@ -760,10 +754,7 @@ async fn connections_opened_after_an_outage_still_wait_for_their_own_session_to_
         .expect("the unanswered session ends once its backend goes on");
     open_transaction(&mut again).await;
     let pause = pg.pause_backends(app).expect("the new backend is there");
-    let resumer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        pause.resume();
-    });
+    let resumer = pause.resume_after(Duration::from_millis(300));
     drop(again);
     let mut third = tokio::time::timeout(Duration::from_secs(8), pool.get())
         .await

@@ -306,16 +306,15 @@ fn inject(
             // The silenced flows' backends, by the port the server sees them from. A flow
             // silenced while it was still connecting upstream gets its port a moment later,
             // so the set is read again until the window ends.
-            let mut ports: Vec<Zombie> = Vec::new();
+            let mut ports: Vec<u16> = Vec::new();
             while Instant::now() < started + window {
-                let now: Vec<Zombie> = t
+                let now: Vec<u16> = t
                     .proxies
                     .iter()
                     .flat_map(|p| p.silenced_upstream_ports())
-                    .map(Zombie::Port)
-                    .filter(|z| !ports.contains(z))
+                    .filter(|port| !ports.contains(port))
                     .collect();
-                shared.add_zombies(now.iter().copied());
+                shared.add_zombies(now.iter().map(|port| Zombie::Port(*port)));
                 ports.extend(now);
                 std::thread::sleep(
                     Duration::from_millis(20)
@@ -330,6 +329,7 @@ fn inject(
                 .collect();
             shared.add_zombies(pids.iter().copied());
             let cut: usize = t.proxies.iter().map(|p| p.sever_silenced()).sum();
+            let ports: Vec<Zombie> = ports.into_iter().map(Zombie::Port).collect();
             shared.end_zombies(&ports, Duration::ZERO);
             shared.end_zombies(&pids, crate::ZOMBIE_GRACE);
             format!(
@@ -419,32 +419,30 @@ fn inject(
 
 /// The pids of the backends whose `client_port` is one of `ports` (empty if the server
 /// cannot be asked).
-fn pids_behind(pg: &PgServer, ports: &[Zombie]) -> Vec<i32> {
-    let ports: Vec<String> = ports
-        .iter()
-        .filter_map(|z| match z {
-            Zombie::Port(p) => Some(p.to_string()),
-            Zombie::Pid(_) => None,
-        })
-        .collect();
+fn pids_behind(pg: &PgServer, ports: &[u16]) -> Vec<i32> {
     if ports.is_empty() {
         return Vec::new();
     }
-    let url = format!(
-        "{}?sslmode=disable&application_name=outside-sampler",
-        pg.superuser_url()
-    );
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     let sql = format!(
         "SELECT pid FROM pg_stat_activity WHERE client_port = ANY(ARRAY[{}]::int[])",
         ports.join(",")
     );
-    let Ok(mut conn) = PgConnection::establish(&url) else {
+    let Ok(mut conn) = PgConnection::establish(&sampler_url(pg)) else {
         return Vec::new();
     };
     diesel::sql_query(sql)
         .load::<Pid>(&mut conn)
         .map(|rows| rows.into_iter().map(|r| r.pid).collect())
         .unwrap_or_default()
+}
+
+/// The soak's own superuser connection to look at the server (not counted in any budget).
+fn sampler_url(pg: &PgServer) -> String {
+    format!(
+        "{}?sslmode=disable&application_name=outside-sampler",
+        pg.superuser_url()
+    )
 }
 
 #[derive(QueryableByName)]
@@ -554,10 +552,7 @@ pub fn watch_budget(
     budgets: &BTreeMap<String, Budgeted>,
     every: Duration,
 ) -> (u64, Vec<Overshoot>) {
-    let url = format!(
-        "{}?sslmode=disable&application_name=outside-sampler",
-        pg.superuser_url()
-    );
+    let url = sampler_url(pg);
     let mut conn: Option<PgConnection> = None;
     let mut samples = 0;
     let mut over = Vec::new();

@@ -172,15 +172,9 @@ impl Shared {
     }
 
     fn add_zombies(&self, who: impl IntoIterator<Item = Zombie>) {
-        let mut zombies = self.zombies.lock();
-        for z in who {
-            if !zombies
-                .iter()
-                .any(|(known, until)| *known == z && until.is_none())
-            {
-                zombies.push((z, None));
-            }
-        }
+        self.zombies
+            .lock()
+            .extend(who.into_iter().map(|z| (z, None)));
     }
 
     /// The fault that made `who` zombies is over: they stay excluded for `grace` more.

@@ -1304,6 +1304,15 @@ impl BackendPause {
     pub fn pids(&self) -> &[i32] {
         &self.pids
     }
+
+    /// Continues the backends `after` from now, on a thread of its own (join it to know they
+    /// were continued): a backend that takes that long to exit.
+    pub fn resume_after(self, after: Duration) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            self.resume();
+        })
+    }
 }
 
 impl Drop for BackendPause {
