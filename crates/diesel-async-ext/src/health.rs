@@ -127,25 +127,34 @@ impl<C: ExtConnection> ExtPool<C> {
             .connect_timeout
             .unwrap_or(cfg.pool_timeout)
             .min(cfg.pool_timeout);
-        match tokio::time::timeout(bound, self.manager().open_hedge()).await {
-            Ok(Some(Ok(conn))) => {
+        // On a task of its own: a connect still under way at `bound` finishes there and its
+        // connection is closed like any other, its budget permit held until the server let
+        // the session go (dropped half-way, the permit would come back before the session).
+        let manager = self.manager().clone();
+        let connect = tokio::spawn(async move { manager.open_hedge().await });
+        match tokio::time::timeout(bound, connect).await {
+            Ok(Err(_panicked)) => Finding::ConnectFailed {
+                class: "transient",
+                message: "the connect attempt panicked (in the after_connect hook?)".into(),
+            },
+            Ok(Ok(Some(Ok(conn)))) => {
                 // Into the pool: the next checkout finds it idle (bb8 refuses it only when
                 // full, and then it is closed).
                 let _ = self.inner().add(conn);
                 Finding::Connected
             }
-            Ok(Some(Err(ExtError::Connect { message, .. }))) => {
+            Ok(Ok(Some(Err(ExtError::Connect { message, .. })))) => {
                 let class = health
                     .state()
                     .last_error_class
                     .map_or("transient", |c| c.as_str());
                 Finding::ConnectFailed { class, message }
             }
-            Ok(Some(Err(other))) => Finding::ConnectFailed {
+            Ok(Ok(Some(Err(other)))) => Finding::ConnectFailed {
                 class: "transient",
                 message: other.to_string(),
             },
-            Ok(None) => match state.budget() {
+            Ok(Ok(None)) => match state.budget() {
                 Some((budget, class)) => Finding::NoCheck {
                     class: "budget",
                     message: format!(

@@ -174,10 +174,6 @@ impl ExtError {
     }
 }
 
-/// A hedge's connect, boxed (see `ExtManager::validate`).
-type HedgeFuture<'a, C> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Result<C, ExtError>>> + Send + 'a>>;
-
 /// A custom connect's error, classified by what it says (the shape of the application's
 /// `ConnectionError` is all there is to go by) and redacted.
 fn custom_connect_failure(e: &diesel::ConnectionError, config: &PoolConfig) -> OpenFailure {
@@ -684,7 +680,8 @@ impl<C: ExtConnection> ExtManager<C> {
     /// see `PoolState::hedge_delay`), a fresh connect starts beside it if the pool has room
     /// (below its sizes, a budget permit free at once), and whichever is ready first is
     /// handed out. If the fresh connection wins, it takes `conn`'s place and the slow one is
-    /// closed; if the ping wins, the connect is dropped. At the cap (no room, or no permit)
+    /// closed; if the ping wins, the connect finishes on its task and its connection is
+    /// closed there (as the sync pool's hedge thread does). At the cap (no room, or no permit)
     /// the slow connection is **given up first**: its ping is dropped and the checkout fails
     /// it, so bb8 closes it and goes on to the next idle connection or a connect in its
     /// place, never past the sizes or the budget. On a healthy pool a ping never comes near
@@ -711,9 +708,14 @@ impl<C: ExtConnection> ExtManager<C> {
                 Ok(result) => Winner::Ping(Some(result)),
                 Err(_) => {
                     let deadline = tokio::time::Instant::from_std(started + timeout);
-                    // Boxed: the hedge's connect is a deep future, and it is only built on
-                    // this slow path (it keeps every checkout future's type shallow).
-                    let mut hedge: HedgeFuture<'_, C> = Box::pin(self.open_hedge());
+                    // A task of its own, never dropped half-way: a connect that loses the
+                    // race (or whose checkout is dropped) finishes there, and its connection
+                    // closes like any other, its budget permit held until the server let the
+                    // session go. Dropped mid-connect, it would give the permit back while
+                    // its session is still on the server (set up, or running the
+                    // after-connect hook), and the next connect would take it.
+                    let hedger = self.clone();
+                    let mut hedge = tokio::spawn(async move { hedger.open_hedge().await });
                     let mut racing = true;
                     loop {
                         tokio::select! {
@@ -721,18 +723,19 @@ impl<C: ExtConnection> ExtManager<C> {
                                 break Winner::Ping(result.ok());
                             }
                             fresh = &mut hedge, if racing => match fresh {
-                                Some(Ok(fresh)) => {
+                                Ok(Some(Ok(fresh))) => {
                                     hedged = true;
                                     break Winner::Hedge(fresh);
                                 }
-                                // No room, or the connect failed: wait the ping out.
-                                Some(Err(_)) => {
+                                // No room, the connect failed (or panicked): wait the
+                                // ping out.
+                                Ok(Some(Err(_))) | Err(_) => {
                                     hedged = true;
                                     racing = false;
                                 }
                                 // At the cap: the slow connection is given up first,
                                 // so that a connect in its place fits the sizes.
-                                None => break Winner::GaveUp,
+                                Ok(None) => break Winner::GaveUp,
                             },
                         }
                     }

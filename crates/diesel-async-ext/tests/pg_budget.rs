@@ -803,3 +803,98 @@ async fn control_plain_bb8_replaces_a_closed_connection_while_the_server_still_c
         "the control did not reproduce the overlap: the server counted {seen} sessions"
     );
 }
+
+/// A checkout's validation hedges a slow ping with a fresh connect. When the ping wins while
+/// the connect is still under way, the connect is not dropped half-way: it finishes on its
+/// own task and its connection closes like any other, its budget permit held until the
+/// server let the session go. Dropped half-way (here: inside the after-connect hook, the
+/// session already set up), its permit came back while the server still counted its
+/// session, and the next connect could take it: a backend above the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_that_lost_its_race_keeps_its_permit_until_its_session_is_gone() {
+    use std::sync::atomic::AtomicUsize;
+    let Some(pg) = server() else { return };
+    let app = "abudget_hedge_lost";
+    // The first connection opens freely; every later one (the hedge's) waits in its
+    // after-connect hook until the test lets it go.
+    let hooked = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (h, g) = (hooked.clone(), gate.clone());
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 2)
+        .class("automation", Class::new().pool_size(2).max_overflow(0))
+        .configure(move |b| {
+            b.application_name(app)
+                .pool_timeout(Duration::from_secs(10))
+                .connect_timeout(Some(Duration::from_secs(10)))
+                .after_connect(move |_conn| {
+                    let (h, g) = (h.clone(), g.clone());
+                    Box::pin(async move {
+                        if h.fetch_add(1, Ordering::SeqCst) >= 1 {
+                            let _ = g.acquire().await.map(|p| p.forget());
+                        }
+                        Ok(())
+                    })
+                })
+        })
+        .build()
+        .await
+        .unwrap();
+    let pool = pools.class("automation").unwrap().clone();
+    let mut first = pool.get().await.unwrap();
+    one(&mut first).await.unwrap();
+    drop(first);
+    // Past the validation bypass window: the next checkout pings.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        pools.budget_snapshot().in_use,
+        1,
+        "{}",
+        pools.budget_snapshot()
+    );
+    // The idle connection's backend stopped: its ping hangs, and past the hedge delay a
+    // fresh connect starts beside it.
+    let pause = pg.pause_backends(app).expect("the backend is there");
+    let checkout = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get_owned().await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hooked.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no hedge reached its after-connect hook within 10 s: {:?}",
+            pools.class("automation").unwrap().stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The ping wins: the backend goes on while the hedge's connect waits in its hook.
+    pause.resume();
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), checkout)
+        .await
+        .expect("the checkout did not return within 10 s of the ping's answer")
+        .unwrap()
+        .expect("the pinged connection");
+    assert_eq!(one(&mut conn).await, Ok(1));
+    let snap = pools.budget_snapshot();
+    let seen = pg.count_backends(app).unwrap();
+    assert_eq!(
+        snap.in_use, 2,
+        "the hedge's connect was dropped when the ping won: its permit came back while its \
+         session was set up on the server ({seen} backends): {snap}"
+    );
+    // Let the hedge finish: its connection closes, and then its permit comes back.
+    gate.add_permits(1);
+    pg.wait_backends_at_most(app, 1, Duration::from_secs(5))
+        .expect("the hedge's session ends once its connection closed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools.budget_snapshot().in_use > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the hedge's permit never came back: {}",
+            pools.budget_snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(pg.count_backends(app).unwrap(), 1);
+    assert_eq!(one(&mut conn).await, Ok(1));
+}
