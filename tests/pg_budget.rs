@@ -742,3 +742,78 @@ fn control_plain_r2d2_replaces_a_closed_connection_while_the_server_still_counts
         "the control did not reproduce the overlap: the server counted {seen} sessions"
     );
 }
+
+/// A connection given up before it joined the pool (its after-connect hook failed after its
+/// session was set up) holds its budget permit until the server let the session go, as any
+/// closed connection does. Here its backend is stopped when the hook fails: the permit stays
+/// out (within the close's bound) until the backend goes on and exits. Released at once, it
+/// let the next connect in while the server still counted the session.
+#[test]
+fn a_connection_whose_after_connect_hook_failed_keeps_its_permit_until_its_session_is_gone() {
+    let Some(pg) = server() else { return };
+    let app = "budget_hook_failed";
+    // The first hook waits for the test, then fails; later ones fail at once.
+    let hooked = Arc::new(AtomicU32::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(parking_lot::Mutex::new(gate));
+    let (h, f) = (hooked.clone(), failed.clone());
+    let pools = ClassPools::<PgConnection>::builder(&pg.url_with("sslmode=disable"), 1)
+        .class("automation", Class::new().pool_size(1).max_overflow(0))
+        .configure(move |b| {
+            b.application_name(app)
+                .pool_timeout(Duration::from_secs(3))
+                .after_connect(move |_conn| {
+                    if h.fetch_add(1, Ordering::SeqCst) == 0 {
+                        let _ = gate.lock().recv_timeout(Duration::from_secs(10));
+                        f.store(true, Ordering::SeqCst);
+                    }
+                    Err(diesel::result::Error::QueryBuilderError(
+                        "refused by the test".into(),
+                    ))
+                })
+        })
+        .build()
+        .expect("the budget is valid");
+    let pool = pools.class("automation").unwrap().clone();
+    let checkout = std::thread::spawn(move || pool.get().map(|_| ()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hooked.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no connect reached the after-connect hook within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pause = pg.pause_backends(app).expect("the hook's session is there");
+    go.send(()).unwrap();
+    while !failed.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the hook never went on");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Well inside the close's bound (1 s): the stopped backend cannot have exited.
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = pools.budget_snapshot();
+    let seen = pg.count_backends(app).unwrap();
+    assert_eq!(
+        snap.in_use, 1,
+        "the connection whose hook failed gave its permit back while the server still \
+         counted its session ({seen} backends): {snap}"
+    );
+    pause.resume();
+    pg.wait_backends_at_most(app, 0, Duration::from_secs(5))
+        .expect("the refused session ends once its backend goes on");
+    assert!(
+        checkout.join().unwrap().is_err(),
+        "the hook refused every connection"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools.budget_snapshot().in_use > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the refused connection's permit never came back: {}",
+            pools.budget_snapshot()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use pool_core::budget::{Budget, ClassId, Permit};
 use pool_core::config::PoolConfig;
-use pool_core::engine::{Attempt, CheckoutStep, ConnState, ConnectClass, PoolState};
+use pool_core::engine::{Attempt, CheckoutStep, CloseWait, ConnState, ConnectClass, PoolState};
 use pool_core::error::ConfigError;
 use pool_core::lifecycle::{CloseReason, ProbeResult};
 
@@ -481,7 +481,16 @@ impl<C: ExtConnection> ExtManager<C> {
     /// With `claim_socket` (a connection that will hold a budget permit), the built-in
     /// connector also claims our duplicate of the connection's socket, waited on at close
     /// (see [`ServerSocket`]); a custom connect never gives one.
-    async fn open_raw(&self, claim_socket: bool) -> Result<(C, ServerSocket), OpenFailure> {
+    ///
+    /// `permit` is the connection's budget permit, kept by the caller: if the after-connect
+    /// hook fails (or runs out of time), the connection is given up and the permit taken out
+    /// of `permit`, to come back once the server confirmed the session gone (see
+    /// [`ExtManager::abandon`]).
+    async fn open_raw(
+        &self,
+        claim_socket: bool,
+        permit: &mut Option<Permit>,
+    ) -> Result<(C, ServerSocket), OpenFailure> {
         let config = self.config();
         let bound = config.connect.connect_timeout;
         let timed_out = |what: &str| OpenFailure {
@@ -507,12 +516,17 @@ impl<C: ExtConnection> ExtManager<C> {
         };
         if let Some(hook) = &self.hooks.after_connect {
             let result = match bound {
-                Some(bound) => tokio::time::timeout(bound, hook(&mut conn))
-                    .await
-                    .map_err(|_| timed_out("the after_connect hook"))?,
+                Some(bound) => match tokio::time::timeout(bound, hook(&mut conn)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.abandon(conn, socket, permit.take());
+                        return Err(timed_out("the after_connect hook"));
+                    }
+                },
                 None => hook(&mut conn).await,
             };
             if let Err(e) = result {
+                self.abandon(conn, socket, permit.take());
                 return Err(OpenFailure {
                     cause: ConnectCause::Setup,
                     // A lost connection may pass next time; a rejected `SET` never will.
@@ -526,6 +540,19 @@ impl<C: ExtConnection> ExtManager<C> {
             }
         }
         Ok((conn, socket))
+    }
+
+    /// Closes a connection given up before it joined the pool (its session was set up, then
+    /// the after-connect hook failed): its budget permit comes back once the server confirmed
+    /// the session gone, within the bound, as for any closed connection (a task of the
+    /// runtime waits, see [`ServerSocket`]). Released at once, it would let the next connect
+    /// in while the server still counts this session.
+    fn abandon(&self, conn: C, mut socket: ServerSocket, permit: Option<Permit>) {
+        // diesel-async drops the driver's descriptor; ours keeps the socket open.
+        drop(conn);
+        if let Some(wait) = CloseWait::abandoned(&self.pool, permit) {
+            diesel_ext_common::tracker::Extra::confirm_close(&mut socket, wait);
+        }
     }
 
     fn config(&self) -> &PoolConfig {
@@ -562,12 +589,12 @@ impl<C: ExtConnection> ExtManager<C> {
         confirm_close: bool,
     ) -> Result<(Option<Permit>, C, ServerSocket), ExtError> {
         let pool = &self.pool;
-        let permit = match pool.budget() {
+        let mut permit = match pool.budget() {
             Some((budget, class)) => Some(self.permit(budget, class, claimed).await?),
             None => None,
         };
         let (conn, socket) = self
-            .open_raw(confirm_close && permit.is_some())
+            .open_raw(confirm_close && permit.is_some(), &mut permit)
             .await
             .map_err(|f| ExtError::Connect {
                 pool: pool.name().to_owned(),
@@ -786,13 +813,13 @@ impl<C: ExtConnection> ExtManager<C> {
         if !self.pool.hedge_room() {
             return None;
         }
-        let permit = match self.pool.budget() {
+        let mut permit = match self.pool.budget() {
             Some((budget, class)) => Some(budget.try_acquire(class)?),
             None => None,
         };
         let started = Instant::now();
         let pool = &self.pool;
-        let opened = self.open_raw(permit.is_some()).await;
+        let opened = self.open_raw(permit.is_some(), &mut permit).await;
         Some(match opened {
             Ok((mut conn, socket)) => {
                 let state = ConnState::opened(pool, started.elapsed(), permit);

@@ -898,3 +898,80 @@ async fn a_hedge_that_lost_its_race_keeps_its_permit_until_its_session_is_gone()
     assert_eq!(pg.count_backends(app).unwrap(), 1);
     assert_eq!(one(&mut conn).await, Ok(1));
 }
+
+/// A connection given up before it joined the pool (its after-connect hook failed after its
+/// session was set up) holds its budget permit until the server let the session go, as any
+/// closed connection does. Here its backend is stopped when the hook fails: the permit stays
+/// out (within the close's bound) until the backend goes on and exits. Released at once, it
+/// let the next connect in while the server still counted the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_after_connect_hook_failed_keeps_its_permit_until_its_session_is_gone() {
+    use std::sync::atomic::AtomicUsize;
+    let Some(pg) = server() else { return };
+    let app = "abudget_hook_failed";
+    // The first hook waits for the test, then fails; later ones fail at once.
+    let hooked = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (h, f, g) = (hooked.clone(), failed.clone(), gate.clone());
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 1)
+        .class("automation", Class::new().pool_size(1).max_overflow(0))
+        .configure(move |b| {
+            b.application_name(app)
+                .pool_timeout(Duration::from_secs(10))
+                .connect_timeout(Some(Duration::from_secs(10)))
+                .after_connect(move |_conn| {
+                    let (h, f, g) = (h.clone(), f.clone(), g.clone());
+                    Box::pin(async move {
+                        if h.fetch_add(1, Ordering::SeqCst) == 0 {
+                            let _ = g.acquire().await.map(|p| p.forget());
+                            f.store(true, Ordering::SeqCst);
+                        }
+                        Err(diesel::result::Error::QueryBuilderError(
+                            "refused by the test".into(),
+                        ))
+                    })
+                })
+        })
+        .build()
+        .await
+        .unwrap();
+    let pool = pools.class("automation").unwrap().clone();
+    let checkout = tokio::spawn(async move { pool.get_owned().await.map(|_| ()) });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hooked.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no connect reached the after-connect hook within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pause = pg.pause_backends(app).expect("the hook's session is there");
+    gate.add_permits(1);
+    while !failed.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the hook never went on");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Well inside the close's bound (1 s): the stopped backend cannot have exited.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let snap = pools.budget_snapshot();
+    let seen = pg.count_backends(app).unwrap();
+    assert_eq!(
+        snap.in_use, 1,
+        "the connection whose hook failed gave its permit back while the server still \
+         counted its session ({seen} backends): {snap}"
+    );
+    checkout.abort();
+    pause.resume();
+    pg.wait_backends_at_most(app, 0, Duration::from_secs(5))
+        .expect("the refused session ends once its backend goes on");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools.budget_snapshot().in_use > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the refused connection's permit never came back: {}",
+            pools.budget_snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -92,6 +92,25 @@ pub struct CloseWait {
 }
 
 impl CloseWait {
+    /// The wait of a connection given up before it joined the pool (`pool`'s, holding
+    /// `permit`): its session was set up on the server, then its setup failed (an
+    /// after-connect hook, a session setting) or its connect was abandoned. The server just
+    /// answered it, so it waits unless the pool has no budget (`permit` is `None`): the
+    /// permit comes back once the server confirmed the session gone, within the bound, as
+    /// for any closed connection (see [`PoolState::close_confirm_bound`]). Nothing is counted:
+    /// the connect's failure is the adapter's to record.
+    pub fn abandoned(pool: &Arc<PoolState>, permit: Option<Permit>) -> Option<CloseWait> {
+        let mut permit = permit?;
+        let bound = pool.close_confirm_bound(Instant::now())?;
+        permit.set_returning();
+        Some(CloseWait {
+            pool: pool.clone(),
+            bound,
+            started: Instant::now(),
+            _permit: Some(permit),
+        })
+    }
+
     /// How long the adapter may wait (the pool's validation timeout, at most
     /// [`super::CONFIRM_BOUND_MAX`]).
     pub fn bound(&self) -> Duration {

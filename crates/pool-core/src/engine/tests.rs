@@ -1115,3 +1115,33 @@ fn a_close_wait_marks_its_permit_as_coming_back() {
             .expect("the permit came back to the waiter");
     });
 }
+
+#[test]
+fn a_connection_given_up_before_it_joined_the_pool_holds_its_permit_through_its_wait() {
+    let b =
+        PoolConfig::builder("postgres://app@db/app").validation_timeout(Duration::from_millis(300));
+    let (p, budget) = pool_in_budget(b, 2, 0, 2);
+    let app = budget.class_id("app").unwrap();
+    assert!(
+        CloseWait::abandoned(&p, None).is_none(),
+        "no permit: nothing to wait for"
+    );
+    // Even after a wait of the pool ran out: this session was set up just now.
+    let mut ran_out = ConnState::opened(&p, Duration::ZERO, Some(budget.try_acquire(app).unwrap()));
+    let wait = ran_out.close_wait().expect("it waits");
+    wait.finish(false);
+    drop(ran_out);
+    let wait = CloseWait::abandoned(&p, Some(budget.try_acquire(app).unwrap()))
+        .expect("a session just set up waits for the server");
+    assert_eq!(wait.bound(), Duration::from_millis(300));
+    assert_eq!(budget.snapshot().in_use, 1, "held while it waits");
+    assert_eq!(budget.reclaim_wanted(app), 0);
+    let stats = p.stats().snapshot(Default::default());
+    assert_eq!(
+        (stats.connects, stats.closed.total()),
+        (1, 1),
+        "nothing counted for it: {stats:?}"
+    );
+    wait.finish(true);
+    assert_eq!(budget.snapshot().in_use, 0, "released once it ended");
+}
