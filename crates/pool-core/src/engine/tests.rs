@@ -1131,17 +1131,36 @@ fn a_connection_given_up_before_it_joined_the_pool_holds_its_permit_through_its_
     let wait = ran_out.close_wait().expect("it waits");
     wait.finish(false);
     drop(ran_out);
-    let wait = CloseWait::abandoned(&p, Some(budget.try_acquire(app).unwrap()))
-        .expect("a session just set up waits for the server");
-    assert_eq!(wait.bound(), Duration::from_millis(300));
-    assert_eq!(budget.snapshot().in_use, 1, "held while it waits");
-    assert_eq!(budget.reclaim_wanted(app), 0);
-    let stats = p.stats().snapshot(Default::default());
-    assert_eq!(
-        (stats.connects, stats.closed.total()),
-        (1, 1),
-        "nothing counted for it: {stats:?}"
-    );
-    wait.finish(true);
-    assert_eq!(budget.snapshot().in_use, 0, "released once it ended");
+    let other = budget.class_id("other").unwrap();
+    let _kept = budget.try_acquire(app).unwrap();
+    let given_up = budget.try_acquire(app).unwrap();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| budget.acquire(other, Duration::from_secs(5)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while budget.waiters(other) == 0 {
+            assert!(Instant::now() < deadline, "the waiter never queued");
+            std::thread::yield_now();
+        }
+        assert_eq!(budget.reclaim_wanted(app), 1, "one waiter, two borrowed");
+        let wait = CloseWait::abandoned(&p, Some(given_up))
+            .expect("a session just set up waits for the server");
+        assert_eq!(wait.bound(), Duration::from_millis(300));
+        assert_eq!(budget.snapshot().in_use, 2, "held while it waits");
+        assert_eq!(
+            budget.reclaim_wanted(app),
+            0,
+            "the given-up connection's permit is coming: nothing more to give back"
+        );
+        let stats = p.stats().snapshot(Default::default());
+        assert_eq!(
+            (stats.connects, stats.closed.total()),
+            (1, 1),
+            "nothing counted for it: {stats:?}"
+        );
+        wait.finish(true);
+        let _permit = waiter
+            .join()
+            .unwrap()
+            .expect("the permit came back to the waiter");
+    });
 }
