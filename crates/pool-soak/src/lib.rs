@@ -420,6 +420,36 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         results.extend(bh.results.iter().cloned());
     }
     say(opts, &shared, "ledger checked");
+    // Hedged validations, beside the library's events: how often a slow ping raced a fresh
+    // connect (`hedges`), the connect won (`hedges_won`), or the slow connection was given
+    // up at the cap (`hedges_gave_up`), per adapter.
+    let mut pool_events =
+        events_counted.then(|| events::since(&events_before, &events::snapshot()));
+    if let Some(counted) = pool_events.as_mut() {
+        let sync = ours_sync
+            .iter()
+            .flat_map(|(_, p)| p.classes().map(|(_, c)| c.stats()));
+        let asynchronous = ours_async
+            .iter()
+            .flat_map(|(_, p)| p.classes().map(|(_, c)| c.stats()));
+        for (adapter, stats) in [
+            ("sync", sync.collect::<Vec<_>>()),
+            ("async", asynchronous.collect()),
+        ] {
+            for (what, n) in [
+                ("hedges", stats.iter().map(|s| s.hedges).sum::<u64>()),
+                ("hedges_won", stats.iter().map(|s| s.hedges_won).sum()),
+                (
+                    "hedges_gave_up",
+                    stats.iter().map(|s| s.hedges_gave_up).sum(),
+                ),
+            ] {
+                if n > 0 {
+                    counted.insert(format!("{what}.{adapter}"), n);
+                }
+            }
+        }
+    }
     drop(ours_sync);
     drop(ours_async);
     drop(r2d2s);
@@ -427,7 +457,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     drop(rt);
     Ok(Report {
         seed,
-        pool_events: events_counted.then(|| events::since(&events_before, &events::snapshot())),
+        pool_events,
         seconds: opts.seconds,
         ran_ms,
         results,
