@@ -131,7 +131,7 @@ impl<C: ExtConnection> ExtPool<C> {
         // connection is closed like any other, its budget permit held until the server let
         // the session go (dropped half-way, the permit would come back before the session).
         let manager = self.manager().clone();
-        let connect = tokio::spawn(async move { manager.open_hedge().await });
+        let connect = tokio::spawn(async move { manager.open_hedge(None).await });
         match tokio::time::timeout(bound, connect).await {
             Ok(Err(_panicked)) => Finding::ConnectFailed {
                 class: "transient",

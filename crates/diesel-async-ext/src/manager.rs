@@ -16,6 +16,7 @@
 //!   left open or its manager broken by a cancelled `BEGIN`/`COMMIT`, the client closed).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -742,11 +743,16 @@ impl<C: ExtConnection> ExtManager<C> {
                     // its session is still on the server (set up, or running the
                     // after-connect hook), and the next connect would take it.
                     let hedger = self.clone();
-                    let mut hedge = tokio::spawn(async move { hedger.open_hedge().await });
+                    let connecting = Arc::new(AtomicBool::new(false));
+                    let raced = connecting.clone();
+                    let mut hedge =
+                        tokio::spawn(async move { hedger.open_hedge(Some(&connecting)).await });
                     let mut racing = true;
                     loop {
                         tokio::select! {
                             result = tokio::time::timeout_at(deadline, &mut ping) => {
+                                // A connect under way, still racing: a hedge the ping won.
+                                hedged |= racing && raced.load(Ordering::Acquire);
                                 break Winner::Ping(result.ok());
                             }
                             fresh = &mut hedge, if racing => match fresh {
@@ -809,7 +815,11 @@ impl<C: ExtConnection> ExtManager<C> {
 
     /// A fresh connection for a hedge (or a readiness check), if the pool has room at once
     /// (below its sizes, and a budget permit free without waiting); `None` otherwise.
-    pub(crate) async fn open_hedge(&self) -> Option<Result<C, ExtError>> {
+    /// `connecting`, if given, is set once the room was found and the connect begins.
+    pub(crate) async fn open_hedge(
+        &self,
+        connecting: Option<&AtomicBool>,
+    ) -> Option<Result<C, ExtError>> {
         if !self.pool.hedge_room() {
             return None;
         }
@@ -817,6 +827,9 @@ impl<C: ExtConnection> ExtManager<C> {
             Some((budget, class)) => Some(budget.try_acquire(class)?),
             None => None,
         };
+        if let Some(connecting) = connecting {
+            connecting.store(true, Ordering::Release);
+        }
         let started = Instant::now();
         let pool = &self.pool;
         let opened = self.open_raw(permit.is_some(), &mut permit).await;

@@ -882,6 +882,12 @@ async fn a_hedge_that_lost_its_race_keeps_its_permit_until_its_session_is_gone()
         "the hedge's connect was dropped when the ping won: its permit came back while its \
          session was set up on the server ({seen} backends): {snap}"
     );
+    let stats = pools.class("automation").unwrap().stats();
+    assert_eq!(
+        (stats.hedges, stats.hedges_won),
+        (1, 0),
+        "one hedge, which the ping won: {stats:?}"
+    );
     // Let the hedge finish: its connection closes, and then its permit comes back.
     gate.add_permits(1);
     pg.wait_backends_at_most(app, 1, Duration::from_secs(5))

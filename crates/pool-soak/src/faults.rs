@@ -266,20 +266,19 @@ fn inject(
             }
         }
         FaultKind::HungBackend => {
-            let mut pauses = Vec::new();
-            for app in &t.apps {
-                if let Ok(p) = t.pg.pause_backends(app) {
-                    shared.add_zombies(p.pids().iter().map(|pid| Zombie::Pid(*pid)));
-                    pauses.push(p);
-                }
-            }
-            let n: usize = pauses.iter().map(|p| p.pids().len()).sum();
-            rest_of(started, window);
-            let pids: Vec<Zombie> = pauses
+            // Every application's backends found by one query and stopped together: a
+            // backend stopped while it holds a server lock could hold up a query for the
+            // next application until the pause expired (30 s).
+            let apps: Vec<&str> = t.apps.iter().map(String::as_str).collect();
+            let pause = t.pg.pause_backends_of(&apps).ok();
+            let pids: Vec<Zombie> = pause
                 .iter()
                 .flat_map(|p| p.pids().iter().map(|pid| Zombie::Pid(*pid)))
                 .collect();
-            for p in pauses {
+            shared.add_zombies(pids.iter().copied());
+            let n = pids.len();
+            rest_of(started, window);
+            if let Some(p) = pause {
                 p.resume();
             }
             shared.end_zombies(&pids, crate::ZOMBIE_GRACE);

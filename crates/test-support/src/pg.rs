@@ -984,8 +984,26 @@ impl PgServer {
     /// dropped, so a panicking test never leaves a stopped backend; [`BackendPause::resume`]
     /// does it early. Returns once the backends are stopped. Fails with [`TestSupportError::NoBackends`] if there is none.
     pub fn pause_backends(&self, application_name: &str) -> Result<BackendPause, TestSupportError> {
+        self.pause_backends_of(&[application_name])
+    }
+
+    /// [`PgServer::pause_backends`] for the backends of every name in `application_names`,
+    /// found by one query and then stopped together: a backend stopped while it holds a
+    /// server lock can hold up any later query, the next name's search included. Fails with
+    /// [`TestSupportError::NoBackends`] if none has a backend.
+    pub fn pause_backends_of(
+        &self,
+        application_names: &[&str],
+    ) -> Result<BackendPause, TestSupportError> {
+        const SQL: &str = "SELECT pid FROM pg_stat_activity \
+             WHERE application_name = ANY($1) AND pid <> pg_backend_pid() ORDER BY pid";
+        let names: Vec<String> = application_names.iter().map(|n| (*n).to_owned()).collect();
+        let rows: Vec<PidRow> = diesel::sql_query(SQL)
+            .bind::<diesel::sql_types::Array<Text>, _>(&names)
+            .load(&mut self.admin()?)
+            .map_err(|source| query_error(SQL, source))?;
         let mut paused = Vec::new();
-        for pid in self.backend_pids(application_name)? {
+        for pid in rows.into_iter().map(|r| r.pid) {
             // Register first: whoever drops last (guard or server) continues it.
             self.cluster.paused.lock().insert(pid);
             match sys::signal(pid, libc::SIGSTOP, "SIGSTOP") {
@@ -997,7 +1015,7 @@ impl PgServer {
             }
         }
         if paused.is_empty() {
-            return Err(TestSupportError::NoBackends(application_name.to_owned()));
+            return Err(TestSupportError::NoBackends(application_names.join(", ")));
         }
         // SIGSTOP takes effect asynchronously: return only once they are really stopped.
         let deadline = Instant::now() + Duration::from_secs(2);

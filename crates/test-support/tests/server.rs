@@ -251,6 +251,38 @@ fn pause_backends_hangs_queries_until_resumed() {
 }
 
 #[test]
+fn pause_backends_of_stops_every_named_applications_backends_and_only_those() {
+    let Some(pg) = pg_or_skip() else { return };
+    let mut a = connect(&pg.url_with("application_name=sleepy_a"));
+    let mut b = connect(&pg.url_with("application_name=sleepy_b"));
+    let mut other = connect(&pg.url_with("application_name=awake"));
+    for conn in [&mut a, &mut b, &mut other] {
+        one(conn).unwrap();
+    }
+    let expected: Vec<i32> = {
+        let mut pids = pg.backend_pids("sleepy_a").unwrap();
+        pids.extend(pg.backend_pids("sleepy_b").unwrap());
+        pids.sort_unstable();
+        pids
+    };
+    let pause = pg
+        .pause_backends_of(&["sleepy_a", "sleepy_b", "nobody"])
+        .unwrap();
+    assert_eq!(pause.pids(), expected.as_slice());
+    for pid in pause.pids() {
+        assert_eq!(process_state(*pid), 'T');
+    }
+    let awake = pg.backend_pids("awake").unwrap()[0];
+    assert_ne!(process_state(awake), 'T');
+    one(&mut other).unwrap();
+    pause.resume();
+    one(&mut a).unwrap();
+    one(&mut b).unwrap();
+    let err = pg.pause_backends_of(&["nobody", "none"]).unwrap_err();
+    assert!(err.to_string().contains("nobody, none"), "{err}");
+}
+
+#[test]
 fn pause_guard_continues_backends_when_a_test_panics() {
     let Some(pg) = pg_or_skip() else { return };
     let _conn = connect(&pg.url_with("application_name=panicky"));
