@@ -892,15 +892,7 @@ async fn a_hedge_that_lost_its_race_keeps_its_permit_until_its_session_is_gone()
     gate.add_permits(1);
     pg.wait_backends_at_most(app, 1, Duration::from_secs(5))
         .expect("the hedge's session ends once its connection closed");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pools.budget_snapshot().in_use > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the hedge's permit never came back: {}",
-            pools.budget_snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    permits_in_use_at_most(&pools, 1, "the hedge's permit never came back").await;
     assert_eq!(pg.count_backends(app).unwrap(), 1);
     assert_eq!(one(&mut conn).await, Ok(1));
 }
@@ -971,11 +963,17 @@ async fn a_connection_whose_after_connect_hook_failed_keeps_its_permit_until_its
     pause.resume();
     pg.wait_backends_at_most(app, 0, Duration::from_secs(5))
         .expect("the refused session ends once its backend goes on");
+    permits_in_use_at_most(&pools, 0, "the refused connection's permit never came back").await;
+}
+
+/// Waits up to 5 s for the budget's permits in use to fall to `n`; fails with `what` and
+/// the budget's state.
+async fn permits_in_use_at_most(pools: &Pools, n: u32, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pools.budget_snapshot().in_use > 0 {
+    while pools.budget_snapshot().in_use > n {
         assert!(
             Instant::now() < deadline,
-            "the refused connection's permit never came back: {}",
+            "{what}: {}",
             pools.budget_snapshot()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -1093,11 +1093,7 @@ fn a_close_wait_marks_its_permit_as_coming_back() {
     let _kept = ConnState::opened(&p, Duration::ZERO, Some(budget.try_acquire(app).unwrap()));
     std::thread::scope(|s| {
         let waiter = s.spawn(|| budget.acquire(other, Duration::from_secs(5)));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while budget.waiters(other) == 0 {
-            assert!(Instant::now() < deadline, "the waiter never queued");
-            std::thread::yield_now();
-        }
+        wait_queued(&budget, other);
         assert_eq!(budget.reclaim_wanted(app), 1, "one waiter, two borrowed");
         let wait = closing
             .close_wait()
@@ -1136,11 +1132,7 @@ fn a_connection_given_up_before_it_joined_the_pool_holds_its_permit_through_its_
     let given_up = budget.try_acquire(app).unwrap();
     std::thread::scope(|s| {
         let waiter = s.spawn(|| budget.acquire(other, Duration::from_secs(5)));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while budget.waiters(other) == 0 {
-            assert!(Instant::now() < deadline, "the waiter never queued");
-            std::thread::yield_now();
-        }
+        wait_queued(&budget, other);
         assert_eq!(budget.reclaim_wanted(app), 1, "one waiter, two borrowed");
         let wait = CloseWait::abandoned(&p, Some(given_up))
             .expect("a session just set up waits for the server");
@@ -1163,4 +1155,13 @@ fn a_connection_given_up_before_it_joined_the_pool_holds_its_permit_through_its_
             .unwrap()
             .expect("the permit came back to the waiter");
     });
+}
+
+/// Waits up to 5 s for a waiter of `class` to queue on `budget`.
+fn wait_queued(budget: &crate::budget::Budget, class: crate::budget::ClassId) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while budget.waiters(class) == 0 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        std::thread::yield_now();
+    }
 }
