@@ -121,7 +121,6 @@ impl<C: ExtConnection> ExtPool<C> {
                 }
             }
         };
-        check.made_round_trip();
         let bound = cfg
             .connect
             .connect_timeout
@@ -131,8 +130,15 @@ impl<C: ExtConnection> ExtPool<C> {
         // connection is closed like any other, its budget permit held until the server let
         // the session go (dropped half-way, the permit would come back before the session).
         let manager = self.manager().clone();
-        let connect = tokio::spawn(async move { manager.open_hedge(None).await });
-        match tokio::time::timeout(bound, connect).await {
+        let connecting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = connecting.clone();
+        let connect = tokio::spawn(async move { manager.open_hedge(Some(&started)).await });
+        let outcome = tokio::time::timeout(bound, connect).await;
+        // A round trip only if a connect began (no room or no permit: none was made).
+        if connecting.load(std::sync::atomic::Ordering::Acquire) {
+            check.made_round_trip();
+        }
+        match outcome {
             Ok(Err(_panicked)) => Finding::ConnectFailed {
                 class: "transient",
                 message: "the connect attempt panicked (in the after_connect hook?)".into(),

@@ -375,3 +375,34 @@ async fn a_class_set_answers_per_class_a_saturated_class_degraded_beside_a_ready
     let health = pools.health().await;
     assert_eq!(health.state, HealthState::Unreachable, "{health}");
 }
+
+/// A class with nothing idle and room in its own pool, but no budget permit free (every
+/// permit in use by another class), answers at once with the budget as its cause: no ping,
+/// no connect, nothing opened beyond the budget.
+#[tokio::test]
+async fn a_class_whose_budget_is_all_in_use_elsewhere_answers_without_a_round_trip() {
+    use diesel_async::AsyncPgConnection;
+    use diesel_async_ext::{Class, ClassPools};
+    let Some(pg) = server() else { return };
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 2)
+        .class("automation", Class::new().pool_size(0).max_overflow(2))
+        .class("adhoc", Class::new().pool_size(0).max_overflow(2))
+        .configure(|b| b.application_name("ahealth_budget"))
+        .build()
+        .await
+        .expect("class pools");
+    let automation = pools.class("automation").unwrap();
+    let _all = [
+        automation.get().await.expect("1"),
+        automation.get().await.expect("2"),
+    ];
+    let adhoc = pools.class("adhoc").unwrap();
+    let health = adhoc.health().await;
+    assert_eq!(health.error_class.as_deref(), Some("budget"), "{health}");
+    assert!(
+        !health.round_trip,
+        "no ping and no connect were made: {health}"
+    );
+    assert_eq!(adhoc.stats().connects, 0, "{:?}", adhoc.stats());
+    assert_eq!(pg.count_backends("ahealth_budget").unwrap(), 2);
+}
