@@ -292,3 +292,45 @@ fn late_ping_counts_as_failed(app: &str, hedged: bool) {
         lines.iter().filter(|l| l.contains(app)).collect::<Vec<_>>()
     );
 }
+
+/// A `LISTEN`ing connection returned to the pool keeps its notifications: the checkout's
+/// probe looks at the socket without reading it, and a validation ping leaves what libpq
+/// queued to the application. A notification sent while the connection sat idle is there at
+/// its next checkout, whether the checkout only probed it (inside the bypass window) or
+/// pinged it (past it).
+#[test]
+fn notifications_sent_while_a_listening_connection_sat_idle_survive_its_next_checkout() {
+    let Some(pg) = server() else { return };
+    let pool = PgPool::builder(&pg.url_with("sslmode=disable&application_name=mech_listen"))
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    pool.get().unwrap().batch_execute("LISTEN pool_ch").unwrap();
+    for (round, idle) in [
+        (1, Duration::from_millis(100)),
+        (2, Duration::from_millis(800)),
+    ] {
+        pg.execute(&format!("NOTIFY pool_ch, 'sent while idle {round}'"))
+            .unwrap();
+        std::thread::sleep(idle);
+        let mut conn = pool.get().unwrap();
+        let got: Vec<String> = conn
+            .notifications_iter()
+            .map(|n| n.map(|n| n.payload))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![format!("sent while idle {round}")],
+            "round {round} (idle {idle:?}): {:?}",
+            pool.stats()
+        );
+    }
+    let stats = pool.stats();
+    assert_eq!(
+        stats.connects, 1,
+        "the same connection throughout: {stats:?}"
+    );
+    assert!(stats.pings >= 1, "the second checkout pinged: {stats:?}");
+}

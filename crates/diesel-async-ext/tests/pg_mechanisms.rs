@@ -361,3 +361,49 @@ async fn a_failed_validation_ping_is_reported_with_the_drivers_reason() {
         "a ping that failed is reported as one that got no reply: {reported:?}"
     );
 }
+
+/// A `LISTEN`ing connection returned to the pool keeps its notifications: the checkout's
+/// probe is the client's closed state (nothing read), and a validation ping leaves
+/// diesel-async's notification channel to the application. A notification sent while the
+/// connection sat idle is there at its next checkout, whether the checkout only probed it
+/// (inside the bypass window) or pinged it (past it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_sent_while_a_listening_connection_sat_idle_survive_its_next_checkout() {
+    use futures_util::StreamExt;
+    let Some(pg) = server() else { return };
+    let pool = PgPool::builder(&pg.url_with("sslmode=disable&application_name=amech_listen"))
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .await
+        .unwrap();
+    diesel::sql_query("LISTEN pool_ch")
+        .execute(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    for (round, idle) in [
+        (1, Duration::from_millis(100)),
+        (2, Duration::from_millis(800)),
+    ] {
+        PgServer::execute(&pg, &format!("NOTIFY pool_ch, 'sent while idle {round}'")).unwrap();
+        tokio::time::sleep(idle).await;
+        let mut conn = pool.get().await.unwrap();
+        let mut stream = std::pin::pin!(conn.notifications_stream());
+        let got = tokio::time::timeout(Duration::from_secs(2), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no notification within 2 s"))
+            .expect("the stream ended")
+            .unwrap();
+        assert_eq!(
+            got.payload,
+            format!("sent while idle {round}"),
+            "round {round} (idle {idle:?})"
+        );
+    }
+    let stats = pool.stats();
+    assert_eq!(
+        stats.connects, 1,
+        "the same connection throughout: {stats:?}"
+    );
+    assert!(stats.pings >= 1, "the second checkout pinged: {stats:?}");
+}
