@@ -215,3 +215,45 @@ fn a_budget_class_keeps_its_reserved_floor_open_past_the_idle_timeout() {
     assert_eq!(adhoc.stats().closed.idle_timeout, 0);
     assert!(select_one(adhoc).is_ok());
 }
+
+/// `max_lifetime` retires connections while they sit idle (the maintenance thread: no
+/// checkout needed), and a budget class's reserved floor is replaced as it is retired: the
+/// server goes on counting the floor's two sessions, none of them the first ones.
+#[test]
+fn max_lifetime_retires_idle_connections_and_the_reserved_floor_is_replaced() {
+    let Some(pg) = server() else { return };
+    let app = "sizes_lifetime";
+    let pools = ClassPools::<diesel::PgConnection>::builder(&pg.url_with("sslmode=disable"), 4)
+        .class("automation", Class::new().pool_size(0).max_overflow(2))
+        .class("adhoc", Class::new().reserved(2))
+        .configure(|b| {
+            b.application_name(app)
+                .max_lifetime(Some(Duration::from_millis(400)))
+                .lifetime_jitter(0.0)
+                .pool_timeout(Duration::from_secs(5))
+        })
+        .build()
+        .unwrap();
+    assert_eq!(
+        settle_backends(&pg, app, 2),
+        2,
+        "the floor, opened at build"
+    );
+    let first = pg.backend_pids(app).unwrap();
+    let adhoc = pools.class("adhoc").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = pg.backend_pids(app).unwrap();
+        let expired = adhoc.stats().closed.expired;
+        if expired >= 2 && now.len() == 2 && now.iter().all(|pid| !first.contains(pid)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10 s with a 400 ms lifetime: backends {now:?} (the first {first:?}), {:?}",
+            adhoc.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(select_one(adhoc).is_ok());
+}

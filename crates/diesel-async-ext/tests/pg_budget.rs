@@ -979,3 +979,49 @@ async fn permits_in_use_at_most(pools: &Pools, n: u32, what: &str) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// `max_lifetime` retires connections while they sit idle (the maintenance task: no
+/// checkout needed), and a budget class's reserved floor is replaced as it is retired: the
+/// server goes on counting the floor's two sessions, none of them the first ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_lifetime_retires_idle_connections_and_the_reserved_floor_is_replaced() {
+    let Some(pg) = server() else { return };
+    let app = "abudget_lifetime";
+    let pools = ClassPools::<AsyncPgConnection>::builder(&pg.url_with("sslmode=disable"), 4)
+        .class("automation", Class::new().pool_size(0).max_overflow(2))
+        .class("adhoc", Class::new().reserved(2))
+        .configure(|b| {
+            b.application_name(app)
+                .max_lifetime(Some(Duration::from_millis(400)))
+                .lifetime_jitter(0.0)
+                .pool_timeout(Duration::from_secs(5))
+        })
+        .build()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg.count_backends(app).unwrap() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the floor was not opened at build"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = pg.backend_pids(app).unwrap();
+    let adhoc = pools.class("adhoc").unwrap();
+    loop {
+        let now = pg.backend_pids(app).unwrap();
+        let expired = adhoc.stats().closed.expired;
+        if expired >= 2 && now.len() == 2 && now.iter().all(|pid| !first.contains(pid)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s with a 400 ms lifetime: backends {now:?} (the first {first:?}), {:?}",
+            adhoc.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut conn = adhoc.get().await.unwrap();
+    assert_eq!(one(&mut conn).await, Ok(1));
+}
