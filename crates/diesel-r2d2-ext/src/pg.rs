@@ -111,10 +111,49 @@ mod tests {
         let url = render(&config("postgres://u:pw@db.example:6543/app")).unwrap();
         assert!(url.contains("keepalives=1"));
         assert!(url.contains("keepalives_idle=30"));
+        assert!(url.contains("keepalives_interval=10"), "{url}");
         assert!(url.contains("keepalives_count=3"));
         assert!(url.contains("tcp_user_timeout=3000"), "{url}");
         assert!(url.contains("connect_timeout=10"));
         assert!(url.contains("application_name=orders-api"));
+    }
+
+    #[test]
+    fn the_tls_settings_become_libpq_parameters_from_the_builder_and_the_environment() {
+        use pool_core::config::SslMode;
+        let built = PoolConfig::builder("postgres://u:pw@h/app")
+            .ssl_mode(SslMode::VerifyFull)
+            .ssl_root_cert("/etc/ssl/rds ca.pem")
+            .build()
+            .unwrap();
+        let url = render(&built).unwrap();
+        assert!(url.contains("sslmode=verify-full"), "{url}");
+        assert!(url.contains("sslrootcert=/etc/ssl/rds%20ca.pem"), "{url}");
+        let env = |key: &str| match key {
+            "DATABASE_URL" => Some("postgres://u:pw@h/app".to_owned()),
+            "DB_SSLMODE" => Some("require".to_owned()),
+            "DB_SSLROOTCERT" => Some("/etc/ssl/root.pem".to_owned()),
+            _ => None,
+        };
+        let url = render(&PoolConfig::from_lookup(env, None).unwrap()).unwrap();
+        assert!(url.contains("sslmode=require"), "{url}");
+        assert!(url.contains("sslrootcert=/etc/ssl/root.pem"), "{url}");
+        // The URL's own word wins, and is not repeated.
+        let url = render(
+            &PoolConfig::builder("postgres://u:pw@h/app?sslmode=disable")
+                .ssl_mode(SslMode::VerifyFull)
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(url.contains("sslmode=disable"), "{url}");
+        assert!(!url.contains("verify-full"), "{url}");
+        // Unset: libpq's own default, nothing written.
+        let url = render(&config("postgres://u:pw@h/app")).unwrap();
+        assert!(
+            !url.contains("sslmode") && !url.contains("sslrootcert"),
+            "{url}"
+        );
     }
 
     #[test]

@@ -486,6 +486,19 @@ mod tests {
             ErrorClass::AdminShutdown
         );
         assert_eq!(
+            classify_server_message("invalid server parameter"),
+            ErrorClass::ConnectionLost,
+            "PgBouncer, a server restarting under a client"
+        );
+        assert_eq!(
+            classify_server_message("query_wait_timeout"),
+            ErrorClass::ConnectionLost
+        );
+        assert_eq!(
+            classify_server_message("no more connections allowed (max_client_conn)"),
+            ErrorClass::TooManyConnections
+        );
+        assert_eq!(
             classify_client_message(
                 "connection to server at \"127.0.0.1\", port 1 failed: Connection refused"
             ),

@@ -950,9 +950,31 @@ mod policy_tests {
         assert_eq!(p.commit_resolution_timeout(), Duration::from_secs(4));
         assert_eq!(p.seed(), Some(99));
         assert_eq!(p.idempotency_table().name(), "jobs.keys");
+        // The defaults the README states.
         let d = RetryPolicy::default();
         assert!(d.retry_pool_timeout() && d.verify_commit());
         assert_eq!(d.seed(), None);
+        assert_eq!(d.max_attempts(), 5);
+        assert_eq!(d.base_delay(), Duration::from_millis(25));
+        assert_eq!(d.max_delay(), Duration::from_secs(2));
+        assert_eq!(d.max_elapsed(), Some(Duration::from_secs(30)));
+        assert_eq!(d.commit_resolution_timeout(), Duration::from_secs(10));
+        let b = RetryPolicy::builder().build().unwrap();
+        assert_eq!(
+            (
+                b.max_attempts(),
+                b.base_delay(),
+                b.max_delay(),
+                b.max_elapsed()
+            ),
+            (
+                d.max_attempts(),
+                d.base_delay(),
+                d.max_delay(),
+                d.max_elapsed()
+            ),
+            "the builder starts from the defaults"
+        );
         assert_eq!(RetryPolicy::no_retry().max_attempts(), 1);
     }
 
