@@ -34,8 +34,9 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// What the worker inside the namespace saw while the network was down (printed; only
-/// "returned rather than hung" is asserted, never how fast).
+/// What the worker inside the namespace saw while the network was down (printed; the held
+/// query's time is asserted only against the bound the settings promise, with room for a
+/// loaded machine).
 #[derive(Debug)]
 #[allow(dead_code)]
 struct Seen {
@@ -106,6 +107,12 @@ fn a_held_connection_on_a_blackholed_network_fails_within_the_keepalive_bound_an
     let seen = seen.expect("the held connection hung on a blackholed network");
     println!("blackhole, our pool: {seen:?}");
     assert!(seen.held_query.is_err(), "{seen:?}");
+    // `tcp_user_timeout` (2 s) ends the held query, not the 30 s this test waits.
+    assert!(
+        seen.held_query_took < Duration::from_secs(6),
+        "the held query failed only after {:?} (tcp_user_timeout 2 s): {seen:?}",
+        seen.held_query_took
+    );
     let (errors, stats) = worker.join().unwrap();
     assert!(errors.is_empty(), "the pool must serve again: {errors:?}");
     assert!(

@@ -414,6 +414,12 @@ async fn a_connection_held_past_the_leak_threshold_is_reported_once() {
     drop(conn);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(pool.stats().leaks, 1, "a returned connection is not a leak");
+    let logs = test_support::captured_logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("a_connection_held_past_the_leak_threshold")),
+        "the report names where the connection was checked out"
+    );
 }
 
 #[tokio::test]
