@@ -705,3 +705,73 @@ fn a_custom_connect_fetching_a_fresh_password_per_connect_keeps_the_pool_open_ac
     let shown = format!("{pool:?} {}", pool.status().to_json());
     assert!(!shown.contains("p@ss"), "{shown}");
 }
+
+#[derive(QueryableByName)]
+struct TxidRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    txid: Option<i64>,
+}
+
+fn txid_if_assigned(conn: &mut PgConnection) -> Option<i64> {
+    diesel::sql_query("SELECT txid_current_if_assigned() AS txid")
+        .get_result::<TxidRow>(conn)
+        .expect("txid_current_if_assigned")
+        .txid
+}
+
+/// The standalone manager in an unchanged `r2d2::Pool::builder()` keeps the checkin and
+/// checkout rules of the extended pool: a connection returned inside a transaction opened by
+/// a raw `BEGIN` (which Diesel's own manager does not see) is never handed out still inside
+/// it, and a checkout facing a stopped backend returns within `validation_timeout` (the
+/// bounded ping), not after r2d2's 30 s connection timeout.
+#[test]
+fn the_standalone_manager_in_a_stock_r2d2_pool_rolls_back_raw_transactions_and_bounds_its_ping() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let app = "stock_rules";
+    let config = resilient_diesel::PoolConfig::builder(
+        &pg.url_with(&format!("sslmode=disable&application_name={app}")),
+    )
+    .validation_timeout(Duration::from_secs(1))
+    .build()
+    .expect("config");
+    let pool = r2d2::Pool::builder()
+        .max_size(1)
+        .build(ExtManager::<PgConnection>::standalone_with(config).expect("manager"))
+        .expect("stock pool with our manager");
+    {
+        let mut conn = pool.get().unwrap();
+        conn.batch_execute("BEGIN").unwrap();
+        let _ = diesel::sql_query("SELECT txid_current()").execute(&mut *conn);
+        assert!(
+            txid_if_assigned(&mut conn).is_some(),
+            "inside the transaction"
+        );
+    }
+    let mut conn = pool.get().unwrap();
+    assert_eq!(
+        txid_if_assigned(&mut conn),
+        None,
+        "the next checkout was handed the session still inside the raw transaction"
+    );
+    drop(conn);
+    // Past the bypass window, the next checkout pings; its backend is stopped.
+    std::thread::sleep(Duration::from_millis(700));
+    let pause = pg.pause_backends(app).expect("the pooled backend");
+    let started = std::time::Instant::now();
+    let got = pool.get();
+    let took = started.elapsed();
+    drop(pause);
+    let mut conn = got.expect("a fresh connection in place of the stopped one");
+    assert_eq!(
+        diesel::sql_query("SELECT 1 AS n")
+            .execute(&mut *conn)
+            .unwrap(),
+        1
+    );
+    // The bound this test proves: the ping's 1 s (plus a connect), not r2d2's 30 s.
+    assert!(
+        took < Duration::from_secs(10),
+        "the checkout waited {took:?} on a stopped backend (validation_timeout 1 s)"
+    );
+}

@@ -565,3 +565,73 @@ async fn a_custom_connect_fetching_a_fresh_password_per_connect_keeps_the_pool_o
     let shown = format!("{pool:?} {}", pool.status().to_json());
     assert!(!shown.contains("p@ss"), "{shown}");
 }
+
+#[derive(QueryableByName)]
+struct TxidRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    txid: Option<i64>,
+}
+
+async fn txid_if_assigned(conn: &mut AsyncPgConnection) -> Option<i64> {
+    diesel::sql_query("SELECT txid_current_if_assigned() AS txid")
+        .get_result::<TxidRow>(conn)
+        .await
+        .expect("txid_current_if_assigned")
+        .txid
+}
+
+/// The standalone manager in an unchanged `bb8::Pool::builder()` keeps the checkin and
+/// checkout rules of the extended pool: a connection returned inside a transaction opened by
+/// a raw `BEGIN` (which Diesel's own manager does not see) is never handed out still inside
+/// it, and a checkout facing a stopped backend returns within `validation_timeout` (the
+/// bounded ping), not after bb8's 30 s connection timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_manager_in_a_stock_bb8_pool_drops_raw_transactions_and_bounds_its_ping() {
+    let Some(pg) = server() else { return };
+    let app = "astock_rules";
+    let config = diesel_async_ext::pool_core::config::PoolConfig::builder(
+        &pg.url_with(&format!("sslmode=disable&application_name={app}")),
+    )
+    .validation_timeout(Duration::from_secs(1))
+    .build()
+    .expect("config");
+    let pool: Stock = bb8::Pool::builder()
+        .max_size(1)
+        .build(ExtManager::<AsyncPgConnection>::standalone_with(config).expect("manager"))
+        .await
+        .expect("stock pool with our manager");
+    {
+        let mut conn = pool.get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        let _ = diesel::sql_query("SELECT txid_current()")
+            .execute(&mut *conn)
+            .await;
+        assert!(
+            txid_if_assigned(&mut conn).await.is_some(),
+            "inside the transaction"
+        );
+    }
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(
+        txid_if_assigned(&mut conn).await,
+        None,
+        "the next checkout was handed the session still inside the raw transaction"
+    );
+    drop(conn);
+    // Past the bypass window, the next checkout pings; its backend is stopped.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pause = pg.pause_backends(app).expect("the pooled backend");
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(20), pool.get())
+        .await
+        .expect("the checkout hung on a stopped backend");
+    let took = started.elapsed();
+    drop(pause);
+    let mut conn = got.expect("a fresh connection in place of the stopped one");
+    assert_eq!(one(&mut conn).await, Ok(1));
+    // The bound this test proves: the ping's 1 s (plus a connect), not bb8's 30 s.
+    assert!(
+        took < Duration::from_secs(10),
+        "the checkout waited {took:?} on a stopped backend (validation_timeout 1 s)"
+    );
+}
