@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use diesel_async_ext::retry::{commit_with_retry, RetryPolicy};
+use diesel_async_ext::retry::{commit_with_key, commit_with_retry, RetryPolicy};
 use diesel_async_ext::{Class, ClassPools, PgPool};
 
 const APP: &str = "ext_cancel";
@@ -91,8 +91,10 @@ async fn budget_settles(pools: &ClassPools<AsyncPgConnection>) -> Result<(), Str
     }
 }
 
-/// The request: one ledger row per iteration, in `commit_with_retry`.
-async fn request(pool: &PgPool, i: u32) -> Result<(), String> {
+/// The request: one ledger row per iteration, in `commit_with_retry`, or with `keyed` in
+/// `commit_with_key` under the key `req-{i}` (its own await points: the key's insert, the
+/// key's lookup when a `COMMIT` is cut, the ending of a session the cut left open).
+async fn request(pool: &PgPool, i: u32, keyed: bool) -> Result<(), String> {
     let policy = RetryPolicy::builder()
         .max_attempts(3)
         .base_delay(Duration::from_millis(1))
@@ -101,15 +103,23 @@ async fn request(pool: &PgPool, i: u32) -> Result<(), String> {
         .build()
         .unwrap();
     let note = format!("req-{i}");
-    commit_with_retry(pool, &policy, async |c| {
+    let insert = async |c: &mut AsyncPgConnection| {
         diesel::sql_query("INSERT INTO ledger (note) VALUES ($1)")
             .bind::<Text, _>(&note)
             .execute(c)
             .await
-    })
-    .await
-    .map(drop)
-    .map_err(|e| e.to_string())
+    };
+    if keyed {
+        commit_with_key(pool, &policy, &note, insert)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else {
+        commit_with_retry(pool, &policy, insert)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
 }
 
 struct Run {
@@ -127,6 +137,7 @@ async fn cancellation_loop(
     cut_commit: bool,
     first_budget_ms: u64,
     base: u32,
+    keyed: bool,
 ) -> Run {
     let pool = pools.class("work").unwrap();
     let mut admin = admin(pg).await;
@@ -155,7 +166,7 @@ async fn cancellation_loop(
         }
         let before = proxy.messages().round_trips();
         let budget = Duration::from_millis(first_budget_ms + u64::from(step));
-        let outcome = tokio::time::timeout(budget, request(pool, i)).await;
+        let outcome = tokio::time::timeout(budget, request(pool, i, keyed)).await;
         let sent = proxy.messages().round_trips() - before;
         competitor.await.unwrap();
         run.iterations += 1;
@@ -189,10 +200,24 @@ async fn cancellation_loop(
             &format!("req-{i}"),
         )
         .await;
+        let keys = if keyed {
+            scalar(
+                &mut conn,
+                "SELECT count(*) FROM resilient_diesel_idempotency_keys WHERE idempotency_key = ",
+                &format!("req-{i}"),
+            )
+            .await
+        } else {
+            rows
+        };
         drop(conn);
         assert!(
             rows <= 1,
             "iteration {i}: the request committed {rows} times"
+        );
+        assert_eq!(
+            keys, rows,
+            "iteration {i}: the key and the row did not commit together"
         );
         if outcome_completed(&run) {
             break;
@@ -233,7 +258,7 @@ async fn dropping_a_request_at_any_await_point_leaves_nothing_behind() {
     proxy.set_latency(Duration::from_millis(2));
 
     // Checkout (gate, validation), BEGIN, body, txid_current(), COMMIT.
-    let plain = cancellation_loop(&pg, &proxy, &pools, false, 0, 0).await;
+    let plain = cancellation_loop(&pg, &proxy, &pools, false, 0, 0, false).await;
     println!(
         "cancellation loop: {} iterations, {} completed; cancelled after N round trips \
          (N: times): {:?}",
@@ -247,7 +272,7 @@ async fn dropping_a_request_at_any_await_point_leaves_nothing_behind() {
 
     // The same with every COMMIT cut by the proxy: cancellation inside the resolution
     // (checkouts and txid_status() on fresh connections).
-    let cut = cancellation_loop(&pg, &proxy, &pools, true, 10, 1000).await;
+    let cut = cancellation_loop(&pg, &proxy, &pools, true, 10, 1000, false).await;
     println!(
         "with COMMIT cut: {} iterations, {} completed (each resolved as committed); \
          cancelled after N round trips: {:?}",
@@ -259,6 +284,65 @@ async fn dropping_a_request_at_any_await_point_leaves_nothing_behind() {
     assert!(
         stats.closed.broken > 0,
         "cancelled transactions were closed: {stats:?}"
+    );
+    assert_no_secret_in_logs();
+}
+
+/// The same loop over `commit_with_key`, whose await points are its own: the key's insert in
+/// the transaction, the key's lookup on a fresh connection when a `COMMIT` is cut, and the
+/// ending of a session the cut left open. Dropped at any of them, it leaves no session idle
+/// in a transaction, no permit or waiter behind, and the key and the row committed together
+/// or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_keyed_request_at_any_await_point_leaves_nothing_behind() {
+    let Some(pg) = server() else { return };
+    PgServer::execute(
+        &pg,
+        &format!(
+            "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL); \
+             GRANT ALL ON ledger TO app; GRANT ALL ON SEQUENCE ledger_id_seq TO app; \
+             {}; GRANT ALL ON resilient_diesel_idempotency_keys TO app",
+            diesel_async_ext::retry::IDEMPOTENCY_TABLE_SQL
+        ),
+    )
+    .unwrap();
+    let (proxy, url) = proxied(&pg, "sslmode=disable");
+    let pools = ClassPools::<AsyncPgConnection>::builder(&url, 3)
+        .class(
+            "work",
+            Class::new().reserved(1).pool_size(2).max_overflow(0),
+        )
+        .class("other", Class::new().reserved(1))
+        .configure(|b| {
+            b.application_name(APP)
+                .validation_bypass_window(Duration::from_millis(1))
+                .pool_timeout(Duration::from_secs(5))
+        })
+        .build()
+        .await
+        .unwrap();
+    proxy.set_latency(Duration::from_millis(2));
+    let plain = cancellation_loop(&pg, &proxy, &pools, false, 0, 0, true).await;
+    println!(
+        "keyed cancellation loop: {} iterations, {} completed; cancelled after N round trips \
+         (N: times): {:?}",
+        plain.iterations, plain.completed, plain.reached
+    );
+    assert!(
+        plain.reached.len() >= 5,
+        "the loop must cancel at many different points: {:?}",
+        plain.reached
+    );
+    let cut = cancellation_loop(&pg, &proxy, &pools, true, 10, 1000, true).await;
+    println!(
+        "keyed, with COMMIT cut: {} iterations, {} completed; cancelled after N round trips: \
+         {:?}",
+        cut.iterations, cut.completed, cut.reached
+    );
+    assert!(
+        cut.reached.len() >= 3,
+        "the cut loop must cancel at several points: {:?}",
+        cut.reached
     );
     assert_no_secret_in_logs();
 }
