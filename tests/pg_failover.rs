@@ -138,3 +138,33 @@ fn control_plain_r2d2_at_its_defaults_keeps_serving_from_the_standby_after_a_fai
         "plain r2d2 was expected to keep its connections to the standby"
     );
 }
+
+/// A transaction's status is never taken from a standby, even one with the identity of the
+/// primary that ran it (here the very server, restarted as a standby, as a former primary
+/// is after a failover): it may not have replayed the commit yet, so its answer would be a
+/// guess.
+#[test]
+fn txid_status_is_never_taken_from_a_standby() {
+    use resilient_diesel::retry::{RetryConnection, TxStatus};
+    let Some(pg) = server() else { return };
+    let url = pg.url_with("sslmode=disable");
+    let mut conn = PgConnection::establish(&url).expect("connect");
+    let (txid, server) = conn
+        .transaction(|c| c.current_txid_and_server())
+        .expect("txid and server")
+        .expect("PostgreSQL has transaction ids");
+    assert_eq!(
+        conn.txid_status_on(txid, &server).expect("asked"),
+        Some(TxStatus::Committed),
+        "the primary answers"
+    );
+    drop(conn);
+    pg.restart_as_standby().expect("the server as a standby");
+    let mut conn = PgConnection::establish(&url).expect("connect to the standby");
+    assert!(in_recovery(&mut conn).expect("pg_is_in_recovery"));
+    assert_eq!(
+        conn.txid_status_on(txid, &server).expect("asked"),
+        None,
+        "a standby's answer was taken"
+    );
+}

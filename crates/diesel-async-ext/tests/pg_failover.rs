@@ -277,3 +277,35 @@ async fn a_standby_refused_by_target_session_attrs_is_a_server_refusal() {
         .unwrap();
     assert!(!standby_now);
 }
+
+/// A transaction's status is never taken from a standby, even one with the identity of the
+/// primary that ran it (here the very server, restarted as a standby, as a former primary
+/// is after a failover): it may not have replayed the commit yet, so its answer would be a
+/// guess.
+#[tokio::test]
+async fn txid_status_is_never_taken_from_a_standby() {
+    use diesel_async_ext::retry::{RetryConnection, TxStatus};
+    let Some(pg) = server() else { return };
+    let url = pg.url_with("sslmode=disable");
+    let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
+    let (txid, server) = conn
+        .transaction(async |c| c.current_txid_and_server().await)
+        .await
+        .expect("txid and server")
+        .expect("PostgreSQL has transaction ids");
+    assert_eq!(
+        conn.txid_status_on(txid, &server).await.expect("asked"),
+        Some(TxStatus::Committed),
+        "the primary answers"
+    );
+    drop(conn);
+    pg.restart_as_standby().expect("the server as a standby");
+    let mut conn = AsyncPgConnection::establish(&url)
+        .await
+        .expect("connect to the standby");
+    assert_eq!(
+        conn.txid_status_on(txid, &server).await.expect("asked"),
+        None,
+        "a standby's answer was taken"
+    );
+}
