@@ -857,6 +857,27 @@ mod tests {
     /// `verify-full` refuses to start the handshake, having nothing to check the certificate
     /// against; weaker modes go on without SNI, as for an address.
     #[test]
+    fn direct_negotiation_offers_alpn_postgresql_and_sslsni_decides_the_server_name_sent() {
+        use pool_core::config::SslMode;
+        for (direct, sni) in [(false, true), (true, true), (true, false), (false, false)] {
+            let settings = TlsSettings {
+                mode: SslMode::Require,
+                direct,
+                sni,
+                ..TlsSettings::default()
+            };
+            let made = connector(&settings).unwrap();
+            let alpn: Vec<Vec<u8>> = if direct {
+                vec![b"postgresql".to_vec()]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(made.config.alpn_protocols, alpn, "direct {direct}");
+            assert_eq!(made.config.enable_sni, sni, "sslsni {sni}");
+        }
+    }
+
+    #[test]
     fn verify_full_refuses_a_host_that_is_no_server_name_and_weaker_modes_go_on() {
         use pool_core::config::SslMode;
         let dir = tempfile::tempdir().unwrap();
