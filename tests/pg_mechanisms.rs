@@ -334,3 +334,49 @@ fn notifications_sent_while_a_listening_connection_sat_idle_survive_its_next_che
     );
     assert!(stats.pings >= 1, "the second checkout pinged: {stats:?}");
 }
+
+/// After a "read-only transaction" error the checkin asks the server whether it is a standby
+/// now (a failover), on the application's thread. The question is bounded by
+/// `validation_timeout`: against a stopped backend (a hung server) the checkin returns, and
+/// the connection is closed, not pooled again with the question unanswered.
+#[test]
+fn the_checkins_standby_check_is_bounded_and_an_unanswered_connection_is_closed() {
+    let Some(pg) = server() else { return };
+    let app = "mech_standby_bound";
+    let pool = PgPool::builder(&pg.url_with(&format!("sslmode=disable&application_name={app}")))
+        .pool_size(1)
+        .max_overflow(0)
+        .validation_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut conn = pool.get().unwrap();
+    conn.batch_execute("SET default_transaction_read_only = on")
+        .unwrap();
+    let write = conn.batch_execute("CREATE TABLE mech_standby_bound (x int)");
+    assert!(
+        write
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("read-only transaction")),
+        "precondition: a write in a read-only session fails with 25006: {write:?}"
+    );
+    conn.batch_execute("RESET default_transaction_read_only")
+        .unwrap();
+    let pause = pg.pause_backends(app).unwrap();
+    let (done, returned) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        drop(conn);
+        let _ = done.send(());
+    });
+    let back = returned.recv_timeout(Duration::from_secs(10));
+    let took = started.elapsed();
+    drop(pause);
+    assert!(
+        back.is_ok(),
+        "the checkin's standby check waited 10 s on a stopped backend (validation_timeout 1 s)"
+    );
+    assert!(took < Duration::from_secs(5), "the checkin took {took:?}");
+    let stats = pool.stats();
+    assert_eq!(stats.closed.broken, 1, "closed, not pooled: {stats:?}");
+    assert!(select_one(&pool).is_ok(), "a fresh connection serves");
+}

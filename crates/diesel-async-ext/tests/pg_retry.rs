@@ -629,21 +629,33 @@ async fn behind_a_transaction_mode_pooler_a_lost_keyed_commit_ends_no_session() 
         .build()
         .unwrap();
     proxy.lose_before_forwarding(b"COMMIT");
-    let out = commit_with_key(
-        &pool,
-        &policy,
-        "order-lost",
-        async |conn: &mut AsyncPgConnection| {
-            diesel::sql_query("INSERT INTO ledger (note) VALUES ('pooled lost')")
-                .execute(conn)
-                .await
-        },
+    let started = std::time::Instant::now();
+    // The key's lookup waits on the lost transaction's lock: only the resolution's bound
+    // (1.5 s) ends that wait. A deadline of its own turns a missing bound into a failure.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        commit_with_key(
+            &pool,
+            &policy,
+            "order-lost",
+            async |conn: &mut AsyncPgConnection| {
+                diesel::sql_query("INSERT INTO ledger (note) VALUES ('pooled lost')")
+                    .execute(conn)
+                    .await
+            },
+        ),
     )
-    .await;
+    .await
+    .expect("the keyed resolution waited 20 s on the lost transaction's lock");
+    let took = started.elapsed();
     assert!(!proxy.trigger_armed(), "the fault fired");
     assert!(
         matches!(out, Err(RetryError::AmbiguousCommit { .. })),
         "{out:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the resolution took {took:?} (commit_resolution_timeout 1.5 s)"
     );
     let mut conn = pool.get().await.unwrap();
     assert_eq!(

@@ -661,6 +661,23 @@ impl<C: ExtConnection> ExtManager<C> {
     }
 }
 
+/// At checkin, after a "read-only transaction" error: whether the server is a standby now
+/// (a failover), asked with one query on the application's thread, bounded by `timeout` (the
+/// watchdog shuts the socket down at the deadline, as for the checkin's `ROLLBACK`). No
+/// answer in time, an error, or a socket the pool cannot bound (unless `embedded`) counts as
+/// a standby: the connection is closed, never pooled again with the question unanswered.
+fn standby_within<C: ExtConnection>(conn: &mut C, embedded: bool, timeout: Duration) -> bool {
+    let socket = tracker_of(conn).and_then(|t| t.extra.get().cloned());
+    let Some(socket) = socket else {
+        return !embedded || conn.is_standby();
+    };
+    let deadline =
+        Watchdog::global().arm_critical(Instant::now() + timeout, move || socket.shutdown());
+    let standby = conn.is_standby();
+    let fired = deadline.disarm();
+    standby || fired
+}
+
 fn probe_of(slot: &mut SocketSlot) -> ProbeResult {
     match slot.get().map(socket::ConnSocket::probe) {
         Some(Probe::Alive) => ProbeResult::Alive,
@@ -777,7 +794,13 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                 self.pool.config().lifecycle.validation.timeout,
             );
         let suspect = tracker_of(conn).is_some_and(|t| t.state.take_read_only_suspect());
-        let standby = suspect && !dirty && conn.is_standby();
+        let standby = suspect
+            && !dirty
+            && standby_within(
+                conn,
+                self.peers.is_none(),
+                self.pool.config().lifecycle.validation.timeout,
+            );
         let Some(tracker) = tracker_of(conn) else {
             return dirty;
         };
