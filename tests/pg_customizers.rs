@@ -775,3 +775,36 @@ fn the_standalone_manager_in_a_stock_r2d2_pool_rolls_back_raw_transactions_and_b
         "the checkout waited {took:?} on a stopped backend (validation_timeout 1 s)"
     );
 }
+
+/// An after-connect hook whose statement waits on the server for ever (here a one-hour
+/// `pg_sleep`, as a hung server or a lock held elsewhere would make it) is cut at
+/// `connect_timeout`: that connect fails as a lost connection would, and the next one
+/// serves. Unbounded, it held its connect, and the demand it served, for ever: a pool of
+/// one never connected again.
+#[test]
+fn an_after_connect_hook_stuck_on_the_server_is_cut_at_connect_timeout() {
+    let _serial = serial();
+    let Some(pg) = server() else { return };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hooked = calls.clone();
+    let started = std::time::Instant::now();
+    let pool = ext_pool(&pg, "hook_stuck", 1)
+        .connect_timeout(Some(Duration::from_secs(1)))
+        .pool_timeout(Duration::from_secs(15))
+        .after_connect(move |conn| {
+            if hooked.fetch_add(1, Ordering::SeqCst) == 0 {
+                conn.batch_execute("SELECT pg_sleep(3600)")
+            } else {
+                Ok(())
+            }
+        })
+        .build()
+        .expect("the second connect serves");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "build() took {took:?} with connect_timeout 1 s"
+    );
+    assert!(calls.load(Ordering::SeqCst) >= 2);
+    assert!(select_one(&pool).is_ok());
+}

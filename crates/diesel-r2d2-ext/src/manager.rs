@@ -460,11 +460,41 @@ impl<C: ExtConnection> ExtManager<C> {
     /// Runs the application's after-connect hook, if any. Its error is redacted and
     /// classified: a lost connection may pass on the next attempt, anything else (a bad
     /// `SET`) will fail every time.
-    fn run_after_connect(&self, conn: &mut C) -> Result<(), (ConnectClass, String)> {
+    ///
+    /// Bounded by `connect_timeout` when the connection's `socket` is known: the watchdog
+    /// shuts the socket down at the deadline, so a statement of the hook waiting on a hung
+    /// server returns with an error, and the connect fails as a lost connection would (a
+    /// hook blocked on anything but the server is not the pool's to cut). Unbounded, such a
+    /// hook would hold a connect (and the demand it serves) for ever.
+    fn run_after_connect(
+        &self,
+        conn: &mut C,
+        socket: &SocketSlot,
+    ) -> Result<(), (ConnectClass, String)> {
         let Some(hook) = &self.hooks.after_connect else {
             return Ok(());
         };
-        hook(conn).map_err(|e| {
+        let bound = self.pool.config().connect.connect_timeout;
+        let deadline = match (bound, socket.get()) {
+            (Some(bound), Some(sock)) => {
+                let sock = sock.clone();
+                Some(
+                    Watchdog::global()
+                        .arm_critical(Instant::now() + bound, move || sock.shutdown()),
+                )
+            }
+            _ => None,
+        };
+        let result = hook(conn);
+        if deadline.is_some_and(|d| d.disarm()) {
+            // Cut at the deadline (its socket is shut down, whatever the hook returned).
+            let bound = bound.unwrap_or_default();
+            return Err((
+                ConnectClass::Transient,
+                format!("the after_connect hook did not finish within connect_timeout ({bound:?})"),
+            ));
+        }
+        result.map_err(|e| {
             let class = if crate::classify::classify_diesel(&e).is_disconnect() {
                 ConnectClass::Transient
             } else {
@@ -582,7 +612,8 @@ impl<C: ExtConnection> ExtManager<C> {
                 return;
             }
         };
-        if conn.after_connect(pool.config()).is_err() || self.run_after_connect(&mut conn).is_err()
+        if conn.after_connect(pool.config()).is_err()
+            || self.run_after_connect(&mut conn, &socket).is_err()
         {
             return self.abandon(conn, socket, permit);
         }
@@ -650,7 +681,7 @@ impl<C: ExtConnection> ExtManager<C> {
                 target: self.target_redacted(),
                 message: pool.redact(&e.to_string()),
             })?;
-        self.run_after_connect(&mut conn)
+        self.run_after_connect(&mut conn, &socket)
             .map_err(|(class, text)| ExtError::Setup {
                 target: self.target_redacted(),
                 message: pool.connect_failed(class, &text),
@@ -741,7 +772,7 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                     message: pool.redact(&e.to_string()),
                 });
             }
-            if let Err((class, text)) = self.run_after_connect(&mut conn) {
+            if let Err((class, text)) = self.run_after_connect(&mut conn, &socket) {
                 // Recorded like a failed connect: a hopeless one fails waiting checkouts at
                 // once with the cause, and is retried at most once a second.
                 pool.connect_failed(class, &text);
