@@ -290,3 +290,26 @@ fn the_standalone_manager_names_its_target_redacted_when_a_connect_fails() {
     );
     assert!(!text.contains(secret), "the password leaked: {text}");
 }
+
+/// `Duration::MAX` where a caller may pass any duration (a checkout's own timeout, a warm-up's,
+/// a retry policy's) is a long wait or a clear error, never an overflow of the clock: a
+/// checkout that can be served is served, a warm-up of a warm pool returns, and the retry
+/// policy refuses what is past 365 days.
+#[test]
+fn duration_max_is_a_long_wait_or_a_clear_error_never_a_panic() {
+    let Some(pg) = server() else { return };
+    let pool = PgPool::builder(&pg.url_with("sslmode=disable&application_name=bad_max"))
+        .pool_size(1)
+        .max_overflow(0)
+        .build()
+        .unwrap();
+    let conn = pool.get_timeout(Duration::MAX).expect("served at once");
+    drop(conn);
+    let warm = pool.warm_up(Duration::MAX);
+    assert!(warm.complete(), "{warm:?}");
+    let err = resilient_diesel::RetryPolicy::builder()
+        .commit_resolution_timeout(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert_clear(&err, "365 days");
+}

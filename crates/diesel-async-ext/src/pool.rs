@@ -195,7 +195,9 @@ impl<C: ExtConnection> ExtPool<C> {
             .await
     }
 
-    /// [`ExtPool::get`] with another timeout for this checkout.
+    /// [`ExtPool::get`] with another timeout for this checkout (at most
+    /// [`MAX_DURATION`](pool_core::config::MAX_DURATION), 365 days: a longer one waits that
+    /// long).
     ///
     /// # Errors
     /// As [`ExtPool::get`].
@@ -231,6 +233,8 @@ impl<C: ExtConnection> ExtPool<C> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<PooledConnection<'c, ExtManager<C>>, bb8::RunError<ExtError>>>,
     {
+        // At most 365 days (a longer one waits that long, never overflows the clock).
+        let timeout = timeout.min(pool_core::config::MAX_DURATION);
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
         let state = &self.parts.state;

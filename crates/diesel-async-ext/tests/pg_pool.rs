@@ -541,3 +541,21 @@ async fn get_timeout_longer_than_the_pool_timeout_waits_its_own_time() {
         "served only once the connection came back: {waited:?}"
     );
 }
+
+/// `Duration::MAX` where a caller may pass any duration (a checkout's own timeout, a
+/// warm-up's) is a long wait, never an overflow of the clock: a checkout that can be served
+/// is served, and a warm-up of a warm pool returns.
+#[tokio::test]
+async fn duration_max_is_a_long_wait_never_a_panic() {
+    let Some(pg) = server() else { return };
+    let pool = ext_pool(&pg, "abad_max", 1).build().await.unwrap();
+    let conn = pool
+        .get_timeout(Duration::MAX)
+        .await
+        .expect("served at once");
+    drop(conn);
+    let owned = pool.get_owned().await.expect("served at once");
+    drop(owned);
+    let warm = pool.warm_up(Duration::MAX).await;
+    assert!(warm.complete(), "{warm:?}");
+}

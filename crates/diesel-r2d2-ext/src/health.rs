@@ -158,6 +158,8 @@ impl<C: ExtConnection> ExtPool<C> {
     /// the server's health); idle connections are reused, not pinged. Stops early when the
     /// server refuses connections for a reason no retry can fix.
     pub fn warm_up(&self, timeout: Duration) -> WarmUp {
+        // At most 365 days (a longer one waits that long, never overflows the clock).
+        let timeout = timeout.min(pool_core::config::MAX_DURATION);
         let started = Instant::now();
         let state = self.state();
         let counts = self.inner().state();

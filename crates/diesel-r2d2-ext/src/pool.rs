@@ -175,11 +175,14 @@ impl<C: ExtConnection> ExtPool<C> {
         self.get_timeout(self.parts.state.config().pool_timeout)
     }
 
-    /// [`ExtPool::get`] with another timeout for this checkout.
+    /// [`ExtPool::get`] with another timeout for this checkout (at most
+    /// [`MAX_DURATION`](pool_core::config::MAX_DURATION), 365 days: a longer one waits that
+    /// long).
     pub fn get_timeout(
         &self,
         timeout: Duration,
     ) -> Result<PooledConnection<ExtManager<C>>, r2d2::Error> {
+        let timeout = timeout.min(pool_core::config::MAX_DURATION);
         let started = Instant::now();
         let state = &self.parts.state;
         let gate = state.gate();

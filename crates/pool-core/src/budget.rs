@@ -662,7 +662,8 @@ impl Budget {
         still_wanted: &dyn Fn() -> bool,
     ) -> Result<Permit, AcquireError> {
         let started = std::time::Instant::now();
-        let deadline = started + timeout;
+        // At most 365 days: a longer wait never overflows the clock.
+        let deadline = started + timeout.min(crate::config::MAX_DURATION);
         let ticket = match self.enter(class.0, || Wake::Thread(std::thread::current()), true) {
             Some(Entry::Granted) => return Ok(self.permit(class.0)),
             Some(Entry::Queued(ticket)) => ticket,
@@ -753,7 +754,7 @@ impl Budget {
     /// `timeout` passes; returns it. Woken by every waiter that queues — no polling.
     #[cfg(not(loom))]
     pub fn wait_for_pressure(&self, class: ClassId, timeout: Duration) -> u32 {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now() + timeout.min(crate::config::MAX_DURATION);
         let mut guard = self.inner.pressure_lock.lock();
         loop {
             let wanted = self.reclaim_wanted(class);

@@ -296,6 +296,24 @@ impl RetryPolicyBuilder {
                 problem: "must be above zero".into(),
             });
         }
+        let max = crate::config::MAX_DURATION;
+        for (setting, value) in [
+            (
+                "commit_resolution_timeout",
+                Some(p.commit_resolution_timeout),
+            ),
+            ("max_elapsed", p.max_elapsed),
+        ] {
+            if value.is_some_and(|d| d > max) {
+                return Err(PolicyError {
+                    setting,
+                    problem: format!(
+                        "{:?} is more than the limit of 365 days",
+                        value.unwrap_or_default()
+                    ),
+                });
+            }
+        }
         Ok(p)
     }
 }
@@ -994,6 +1012,24 @@ mod policy_tests {
             delay(Duration::from_secs(3601)).unwrap_err().setting,
             "max_delay"
         );
+    }
+
+    #[test]
+    fn durations_past_365_days_are_refused_not_overflowed_later() {
+        let year = crate::config::MAX_DURATION;
+        let resolution = |d| RetryPolicy::builder().commit_resolution_timeout(d).build();
+        assert!(resolution(year).is_ok());
+        for d in [year + Duration::from_secs(1), Duration::MAX] {
+            let err = resolution(d).unwrap_err();
+            assert_eq!(err.setting, "commit_resolution_timeout", "{err}");
+            assert!(err.to_string().contains("365 days"), "{err}");
+        }
+        let elapsed = |d| RetryPolicy::builder().max_elapsed(Some(d)).build();
+        assert!(elapsed(year).is_ok());
+        assert_eq!(elapsed(Duration::MAX).unwrap_err().setting, "max_elapsed");
+        // The longest accepted resolution starts without overflowing the clock.
+        let p = resolution(year).unwrap();
+        let _ = commit::Resolution::start(&p);
     }
 
     #[test]
