@@ -65,7 +65,12 @@ fn a_stalled_peer_on_another_address_and_the_same_port_does_not_slow_a_healthy_p
             .map_err(|e| e.to_string())
     });
     // The stalled pool's connect is under way...
+    let deadline = Instant::now() + Duration::from_secs(10);
     while accepted.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled pool never connected to the silent peer"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     // ...while a healthy pool for the same port opens 20 connections.

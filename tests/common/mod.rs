@@ -40,11 +40,26 @@ impl Checkout for PgPool {
 
 /// `SELECT 1` through a fresh checkout.
 pub fn select_one<P: Checkout>(pool: &P) -> Result<i32, String> {
-    let mut conn = pool.checkout().map_err(|e| e.to_string())?;
-    diesel::select(diesel::dsl::sql::<Integer>("1"))
-        .get_result::<i32>(&mut *conn)
-        .map_err(|e| e.to_string())
+    // On a thread of its own, within the test's deadline: a query handed a silent or stopped
+    // connection (a mechanism removed, under mutation testing) fails the test by an
+    // assertion instead of hanging it (the thread is left blocked until the fault ends).
+    let pool = pool.clone();
+    let (answer, _thread) = within(QUERY_DEADLINE, move || {
+        let mut conn = pool.checkout().map_err(|e| e.to_string())?;
+        diesel::select(diesel::dsl::sql::<Integer>("1"))
+            .get_result::<i32>(&mut *conn)
+            .map_err(|e| e.to_string())
+    });
+    answer.unwrap_or_else(|| {
+        Err(format!(
+            "no answer within {QUERY_DEADLINE:?} (the test's deadline)"
+        ))
+    })
 }
+
+/// The longest [`select_one`] waits for its checkout and answer: longer than any a test
+/// waits for on purpose (a pool timeout of 30 s, a paused backend's 30 s expiry).
+pub const QUERY_DEADLINE: Duration = Duration::from_secs(40);
 
 /// A failed request that took this long waited out a timeout: [`errors_over`] stops there,
 /// so that a pool that fails every request slowly (a mechanism removed, under mutation

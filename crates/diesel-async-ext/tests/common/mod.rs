@@ -44,13 +44,21 @@ pub async fn next_caller_avoids(pool: &PgPool, old: i32, what: &str) {
     }
 }
 
+/// The longest [`one`] waits for its answer: a query handed a silent or stopped connection
+/// (a mechanism removed, under mutation testing) fails its test by an assertion instead of
+/// hanging it. Longer than any answer a test waits for on purpose.
+pub const QUERY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(40);
+
 /// `SELECT 1` as a cacheable prepared statement (the same one diesel-async's `Verified`
-/// ping uses): one round trip once prepared on a connection.
+/// ping uses): one round trip once prepared on a connection, within [`QUERY_DEADLINE`].
 pub async fn one(conn: &mut AsyncPgConnection) -> Result<i32, String> {
-    diesel::select(1_i32.into_sql::<Integer>())
-        .get_result::<i32>(conn)
-        .await
-        .map_err(|e| e.to_string())
+    let query = diesel::select(1_i32.into_sql::<Integer>()).get_result::<i32>(conn);
+    match tokio::time::timeout(QUERY_DEADLINE, query).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {QUERY_DEADLINE:?} (the test's deadline)"
+        )),
+    }
 }
 
 /// A pool the helpers check out from: ours through `ExtPool::get`, the controls through
