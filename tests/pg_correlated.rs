@@ -17,32 +17,56 @@ const POOL: u32 = 8;
 /// A pool of 8 through `url`, warmed (8 connections open and idle), then left idle past the
 /// bypass window so that every checkout wants a ping.
 fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> resilient_diesel::PgPool {
+    warmed_pool_of(POOL, url, app, validation_timeout)
+}
+
+/// [`warmed_pool`] of `size` connections.
+fn warmed_pool_of(
+    size: u32,
+    url: &str,
+    app: &str,
+    validation_timeout: Duration,
+) -> resilient_diesel::PgPool {
     let pool = resilient_diesel::PgPool::builder(url)
         .application_name(app)
-        .pool_size(POOL)
-        // No overflow: a connect started for the warm-up cannot leave a ninth connection.
+        .pool_size(size)
+        // No overflow: a connect started for the warm-up cannot leave one more connection.
         .max_overflow(0)
         .validation_timeout(validation_timeout)
         // The suspects alone (hedging has its own test below).
         .hedged_validation(false)
         .build()
         .expect("pool");
-    warm(&pool, POOL as usize);
-    assert_eq!(pool.state().idle_connections, POOL, "warm-up");
+    warm(&pool, size as usize);
+    assert_eq!(pool.state().idle_connections, size, "warm-up");
     std::thread::sleep(Duration::from_millis(600));
     pool
 }
 
 #[test]
 fn every_pooled_connection_silent_at_once_costs_one_validation_timeout_not_one_per_connection() {
+    silent_at_once_costs_one_timeout(POOL, "ext_silent");
+}
+
+/// The same fault on a pool four times as large: still one validation timeout, whatever the
+/// pool's size.
+#[test]
+fn a_pool_of_32_all_silent_at_once_still_costs_one_validation_timeout() {
+    silent_at_once_costs_one_timeout(32, "ext_silent_32");
+}
+
+/// Every connection of a warmed pool of `size` silent at once: the first request pays one
+/// validation timeout and one connect, twenty more pay nothing, one ping fails and the other
+/// silent connections are closed without a ping.
+fn silent_at_once_costs_one_timeout(size: u32, app: &str) {
     let Some(pg) = server() else { return };
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     let validation_timeout = Duration::from_secs(2);
-    let pool = warmed_pool(&url, "ext_silent", validation_timeout);
+    let pool = warmed_pool_of(size, &url, app, validation_timeout);
     // A connect started for the warm-up may have added one more idle connection since.
     let idle = u64::from(pool.state().idle_connections);
-    assert!(idle >= u64::from(POOL), "{idle}");
-    assert!(proxy.silence_existing() >= POOL as usize);
+    assert!(idle >= u64::from(size), "{idle}");
+    assert!(proxy.silence_existing() >= size as usize);
 
     // The first request pays one validation timeout and one connect, not eight timeouts.
     let started = Instant::now();
@@ -81,7 +105,7 @@ fn every_pooled_connection_silent_at_once_costs_one_validation_timeout_not_one_p
         "the other silent connections were closed without a ping: {stats:?}"
     );
     println!(
-        "silent, sync, pool of {POOL}: first request {first_took:?}, 20 more {rest_took:?}, \
+        "silent, sync, pool of {size}: first request {first_took:?}, 20 more {rest_took:?}, \
          0 errors"
     );
 }

@@ -42,6 +42,8 @@ fn runtime() -> tokio::runtime::Runtime {
 struct Seen {
     held_query: Result<i32, String>,
     held_query_took: Duration,
+    checkout: Result<i32, String>,
+    checkout_took: Duration,
 }
 
 #[test]
@@ -80,10 +82,15 @@ fn a_held_connection_on_a_blackholed_network_fails_within_the_keepalive_bound_an
             let held_query = one(&mut held).await;
             let held_query_took = t.elapsed();
             drop(held);
+            let t = Instant::now();
+            let checkout = pool.select_one().await;
+            let checkout_took = t.elapsed();
             seen_tx
                 .send(Seen {
                     held_query,
                     held_query_took,
+                    checkout,
+                    checkout_took,
                 })
                 .unwrap();
             tokio::task::spawn_blocking(move || back_rx.recv().unwrap())
@@ -112,6 +119,12 @@ fn a_held_connection_on_a_blackholed_network_fails_within_the_keepalive_bound_an
         seen.held_query_took < Duration::from_secs(6),
         "the held query failed only after {:?} (tcp_user_timeout 2 s): {seen:?}",
         seen.held_query_took
+    );
+    // The checkout is bounded by the pool timeout (5 s), whatever the blackhole does.
+    assert!(
+        seen.checkout_took < Duration::from_secs(7),
+        "the checkout took {:?} (pool_timeout 5 s): {seen:?}",
+        seen.checkout_took
     );
     let (errors, stats) = worker.join().unwrap();
     assert!(errors.is_empty(), "the pool must serve again: {errors:?}");

@@ -15,10 +15,15 @@ use diesel_async_ext::{Builder, PgPool};
 const POOL: u32 = 8;
 
 async fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> PgPool {
+    warmed_pool_of(POOL, url, app, validation_timeout).await
+}
+
+/// [`warmed_pool`] of `size` connections.
+async fn warmed_pool_of(size: u32, url: &str, app: &str, validation_timeout: Duration) -> PgPool {
     let pool = PgPool::builder(url)
         .application_name(app)
-        .pool_size(POOL)
-        // No overflow: a connect started for the warm-up cannot leave a ninth connection.
+        .pool_size(size)
+        // No overflow: a connect started for the warm-up cannot leave one more connection.
         .max_overflow(0)
         .validation_timeout(validation_timeout)
         // The suspects alone (hedging has its own test below).
@@ -26,8 +31,8 @@ async fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> PgPo
         .build()
         .await
         .expect("pool");
-    pool.warm(POOL as usize).await;
-    assert_eq!(pool.state().idle_connections, POOL, "warm-up");
+    pool.warm(size as usize).await;
+    assert_eq!(pool.state().idle_connections, size, "warm-up");
     tokio::time::sleep(Duration::from_millis(600)).await;
     pool
 }
@@ -35,14 +40,28 @@ async fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> PgPo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_pooled_connection_silent_at_once_costs_one_validation_timeout_not_one_per_connection(
 ) {
+    silent_at_once_costs_one_timeout(POOL, "async_silent").await;
+}
+
+/// The same fault on a pool four times as large: still one validation timeout, whatever the
+/// pool's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_32_all_silent_at_once_still_costs_one_validation_timeout() {
+    silent_at_once_costs_one_timeout(32, "async_silent_32").await;
+}
+
+/// Every connection of a warmed pool of `size` silent at once: the first request pays one
+/// validation timeout and one connect, twenty more pay nothing, one ping fails and the other
+/// silent connections are closed without a ping.
+async fn silent_at_once_costs_one_timeout(size: u32, app: &str) {
     let Some(pg) = server() else { return };
     let (proxy, url) = proxied(&pg, "sslmode=disable");
     let validation_timeout = Duration::from_secs(2);
-    let pool = warmed_pool(&url, "async_silent", validation_timeout).await;
+    let pool = warmed_pool_of(size, &url, app, validation_timeout).await;
     // A connect started for the warm-up may have added one more idle connection since.
     let idle = u64::from(pool.state().idle_connections);
-    assert!(idle >= u64::from(POOL), "{idle}");
-    assert!(proxy.silence_existing() >= POOL as usize);
+    assert!(idle >= u64::from(size), "{idle}");
+    assert!(proxy.silence_existing() >= size as usize);
 
     let started = Instant::now();
     let first = pool.select_one().await;
@@ -75,7 +94,7 @@ async fn every_pooled_connection_silent_at_once_costs_one_validation_timeout_not
         "the other silent connections were closed without a ping: {stats:?}"
     );
     println!(
-        "silent, async, pool of {POOL}: first request {first_took:?}, 20 more {rest_took:?}, \
+        "silent, async, pool of {size}: first request {first_took:?}, 20 more {rest_took:?}, \
          0 errors"
     );
 }
