@@ -14,11 +14,8 @@ use diesel_async_ext::{Builder, PgPool};
 
 const POOL: u32 = 8;
 
-async fn warmed_pool(url: &str, app: &str, validation_timeout: Duration) -> PgPool {
-    warmed_pool_of(POOL, url, app, validation_timeout).await
-}
-
-/// [`warmed_pool`] of `size` connections.
+/// A pool of `size` through `url`, warmed (`size` connections open and idle), then left idle
+/// past the bypass window so that every checkout wants a ping.
 async fn warmed_pool_of(size: u32, url: &str, app: &str, validation_timeout: Duration) -> PgPool {
     let pool = PgPool::builder(url)
         .application_name(app)
