@@ -431,7 +431,10 @@ impl<C: ExtConnection> Builder<C> {
     /// `build()` report, and it is classified like a connect error: a lost connection is
     /// retried as usual, anything else (a rejected `SET`) counts as hopeless, so checkouts
     /// fail at once with it instead of waiting `pool_timeout`, and it is retried at most
-    /// once a second.
+    /// once a second. A statement of the hook still waiting on the server at
+    /// `connect_timeout` is cut (the connection's socket is shut down, where the pool knows
+    /// it) and that connect fails as a lost connection; a hook blocked on anything else is
+    /// not the pool's to cut.
     ///
     /// ```no_run
     /// use diesel::connection::SimpleConnection;
