@@ -58,6 +58,27 @@ fn a_pool_of_size_zero_is_rejected() {
         .build()
         .unwrap_err();
     assert_clear(&err, "pool_size");
+    // The async pool takes the same settings, and says the same.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let err = rt
+        .block_on(
+            diesel_async_ext::PgPool::builder("postgres://app@localhost/app")
+                .pool_size(0)
+                .max_overflow(0)
+                .build(),
+        )
+        .unwrap_err();
+    assert_clear(&err, "pool_size");
+    let err = rt
+        .block_on(
+            diesel_async_ext::PgPool::builder(&format!("postgres://app:{SECRET}@db:notaport/app"))
+                .build(),
+        )
+        .unwrap_err();
+    assert_clear(&err, "port");
 }
 
 #[test]
@@ -248,21 +269,44 @@ fn huge_sizes_child() {
         .build()
         .expect("a runtime");
     rt.block_on(async {
-        let err = diesel_async_ext::PgPool::builder(&url)
-            .max_overflow(u32::MAX - 1)
-            .build()
-            .await
-            .unwrap_err();
-        assert_clear(&err, "max_overflow");
-        let err = diesel_async_ext::ClassPools::<diesel_async::AsyncPgConnection>::builder(
-            &url,
-            u32::MAX,
-        )
-        .class("adhoc", Class::new().reserved(1))
-        .build()
-        .await
-        .unwrap_err();
-        assert_clear(&err, "budget");
+        let sized = |pool_size: u32, max_overflow: u32| {
+            diesel_async_ext::PgPool::builder(&url)
+                .pool_size(pool_size)
+                .max_overflow(max_overflow)
+                .pool_timeout(Duration::from_millis(300))
+        };
+        for (pool_size, max_overflow, setting) in [
+            (10, u32::MAX - 1, "max_overflow"),
+            (u32::MAX, 0, "pool_size"),
+            (u32::MAX, 1, "pool_size"),
+            (10_001, 0, "pool_size"),
+            (5_000, 5_001, "max_overflow"),
+        ] {
+            let err = sized(pool_size, max_overflow).build().await.unwrap_err();
+            assert_clear(&err, setting);
+            assert_clear(&err, "10000");
+            let err = sized(pool_size, max_overflow)
+                .build_lazy()
+                .await
+                .unwrap_err();
+            assert_clear(&err, setting);
+        }
+        type Async = diesel_async::AsyncPgConnection;
+        let budgets = [
+            diesel_async_ext::ClassPools::<Async>::builder(&url, u32::MAX)
+                .class("adhoc", Class::new().reserved(1)),
+            diesel_async_ext::ClassPools::<Async>::builder(&url, 60)
+                .class("adhoc", Class::new().pool_size(u32::MAX - 1)),
+            diesel_async_ext::ClassPools::<Async>::builder(&url, 60)
+                .class("adhoc", Class::new().max_overflow(u32::MAX - 1)),
+            diesel_async_ext::ClassPools::<Async>::builder(&url, 60)
+                .class("a", Class::new().reserved(u32::MAX))
+                .class("b", Class::new().reserved(u32::MAX)),
+        ];
+        for builder in budgets {
+            let err = builder.build().await.unwrap_err();
+            assert_clear(&err, "budget");
+        }
     });
     println!("all size cases refused");
 }
