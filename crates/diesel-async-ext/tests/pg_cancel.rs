@@ -226,6 +226,29 @@ async fn cancellation_loop(
     run
 }
 
+/// The loops' pools: a budget of 3, the class `work` (1 reserved, 2 at most) behind a proxy
+/// adding 2 ms to every chunk (so that every await point is hit), every checkout validated
+/// (the ping is a cancellation point too).
+async fn cancel_pools(pg: &PgServer) -> (FaultProxy, ClassPools<AsyncPgConnection>) {
+    let (proxy, url) = proxied(pg, "sslmode=disable");
+    let pools = ClassPools::<AsyncPgConnection>::builder(&url, 3)
+        .class(
+            "work",
+            Class::new().reserved(1).pool_size(2).max_overflow(0),
+        )
+        .class("other", Class::new().reserved(1))
+        .configure(|b| {
+            b.application_name(APP)
+                .validation_bypass_window(Duration::from_millis(1))
+                .pool_timeout(Duration::from_secs(5))
+        })
+        .build()
+        .await
+        .unwrap();
+    proxy.set_latency(Duration::from_millis(2));
+    (proxy, pools)
+}
+
 fn outcome_completed(run: &Run) -> bool {
     run.completed >= 3
 }
@@ -239,23 +262,7 @@ async fn dropping_a_request_at_any_await_point_leaves_nothing_behind() {
          GRANT ALL ON ledger TO app; GRANT ALL ON SEQUENCE ledger_id_seq TO app",
     )
     .unwrap();
-    let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pools = ClassPools::<AsyncPgConnection>::builder(&url, 3)
-        .class(
-            "work",
-            Class::new().reserved(1).pool_size(2).max_overflow(0),
-        )
-        .class("other", Class::new().reserved(1))
-        .configure(|b| {
-            b.application_name(APP)
-                // Every checkout is validated: the ping is a cancellation point too.
-                .validation_bypass_window(Duration::from_millis(1))
-                .pool_timeout(Duration::from_secs(5))
-        })
-        .build()
-        .await
-        .unwrap();
-    proxy.set_latency(Duration::from_millis(2));
+    let (proxy, pools) = cancel_pools(&pg).await;
 
     // Checkout (gate, validation), BEGIN, body, txid_current(), COMMIT.
     let plain = cancellation_loop(&pg, &proxy, &pools, false, 0, 0, false).await;
@@ -306,22 +313,7 @@ async fn dropping_a_keyed_request_at_any_await_point_leaves_nothing_behind() {
         ),
     )
     .unwrap();
-    let (proxy, url) = proxied(&pg, "sslmode=disable");
-    let pools = ClassPools::<AsyncPgConnection>::builder(&url, 3)
-        .class(
-            "work",
-            Class::new().reserved(1).pool_size(2).max_overflow(0),
-        )
-        .class("other", Class::new().reserved(1))
-        .configure(|b| {
-            b.application_name(APP)
-                .validation_bypass_window(Duration::from_millis(1))
-                .pool_timeout(Duration::from_secs(5))
-        })
-        .build()
-        .await
-        .unwrap();
-    proxy.set_latency(Duration::from_millis(2));
+    let (proxy, pools) = cancel_pools(&pg).await;
     let plain = cancellation_loop(&pg, &proxy, &pools, false, 0, 0, true).await;
     println!(
         "keyed cancellation loop: {} iterations, {} completed; cancelled after N round trips \

@@ -33,6 +33,7 @@ mod netns;
 mod pg;
 mod pgbouncer;
 mod proxy;
+pub mod sentinel;
 mod silent;
 mod sys;
 
