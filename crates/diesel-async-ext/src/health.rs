@@ -126,13 +126,9 @@ impl<C: ExtConnection> ExtPool<C> {
             .connect_timeout
             .unwrap_or(cfg.pool_timeout)
             .min(cfg.pool_timeout);
-        // On a task of its own: a connect still under way at `bound` finishes there and its
-        // connection is closed like any other, its budget permit held until the server let
-        // the session go (dropped half-way, the permit would come back before the session).
-        let manager = self.manager().clone();
-        let connecting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let started = connecting.clone();
-        let connect = tokio::spawn(async move { manager.open_hedge(Some(&started)).await });
+        // On a task of its own: a connect still under way at `bound` finishes there (see
+        // `spawn_hedge`).
+        let (connect, connecting) = self.manager().spawn_hedge();
         let outcome = tokio::time::timeout(bound, connect).await;
         // A round trip only if a connect began (no room or no permit: none was made).
         if connecting.load(std::sync::atomic::Ordering::Acquire) {

@@ -20,10 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diesel_ext_common::tracker::close_abandoned;
 use parking_lot::Mutex;
 use pool_core::budget::{Budget, ClassId, Permit};
 use pool_core::config::PoolConfig;
-use pool_core::engine::{Attempt, CheckoutStep, CloseWait, ConnState, ConnectClass, PoolState};
+use pool_core::engine::{Attempt, CheckoutStep, ConnState, ConnectClass, PoolState};
 use pool_core::error::ConfigError;
 use pool_core::lifecycle::{CloseReason, ProbeResult};
 
@@ -486,7 +487,7 @@ impl<C: ExtConnection> ExtManager<C> {
     /// `permit` is the connection's budget permit, kept by the caller: if the after-connect
     /// hook fails (or runs out of time), the connection is given up and the permit taken out
     /// of `permit`, to come back once the server confirmed the session gone (see
-    /// [`ExtManager::abandon`]).
+    /// [`close_abandoned`]).
     async fn open_raw(
         &self,
         claim_socket: bool,
@@ -520,14 +521,14 @@ impl<C: ExtConnection> ExtManager<C> {
                 Some(bound) => match tokio::time::timeout(bound, hook(&mut conn)).await {
                     Ok(result) => result,
                     Err(_) => {
-                        self.abandon(conn, socket, permit.take());
+                        close_abandoned(&self.pool, conn, socket, permit.take());
                         return Err(timed_out("the after_connect hook"));
                     }
                 },
                 None => hook(&mut conn).await,
             };
             if let Err(e) = result {
-                self.abandon(conn, socket, permit.take());
+                close_abandoned(&self.pool, conn, socket, permit.take());
                 return Err(OpenFailure {
                     cause: ConnectCause::Setup,
                     // A lost connection may pass next time; a rejected `SET` never will.
@@ -541,19 +542,6 @@ impl<C: ExtConnection> ExtManager<C> {
             }
         }
         Ok((conn, socket))
-    }
-
-    /// Closes a connection given up before it joined the pool (its session was set up, then
-    /// the after-connect hook failed): its budget permit comes back once the server confirmed
-    /// the session gone, within the bound, as for any closed connection (a task of the
-    /// runtime waits, see [`ServerSocket`]). Released at once, it would let the next connect
-    /// in while the server still counts this session.
-    fn abandon(&self, conn: C, mut socket: ServerSocket, permit: Option<Permit>) {
-        // diesel-async drops the driver's descriptor; ours keeps the socket open.
-        drop(conn);
-        if let Some(wait) = CloseWait::abandoned(&self.pool, permit) {
-            diesel_ext_common::tracker::Extra::confirm_close(&mut socket, wait);
-        }
     }
 
     fn config(&self) -> &PoolConfig {
@@ -736,17 +724,9 @@ impl<C: ExtConnection> ExtManager<C> {
                 Ok(result) => Winner::Ping(Some(result)),
                 Err(_) => {
                     let deadline = tokio::time::Instant::from_std(started + timeout);
-                    // A task of its own, never dropped half-way: a connect that loses the
-                    // race (or whose checkout is dropped) finishes there, and its connection
-                    // closes like any other, its budget permit held until the server let the
-                    // session go. Dropped mid-connect, it would give the permit back while
-                    // its session is still on the server (set up, or running the
-                    // after-connect hook), and the next connect would take it.
-                    let hedger = self.clone();
-                    let connecting = Arc::new(AtomicBool::new(false));
-                    let raced = connecting.clone();
-                    let mut hedge =
-                        tokio::spawn(async move { hedger.open_hedge(Some(&connecting)).await });
+                    // On a task of its own: a connect that loses the race (or whose
+                    // checkout is dropped) finishes there (see `spawn_hedge`).
+                    let (mut hedge, raced) = self.spawn_hedge();
                     let mut racing = true;
                     loop {
                         tokio::select! {
@@ -813,13 +793,30 @@ impl<C: ExtConnection> ExtManager<C> {
         }
     }
 
+    /// [`ExtManager::open_hedge`] on a task of its own, never dropped half-way: a connect no
+    /// longer wanted (its race lost, its checkout or health check dropped, its bound run
+    /// out) finishes there, and its connection closes like any other, its budget permit held
+    /// until the server let the session go. Dropped mid-connect, it would give the permit
+    /// back while its session is still on the server (set up, or running the after-connect
+    /// hook), and the next connect could take it. The flag says whether the connect began
+    /// (the pool had room).
+    pub(crate) fn spawn_hedge(
+        &self,
+    ) -> (
+        tokio::task::JoinHandle<Option<Result<C, ExtError>>>,
+        Arc<AtomicBool>,
+    ) {
+        let hedger = self.clone();
+        let connecting = Arc::new(AtomicBool::new(false));
+        let began = connecting.clone();
+        let task = tokio::spawn(async move { hedger.open_hedge(&began).await });
+        (task, connecting)
+    }
+
     /// A fresh connection for a hedge (or a readiness check), if the pool has room at once
     /// (below its sizes, and a budget permit free without waiting); `None` otherwise.
-    /// `connecting`, if given, is set once the room was found and the connect begins.
-    pub(crate) async fn open_hedge(
-        &self,
-        connecting: Option<&AtomicBool>,
-    ) -> Option<Result<C, ExtError>> {
+    /// `connecting` is set once the room was found and the connect begins.
+    async fn open_hedge(&self, connecting: &AtomicBool) -> Option<Result<C, ExtError>> {
         if !self.pool.hedge_room() {
             return None;
         }
@@ -827,9 +824,7 @@ impl<C: ExtConnection> ExtManager<C> {
             Some((budget, class)) => Some(budget.try_acquire(class)?),
             None => None,
         };
-        if let Some(connecting) = connecting {
-            connecting.store(true, Ordering::Release);
-        }
+        connecting.store(true, Ordering::Release);
         let started = Instant::now();
         let pool = &self.pool;
         let opened = self.open_raw(permit.is_some(), &mut permit).await;

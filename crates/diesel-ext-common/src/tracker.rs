@@ -235,6 +235,24 @@ impl<X: Extra> Drop for Tracker<X> {
 
 impl Extra for () {}
 
+/// Closes `conn`, a connection given up before it joined `pool` (its session was set up,
+/// then its setup failed: a session setting, the after-connect hook): `permit`, its budget
+/// permit, comes back once the server confirmed the session gone, within the bound, through
+/// `extra`'s [`Extra::confirm_close`], as for any closed connection. Released at once, it
+/// would let the next connect in while the server still counts this session.
+pub fn close_abandoned<C, X: Extra>(
+    pool: &std::sync::Arc<pool_core::engine::PoolState>,
+    conn: C,
+    mut extra: X,
+    permit: Option<pool_core::budget::Permit>,
+) {
+    // The driver closes its own descriptor; ours (in `extra`) keeps the socket open.
+    drop(conn);
+    if let Some(wait) = CloseWait::abandoned(pool, permit) {
+        extra.confirm_close(wait);
+    }
+}
+
 impl<X: Extra> Instrumentation for Tracker<X> {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         match &event {

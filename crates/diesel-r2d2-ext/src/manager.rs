@@ -11,11 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::r2d2::R2D2Connection;
-use pool_core::budget::Permit;
+use diesel_ext_common::tracker::close_abandoned;
 use pool_core::config::PoolConfig;
-use pool_core::engine::{
-    Attempt, CheckoutStep, CloseWait, ConnState, ConnectClass, PoolState, Watchdog,
-};
+use pool_core::engine::{Attempt, CheckoutStep, ConnState, ConnectClass, PoolState, Watchdog};
 use pool_core::error::ConfigError;
 use pool_core::lifecycle::{CloseReason, ProbeResult};
 
@@ -444,19 +442,6 @@ impl<C: ExtConnection> ExtManager<C> {
         }
     }
 
-    /// Closes a connection given up before it joined the pool (its session was set up, then
-    /// a session setting or the after-connect hook failed): its budget permit comes back
-    /// once the server confirmed the session gone, within the bound, as for any closed
-    /// connection. Released at once, it would let the next connect in while the server
-    /// still counts this session.
-    fn abandon(&self, conn: C, mut socket: SocketSlot, permit: Option<Permit>) {
-        // libpq sends its Terminate and closes its descriptor; ours keeps the socket open.
-        drop(conn);
-        if let Some(wait) = CloseWait::abandoned(&self.pool, permit) {
-            diesel_ext_common::tracker::Extra::confirm_close(&mut socket, wait);
-        }
-    }
-
     /// Runs the application's after-connect hook, if any. Its error is redacted and
     /// classified: a lost connection may pass on the next attempt, anything else (a bad
     /// `SET`) will fail every time.
@@ -615,7 +600,7 @@ impl<C: ExtConnection> ExtManager<C> {
         if conn.after_connect(pool.config()).is_err()
             || self.run_after_connect(&mut conn, &socket).is_err()
         {
-            return self.abandon(conn, socket, permit);
+            return close_abandoned(&self.pool, conn, socket, permit);
         }
         let mut state = ConnState::opened(pool, started.elapsed(), permit);
         // Not opened for a waiting checkout through r2d2: nothing to count as fresh.
@@ -766,7 +751,7 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                 }
             };
             if let Err(e) = conn.after_connect(pool.config()) {
-                self.abandon(conn, socket, permit);
+                close_abandoned(&self.pool, conn, socket, permit);
                 return Err(ExtError::Setup {
                     target: self.target_redacted(),
                     message: pool.redact(&e.to_string()),
@@ -776,7 +761,7 @@ impl<C: ExtConnection> r2d2::ManageConnection for ExtManager<C> {
                 // Recorded like a failed connect: a hopeless one fails waiting checkouts at
                 // once with the cause, and is retried at most once a second.
                 pool.connect_failed(class, &text);
-                self.abandon(conn, socket, permit);
+                close_abandoned(&self.pool, conn, socket, permit);
                 continue;
             }
             let state = ConnState::opened(pool, started.elapsed(), permit);

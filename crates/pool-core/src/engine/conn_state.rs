@@ -100,15 +100,21 @@ impl CloseWait {
     /// for any closed connection (see [`PoolState::close_confirm_bound`]). Nothing is counted:
     /// the connect's failure is the adapter's to record.
     pub fn abandoned(pool: &Arc<PoolState>, permit: Option<Permit>) -> Option<CloseWait> {
-        let mut permit = permit?;
+        let permit = permit?;
         let bound = pool.close_confirm_bound(Instant::now())?;
+        Some(CloseWait::holding(pool, bound, permit))
+    }
+
+    /// A wait of at most `bound`, starting now, holding `permit`, marked as on its way back:
+    /// the budget does not ask a borrowing class to close another connection for it.
+    fn holding(pool: &Arc<PoolState>, bound: Duration, mut permit: Permit) -> CloseWait {
         permit.set_returning();
-        Some(CloseWait {
+        CloseWait {
             pool: pool.clone(),
             bound,
             started: Instant::now(),
             _permit: Some(permit),
-        })
+        }
     }
 
     /// How long the adapter may wait (the pool's validation timeout, at most
@@ -270,19 +276,10 @@ impl ConnState {
     /// until it is finished or dropped, which may be after this state is gone (an async
     /// adapter waits in a task of its own).
     pub fn close_wait(&mut self) -> Option<CloseWait> {
+        // The bound is only given for a state that holds a permit.
         let bound = self.close_confirm_bound()?;
-        let mut permit = self._permit.take();
-        // Coming back: the budget does not ask a borrowing class to close another
-        // connection for it.
-        if let Some(permit) = permit.as_mut() {
-            permit.set_returning();
-        }
-        Some(CloseWait {
-            pool: self.pool.clone(),
-            bound,
-            started: Instant::now(),
-            _permit: permit,
-        })
+        let permit = self._permit.take()?;
+        Some(CloseWait::holding(&self.pool, bound, permit))
     }
 
     /// Why the pool decided to close it, if it did.
